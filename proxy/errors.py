@@ -1,0 +1,170 @@
+"""The one error hierarchy of dbproxy: every failure a client can see, with status and code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProxyError(Exception):
+    """Base of every error that reaches a client.
+
+    ``status`` is the HTTP status, ``code`` a stable snake_case identifier that clients may
+    branch on, ``message`` a human sentence that never contains SQL or driver text.
+    ``retryable`` tells the client whether the same request may succeed later.
+    """
+
+    status: int = 500
+    code: str = "internal_error"
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.details = details or {}
+        self.retry_after = retry_after
+        if retryable is not None:
+            self.retryable = retryable
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        if self.retryable:
+            body["retryable"] = True
+        return body
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidJson(BadRequest):
+    code = "invalid_json"
+
+
+class InvalidCollection(BadRequest):
+    code = "invalid_collection_name"
+
+
+class InvalidQuery(BadRequest):
+    """A filter, sort, projection or update the language does not accept."""
+
+    code = "invalid_query"
+
+
+class ForbiddenOperator(InvalidQuery):
+    code = "forbidden_operator"
+
+
+class LimitExceeded(BadRequest):
+    """A request that is well-formed but larger than a configured limit."""
+
+    code = "limit_exceeded"
+
+
+class UnsupportedByBackend(BadRequest):
+    code = "unsupported_by_backend"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ProxyError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(ProxyError):
+    status = 409
+    code = "conflict"
+
+
+class DuplicateId(Conflict):
+    code = "duplicate_id"
+
+
+class PreconditionFailed(ProxyError):
+    status = 412
+    code = "precondition_failed"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ProxyError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(ProxyError):
+    status = 422
+    code = "unprocessable"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    code = "rate_limited"
+    retryable = True
+
+
+class Unavailable(ProxyError):
+    """The database (or a resource in front of it) cannot take the request now."""
+
+    status = 503
+    code = "database_unavailable"
+    retryable = True
+
+
+class PoolExhausted(Unavailable):
+    code = "pool_exhausted"
+
+
+class Timeout(ProxyError):
+    status = 504
+    code = "statement_timeout"
+    retryable = True
+
+
+class InternalError(ProxyError):
+    status = 500
+    code = "internal_error"
+
+
+class CommitOutcomeUnknown(ProxyError):
+    """The connection was lost after COMMIT was sent: the write may or may not be durable."""
+
+    status = 502
+    code = "commit_outcome_unknown"
+
+
+class ConfigError(Exception):
+    """A configuration (file, flags, environment) with one or more problems, all listed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
