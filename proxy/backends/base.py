@@ -1,0 +1,75 @@
+"""The contract every storage backend implements, and the checks they share."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+from proxy.errors import InvalidCollection
+from proxy.ops import Change, FindSpec, ItemResult, Page, WriteResult
+from proxy.query.ast import Filter
+
+COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
+# names that are endpoints under /api/db/ and so can never be collections
+RESERVED = frozenset(
+    {
+        "health",
+        "stats",
+        "performance",
+        "connections",
+        "search",
+        "transaction",
+        "schema",
+        "migrations",
+        "audit",
+        "metrics",
+    }
+)
+
+
+def check_collection(name: str) -> str:
+    if not COLLECTION_RE.fullmatch(name):
+        raise InvalidCollection(
+            "collection names must match ^[A-Za-z][A-Za-z0-9_]{0,62}$",
+            details={"collection": name[:80]},
+        )
+    if name in RESERVED:
+        raise InvalidCollection(f"{name!r} is a reserved name", code="reserved_collection_name")
+    return name
+
+
+class Backend(Protocol):
+    """Document storage. Documents cross this boundary as dicts going in and JSON text
+    (bytes) coming out, so a read is sent to the client without being decoded."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult: ...
+
+    async def insert_many(
+        self, collection: str, docs: list[dict[str, Any]]
+    ) -> list[ItemResult]: ...
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None: ...
+
+    async def change(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        if_match: int | None = None,
+    ) -> WriteResult: ...
+
+    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int: ...
+
+    async def find(self, collection: str, spec: FindSpec) -> Page: ...
+
+    async def count(self, collection: str, flt: Filter) -> int: ...

@@ -1,0 +1,424 @@
+"""PostgreSQL backend: one jsonb table per collection, reached through an asyncpg pool.
+
+The only module that imports asyncpg. Every driver error is translated here into the
+error hierarchy of ``proxy.errors``; no SQL or driver text leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import orjson
+
+from proxy.backends.base import check_collection
+from proxy.config import DatabaseConfig, Limits
+from proxy.errors import (
+    Conflict,
+    DuplicateId,
+    InternalError,
+    InvalidQuery,
+    LimitExceeded,
+    NotFound,
+    PoolExhausted,
+    PreconditionFailed,
+    ProxyError,
+    Timeout,
+    Unavailable,
+)
+from proxy.ids import IdGenerator
+from proxy.ops import Change, FindSpec, ItemResult, MergePatch, Modify, Page, Replace, WriteResult
+from proxy.query import cursor as cursors
+from proxy.query.ast import Filter
+from proxy.query.pg import (
+    HELPER_FUNCTIONS,
+    FilterCompiler,
+    Params,
+    UpdateCompiler,
+    after_cursor,
+    key_casts,
+    order_by,
+    sort_exprs,
+)
+
+log = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+_CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
+
+
+def translate(exc: BaseException) -> ProxyError:
+    """Map a driver exception to a client-facing error (retryable or not)."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | asyncio.TimeoutError):
+        return Timeout("the statement took longer than the configured timeout")
+    if isinstance(
+        exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError
+    ):
+        return Conflict(
+            "the transaction conflicted with a concurrent one; retry it",
+            code="serialization_failure",
+            retryable=True,
+        )
+    if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        return DuplicateId("a document with this _id already exists")
+    if isinstance(exc, _CONNECTION_ERRORS):
+        return Unavailable("the database is not reachable", retry_after=1)
+    if isinstance(exc, asyncpg.PostgresError):
+        return _translate_sqlstate(exc)
+    return InternalError("unexpected error while talking to the database")
+
+
+def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
+    state = getattr(exc, "sqlstate", "") or ""
+    if state == "DP001":
+        return InvalidQuery(
+            f"the update does not fit the stored document: {getattr(exc, 'message', '')}",
+            code="update_type_mismatch",
+        )
+    if state == "2201B":
+        return InvalidQuery("invalid regular expression", code="invalid_regex")
+    if state in ("22P02", "22023"):
+        return InvalidQuery(
+            "the operation does not fit the stored document's structure",
+            code="update_type_mismatch",
+        )
+    if state == "22P05":
+        return InvalidQuery("strings may not contain the NUL character", code="invalid_value")
+    if state.startswith("22"):
+        return InvalidQuery("a value is out of range for the database", code="invalid_value")
+    if state.startswith("54"):
+        return LimitExceeded("the request is too complex for the database", code="too_complex")
+    if state.startswith("53") or state.startswith("57P"):
+        return Unavailable("the database is overloaded or shutting down", retry_after=1)
+    log.error("unexpected database error sqlstate=%s type=%s", state, type(exc).__name__)
+    return InternalError("unexpected database error")
+
+
+class PostgresBackend:
+    """Documents in ``<schema>."<collection>"``: _id text PK, doc jsonb, _version, timestamps."""
+
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        limits: Limits,
+        *,
+        schema: str = "dbproxy",
+        ids: IdGenerator | None = None,
+    ) -> None:
+        check_collection(schema)
+        self.name = config.name
+        self.config = config
+        self.limits = limits
+        self.schema = schema
+        self._schema_ident = f'"{schema}"'
+        self.ids = ids or IdGenerator()
+        self.pool: asyncpg.Pool | None = None
+        self._known_tables: set[str] = set()
+        self._acquire_timeout = config.pool_settings.timeout_seconds
+        self._command_timeout = limits.statement_timeout_seconds + 1.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        ps = self.config.pool_settings
+        timeout_ms = int(self.limits.statement_timeout_seconds * 1000)
+        try:
+            self.pool = await asyncpg.create_pool(
+                self.config.connection_string,
+                min_size=ps.min_connections,
+                max_size=ps.max_connections,
+                timeout=ps.timeout_seconds,
+                server_settings={
+                    "statement_timeout": str(timeout_ms),
+                    "idle_in_transaction_session_timeout": str(max(timeout_ms * 6, 30000)),
+                    "application_name": "dbproxy",
+                },
+            )
+            async with self._conn() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
+                await conn.execute(HELPER_FUNCTIONS.format(schema=self._schema_ident))
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise translate(exc) from None
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    async def health(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            async with self._conn() as conn:
+                await conn.fetchval("SELECT 1", timeout=2.0)
+        except Exception as exc:
+            err = translate(exc)
+            return {"status": "down", "error": err.code}
+        pool = self.pool
+        assert pool is not None
+        return {
+            "status": "up",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            "pool": {
+                "size": pool.get_size(),
+                "idle": pool.get_idle_size(),
+                "max": pool.get_max_size(),
+            },
+        }
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        if self.pool is None:
+            raise Unavailable("the database pool is not open", retry_after=1)
+        try:
+            conn = await self.pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise PoolExhausted(
+                "no database connection became free in time", retry_after=1
+            ) from None
+        except Exception as exc:
+            raise translate(exc) from None
+        try:
+            yield conn
+        finally:
+            await self.pool.release(conn)  # asyncpg shields the release from cancellation
+
+    # -- tables ----------------------------------------------------------------------
+
+    def _table(self, collection: str) -> str:
+        return f'{self._schema_ident}."{check_collection(collection)}"'
+
+    async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
+        if collection in self._known_tables:
+            return
+        table = self._table(collection)
+        index = "gin_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
+            )
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                '_id text COLLATE "C" PRIMARY KEY, doc jsonb NOT NULL, '
+                "_version bigint NOT NULL DEFAULT 1, "
+                "created_at timestamptz NOT NULL DEFAULT now(), "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
+            )
+            await conn.execute(
+                f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} USING gin (doc jsonb_path_ops)'
+            )
+        self._known_tables.add(collection)
+
+    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a write, creating the collection's table on first use."""
+        try:
+            async with self._conn() as conn:
+                await self._ensure_table(conn, collection)
+                try:
+                    rows: list[asyncpg.Record] = await conn.fetch(
+                        sql, *args, timeout=self._command_timeout
+                    )
+                except asyncpg.exceptions.UndefinedTableError:
+                    self._known_tables.discard(collection)  # dropped behind our back
+                    await self._ensure_table(conn, collection)
+                    rows = await conn.fetch(sql, *args, timeout=self._command_timeout)
+                return rows
+        except Exception as exc:
+            raise translate(exc) from None
+
+    async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+        """Run a read; None when the collection has no table yet."""
+        try:
+            async with self._conn() as conn:
+                rows: list[asyncpg.Record] = await conn.fetch(
+                    sql, *args, timeout=self._command_timeout
+                )
+                return rows
+        except asyncpg.exceptions.UndefinedTableError:
+            return None
+        except Exception as exc:
+            raise translate(exc) from None
+
+    # -- documents -------------------------------------------------------------------
+
+    def _prepare(self, doc: dict[str, Any]) -> tuple[str, bytes]:
+        doc_id = doc.get("_id")
+        if doc_id is None:
+            doc_id = self.ids.new()
+        body = {"_id": doc_id, **doc, "_version": 1}
+        try:
+            return doc_id, orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise InvalidQuery(
+                "the document has a value JSON cannot carry", code="invalid_value"
+            ) from None
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
+        doc_id, body = self._prepare(doc)
+        sql = (
+            f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
+            "VALUES ($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING 1"
+        )
+        rows = await self._write(collection, sql, doc_id, body.decode())
+        if not rows:
+            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
+        return WriteResult(body, 1, created=True)
+
+    async def insert_many(self, collection: str, docs: list[dict[str, Any]]) -> list[ItemResult]:
+        prepared: list[tuple[str, str] | ItemResult] = []
+        for doc in docs:
+            try:
+                doc_id, body = self._prepare(doc)
+                prepared.append((doc_id, body.decode()))
+            except ProxyError as err:
+                prepared.append(ItemResult(err.status, doc.get("_id"), error=err.to_dict()))
+        pairs = [p for p in prepared if isinstance(p, tuple)]
+        inserted: set[str] = set()
+        if pairs:
+            sql = (
+                f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
+                "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d) "
+                "ON CONFLICT (_id) DO NOTHING RETURNING _id"
+            )
+            rows = await self._write(collection, sql, [p[0] for p in pairs], [p[1] for p in pairs])
+            inserted = {r[0] for r in rows}
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+            elif p[0] in inserted:
+                inserted.discard(p[0])  # a repeated _id in the same batch: first one wins
+                out.append(ItemResult(201, p[0], 1))
+            else:
+                out.append(
+                    ItemResult(
+                        409,
+                        p[0],
+                        error=DuplicateId("a document with this _id already exists").to_dict(),
+                    )
+                )
+        return out
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+        rows = await self._read(sql, doc_id)
+        if not rows:
+            return None
+        return WriteResult(rows[0][0].encode(), rows[0][1])
+
+    async def change(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        if_match: int | None = None,
+    ) -> WriteResult:
+        table = self._table(collection)
+        params = Params([doc_id])
+        new_doc = self._new_doc_sql(change, params, "t.doc")
+        bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
+        set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
+        if upsert and if_match is None:
+            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            sql = (
+                f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
+                f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
+                f"ON CONFLICT (_id) DO UPDATE SET {set_clause} "
+                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created"
+            )
+        else:
+            guard = ""
+            if if_match is not None:
+                guard = f" AND t._version = {params.add(if_match, 'bigint')}"
+            sql = (
+                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1{guard} "
+                "RETURNING t.doc::text, t._version, false"
+            )
+        rows = await self._write(collection, sql, *params.values)
+        if not rows:
+            await self._explain_miss(collection, doc_id, if_match)
+        row = rows[0]
+        return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
+        if isinstance(change, Replace):
+            ph = params.add(orjson.dumps(change.doc).decode(), "jsonb")
+            return ph
+        if isinstance(change, Modify):
+            return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
+        assert isinstance(change, MergePatch)
+        ph = params.add(orjson.dumps(change.patch).decode(), "jsonb")
+        return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
+
+    async def _explain_miss(self, collection: str, doc_id: str, if_match: int | None) -> None:
+        """A write matched no row: say whether the document is missing or the version moved."""
+        if if_match is not None and await self.get(collection, doc_id) is not None:
+            raise PreconditionFailed(
+                "the document's version does not match If-Match", code="version_mismatch"
+            )
+        raise NotFound("no document with this _id", details={"_id": doc_id})
+
+    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
+        params = Params([doc_id])
+        guard = f" AND _version = {params.add(if_match, 'bigint')}" if if_match is not None else ""
+        sql = f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} RETURNING _version"
+        rows = await self._read(sql, *params.values)
+        if not rows:
+            await self._explain_miss(collection, doc_id, if_match)
+            raise AssertionError("unreachable")
+        return int(rows[0][0])
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        params = Params()
+        where = FilterCompiler(params).where(spec.filter)
+        exprs = sort_exprs(spec.sort, params)
+        casts = key_casts(len(spec.sort))
+        if spec.cursor is not None:
+            tag = cursors.sort_tag(repr(spec.sort))
+            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
+            where = f"{where} AND {after_cursor(exprs, values, params)}"
+        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
+        limit = params.add(spec.limit + 1, "bigint")
+        offset = params.add(spec.skip, "bigint")
+        sql = (
+            f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
+            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+        )
+        rows = await self._read(sql, *params.values)
+        if not rows:
+            return Page([], None)
+        more = len(rows) > spec.limit
+        rows = rows[: spec.limit]
+        nxt = None
+        if more:
+            last = rows[-1]
+            tag = cursors.sort_tag(repr(spec.sort))
+            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
+        return Page([r[0].encode() for r in rows], nxt)
+
+    async def count(self, collection: str, flt: Filter) -> int:
+        params = Params()
+        where = FilterCompiler(params).where(flt)
+        sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
+        rows = await self._read(sql, *params.values)
+        return int(rows[0][0]) if rows else 0

@@ -1,0 +1,1 @@
+"""HTTP layer: the only place aiohttp server code is imported."""

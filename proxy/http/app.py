@@ -1,0 +1,276 @@
+"""The aiohttp application: routes, middlewares (request id, error envelope, body limits)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.core import Core
+from proxy.errors import (
+    BadRequest,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    UnsupportedMediaType,
+)
+from proxy.ops import ItemResult, WriteResult, parse_json_text
+
+log = logging.getLogger(__name__)
+
+CORE: web.AppKey[Core] = web.AppKey("core", Core)
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+REQUEST_ID = "request_id"
+JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# ---- middlewares -----------------------------------------------------------------------
+
+
+def _error_response(err: ProxyError, request_id: str) -> web.Response:
+    body = err.to_dict()
+    body["request_id"] = request_id
+    headers = {"X-Request-Id": request_id}
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(err.retry_after)))
+    return web.Response(
+        body=orjson.dumps({"error": body}), status=err.status, content_type=JSON, headers=headers
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> ProxyError:
+    if exc.status == 404:
+        return NotFound("no such endpoint", code="no_such_endpoint")
+    if exc.status == 405:
+        return MethodNotAllowed("method not allowed on this endpoint")
+    if exc.status == 413:
+        return PayloadTooLarge("request body is larger than the configured limit")
+    err = BadRequest(exc.reason or "bad request", code="bad_request")
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id on every response; every failure in the one error envelope."""
+    rid = request.headers.get("X-Request-Id")
+    if not rid or len(rid) > 128 or not rid.isprintable():
+        rid = uuid.uuid4().hex
+    request[REQUEST_ID] = rid
+    try:
+        response = await handler(request)
+    except ProxyError as err:
+        return _error_response(err, rid)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error_response(_from_http_exception(exc), rid)
+    except Exception:
+        log.exception("unhandled error request_id=%s", rid)
+        return _error_response(InternalError("internal error"), rid)
+    response.headers["X-Request-Id"] = rid
+    return response
+
+
+# ---- request decoding -------------------------------------------------------------------
+
+
+async def read_json(request: web.Request) -> Any:
+    limits = request.app[CONFIG].limits
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"request body is larger than {limits.max_body_bytes} bytes",
+            details={"max_bytes": limits.max_body_bytes},
+        )
+    if request.content_type.startswith("multipart/"):
+        raise UnsupportedMediaType("send JSON with Content-Type: application/json")
+    raw = await request.read()
+    if len(raw) > limits.max_body_bytes:
+        raise PayloadTooLarge(f"request body is larger than {limits.max_body_bytes} bytes")
+    if not raw:
+        raise BadRequest("a JSON body is required", code="missing_body")
+    return parse_json_text(raw, limits, "request body")
+
+
+def if_match(request: web.Request) -> int | None:
+    raw = request.headers.get("If-Match")
+    if raw is None or raw.strip() == "*":
+        return None
+    value = raw.strip()
+    if value.startswith('"') and value.endswith('"') and value[1:-1].isdigit():
+        return int(value[1:-1])
+    raise BadRequest('If-Match must be an ETag like "3"', code="invalid_if_match")
+
+
+def flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no", ""):
+        return False
+    raise BadRequest(f"{name} must be true or false", code="invalid_parameter")
+
+
+# ---- responses -----------------------------------------------------------------------
+
+
+def document_response(result: WriteResult, status: int = 200) -> web.Response:
+    return web.Response(
+        body=result.body,
+        status=status,
+        content_type=JSON,
+        headers={"ETag": f'"{result.version}"'},
+    )
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type=JSON)
+
+
+def page_response(items: list[bytes], nxt: str | None) -> web.Response:
+    body = b'{"items":[' + b",".join(items) + b'],"next":' + orjson.dumps(nxt) + b"}"
+    return web.Response(body=body, content_type=JSON)
+
+
+def bulk_response(results: list[ItemResult]) -> web.Response:
+    items: list[dict[str, Any]] = []
+    for r in results:
+        item: dict[str, Any] = {"status": r.status, "_id": r.id}
+        if r.version is not None:
+            item["_version"] = r.version
+        if r.error is not None:
+            item["error"] = r.error
+        items.append(item)
+    created = sum(1 for r in results if r.status == 201)
+    status = 201 if created == len(results) else 207
+    return json_response(
+        {"items": items, "created": created, "failed": len(results) - created}, status
+    )
+
+
+# ---- handlers ----------------------------------------------------------------------
+
+
+async def create(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    collection = request.match_info["collection"]
+    result = await core.create(collection, await read_json(request))
+    if isinstance(result, list):
+        return bulk_response(result)
+    return document_response(result, 201)
+
+
+async def get_one(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    m = request.match_info
+    result = await core.get(m["collection"], m["id"], request.query.get("fields"))
+    return document_response(result)
+
+
+async def put_one(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    m = request.match_info
+    body = await read_json(request)
+    result = await core.replace_or_update(
+        m["collection"], m["id"], body, upsert=flag(request, "upsert"), if_match=if_match(request)
+    )
+    return document_response(result, 201 if result.created else 200)
+
+
+async def patch_one(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    m = request.match_info
+    body = await read_json(request)
+    result = await core.merge_patch(m["collection"], m["id"], body, if_match=if_match(request))
+    return document_response(result)
+
+
+async def delete_one(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    m = request.match_info
+    version = await core.delete(m["collection"], m["id"], if_match=if_match(request))
+    return json_response({"deleted": True, "_id": m["id"], "_version": version})
+
+
+async def list_documents(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    spec = core.find_spec(request.query, from_url=True)
+    page = await core.find(request.match_info["collection"], spec)
+    return page_response(page.items, page.next)
+
+
+async def query_documents(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the query body must be a JSON object", code="invalid_query")
+    spec = core.find_spec(body, from_url=False)
+    page = await core.find(request.match_info["collection"], spec)
+    return page_response(page.items, page.next)
+
+
+async def count_documents(request: web.Request) -> web.Response:
+    core = request.app[CORE]
+    unknown = set(request.query) - {"filter"}
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter(s): {', '.join(sorted(unknown))[:200]}", code="unknown_parameter"
+        )
+    raw = request.query.get("filter")
+    flt = parse_json_text(raw, core.limits, "filter") if raw is not None else None
+    n = await core.count(request.match_info["collection"], flt)
+    return json_response({"count": n})
+
+
+async def health(request: web.Request) -> web.Response:
+    ready, detail = await request.app[CORE].health()
+    return json_response(detail, 200 if ready else 503)
+
+
+# ---- application -------------------------------------------------------------------
+
+
+def build_app(
+    config: Config, core: Core, extra_ctx: Mapping[str, Any] | None = None
+) -> web.Application:
+    app = web.Application(
+        middlewares=[envelope],
+        client_max_size=config.limits.max_body_bytes,
+        handler_args={"max_field_size": 16384, "max_line_size": 16384},
+    )
+    app[CONFIG] = config
+    app[CORE] = core
+    app.cleanup_ctx.append(_backends_ctx)
+    r = app.router
+    r.add_get("/api/db/health", health)
+    r.add_post("/api/db/{collection}/query", query_documents)
+    r.add_get("/api/db/{collection}/count", count_documents)
+    r.add_post("/api/db/{collection}", create)
+    r.add_get("/api/db/{collection}", list_documents)
+    r.add_get("/api/db/{collection}/{id}", get_one)
+    r.add_put("/api/db/{collection}/{id}", put_one)
+    r.add_patch("/api/db/{collection}/{id}", patch_one)
+    r.add_delete("/api/db/{collection}/{id}", delete_one)
+    return app
+
+
+async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
+    core = app[CORE]
+    started = []
+    try:
+        for backend in core.backends.values():
+            await backend.start()
+            started.append(backend)
+        yield
+    finally:
+        for backend in started:
+            await backend.close()

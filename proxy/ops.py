@@ -1,0 +1,152 @@
+"""Operation objects: what a request asks of a collection, decoded and validated, HTTP-free."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.config import Limits
+from proxy.errors import BadRequest, InvalidJson, LimitExceeded
+from proxy.query.ast import MATCH_ALL, Filter, Path, SortKey, Update
+from proxy.query.parse import parse_fields, parse_filter, parse_sort
+
+
+@dataclass(frozen=True, slots=True)
+class FindSpec:
+    filter: Filter = MATCH_ALL
+    sort: tuple[SortKey, ...] = ()
+    limit: int = 100
+    skip: int = 0
+    fields: tuple[Path, ...] | None = None
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """A stored document as JSON text (ready to send), its version, and whether it is new."""
+
+    body: bytes
+    version: int
+    created: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ItemResult:
+    """One item of a bulk create: status 201 with the id, or an error code and message."""
+
+    status: int
+    id: str | None
+    version: int | None = None
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[bytes]  # documents as JSON text
+    next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    doc: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Modify:
+    update: Update
+
+
+@dataclass(frozen=True, slots=True)
+class MergePatch:
+    patch: dict[str, Any]
+
+
+Change = Replace | Modify | MergePatch
+
+
+MAX_ID_LENGTH = 512
+
+
+def check_id(value: Any) -> str:
+    """Document ids are non-empty strings of at most 512 characters, without NUL."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or "\x00" in value:
+        raise BadRequest(
+            f"_id must be a non-empty string of at most {MAX_ID_LENGTH} characters",
+            code="invalid_id",
+        )
+    return value
+
+
+FIND_KEYS = frozenset({"filter", "sort", "limit", "skip", "fields", "next"})
+
+
+def json_depth_ok(value: Any, max_depth: int) -> bool:
+    """Iterative nesting check (no recursion, so a hostile body cannot blow the stack)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > max_depth:
+                return False
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            if depth > max_depth:
+                return False
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return True
+
+
+def parse_json_text(text: str | bytes, limits: Limits, what: str) -> Any:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise InvalidJson(f"{what} is not valid JSON") from None
+    if not json_depth_ok(value, limits.max_json_depth):
+        raise LimitExceeded(
+            f"{what} is nested deeper than {limits.max_json_depth} levels", code="too_deep"
+        )
+    return value
+
+
+def _int_param(raw: Any, name: str, lo: int, hi: int | None, code: str) -> int:
+    if isinstance(raw, str):
+        try:
+            raw = int(raw, 10)
+        except ValueError:
+            raise BadRequest(f"{name} must be an integer", code="invalid_parameter") from None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < lo:
+        raise BadRequest(f"{name} must be an integer >= {lo}", code="invalid_parameter")
+    if hi is not None and raw > hi:
+        raise LimitExceeded(f"{name} may be at most {hi}", code=code)
+    return raw
+
+
+def build_find_spec(raw: Mapping[str, Any], limits: Limits, *, from_url: bool) -> FindSpec:
+    """One FindSpec from URL query parameters (strings) or a /query body (JSON values)."""
+    unknown = set(raw) - FIND_KEYS
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter(s): {', '.join(sorted(unknown))[:200]}",
+            code="unknown_parameter",
+        )
+    flt = raw.get("filter")
+    if from_url and flt is not None:
+        flt = parse_json_text(flt, limits, "filter")
+    limit = raw.get("limit")
+    skip = raw.get("skip")
+    cursor = raw.get("next")
+    if cursor is not None and not isinstance(cursor, str):
+        raise BadRequest("next must be the cursor string of a previous page", code="invalid_cursor")
+    return FindSpec(
+        filter=parse_filter(flt, limits),
+        sort=parse_sort(raw.get("sort"), limits),
+        limit=limits.default_limit
+        if limit is None
+        else _int_param(limit, "limit", 1, limits.max_limit, "limit_too_large"),
+        skip=0 if skip is None else _int_param(skip, "skip", 0, 1_000_000, "skip_too_large"),
+        fields=parse_fields(raw.get("fields"), limits),
+        cursor=cursor or None,
+    )

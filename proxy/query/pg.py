@@ -1,0 +1,425 @@
+"""PostgreSQL back end of the query language: AST → SQL text + bound parameters.
+
+The SQL text depends only on the shape of the AST (operators, path lengths, value types);
+every value and every field-path segment is a bound parameter, so prepared statements are
+reused and nothing a client sends ever becomes SQL text. Documents live in a ``doc jsonb``
+column; ``t`` is the alias of the collection's table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from proxy.query.ast import (
+    And,
+    Cmp,
+    ElemMatch,
+    Eq,
+    Exists,
+    FieldCond,
+    Filter,
+    In,
+    Never,
+    Nor,
+    Not,
+    Or,
+    Path,
+    Pred,
+    Regex,
+    Size,
+    SortKey,
+    TypeIs,
+    Update,
+    UpdateOp,
+)
+
+PG_TYPES = {
+    "null": "null",
+    "number": "number",
+    "string": "string",
+    "object": "object",
+    "array": "array",
+    "bool": "boolean",
+}
+# PCRE-style (m, s) options → PostgreSQL ARE embedded options.
+# p: '.' and [^] exclude newline, ^$ only at string ends (PCRE default)
+# n: newline-sensitive (PCRE m);  s: '.' matches newline (PCRE s);  w: both m and s
+_NEWLINE_MODE = {"": "p", "m": "n", "s": "s", "ms": "w"}
+
+RANK_SQL = (
+    "CASE jsonb_typeof({x}) WHEN 'number' THEN 2 WHEN 'string' THEN 3 WHEN 'object' THEN 4 "
+    "WHEN 'array' THEN 5 WHEN 'boolean' THEN 6 ELSE 1 END"
+)
+TEXT_KEY_SQL = (
+    "COALESCE(CASE WHEN jsonb_typeof({x}) = 'string' THEN {x} #>> '{{}}' END, '') COLLATE \"C\""
+)
+JSON_KEY_SQL = "COALESCE({x}, 'null'::jsonb)"
+
+
+def regex_with_options(pattern: str, options: str) -> str:
+    """Prefix the pattern with the ARE embedded options equivalent to PCRE ``options``."""
+    mode = _NEWLINE_MODE["".join(c for c in options if c in "ms")]
+    flags = mode + ("i" if "i" in options else "") + ("x" if "x" in options else "")
+    return f"(?{flags}){pattern}"
+
+
+def jsonb(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+class Params:
+    """Collects bound values; ``add`` returns the placeholder for the next one."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, start: Sequence[Any] = ()) -> None:
+        self.values: list[Any] = list(start)
+
+    def add(self, value: Any, cast: str) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}::{cast}"
+
+
+class FilterCompiler:
+    """Compiles a filter to a boolean SQL expression over a document expression."""
+
+    def __init__(self, params: Params) -> None:
+        self.p = params
+
+    # -- entry ---------------------------------------------------------------------
+
+    def where(self, flt: Filter, doc: str = "t.doc") -> str:
+        if isinstance(flt, FieldCond):
+            return self._field(flt, doc)
+        if isinstance(flt, And):
+            if not flt.children:
+                return "TRUE"
+            return "(" + " AND ".join(self.where(c, doc) for c in flt.children) + ")"
+        if isinstance(flt, Or):
+            return "(" + " OR ".join(self.where(c, doc) for c in flt.children) + ")"
+        if isinstance(flt, Nor):
+            return "NOT (" + " OR ".join(self.where(c, doc) for c in flt.children) + ")"
+        raise TypeError(f"not a filter node: {flt!r}")
+
+    # -- paths ---------------------------------------------------------------------
+
+    def values_sql(self, path: Path, doc: str) -> str:
+        """A subquery yielding column ``v``: the path's values, NULL standing for MISSING."""
+        first = self.p.add(path.segments[0], "text")
+        sql = f"SELECT {doc} -> {first} AS v"
+        for i in range(1, len(path.segments)):
+            sql = self._step(sql, path, i)
+        return sql
+
+    def _step(self, inner: str, path: Path, i: int) -> str:
+        seg = path.segments[i]
+        key = self.p.add(seg, "text")
+        branches = [
+            f"SELECT CASE WHEN jsonb_typeof(w.v) = 'object' THEN w.v -> {key} END "
+            f"WHERE jsonb_typeof(w.v) IS DISTINCT FROM 'array'"
+        ]
+        if seg.isdigit():
+            idx = self.p.add(int(seg), "int")
+            branches.append(f"SELECT w.v -> {idx} WHERE jsonb_typeof(w.v) = 'array'")
+        else:
+            branches.append(
+                f"SELECT e -> {key} FROM jsonb_array_elements(CASE WHEN jsonb_typeof(w.v) = "
+                f"'array' THEN w.v END) e WHERE jsonb_typeof(e) = 'object'"
+            )
+        return f"SELECT x.v FROM ({inner}) w, LATERAL ({' UNION ALL '.join(branches)}) x(v)"
+
+    def candidates_sql(self, path: Path, doc: str) -> str:
+        vals = self.values_sql(path, doc)
+        return (
+            f"SELECT c.v FROM ({vals}) c0, LATERAL (SELECT c0.v UNION ALL SELECT "
+            f"jsonb_array_elements(CASE WHEN jsonb_typeof(c0.v) = 'array' THEN c0.v END)) c(v)"
+        )
+
+    # -- field conditions ------------------------------------------------------------
+
+    def _field(self, cond: FieldCond, doc: str) -> str:
+        parts = [self._pred(cond.path, pred, doc) for pred in cond.preds]
+        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+
+    def _pred(self, path: Path, pred: Pred, doc: str) -> str:
+        if isinstance(pred, Eq) and pred.value is not None:
+            return self._eq(path, pred.value, doc)
+        if isinstance(pred, Eq):  # null: a null or missing candidate, or no values at all
+            cands = self.candidates_sql(path, doc)
+            vals = self.values_sql(path, doc)
+            return (
+                f"(EXISTS (SELECT 1 FROM ({cands}) q WHERE q.v IS NULL OR q.v = 'null'::jsonb)"
+                f" OR NOT EXISTS ({vals}))"
+            )
+        if isinstance(pred, In):
+            return "(" + " OR ".join(self._pred(path, Eq(v), doc) for v in pred.values) + ")"
+        if isinstance(pred, Not):
+            inner = [self._pred(path, p, doc) for p in pred.preds]
+            return "NOT (" + " AND ".join(inner) + ")"
+        if isinstance(pred, Never):
+            return "FALSE"
+        if isinstance(pred, Exists):
+            vals = self.values_sql(path, doc)
+            test = f"EXISTS (SELECT 1 FROM ({vals}) q WHERE q.v IS NOT NULL)"
+            return test if pred.present else f"NOT {test}"
+        if isinstance(pred, Size | ElemMatch):  # on the values, not their elements
+            vals = self.values_sql(path, doc)
+            return f"EXISTS (SELECT 1 FROM ({vals}) q WHERE {self.value_test('q.v', pred)})"
+        cands = self.candidates_sql(path, doc)
+        return f"EXISTS (SELECT 1 FROM ({cands}) q WHERE {self.value_test('q.v', pred)})"
+
+    def _eq(self, path: Path, value: Any, doc: str) -> str:
+        if len(path.segments) == 1 and not isinstance(value, dict | list):
+            # top-level scalar equality: exactly two containment tests, served by the GIN index
+            key = path.segments[0]
+            a = self.p.add(jsonb({key: value}), "jsonb")
+            b = self.p.add(jsonb({key: [value]}), "jsonb")
+            return f"({doc} @> {a} OR {doc} @> {b})"
+        cands = self.candidates_sql(path, doc)
+        return f"EXISTS (SELECT 1 FROM ({cands}) q WHERE {self.value_test('q.v', Eq(value))})"
+
+    # -- tests on one value (a candidate or an $elemMatch element) ----------------------
+
+    def value_test(self, x: str, pred: Pred) -> str:
+        """A condition on the jsonb expression ``x`` (never MISSING); NULL counts as false."""
+        if isinstance(pred, Eq):
+            return f"{x} = {self.p.add(jsonb(pred.value), 'jsonb')}"
+        if isinstance(pred, Cmp):
+            return self._cmp(x, pred)
+        if isinstance(pred, In):
+            arr = self.p.add([jsonb(v) for v in pred.values], "jsonb[]")
+            return f"{x} = ANY({arr})"
+        if isinstance(pred, Not):
+            inner = " AND ".join(f"COALESCE({self.value_test(x, p)}, FALSE)" for p in pred.preds)
+            return f"NOT ({inner})"
+        if isinstance(pred, Never):
+            return "FALSE"
+        if isinstance(pred, Exists):
+            return "TRUE" if pred.present else "FALSE"
+        if isinstance(pred, TypeIs):
+            types = self.p.add([PG_TYPES[t] for t in pred.types], "text[]")
+            return f"jsonb_typeof({x}) = ANY({types})"
+        if isinstance(pred, Regex):
+            pat = self.p.add(regex_with_options(pred.pattern, pred.options), "text")
+            return f"(CASE WHEN jsonb_typeof({x}) = 'string' THEN ({x} #>> '{{}}') ~ {pat} END)"
+        if isinstance(pred, Size):
+            n = self.p.add(pred.n, "int")
+            return f"(CASE WHEN jsonb_typeof({x}) = 'array' THEN jsonb_array_length({x}) = {n} END)"
+        if isinstance(pred, ElemMatch):
+            return self._elem_match(x, pred)
+        raise TypeError(f"not a predicate: {pred!r}")
+
+    def _cmp(self, x: str, pred: Cmp) -> str:
+        op = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[pred.op]
+        v = pred.value
+        if isinstance(v, str):
+            t = self.p.add(v, "text")
+            return (
+                f"(CASE WHEN jsonb_typeof({x}) = 'string' THEN "
+                f'({x} #>> \'{{}}\') COLLATE "C" {op} {t} COLLATE "C" END)'
+            )
+        kind = "boolean" if isinstance(v, bool) else "number"
+        j = self.p.add(jsonb(v), "jsonb")
+        return f"(jsonb_typeof({x}) = '{kind}' AND {x} {op} {j})"
+
+    def _elem_match(self, x: str, pred: ElemMatch) -> str:
+        elements = f"jsonb_array_elements(CASE WHEN jsonb_typeof({x}) = 'array' THEN {x} END)"
+        if pred.preds is not None:
+            tests = " AND ".join(
+                f"COALESCE({self.value_test('em.e', p)}, FALSE)" for p in pred.preds
+            )
+        else:
+            assert pred.filter is not None
+            tests = f"jsonb_typeof(em.e) = 'object' AND {self.where(pred.filter, 'em.e')}"
+        return f"EXISTS (SELECT 1 FROM {elements} em(e) WHERE {tests})"
+
+
+# ---- sort and keyset pagination -------------------------------------------------------
+
+
+def sort_exprs(
+    keys: Sequence[SortKey], params: Params, doc: str = "t.doc"
+) -> list[tuple[str, bool]]:
+    """The flat list of (SQL expression, descending) that orders rows; _id always last."""
+    out: list[tuple[str, bool]] = []
+    for key in keys:
+        path = params.add(list(key.path.segments), "text[]")
+        x = f"({doc} #> {path})"
+        out.append((RANK_SQL.format(x=x), key.descending))
+        out.append((TEXT_KEY_SQL.format(x=x), key.descending))
+        out.append((JSON_KEY_SQL.format(x=x), key.descending))
+    out.append(("t._id", False))
+    return out
+
+
+def order_by(exprs: Sequence[tuple[str, bool]]) -> str:
+    return ", ".join(f"{e} DESC" if desc else e for e, desc in exprs)
+
+
+KEY_CASTS = ("int", "text", "jsonb")
+
+
+def key_casts(n_sort_keys: int) -> list[str]:
+    return [c for _ in range(n_sort_keys) for c in KEY_CASTS] + ["text"]
+
+
+def after_cursor(exprs: Sequence[tuple[str, bool]], values: Sequence[Any], params: Params) -> str:
+    """Rows strictly after the cursor row in the order of ``exprs`` (nested OR chain)."""
+    casts = key_casts((len(exprs) - 1) // 3)
+    sql = ""
+    for (expr, desc), value, cast in reversed(list(zip(exprs, values, casts, strict=True))):
+        ph = params.add(value, cast)
+        op = "<" if desc else ">"
+        strict = f"{expr} {op} {ph}"
+        sql = strict if not sql else f"({strict} OR ({expr} = {ph} AND {sql}))"
+    return sql
+
+
+# ---- updates --------------------------------------------------------------------------
+
+
+class UpdateCompiler:
+    """Compiles update operators to one jsonb expression, applied step by step.
+
+    Each operator reads the previous step's document through a LATERAL column, so the SQL
+    text grows linearly with the number of operators. Type errors raise SQLSTATE DP001
+    through ``{schema}.dbproxy_fail``.
+    """
+
+    def __init__(self, params: Params, schema_ident: str) -> None:
+        self.p = params
+        self.fail = f"{schema_ident}.dbproxy_fail"
+        self.schema = schema_ident
+
+    def document_expr(self, update: Update, base: str) -> str:
+        sql = f"SELECT {base} AS d0"
+        for i, op in enumerate(update.ops, start=1):
+            step = self._op(op, f"s{i - 1}.d{i - 1}")
+            sql = f"SELECT {step} AS d{i} FROM ({sql}) s{i - 1}"
+        return f"({sql})"
+
+    def _path(self, path: Path) -> str:
+        return self.p.add(list(path.segments), "text[]")
+
+    def _set(self, d: str, path: Path, value_sql: str) -> str:
+        """Set ``path`` in ``d`` to ``value_sql``, creating missing intermediate objects."""
+        segs = path.segments
+        keys = [self.p.add([s], "text[]") for s in segs]
+        return self._set_rec(d, keys, value_sql, segs)
+
+    def _set_rec(self, d: str, keys: list[str], value_sql: str, segs: Sequence[str]) -> str:
+        head = keys[0]
+        if len(keys) == 1:
+            inner = value_sql
+        else:
+            child = f"COALESCE({d} #> {head}, '{{}}'::jsonb)"
+            inner = self._set_rec(child, keys[1:], value_sql, segs[1:])
+        checked = (
+            f"CASE WHEN jsonb_typeof({d}) IN ('object', 'array') THEN {d} "
+            f"ELSE {self.fail}('cannot set a field inside a non-container value') END"
+        )
+        return f"jsonb_set({checked}, {head}, {inner}, true)"
+
+    def _op(self, op: UpdateOp, d: str) -> str:
+        if op.op == "set":
+            return self._set(d, op.path, self.p.add(jsonb(op.value), "jsonb"))
+        if op.op == "unset":
+            return f"({d} #- {self._path(op.path)})"
+        if op.op == "rename":
+            src = self._path(op.path)
+            moved = self._set(f"({d} #- {src})", op.value, f"({d} #> {src})")
+            return f"(CASE WHEN ({d} #> {src}) IS NULL THEN {d} ELSE {moved} END)"
+        cur = f"({d} #> {self._path(op.path)})"
+        if op.op in ("inc", "mul"):
+            n = self.p.add(jsonb(op.value), "jsonb")
+            sign = "+" if op.op == "inc" else "*"
+            missing = n if op.op == "inc" else f"to_jsonb(0 * ({n})::numeric)"
+            new = (
+                f"(CASE WHEN {cur} IS NULL THEN {missing} WHEN jsonb_typeof({cur}) = 'number' "
+                f"THEN to_jsonb(({cur})::numeric {sign} ({n})::numeric) "
+                f"ELSE {self.fail}('${op.op} needs a numeric field') END)"
+            )
+            return self._set(d, op.path, new)
+        if op.op in ("min", "max"):
+            v = self.p.add(jsonb(op.value), "jsonb")
+            cmp = "<" if op.op == "min" else ">"
+            new = (
+                f"(CASE WHEN {cur} IS NULL OR {self.schema}.dbproxy_cmp({v}, {cur}) {cmp} 0 "
+                f"THEN {v} ELSE {cur} END)"
+            )
+            return self._set(d, op.path, new)
+        if op.op in ("push", "addToSet"):
+            items = self.p.add(jsonb(list(op.value)), "jsonb")
+            if op.op == "addToSet":
+                items = (
+                    f"(SELECT COALESCE(jsonb_agg(a.e ORDER BY a.i), '[]'::jsonb) FROM "
+                    f"jsonb_array_elements({items}) WITH ORDINALITY a(e, i) WHERE NOT EXISTS "
+                    f"(SELECT 1 FROM jsonb_array_elements(CASE WHEN jsonb_typeof({cur}) = 'array'"
+                    f" THEN {cur} END) y WHERE y = a.e) AND NOT EXISTS (SELECT 1 FROM "
+                    f"jsonb_array_elements({items}) WITH ORDINALITY b(e, i) "
+                    f"WHERE b.e = a.e AND b.i < a.i))"
+                )
+            new = (
+                f"(CASE WHEN {cur} IS NULL THEN {items} WHEN jsonb_typeof({cur}) = 'array' "
+                f"THEN {cur} || {items} ELSE {self.fail}('${op.op} needs an array field') END)"
+            )
+            return self._set(d, op.path, new)
+        if op.op == "pull":
+            if isinstance(op.value, tuple):
+                fc = FilterCompiler(self.p)
+                keep = " AND ".join(f"COALESCE({fc.value_test('a.e', p)}, FALSE)" for p in op.value)
+            else:
+                keep = f"a.e = {self.p.add(jsonb(op.value), 'jsonb')}"
+            new = (
+                f"(SELECT COALESCE(jsonb_agg(a.e ORDER BY a.i), '[]'::jsonb) FROM "
+                f"jsonb_array_elements({cur}) WITH ORDINALITY a(e, i) WHERE NOT ({keep}))"
+            )
+            return (
+                f"(CASE WHEN jsonb_typeof({cur}) = 'array' THEN {self._set(d, op.path, new)} "
+                f"ELSE {d} END)"
+            )
+        raise TypeError(f"unknown update op {op.op}")
+
+
+HELPER_FUNCTIONS = """
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_fail(msg text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $f$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'DP001', MESSAGE = msg;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_rank(x jsonb) RETURNS int
+LANGUAGE sql IMMUTABLE AS $f$
+  SELECT CASE jsonb_typeof(x) WHEN 'number' THEN 2 WHEN 'string' THEN 3 WHEN 'object' THEN 4
+         WHEN 'array' THEN 5 WHEN 'boolean' THEN 6 ELSE 1 END
+$f$;
+
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_cmp(a jsonb, b jsonb) RETURNS int
+LANGUAGE sql IMMUTABLE AS $f$
+  SELECT CASE
+    WHEN {schema}.dbproxy_rank(a) <> {schema}.dbproxy_rank(b)
+      THEN sign({schema}.dbproxy_rank(a) - {schema}.dbproxy_rank(b))::int
+    WHEN jsonb_typeof(a) = 'string' THEN
+      CASE WHEN (a #>> '{{}}') COLLATE "C" < (b #>> '{{}}') COLLATE "C" THEN -1
+           WHEN (a #>> '{{}}') = (b #>> '{{}}') THEN 0 ELSE 1 END
+    WHEN a < b THEN -1 WHEN a = b THEN 0 ELSE 1 END
+$f$;
+
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_merge_patch(target jsonb, patch jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $f$
+DECLARE k text; v jsonb; result jsonb;
+BEGIN
+  IF jsonb_typeof(patch) IS DISTINCT FROM 'object' THEN RETURN patch; END IF;
+  IF target IS NULL OR jsonb_typeof(target) <> 'object' THEN result := '{{}}'::jsonb;
+  ELSE result := target; END IF;
+  FOR k, v IN SELECT * FROM jsonb_each(patch) LOOP
+    IF jsonb_typeof(v) = 'null' THEN result := result - k;
+    ELSE result := jsonb_set(result, ARRAY[k], {schema}.dbproxy_merge_patch(result -> k, v));
+    END IF;
+  END LOOP;
+  RETURN result;
+END $f$;
+"""
