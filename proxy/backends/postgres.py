@@ -132,14 +132,32 @@ class PostgresBackend:
         self._known_tables: set[str] = set()
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._command_timeout = limits.statement_timeout_seconds + 1.0
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the pool; if the database is not reachable yet, keep trying in the background
+        (requests get 503 database_unavailable meanwhile, health says why)."""
+        try:
+            await self._open()
+        except ProxyError as err:
+            log.warning(
+                "database %s (%s) not ready: %s; retrying in the background",
+                self.name,
+                self.config.redacted_dsn(),
+                err.code,
+            )
+            self._last_error = err.code
+            self._reconnect_task = asyncio.create_task(self._reconnect())
+
+    async def _open(self) -> None:
         ps = self.config.pool_settings
         timeout_ms = int(self.limits.statement_timeout_seconds * 1000)
+        pool = None
         try:
-            self.pool = await asyncpg.create_pool(
+            pool = await asyncpg.create_pool(
                 self.config.connection_string,
                 min_size=ps.min_connections,
                 max_size=ps.max_connections,
@@ -150,22 +168,41 @@ class PostgresBackend:
                     "application_name": "dbproxy",
                 },
             )
-            async with self._conn() as conn, conn.transaction():
+            async with pool.acquire(timeout=ps.timeout_seconds) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
                 await conn.execute(HELPER_FUNCTIONS.format(schema=self._schema_ident))
-        except ProxyError:
-            raise
         except Exception as exc:
+            if pool is not None:
+                pool.terminate()
             raise translate(exc) from None
+        self.pool = pool
+        self._last_error = None
+
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        while self.pool is None:
+            await asyncio.sleep(delay)
+            try:
+                await self._open()
+                log.info("database %s is reachable now", self.name)
+            except ProxyError as err:
+                self._last_error = err.code
+                delay = min(delay * 2, 15.0)
 
     async def close(self) -> None:
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            await asyncio.gather(self._reconnect_task, return_exceptions=True)
+            self._reconnect_task = None
         if self.pool is not None:
             await self.pool.close()
             self.pool = None
 
     async def health(self) -> dict[str, Any]:
         started = time.perf_counter()
+        if self.pool is None:
+            return {"status": "down", "error": self._last_error or "not_connected"}
         try:
             async with self._conn() as conn:
                 await conn.fetchval("SELECT 1", timeout=2.0)
