@@ -8,8 +8,17 @@ from collections.abc import Iterator
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, settings
 
 from proxy.config import Limits
+
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 PG_ADMIN_DSN = os.environ.get("DBPROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("DBPROXY_TEST_REDIS", "redis://127.0.0.1:6379/0")
