@@ -1,0 +1,1 @@
+"""Load harness: dbproxy sidecar vs a minimal aiohttp+asyncpg baseline (python -m benchmarks)."""
