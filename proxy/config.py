@@ -109,6 +109,11 @@ class Limits:
     max_path_segments: int = 16
     statement_timeout_seconds: float = 5.0
     max_batch_items: int = 1000
+    max_transaction_operations: int = 100
+    max_open_transactions: int = 64
+    transaction_idle_timeout_seconds: float = 30.0
+    transaction_max_lifetime_seconds: float = 300.0
+    idempotency_ttl_seconds: float = 86400.0
 
 
 @dataclass(frozen=True, slots=True)

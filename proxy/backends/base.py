@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-from proxy.errors import InvalidCollection
+from proxy.errors import InvalidCollection, ProxyError
 from proxy.ops import Change, FindSpec, ItemResult, Page, WriteResult
 from proxy.query.ast import Filter
 
@@ -38,17 +38,9 @@ def check_collection(name: str) -> str:
     return name
 
 
-class Backend(Protocol):
+class Documents(Protocol):
     """Document storage. Documents cross this boundary as dicts going in and JSON text
     (bytes) coming out, so a read is sent to the client without being decoded."""
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def health(self) -> dict[str, Any]: ...
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult: ...
 
@@ -73,3 +65,28 @@ class Backend(Protocol):
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 
     async def count(self, collection: str, flt: Filter) -> int: ...
+
+
+class Transaction(Documents, Protocol):
+    """Document operations inside one open database transaction (one pinned connection)."""
+
+    failed: ProxyError | None
+    closed: bool
+
+    async def commit(self) -> None: ...
+
+    async def rollback(self) -> None: ...
+
+
+class Backend(Documents, Protocol):
+    """A configured database: lifecycle, health, and transactions."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def begin(self, isolation: str = "read_committed") -> Transaction: ...

@@ -20,6 +20,8 @@ import orjson
 from proxy.backends.base import check_collection
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
+    BadRequest,
+    CommitOutcomeUnknown,
     Conflict,
     DuplicateId,
     InternalError,
@@ -110,7 +112,223 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
     return InternalError("unexpected database error")
 
 
-class PostgresBackend:
+class _Documents:
+    """The document operations, written once over two primitives: ``_write`` (creates the
+    table on first use) and ``_read`` (None when the table does not exist). The pooled
+    backend and a pinned transaction provide them differently."""
+
+    def __init__(
+        self, name: str, limits: Limits, schema: str, ids: IdGenerator, known_tables: set[str]
+    ) -> None:
+        check_collection(schema)
+        self.name = name
+        self.limits = limits
+        self.schema = schema
+        self._schema_ident = f'"{schema}"'
+        self.ids = ids
+        self._known_tables = known_tables
+        self._command_timeout = limits.statement_timeout_seconds + 1.0
+
+    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        raise NotImplementedError
+
+    async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+        raise NotImplementedError
+
+    # -- tables ----------------------------------------------------------------------
+
+    def _table(self, collection: str) -> str:
+        return f'{self._schema_ident}."{check_collection(collection)}"'
+
+    async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
+        if collection in self._known_tables:
+            return
+        table = self._table(collection)
+        index = "gin_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
+            )
+            await conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} ("
+                '_id text COLLATE "C" PRIMARY KEY, doc jsonb NOT NULL, '
+                "_version bigint NOT NULL DEFAULT 1, "
+                "created_at timestamptz NOT NULL DEFAULT now(), "
+                "updated_at timestamptz NOT NULL DEFAULT now())"
+            )
+            await conn.execute(
+                f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} USING gin (doc jsonb_path_ops)'
+            )
+        self._known_tables.add(collection)
+
+    # -- documents -------------------------------------------------------------------
+
+    def _prepare(self, doc: dict[str, Any]) -> tuple[str, bytes]:
+        doc_id = doc.get("_id")
+        if doc_id is None:
+            doc_id = self.ids.new()
+        body = {"_id": doc_id, **doc, "_version": 1}
+        try:
+            return doc_id, orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            raise InvalidQuery(
+                "the document has a value JSON cannot carry", code="invalid_value"
+            ) from None
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
+        doc_id, body = self._prepare(doc)
+        sql = (
+            f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
+            "VALUES ($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING 1"
+        )
+        rows = await self._write(collection, sql, doc_id, body.decode())
+        if not rows:
+            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
+        return WriteResult(body, 1, created=True)
+
+    async def insert_many(self, collection: str, docs: list[dict[str, Any]]) -> list[ItemResult]:
+        prepared: list[tuple[str, str] | ItemResult] = []
+        for doc in docs:
+            try:
+                doc_id, body = self._prepare(doc)
+                prepared.append((doc_id, body.decode()))
+            except ProxyError as err:
+                prepared.append(ItemResult(err.status, doc.get("_id"), error=err.to_dict()))
+        pairs = [p for p in prepared if isinstance(p, tuple)]
+        inserted: set[str] = set()
+        if pairs:
+            sql = (
+                f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
+                "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d) "
+                "ON CONFLICT (_id) DO NOTHING RETURNING _id"
+            )
+            rows = await self._write(collection, sql, [p[0] for p in pairs], [p[1] for p in pairs])
+            inserted = {r[0] for r in rows}
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+            elif p[0] in inserted:
+                inserted.discard(p[0])  # a repeated _id in the same batch: first one wins
+                out.append(ItemResult(201, p[0], 1))
+            else:
+                out.append(
+                    ItemResult(
+                        409,
+                        p[0],
+                        error=DuplicateId("a document with this _id already exists").to_dict(),
+                    )
+                )
+        return out
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+        rows = await self._read(collection, sql, doc_id)
+        if not rows:
+            return None
+        return WriteResult(rows[0][0].encode(), rows[0][1])
+
+    async def change(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        if_match: int | None = None,
+    ) -> WriteResult:
+        table = self._table(collection)
+        params = Params([doc_id])
+        new_doc = self._new_doc_sql(change, params, "t.doc")
+        bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
+        set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
+        if upsert and if_match is None:
+            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            sql = (
+                f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
+                f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
+                f"ON CONFLICT (_id) DO UPDATE SET {set_clause} "
+                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created"
+            )
+        else:
+            guard = ""
+            if if_match is not None:
+                guard = f" AND t._version = {params.add(if_match, 'bigint')}"
+            sql = (
+                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1{guard} "
+                "RETURNING t.doc::text, t._version, false"
+            )
+        rows = await self._write(collection, sql, *params.values)
+        if not rows:
+            await self._explain_miss(collection, doc_id, if_match)
+        row = rows[0]
+        return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
+        if isinstance(change, Replace):
+            ph = params.add(orjson.dumps(change.doc).decode(), "jsonb")
+            return ph
+        if isinstance(change, Modify):
+            return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
+        assert isinstance(change, MergePatch)
+        ph = params.add(orjson.dumps(change.patch).decode(), "jsonb")
+        return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
+
+    async def _explain_miss(self, collection: str, doc_id: str, if_match: int | None) -> None:
+        """A write matched no row: say whether the document is missing or the version moved."""
+        if if_match is not None and await self.get(collection, doc_id) is not None:
+            raise PreconditionFailed(
+                "the document's version does not match If-Match", code="version_mismatch"
+            )
+        raise NotFound("no document with this _id", details={"_id": doc_id})
+
+    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
+        params = Params([doc_id])
+        guard = f" AND _version = {params.add(if_match, 'bigint')}" if if_match is not None else ""
+        sql = f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} RETURNING _version"
+        rows = await self._read(collection, sql, *params.values)
+        if not rows:
+            await self._explain_miss(collection, doc_id, if_match)
+            raise AssertionError("unreachable")
+        return int(rows[0][0])
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        params = Params()
+        where = FilterCompiler(params).where(spec.filter)
+        exprs = sort_exprs(spec.sort, params)
+        casts = key_casts(len(spec.sort))
+        if spec.cursor is not None:
+            tag = cursors.sort_tag(repr(spec.sort))
+            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
+            where = f"{where} AND {after_cursor(exprs, values, params)}"
+        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
+        limit = params.add(spec.limit + 1, "bigint")
+        offset = params.add(spec.skip, "bigint")
+        sql = (
+            f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
+            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+        )
+        rows = await self._read(collection, sql, *params.values)
+        if not rows:
+            return Page([], None)
+        more = len(rows) > spec.limit
+        rows = rows[: spec.limit]
+        nxt = None
+        if more:
+            last = rows[-1]
+            tag = cursors.sort_tag(repr(spec.sort))
+            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
+        return Page([r[0].encode() for r in rows], nxt)
+
+    async def count(self, collection: str, flt: Filter) -> int:
+        params = Params()
+        where = FilterCompiler(params).where(flt)
+        sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
+        rows = await self._read(collection, sql, *params.values)
+        return int(rows[0][0]) if rows else 0
+
+
+class PostgresBackend(_Documents):
     """Documents in ``<schema>."<collection>"``: _id text PK, doc jsonb, _version, timestamps."""
 
     def __init__(
@@ -121,17 +339,10 @@ class PostgresBackend:
         schema: str = "dbproxy",
         ids: IdGenerator | None = None,
     ) -> None:
-        check_collection(schema)
-        self.name = config.name
+        super().__init__(config.name, limits, schema, ids or IdGenerator(), set())
         self.config = config
-        self.limits = limits
-        self.schema = schema
-        self._schema_ident = f'"{schema}"'
-        self.ids = ids or IdGenerator()
         self.pool: asyncpg.Pool | None = None
-        self._known_tables: set[str] = set()
         self._acquire_timeout = config.pool_settings.timeout_seconds
-        self._command_timeout = limits.statement_timeout_seconds + 1.0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
 
@@ -238,32 +449,6 @@ class PostgresBackend:
         finally:
             await self.pool.release(conn)  # asyncpg shields the release from cancellation
 
-    # -- tables ----------------------------------------------------------------------
-
-    def _table(self, collection: str) -> str:
-        return f'{self._schema_ident}."{check_collection(collection)}"'
-
-    async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
-        if collection in self._known_tables:
-            return
-        table = self._table(collection)
-        index = "gin_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
-        async with conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
-            )
-            await conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {table} ("
-                '_id text COLLATE "C" PRIMARY KEY, doc jsonb NOT NULL, '
-                "_version bigint NOT NULL DEFAULT 1, "
-                "created_at timestamptz NOT NULL DEFAULT now(), "
-                "updated_at timestamptz NOT NULL DEFAULT now())"
-            )
-            await conn.execute(
-                f'CREATE INDEX IF NOT EXISTS "{index}" ON {table} USING gin (doc jsonb_path_ops)'
-            )
-        self._known_tables.add(collection)
-
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write, creating the collection's table on first use."""
         try:
@@ -281,7 +466,7 @@ class PostgresBackend:
         except Exception as exc:
             raise translate(exc) from None
 
-    async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+    async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
         """Run a read; None when the collection has no table yet."""
         try:
             async with self._conn() as conn:
@@ -294,168 +479,155 @@ class PostgresBackend:
         except Exception as exc:
             raise translate(exc) from None
 
-    # -- documents -------------------------------------------------------------------
+    # -- transactions ------------------------------------------------------------------
 
-    def _prepare(self, doc: dict[str, Any]) -> tuple[str, bytes]:
-        doc_id = doc.get("_id")
-        if doc_id is None:
-            doc_id = self.ids.new()
-        body = {"_id": doc_id, **doc, "_version": 1}
+    async def begin(self, isolation: str = "read_committed") -> PostgresTransaction:
+        """Pin a pooled connection and open a transaction on it."""
+        if isolation not in ISOLATION_LEVELS:
+            raise BadRequest(
+                f"isolation must be one of {', '.join(ISOLATION_LEVELS)}", code="invalid_isolation"
+            )
+        if self.pool is None:
+            raise Unavailable("the database pool is not open", retry_after=1)
+        pool = self.pool
         try:
-            return doc_id, orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            raise InvalidQuery(
-                "the document has a value JSON cannot carry", code="invalid_value"
+            conn = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise PoolExhausted(
+                "no database connection became free in time", retry_after=1
             ) from None
+        except Exception as exc:
+            raise translate(exc) from None
+        try:
+            tx = conn.transaction(isolation=isolation)
+            await tx.start()
+        except BaseException as exc:
+            await pool.release(conn)
+            if isinstance(exc, Exception):
+                raise translate(exc) from None
+            raise
+        return PostgresTransaction(self, pool, conn, tx, isolation)
 
-    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
-        doc_id, body = self._prepare(doc)
-        sql = (
-            f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
-            "VALUES ($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING 1"
-        )
-        rows = await self._write(collection, sql, doc_id, body.decode())
-        if not rows:
-            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
-        return WriteResult(body, 1, created=True)
 
-    async def insert_many(self, collection: str, docs: list[dict[str, Any]]) -> list[ItemResult]:
-        prepared: list[tuple[str, str] | ItemResult] = []
-        for doc in docs:
-            try:
-                doc_id, body = self._prepare(doc)
-                prepared.append((doc_id, body.decode()))
-            except ProxyError as err:
-                prepared.append(ItemResult(err.status, doc.get("_id"), error=err.to_dict()))
-        pairs = [p for p in prepared if isinstance(p, tuple)]
-        inserted: set[str] = set()
-        if pairs:
-            sql = (
-                f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
-                "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d) "
-                "ON CONFLICT (_id) DO NOTHING RETURNING _id"
-            )
-            rows = await self._write(collection, sql, [p[0] for p in pairs], [p[1] for p in pairs])
-            inserted = {r[0] for r in rows}
-        out: list[ItemResult] = []
-        for p in prepared:
-            if isinstance(p, ItemResult):
-                out.append(p)
-            elif p[0] in inserted:
-                inserted.discard(p[0])  # a repeated _id in the same batch: first one wins
-                out.append(ItemResult(201, p[0], 1))
-            else:
-                out.append(
-                    ItemResult(
-                        409,
-                        p[0],
-                        error=DuplicateId("a document with this _id already exists").to_dict(),
-                    )
-                )
-        return out
+ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 
-    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
-        sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
-        rows = await self._read(sql, doc_id)
-        if not rows:
-            return None
-        return WriteResult(rows[0][0].encode(), rows[0][1])
 
-    async def change(
+class PostgresTransaction(_Documents):
+    """The document operations on one pinned connection inside an open transaction.
+
+    A statement error aborts the whole transaction (PostgreSQL's rule): the transaction is
+    then marked failed and only ``rollback`` remains. ``commit``/``rollback`` always give
+    the connection back to the pool, rolled back and clean."""
+
+    def __init__(
         self,
-        collection: str,
-        doc_id: str,
-        change: Change,
-        *,
-        upsert: bool = False,
-        if_match: int | None = None,
-    ) -> WriteResult:
-        table = self._table(collection)
-        params = Params([doc_id])
-        new_doc = self._new_doc_sql(change, params, "t.doc")
-        bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
-        set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
-        if upsert and if_match is None:
-            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
-            sql = (
-                f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
-                f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
-                f"ON CONFLICT (_id) DO UPDATE SET {set_clause} "
-                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created"
-            )
-        else:
-            guard = ""
-            if if_match is not None:
-                guard = f" AND t._version = {params.add(if_match, 'bigint')}"
-            sql = (
-                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1{guard} "
-                "RETURNING t.doc::text, t._version, false"
-            )
-        rows = await self._write(collection, sql, *params.values)
-        if not rows:
-            await self._explain_miss(collection, doc_id, if_match)
-        row = rows[0]
-        return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
-
-    def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
-        if isinstance(change, Replace):
-            ph = params.add(orjson.dumps(change.doc).decode(), "jsonb")
-            return ph
-        if isinstance(change, Modify):
-            return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
-        assert isinstance(change, MergePatch)
-        ph = params.add(orjson.dumps(change.patch).decode(), "jsonb")
-        return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
-
-    async def _explain_miss(self, collection: str, doc_id: str, if_match: int | None) -> None:
-        """A write matched no row: say whether the document is missing or the version moved."""
-        if if_match is not None and await self.get(collection, doc_id) is not None:
-            raise PreconditionFailed(
-                "the document's version does not match If-Match", code="version_mismatch"
-            )
-        raise NotFound("no document with this _id", details={"_id": doc_id})
-
-    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
-        params = Params([doc_id])
-        guard = f" AND _version = {params.add(if_match, 'bigint')}" if if_match is not None else ""
-        sql = f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} RETURNING _version"
-        rows = await self._read(sql, *params.values)
-        if not rows:
-            await self._explain_miss(collection, doc_id, if_match)
-            raise AssertionError("unreachable")
-        return int(rows[0][0])
-
-    async def find(self, collection: str, spec: FindSpec) -> Page:
-        params = Params()
-        where = FilterCompiler(params).where(spec.filter)
-        exprs = sort_exprs(spec.sort, params)
-        casts = key_casts(len(spec.sort))
-        if spec.cursor is not None:
-            tag = cursors.sort_tag(repr(spec.sort))
-            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
-            where = f"{where} AND {after_cursor(exprs, values, params)}"
-        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
-        limit = params.add(spec.limit + 1, "bigint")
-        offset = params.add(spec.skip, "bigint")
-        sql = (
-            f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
-            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+        backend: PostgresBackend,
+        pool: asyncpg.Pool,
+        conn: asyncpg.Connection,
+        tx: Any,
+        isolation: str,
+    ) -> None:
+        super().__init__(
+            backend.name, backend.limits, backend.schema, backend.ids, set(backend._known_tables)
         )
-        rows = await self._read(sql, *params.values)
-        if not rows:
-            return Page([], None)
-        more = len(rows) > spec.limit
-        rows = rows[: spec.limit]
-        nxt = None
-        if more:
-            last = rows[-1]
-            tag = cursors.sort_tag(repr(spec.sort))
-            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
-        return Page([r[0].encode() for r in rows], nxt)
+        self._backend = backend
+        self._pool = pool
+        self._conn = conn
+        self._tx = tx
+        self.isolation = isolation
+        self.failed: ProxyError | None = None
+        self.closed = False
 
-    async def count(self, collection: str, flt: Filter) -> int:
-        params = Params()
-        where = FilterCompiler(params).where(flt)
-        sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
-        rows = await self._read(sql, *params.values)
-        return int(rows[0][0]) if rows else 0
+    def backend_pid(self) -> int:
+        return int(self._conn.get_server_pid())
+
+    def _check_usable(self) -> None:
+        if self.closed:
+            raise Conflict("the transaction has already ended", code="transaction_closed")
+        if self.failed is not None:
+            raise Conflict(
+                "an earlier statement failed; the transaction can only be rolled back",
+                code="transaction_aborted",
+            )
+
+    def _fail(self, exc: BaseException) -> ProxyError:
+        err = translate(exc)
+        if isinstance(exc, _CONNECTION_ERRORS):
+            err = Conflict(
+                "the transaction's database connection was lost; it was rolled back",
+                code="transaction_aborted",
+            )
+        self.failed = err
+        return err
+
+    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self._check_usable()
+        try:
+            await self._ensure_table(self._conn, collection)
+            rows: list[asyncpg.Record] = await self._conn.fetch(
+                sql, *args, timeout=self._command_timeout
+            )
+            return rows
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+        self._check_usable()
+        try:
+            if collection not in self._known_tables:
+                exists = await self._conn.fetchval(
+                    "SELECT to_regclass($1) IS NOT NULL", self._table(collection)
+                )
+                if not exists:
+                    return None
+                self._known_tables.add(collection)
+            rows: list[asyncpg.Record] = await self._conn.fetch(
+                sql, *args, timeout=self._command_timeout
+            )
+            return rows
+        except Exception as exc:
+            raise self._fail(exc) from None
+
+    async def commit(self) -> None:
+        """COMMIT; a connection lost while COMMIT was in flight is reported as unknown.
+
+        Shielded: a client that goes away mid-commit cannot leave the connection half-done.
+        """
+        self._check_usable()
+        self.closed = True
+        await asyncio.shield(self._commit_and_release())
+        self._backend._known_tables.update(self._known_tables)
+
+    async def _commit_and_release(self) -> None:
+        try:
+            await self._tx.commit()
+        except _CONNECTION_ERRORS:
+            raise CommitOutcomeUnknown(
+                "the connection was lost while committing; the transaction may or may not "
+                "have been applied"
+            ) from None
+        except Exception as exc:
+            await self._rollback_quietly()
+            raise translate(exc) from None
+        finally:
+            await self._pool.release(self._conn)
+
+    async def rollback(self) -> None:
+        """ROLLBACK and give the connection back; idempotent, shielded from cancellation."""
+        if self.closed:
+            return
+        self.closed = True
+        await asyncio.shield(self._rollback_and_release())
+
+    async def _rollback_and_release(self) -> None:
+        try:
+            await self._rollback_quietly()
+        finally:
+            await self._pool.release(self._conn)
+
+    async def _rollback_quietly(self) -> None:
+        try:
+            if not self._conn.is_closed() and self._conn.is_in_transaction():
+                await self._tx.rollback()
+        except Exception:  # the connection is gone: the server rolls back on its own
+            self._conn.terminate()
