@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 import orjson
 
-from proxy.backends.base import Backend, check_collection
+from proxy.backends.base import Backend, Documents, Transaction, check_collection
+from proxy.batch import parse_batch, parse_isolation, run_operations
 from proxy.config import Config
 from proxy.errors import BadRequest, LimitExceeded, NotFound, ProxyError
 from proxy.ops import (
@@ -19,12 +20,16 @@ from proxy.ops import (
     Modify,
     Page,
     Replace,
+    StoredReply,
     WriteResult,
     build_find_spec,
     check_id,
 )
 from proxy.query.parse import is_update_document, parse_filter, parse_update
 from proxy.query.project import project
+from proxy.transactions import TransactionRegistry
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,12 @@ class Core:
         self.limits = config.limits
         self.backends = dict(backends)
         self.default = default
+        lim = config.limits
+        self.transactions = TransactionRegistry(
+            idle_timeout=lim.transaction_idle_timeout_seconds,
+            max_lifetime=lim.transaction_max_lifetime_seconds,
+            max_open=lim.max_open_transactions,
+        )
 
     def backend(self, database: str | None = None) -> Backend:
         name = database or self.default
@@ -49,8 +60,11 @@ class Core:
 
     # -- writes ----------------------------------------------------------------------
 
-    async def create(self, collection: str, body: Any) -> WriteResult | list[ItemResult]:
+    async def create(
+        self, collection: str, body: Any, target: Documents | None = None
+    ) -> WriteResult | list[ItemResult]:
         check_collection(collection)
+        docs = target or self.backend()
         if isinstance(body, list):
             if not body:
                 raise BadRequest("a bulk create needs at least one document", code="empty_batch")
@@ -59,10 +73,12 @@ class Core:
                     f"at most {self.limits.max_batch_items} documents per request",
                     code="batch_too_large",
                 )
-            return await self._create_many(collection, body)
-        return await self.backend().insert_one(collection, self._new_document(body))
+            return await self._create_many(collection, body, docs)
+        return await docs.insert_one(collection, self._new_document(body))
 
-    async def _create_many(self, collection: str, body: list[Any]) -> list[ItemResult]:
+    async def _create_many(
+        self, collection: str, body: list[Any], docs_target: Documents
+    ) -> list[ItemResult]:
         docs: list[dict[str, Any]] = []
         slots: list[ItemResult | None] = []
         for item in body:
@@ -78,7 +94,7 @@ class Core:
                         error=err.to_dict(),
                     )
                 )
-        results = iter(await self.backend().insert_many(collection, docs) if docs else [])
+        results = iter(await docs_target.insert_many(collection, docs) if docs else [])
         return [slot if slot is not None else next(results) for slot in slots]
 
     def _new_document(self, body: Any) -> dict[str, Any]:
@@ -97,6 +113,7 @@ class Core:
         *,
         upsert: bool = False,
         if_match: int | None = None,
+        target: Documents | None = None,
     ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
@@ -105,7 +122,7 @@ class Core:
             change = Modify(parse_update(body, self.limits))
         else:
             change = Replace(self._replacement(body, doc_id))
-        return await self.backend().change(
+        return await (target or self.backend()).change(
             collection, doc_id, change, upsert=upsert, if_match=if_match
         )
 
@@ -116,7 +133,13 @@ class Core:
         return doc
 
     async def merge_patch(
-        self, collection: str, doc_id: str, body: Any, *, if_match: int | None = None
+        self,
+        collection: str,
+        doc_id: str,
+        body: Any,
+        *,
+        if_match: int | None = None,
+        target: Documents | None = None,
     ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
@@ -127,19 +150,30 @@ class Core:
                 raise BadRequest(f"a merge patch cannot change {key}", code="immutable_field")
         patch = {k: v for k, v in body.items() if k not in SYSTEM_FIELDS}
         _check_keys(patch)
-        return await self.backend().change(collection, doc_id, MergePatch(patch), if_match=if_match)
+        return await (target or self.backend()).change(
+            collection, doc_id, MergePatch(patch), if_match=if_match
+        )
 
-    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
+    async def delete(
+        self,
+        collection: str,
+        doc_id: str,
+        *,
+        if_match: int | None = None,
+        target: Documents | None = None,
+    ) -> int:
         check_collection(collection)
         check_id(doc_id)
-        return await self.backend().delete(collection, doc_id, if_match=if_match)
+        return await (target or self.backend()).delete(collection, doc_id, if_match=if_match)
 
     # -- reads -----------------------------------------------------------------------
 
-    async def get(self, collection: str, doc_id: str, fields: Any = None) -> WriteResult:
+    async def get(
+        self, collection: str, doc_id: str, fields: Any = None, target: Documents | None = None
+    ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
-        found = await self.backend().get(collection, doc_id)
+        found = await (target or self.backend()).get(collection, doc_id)
         if found is None:
             raise NotFound("no document with this _id", details={"_id": doc_id})
         if fields:
@@ -152,17 +186,73 @@ class Core:
     def find_spec(self, raw: Mapping[str, Any], *, from_url: bool) -> FindSpec:
         return build_find_spec(raw, self.limits, from_url=from_url)
 
-    async def find(self, collection: str, spec: FindSpec) -> Page:
+    async def find(self, collection: str, spec: FindSpec, target: Documents | None = None) -> Page:
         check_collection(collection)
-        page = await self.backend().find(collection, spec)
+        page = await (target or self.backend()).find(collection, spec)
         if spec.fields is None:
             return page
         fields = spec.fields
         return Page([orjson.dumps(project(orjson.loads(b), fields)) for b in page.items], page.next)
 
-    async def count(self, collection: str, raw_filter: Any) -> int:
+    async def count(self, collection: str, raw_filter: Any, target: Documents | None = None) -> int:
         check_collection(collection)
-        return await self.backend().count(collection, parse_filter(raw_filter, self.limits))
+        flt = parse_filter(raw_filter, self.limits)
+        return await (target or self.backend()).count(collection, flt)
+
+    # -- transactions ------------------------------------------------------------------
+
+    async def begin(self, owner: str, isolation: Any = None) -> str:
+        entry = await self.transactions.begin(self.backend(), parse_isolation(isolation), owner)
+        return entry.id
+
+    async def run_batch(self, body: Any) -> list[Any]:
+        """All or nothing: every operation's result, or the first failure (rolled back)."""
+        req = parse_batch(body, self.limits.max_transaction_operations)
+        return await self.transact(
+            req.isolation, lambda tx: run_operations(self, req.operations, tx)
+        )
+
+    async def transact(self, isolation: str, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        tx = await self.backend().begin(isolation)
+        try:
+            result = await work(tx)
+            await tx.commit()
+        except BaseException:
+            await tx.rollback()  # no-op once committed; shielded from cancellation
+            raise
+        return result
+
+    async def idempotent(
+        self,
+        key: str,
+        fingerprint: str,
+        produce: Callable[[Documents], Awaitable[StoredReply]],
+        isolation: str = "read_committed",
+    ) -> tuple[StoredReply, bool]:
+        """Run ``produce`` once per key: the reply is stored in the same transaction as the
+        write, and a retry with the same key and request gets it back (replayed=True)."""
+        if not key or len(key) > 255 or not key.isprintable():
+            raise BadRequest(
+                "Idempotency-Key must be 1-255 printable characters", code="invalid_idempotency_key"
+            )
+        ttl = self.limits.idempotency_ttl_seconds
+
+        async def work(tx: Transaction) -> tuple[StoredReply, bool]:
+            prior = await tx.idem_claim(key, fingerprint, ttl)
+            if prior is not None:
+                return prior, True
+            reply = await produce(tx)
+            await tx.idem_save(key, reply)
+            return reply, False
+
+        return await self.transact(isolation, work)
+
+    async def maintain(self) -> None:
+        for backend in self.backends.values():
+            try:
+                await backend.maintain()
+            except ProxyError as err:
+                log.warning("housekeeping of %s failed: %s", backend.name, err.code)
 
     # -- health ----------------------------------------------------------------------
 

@@ -44,6 +44,15 @@ class ItemResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredReply:
+    """A reply kept under an idempotency key: status, body and the headers to repeat."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     items: list[bytes]  # documents as JSON text
     next: str | None

@@ -6,7 +6,7 @@ import re
 from typing import Any, Protocol
 
 from proxy.errors import InvalidCollection, ProxyError
-from proxy.ops import Change, FindSpec, ItemResult, Page, WriteResult
+from proxy.ops import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
 from proxy.query.ast import Filter
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
@@ -77,6 +77,10 @@ class Transaction(Documents, Protocol):
 
     async def rollback(self) -> None: ...
 
+    async def idem_claim(self, key: str, fingerprint: str, ttl: float) -> StoredReply | None: ...
+
+    async def idem_save(self, key: str, reply: StoredReply) -> None: ...
+
 
 class Backend(Documents, Protocol):
     """A configured database: lifecycle, health, and transactions."""
@@ -90,3 +94,5 @@ class Backend(Documents, Protocol):
     async def health(self) -> dict[str, Any]: ...
 
     async def begin(self, isolation: str = "read_committed") -> Transaction: ...
+
+    async def maintain(self) -> None: ...

@@ -7,6 +7,7 @@ error hierarchy of ``proxy.errors``; no SQL or driver text leaves this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
@@ -33,9 +34,20 @@ from proxy.errors import (
     ProxyError,
     Timeout,
     Unavailable,
+    Unprocessable,
 )
 from proxy.ids import IdGenerator
-from proxy.ops import Change, FindSpec, ItemResult, MergePatch, Modify, Page, Replace, WriteResult
+from proxy.ops import (
+    Change,
+    FindSpec,
+    ItemResult,
+    MergePatch,
+    Modify,
+    Page,
+    Replace,
+    StoredReply,
+    WriteResult,
+)
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
 from proxy.query.pg import (
@@ -383,6 +395,11 @@ class PostgresBackend(_Documents):
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
                 await conn.execute(HELPER_FUNCTIONS.format(schema=self._schema_ident))
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._schema_ident}._idempotency ("
+                    "key text PRIMARY KEY, fingerprint text NOT NULL, status int, "
+                    "headers jsonb, body bytea, expires_at timestamptz NOT NULL)"
+                )
         except Exception as exc:
             if pool is not None:
                 pool.terminate()
@@ -478,6 +495,13 @@ class PostgresBackend(_Documents):
             return None
         except Exception as exc:
             raise translate(exc) from None
+
+    async def maintain(self) -> None:
+        """Periodic housekeeping: forget expired idempotency keys."""
+        async with self._conn() as conn:
+            await conn.execute(
+                f"DELETE FROM {self._schema_ident}._idempotency WHERE expires_at < now()"
+            )
 
     # -- transactions ------------------------------------------------------------------
 
@@ -588,6 +612,55 @@ class PostgresTransaction(_Documents):
         except Exception as exc:
             raise self._fail(exc) from None
 
+    async def idem_claim(self, key: str, fingerprint: str, ttl: float) -> StoredReply | None:
+        """Claim an idempotency key in this transaction, or return the reply stored for it.
+
+        A concurrent request with the same key waits on the row lock until the first one
+        commits (then its reply is returned here) or rolls back (then this one claims it)."""
+        table = f"{self._schema_ident}._idempotency"
+        claimed = await self._run(
+            f"INSERT INTO {table} AS t (key, fingerprint, expires_at) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3)) ON CONFLICT (key) DO UPDATE "
+            "SET fingerprint = EXCLUDED.fingerprint, status = NULL, headers = NULL, "
+            "body = NULL, expires_at = EXCLUDED.expires_at WHERE t.expires_at < now() "
+            "RETURNING 1",
+            key,
+            fingerprint,
+            ttl,
+        )
+        if claimed:
+            return None
+        rows = await self._run(
+            f"SELECT fingerprint, status, headers::text, body FROM {table} WHERE key = $1", key
+        )
+        fp, status, headers, body = rows[0]
+        if fp != fingerprint:
+            raise Unprocessable(
+                "this Idempotency-Key was used with a different request",
+                code="idempotency_key_reused",
+            )
+        return StoredReply(int(status), bytes(body), orjson.loads(headers))
+
+    async def idem_save(self, key: str, reply: StoredReply) -> None:
+        await self._run(
+            f"UPDATE {self._schema_ident}._idempotency SET status = $2, "
+            "headers = $3::jsonb, body = $4 WHERE key = $1",
+            key,
+            reply.status,
+            orjson.dumps(reply.headers).decode(),
+            reply.body,
+        )
+
+    async def _run(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        self._check_usable()
+        try:
+            rows: list[asyncpg.Record] = await self._conn.fetch(
+                sql, *args, timeout=self._command_timeout
+            )
+            return rows
+        except Exception as exc:
+            raise self._fail(exc) from None
+
     async def commit(self) -> None:
         """COMMIT; a connection lost while COMMIT was in flight is reported as unknown.
 
@@ -610,7 +683,7 @@ class PostgresTransaction(_Documents):
             await self._rollback_quietly()
             raise translate(exc) from None
         finally:
-            await self._pool.release(self._conn)
+            await self._release()
 
     async def rollback(self) -> None:
         """ROLLBACK and give the connection back; idempotent, shielded from cancellation."""
@@ -623,11 +696,18 @@ class PostgresTransaction(_Documents):
         try:
             await self._rollback_quietly()
         finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        try:
             await self._pool.release(self._conn)
+        except asyncpg.InterfaceError:
+            pass  # a lost connection was already detached from the pool
 
     async def _rollback_quietly(self) -> None:
         try:
             if not self._conn.is_closed() and self._conn.is_in_transaction():
                 await self._tx.rollback()
         except Exception:  # the connection is gone: the server rolls back on its own
-            self._conn.terminate()
+            with contextlib.suppress(Exception):
+                self._conn.terminate()

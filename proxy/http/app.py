@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -10,6 +12,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.backends.base import Documents
+from proxy.batch import parse_batch, run_operations
 from proxy.config import Config
 from proxy.core import Core
 from proxy.errors import (
@@ -21,13 +25,15 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from proxy.ops import ItemResult, WriteResult, parse_json_text
+from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
 
 log = logging.getLogger(__name__)
 
 CORE: web.AppKey[Core] = web.AppKey("core", Core)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 REQUEST_ID = "request_id"
+RAW_BODY = "raw_body"
+SERVICE = "service"
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -98,6 +104,7 @@ async def read_json(request: web.Request) -> Any:
         raise PayloadTooLarge(f"request body is larger than {limits.max_body_bytes} bytes")
     if not raw:
         raise BadRequest("a JSON body is required", code="missing_body")
+    request[RAW_BODY] = raw
     return parse_json_text(raw, limits, "request body")
 
 
@@ -160,52 +167,146 @@ def bulk_response(results: list[ItemResult]) -> web.Response:
 # ---- handlers ----------------------------------------------------------------------
 
 
+def owner(request: web.Request) -> str:
+    """Who is asking: transactions are bound to it."""
+    service = request.get(SERVICE)
+    return service if isinstance(service, str) else "anonymous"
+
+
+Operation = Callable[[Documents | None], Awaitable[web.Response]]
+
+
+async def execute(request: web.Request, op: Operation, *, write: bool) -> web.Response:
+    """Run ``op`` inside the caller's transaction (X-Transaction-Id), or once per
+    Idempotency-Key (writes), or plainly."""
+    core = request.app[CORE]
+    tx_id = request.headers.get("X-Transaction-Id")
+    key = request.headers.get("Idempotency-Key") if write else None
+    if tx_id is not None:
+        if key is not None:
+            raise BadRequest(
+                "Idempotency-Key cannot be used inside a transaction; use it on the batch",
+                code="idempotency_in_transaction",
+            )
+        async with core.transactions.use(tx_id, owner(request)) as tx:
+            return await op(tx)
+    if key is None:
+        return await op(None)
+
+    async def produce(tx: Documents) -> StoredReply:
+        response = await op(tx)
+        assert isinstance(response.body, bytes)
+        headers = {k: v for k, v in response.headers.items() if k in REPLAYED_HEADERS}
+        return StoredReply(response.status, response.body, headers)
+
+    reply, replayed = await core.idempotent(key, fingerprint(request), produce)
+    response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+REPLAYED_HEADERS = ("ETag", "Content-Type")
+
+
+def fingerprint(request: web.Request) -> str:
+    h = hashlib.sha256()
+    for part in (
+        owner(request),
+        request.method,
+        request.path_qs,
+        request.headers.get("If-Match", ""),
+    ):
+        h.update(part.encode())
+        h.update(b"\x00")
+    h.update(request.get(RAW_BODY, b""))
+    return h.hexdigest()
+
+
 async def create(request: web.Request) -> web.Response:
     core = request.app[CORE]
     collection = request.match_info["collection"]
-    result = await core.create(collection, await read_json(request))
-    if isinstance(result, list):
-        return bulk_response(result)
-    return document_response(result, 201)
+    body = await read_json(request)
+
+    async def op(target: Documents | None) -> web.Response:
+        result = await core.create(collection, body, target)
+        if isinstance(result, list):
+            return bulk_response(result)
+        return document_response(result, 201)
+
+    return await execute(request, op, write=True)
 
 
 async def get_one(request: web.Request) -> web.Response:
     core = request.app[CORE]
     m = request.match_info
-    result = await core.get(m["collection"], m["id"], request.query.get("fields"))
-    return document_response(result)
+    fields = request.query.get("fields")
+
+    async def op(target: Documents | None) -> web.Response:
+        return document_response(await core.get(m["collection"], m["id"], fields, target))
+
+    if "X-Transaction-Id" not in request.headers:  # the hot path: no closure dispatch
+        return document_response(await core.get(m["collection"], m["id"], fields))
+    return await execute(request, op, write=False)
 
 
 async def put_one(request: web.Request) -> web.Response:
     core = request.app[CORE]
     m = request.match_info
     body = await read_json(request)
-    result = await core.replace_or_update(
-        m["collection"], m["id"], body, upsert=flag(request, "upsert"), if_match=if_match(request)
-    )
-    return document_response(result, 201 if result.created else 200)
+    upsert, match = flag(request, "upsert"), if_match(request)
+
+    async def op(target: Documents | None) -> web.Response:
+        result = await core.replace_or_update(
+            m["collection"], m["id"], body, upsert=upsert, if_match=match, target=target
+        )
+        return document_response(result, 201 if result.created else 200)
+
+    return await execute(request, op, write=True)
 
 
 async def patch_one(request: web.Request) -> web.Response:
     core = request.app[CORE]
     m = request.match_info
     body = await read_json(request)
-    result = await core.merge_patch(m["collection"], m["id"], body, if_match=if_match(request))
-    return document_response(result)
+    match = if_match(request)
+
+    async def op(target: Documents | None) -> web.Response:
+        result = await core.merge_patch(
+            m["collection"], m["id"], body, if_match=match, target=target
+        )
+        return document_response(result)
+
+    return await execute(request, op, write=True)
 
 
 async def delete_one(request: web.Request) -> web.Response:
     core = request.app[CORE]
     m = request.match_info
-    version = await core.delete(m["collection"], m["id"], if_match=if_match(request))
-    return json_response({"deleted": True, "_id": m["id"], "_version": version})
+    match = if_match(request)
+
+    async def op(target: Documents | None) -> web.Response:
+        version = await core.delete(m["collection"], m["id"], if_match=match, target=target)
+        return json_response({"deleted": True, "_id": m["id"], "_version": version})
+
+    return await execute(request, op, write=True)
 
 
 async def list_documents(request: web.Request) -> web.Response:
     core = request.app[CORE]
     spec = core.find_spec(request.query, from_url=True)
-    page = await core.find(request.match_info["collection"], spec)
-    return page_response(page.items, page.next)
+    return await _find(request, spec)
+
+
+async def _find(request: web.Request, spec: FindSpec) -> web.Response:
+    core = request.app[CORE]
+    collection = request.match_info["collection"]
+
+    async def op(target: Documents | None) -> web.Response:
+        page = await core.find(collection, spec, target)
+        return page_response(page.items, page.next)
+
+    return await execute(request, op, write=False)
 
 
 async def query_documents(request: web.Request) -> web.Response:
@@ -213,9 +314,7 @@ async def query_documents(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("the query body must be a JSON object", code="invalid_query")
-    spec = core.find_spec(body, from_url=False)
-    page = await core.find(request.match_info["collection"], spec)
-    return page_response(page.items, page.next)
+    return await _find(request, core.find_spec(body, from_url=False))
 
 
 async def count_documents(request: web.Request) -> web.Response:
@@ -227,8 +326,76 @@ async def count_documents(request: web.Request) -> web.Response:
         )
     raw = request.query.get("filter")
     flt = parse_json_text(raw, core.limits, "filter") if raw is not None else None
-    n = await core.count(request.match_info["collection"], flt)
-    return json_response({"count": n})
+    collection = request.match_info["collection"]
+
+    async def op(target: Documents | None) -> web.Response:
+        return json_response({"count": await core.count(collection, flt, target)})
+
+    return await execute(request, op, write=False)
+
+
+async def transaction(request: web.Request) -> web.Response:
+    """Batch (``operations``) or the interactive flow (``action``: begin/commit/rollback)."""
+    core = request.app[CORE]
+    body = await read_json(request)
+    action = body.get("action") if isinstance(body, dict) else None
+    if action is not None:
+        return await _transaction_action(request, body, action)
+    if "X-Transaction-Id" in request.headers:
+        raise BadRequest("a batch cannot run inside another transaction", code="nested_transaction")
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        results = await core.run_batch(body)
+        return json_response({"committed": True, "results": results})
+    req = parse_batch(body, core.limits.max_transaction_operations)
+
+    async def produce(tx: Documents) -> StoredReply:
+        results = await run_operations(core, req.operations, tx)
+        payload = orjson.dumps({"committed": True, "results": results})
+        return StoredReply(200, payload, {"Content-Type": JSON})
+
+    reply, replayed = await core.idempotent(key, fingerprint(request), produce, req.isolation)
+    response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _transaction_action(
+    request: web.Request, body: dict[str, Any], action: Any
+) -> web.Response:
+    core = request.app[CORE]
+    lim = core.limits
+    if action == "begin":
+        _only(body, {"action", "isolation"})
+        tx_id = await core.begin(owner(request), body.get("isolation"))
+        return json_response(
+            {
+                "transaction_id": tx_id,
+                "idle_timeout_seconds": lim.transaction_idle_timeout_seconds,
+                "max_lifetime_seconds": lim.transaction_max_lifetime_seconds,
+            },
+            201,
+        )
+    if action in ("commit", "rollback"):
+        _only(body, {"action", "transaction_id"})
+        ended = body.get("transaction_id")
+        if not isinstance(ended, str):
+            raise BadRequest("transaction_id is required", code="invalid_transaction")
+        if action == "commit":
+            await core.transactions.commit(ended, owner(request))
+            return json_response({"transaction_id": ended, "status": "committed"})
+        await core.transactions.rollback(ended, owner(request))
+        return json_response({"transaction_id": ended, "status": "rolled-back"})
+    raise BadRequest("action must be begin, commit or rollback", code="invalid_action")
+
+
+def _only(body: dict[str, Any], allowed: set[str]) -> None:
+    extra = set(body) - allowed
+    if extra:
+        raise BadRequest(
+            f"unknown field(s): {', '.join(sorted(extra))[:200]}", code="unknown_parameter"
+        )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -250,8 +417,10 @@ def build_app(
     app[CONFIG] = config
     app[CORE] = core
     app.cleanup_ctx.append(_backends_ctx)
+    app.cleanup_ctx.append(_housekeeping_ctx)
     r = app.router
     r.add_get("/api/db/health", health)
+    r.add_post("/api/db/transaction", transaction)
     r.add_post("/api/db/{collection}/query", query_documents)
     r.add_get("/api/db/{collection}/count", count_documents)
     r.add_post("/api/db/{collection}", create)
@@ -274,3 +443,27 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         for backend in started:
             await backend.close()
+
+
+async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The periodic tasks: transaction reaper and backend housekeeping; open transactions
+    are rolled back at shutdown."""
+    core = app[CORE]
+    reaper = asyncio.create_task(core.transactions.run_reaper())
+    upkeep = asyncio.create_task(_every(60.0, core.maintain))
+    try:
+        yield
+    finally:
+        for task in (reaper, upkeep):
+            task.cancel()
+        await asyncio.gather(reaper, upkeep, return_exceptions=True)
+        await core.transactions.close_all()
+
+
+async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await job()
+        except Exception:
+            log.exception("periodic job failed")
