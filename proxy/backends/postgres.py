@@ -699,10 +699,9 @@ class PostgresTransaction(_Documents):
             await self._release()
 
     async def _release(self) -> None:
-        try:
+        # a lost connection may already be detached from the pool
+        with contextlib.suppress(asyncpg.InterfaceError):
             await self._pool.release(self._conn)
-        except asyncpg.InterfaceError:
-            pass  # a lost connection was already detached from the pool
 
     async def _rollback_quietly(self) -> None:
         try:
