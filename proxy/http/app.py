@@ -196,7 +196,7 @@ async def execute(request: web.Request, op: Operation, *, write: bool) -> web.Re
     async def produce(tx: Documents) -> StoredReply:
         response = await op(tx)
         assert isinstance(response.body, bytes)
-        headers = {k: v for k, v in response.headers.items() if k in REPLAYED_HEADERS}
+        headers = {h: response.headers[h] for h in REPLAYED_HEADERS if h in response.headers}
         return StoredReply(response.status, response.body, headers)
 
     reply, replayed = await core.idempotent(key, fingerprint(request), produce)
