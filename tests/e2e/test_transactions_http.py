@@ -30,7 +30,7 @@ async def call(s: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tu
 async def test_fifty_concurrent_puts_with_same_etag_one_wins(pg_server: Server) -> None:
     base = f"{pg_server.url}/api/db/{coll()}"
     async with aiohttp.ClientSession() as s:
-        st, doc, _ = await call(s, "POST", base, json={"_id": "acct", "balance": 100})
+        st, _doc, _ = await call(s, "POST", base, json={"_id": "acct", "balance": 100})
         assert st == 201
         results = await asyncio.gather(
             *(
@@ -120,7 +120,7 @@ async def test_interactive_flow_over_http(pg_server: Server) -> None:
         assert st == 200
         st, page, _ = await call(s, "GET", base, headers=hdr)
         assert [d["n"] for d in page["items"]] == [2]
-        st, outside, _ = await call(s, "GET", f"{base}/t1")
+        st, _outside, _ = await call(s, "GET", f"{base}/t1")
         assert st == 404  # invisible until commit
         st, done, _ = await call(
             s, "POST", tx_url, json={"action": "commit", "transaction_id": begun["transaction_id"]}
@@ -217,7 +217,7 @@ async def test_commit_outcome_unknown_when_connection_dies_during_commit(
             assert st == 502 and err["error"]["code"] == "commit_outcome_unknown"
             # the sidecar recovers: new connections through the proxy work again
             for _ in range(20):
-                st, doc, _ = await call(s, "GET", f"{server.url}/api/db/{name}/maybe")
+                st, _doc, _ = await call(s, "GET", f"{server.url}/api/db/{name}/maybe")
                 if st in (200, 404):
                     break
                 await asyncio.sleep(0.1)
