@@ -67,7 +67,9 @@ def stored(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 @given(docs=strategies.document_lists(0, 8), flt=strategies.filters())
-def test_filter_agrees_with_reference(env: Env, docs: list[dict[str, Any]], flt: dict[str, Any]) -> None:
+def test_filter_agrees_with_reference(
+    env: Env, docs: list[dict[str, Any]], flt: dict[str, Any]
+) -> None:
     name = env.load(docs)
     expected = sorted(d["_id"] for d in docs if reference.matches(d, flt))
     got = sorted(d["_id"] for d in env.find(name, filter=flt))
@@ -106,7 +108,9 @@ def test_projection_agrees_with_reference(
 
 
 @given(doc=strategies.documents(), update=strategies.updates())
-def test_update_agrees_with_reference(env: Env, doc: dict[str, Any], update: dict[str, Any]) -> None:
+def test_update_agrees_with_reference(
+    env: Env, doc: dict[str, Any], update: dict[str, Any]
+) -> None:
     name = env.load([doc])
     try:
         expected = reference.apply_update(stored(doc), update)
@@ -126,7 +130,9 @@ def test_update_agrees_with_reference(env: Env, doc: dict[str, Any], update: dic
 
 @given(doc=strategies.documents(), patch=strategies.json_values(depth=3))
 def test_merge_patch_agrees_with_reference(env: Env, doc: dict[str, Any], patch: Any) -> None:
-    if not isinstance(patch, dict) or any(k in ("_id", "_version") or k.startswith("$") for k in patch):
+    if not isinstance(patch, dict) or any(
+        k in ("_id", "_version") or k.startswith("$") for k in patch
+    ):
         return
     name = env.load([doc])
     try:
