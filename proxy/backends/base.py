@@ -28,6 +28,8 @@ RESERVED = frozenset(
 
 
 def check_collection(name: str) -> str:
+    if name in _VALID:
+        return name
     if not COLLECTION_RE.fullmatch(name):
         raise InvalidCollection(
             "collection names must match ^[A-Za-z][A-Za-z0-9_]{0,62}$",
@@ -35,7 +37,12 @@ def check_collection(name: str) -> str:
         )
     if name in RESERVED:
         raise InvalidCollection(f"{name!r} is a reserved name", code="reserved_collection_name")
+    if len(_VALID) < 10_000:
+        _VALID.add(name)
     return name
+
+
+_VALID: set[str] = set()  # names already checked: the check runs once per name
 
 
 class Documents(Protocol):

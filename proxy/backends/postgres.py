@@ -139,6 +139,8 @@ class _Documents:
         self._schema_ident = f'"{schema}"'
         self.ids = ids
         self._known_tables = known_tables
+        self._table_names: dict[str, str] = {}
+        self._get_sql: dict[str, str] = {}
         self._command_timeout = limits.statement_timeout_seconds + 1.0
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
@@ -150,7 +152,13 @@ class _Documents:
     # -- tables ----------------------------------------------------------------------
 
     def _table(self, collection: str) -> str:
-        return f'{self._schema_ident}."{check_collection(collection)}"'
+        table = self._table_names.get(collection)
+        if table is None:
+            if len(self._table_names) > 10_000:
+                self._table_names.clear()
+            table = f'{self._schema_ident}."{check_collection(collection)}"'
+            self._table_names[collection] = table
+        return table
 
     async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
         if collection in self._known_tables:
@@ -234,7 +242,10 @@ class _Documents:
         return out
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
-        sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+        sql = self._get_sql.get(collection)
+        if sql is None:
+            sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+            self._get_sql[collection] = sql
         rows = await self._read(collection, sql, doc_id)
         if not rows:
             return None
@@ -484,17 +495,28 @@ class PostgresBackend(_Documents):
             raise translate(exc) from None
 
     async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
-        """Run a read; None when the collection has no table yet."""
+        """Run a read; None when the collection has no table yet. (The hot path: written
+        out instead of going through the ``_conn`` context manager.)"""
+        pool = self.pool
+        if pool is None:
+            raise Unavailable("the database pool is not open", retry_after=1)
         try:
-            async with self._conn() as conn:
-                rows: list[asyncpg.Record] = await conn.fetch(
-                    sql, *args, timeout=self._command_timeout
-                )
-                return rows
+            conn = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise PoolExhausted(
+                "no database connection became free in time", retry_after=1
+            ) from None
+        except Exception as exc:
+            raise translate(exc) from None
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args, timeout=self._command_timeout)
+            return rows
         except asyncpg.exceptions.UndefinedTableError:
             return None
         except Exception as exc:
             raise translate(exc) from None
+        finally:
+            await pool.release(conn)  # asyncpg shields the release from cancellation
 
     async def maintain(self) -> None:
         """Periodic housekeeping: forget expired idempotency keys."""
