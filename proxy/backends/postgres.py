@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from proxy import context
 from proxy.backends.base import check_collection
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
@@ -73,6 +74,20 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.CrashShutdownError,
 )
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
+_CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
+AUDIT_DDL = """
+CREATE TABLE IF NOT EXISTS {schema}._audit (
+  id bigserial PRIMARY KEY,
+  at timestamptz NOT NULL DEFAULT clock_timestamp(),
+  service text NOT NULL,
+  operation text NOT NULL,
+  collection text NOT NULL,
+  ids text[] NOT NULL,
+  request_id text NOT NULL,
+  outcome text NOT NULL DEFAULT 'committed'
+);
+CREATE INDEX IF NOT EXISTS _audit_at ON {schema}._audit (at);
+"""
 
 
 def translate(exc: BaseException) -> ProxyError:
@@ -130,7 +145,13 @@ class _Documents:
     backend and a pinned transaction provide them differently."""
 
     def __init__(
-        self, name: str, limits: Limits, schema: str, ids: IdGenerator, known_tables: set[str]
+        self,
+        name: str,
+        limits: Limits,
+        schema: str,
+        ids: IdGenerator,
+        known_tables: set[str],
+        audit: bool = True,
     ) -> None:
         check_collection(schema)
         self.name = name
@@ -139,6 +160,7 @@ class _Documents:
         self._schema_ident = f'"{schema}"'
         self.ids = ids
         self._known_tables = known_tables
+        self.audit = audit
         self._table_names: dict[str, str] = {}
         self._get_sql: dict[str, str] = {}
         self._command_timeout = limits.statement_timeout_seconds + 1.0
@@ -148,6 +170,23 @@ class _Documents:
 
     async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
         raise NotImplementedError
+
+    def _audited(self, sql: str, params: Params, operation: str, collection: str) -> str:
+        """Wrap a write (whose RETURNING ends with ``audit_id``) so its audit row is written
+        by the same statement: no change without its audit row, one round trip."""
+        if not self.audit:
+            return sql
+        ctx = context.current.get()
+        svc = params.add(ctx.service, "text")
+        op = params.add(operation, "text")
+        coll = params.add(collection, "text")
+        rid = params.add(ctx.request_id, "text")
+        return (
+            f"WITH w AS ({sql}), a AS (INSERT INTO {self._schema_ident}._audit "
+            "(service, operation, collection, ids, request_id) "
+            f"SELECT {svc}, {op}, {coll}, array_agg(w.audit_id), {rid} FROM w "
+            "HAVING count(*) > 0) SELECT * FROM w"
+        )
 
     # -- tables ----------------------------------------------------------------------
 
@@ -197,11 +236,15 @@ class _Documents:
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
         doc_id, body = self._prepare(doc)
-        sql = (
+        params = Params([doc_id, body.decode()])
+        sql = self._audited(
             f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
-            "VALUES ($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING 1"
+            "VALUES ($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING _id AS audit_id",
+            params,
+            "create",
+            collection,
         )
-        rows = await self._write(collection, sql, doc_id, body.decode())
+        rows = await self._write(collection, sql, *params.values)
         if not rows:
             raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
         return WriteResult(body, 1, created=True)
@@ -220,9 +263,11 @@ class _Documents:
             sql = (
                 f"INSERT INTO {self._table(collection)} (_id, doc, _version) "
                 "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d) "
-                "ON CONFLICT (_id) DO NOTHING RETURNING _id"
+                "ON CONFLICT (_id) DO NOTHING RETURNING _id AS audit_id"
             )
-            rows = await self._write(collection, sql, [p[0] for p in pairs], [p[1] for p in pairs])
+            params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
+            sql = self._audited(sql, params, "create", collection)
+            rows = await self._write(collection, sql, *params.values)
             inserted = {r[0] for r in rows}
         out: list[ItemResult] = []
         for p in prepared:
@@ -271,7 +316,7 @@ class _Documents:
                 f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
                 f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
                 f"ON CONFLICT (_id) DO UPDATE SET {set_clause} "
-                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created"
+                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created, t._id AS audit_id"
             )
         else:
             guard = ""
@@ -279,8 +324,9 @@ class _Documents:
                 guard = f" AND t._version = {params.add(if_match, 'bigint')}"
             sql = (
                 f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1{guard} "
-                "RETURNING t.doc::text, t._version, false"
+                "RETURNING t.doc::text, t._version, false, t._id AS audit_id"
             )
+        sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection)
         rows = await self._write(collection, sql, *params.values)
         if not rows:
             await self._explain_miss(collection, doc_id, if_match)
@@ -308,7 +354,13 @@ class _Documents:
     async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
         params = Params([doc_id])
         guard = f" AND _version = {params.add(if_match, 'bigint')}" if if_match is not None else ""
-        sql = f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} RETURNING _version"
+        sql = self._audited(
+            f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} "
+            "RETURNING _version, _id AS audit_id",
+            params,
+            "delete",
+            collection,
+        )
         rows = await self._read(collection, sql, *params.values)
         if not rows:
             await self._explain_miss(collection, doc_id, if_match)
@@ -361,8 +413,9 @@ class PostgresBackend(_Documents):
         *,
         schema: str = "dbproxy",
         ids: IdGenerator | None = None,
+        audit: bool = True,
     ) -> None:
-        super().__init__(config.name, limits, schema, ids or IdGenerator(), set())
+        super().__init__(config.name, limits, schema, ids or IdGenerator(), set(), audit)
         self.config = config
         self.pool: asyncpg.Pool | None = None
         self._acquire_timeout = config.pool_settings.timeout_seconds
@@ -406,6 +459,7 @@ class PostgresBackend(_Documents):
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
                 await conn.execute(HELPER_FUNCTIONS.format(schema=self._schema_ident))
+                await conn.execute(AUDIT_DDL.format(schema=self._schema_ident))
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._schema_ident}._idempotency ("
                     "key text PRIMARY KEY, fingerprint text NOT NULL, status int, "
@@ -518,6 +572,32 @@ class PostgresBackend(_Documents):
         finally:
             await pool.release(conn)  # asyncpg shields the release from cancellation
 
+    async def audit_log(
+        self,
+        *,
+        service: str | None = None,
+        collection: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Audit records, oldest first, filtered; times are Unix seconds."""
+        sql = (
+            "SELECT id, extract(epoch FROM at)::float8 AS at, service, operation, collection, "
+            f"ids, request_id, outcome FROM {self._schema_ident}._audit "
+            "WHERE ($1::text IS NULL OR service = $1) AND ($2::text IS NULL OR collection = $2) "
+            "AND ($3::float8 IS NULL OR at >= to_timestamp($3)) "
+            "AND ($4::float8 IS NULL OR at < to_timestamp($4)) "
+            "AND ($5::bigint IS NULL OR id > $5) ORDER BY id LIMIT $6"
+        )
+        async with self._conn() as conn:
+            try:
+                rows = await conn.fetch(sql, service, collection, since, until, after_id, limit)
+            except Exception as exc:
+                raise translate(exc) from None
+        return [dict(r) for r in rows]
+
     async def maintain(self) -> None:
         """Periodic housekeeping: forget expired idempotency keys."""
         async with self._conn() as conn:
@@ -574,8 +654,14 @@ class PostgresTransaction(_Documents):
         isolation: str,
     ) -> None:
         super().__init__(
-            backend.name, backend.limits, backend.schema, backend.ids, set(backend._known_tables)
+            backend.name,
+            backend.limits,
+            backend.schema,
+            backend.ids,
+            set(backend._known_tables),
+            backend.audit,
         )
+        self.wrote = False
         self._backend = backend
         self._pool = pool
         self._conn = conn
@@ -608,6 +694,7 @@ class PostgresTransaction(_Documents):
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._check_usable()
+        self.wrote = True
         try:
             await self._ensure_table(self._conn, collection)
             rows: list[asyncpg.Record] = await self._conn.fetch(
@@ -689,6 +776,15 @@ class PostgresTransaction(_Documents):
         Shielded: a client that goes away mid-commit cannot leave the connection half-done.
         """
         self._check_usable()
+        if self.audit and self.wrote:
+            ctx = context.current.get()
+            await self._run(
+                f"INSERT INTO {self._schema_ident}._audit "
+                "(service, operation, collection, ids, request_id) "
+                "VALUES ($1, 'transaction_commit', '*', '{}', $2)",
+                ctx.service,
+                ctx.request_id,
+            )
         self.closed = True
         await asyncio.shield(self._commit_and_release())
         self._backend._known_tables.update(self._known_tables)

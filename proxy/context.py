@@ -1,0 +1,22 @@
+"""The request context: who is asking and under which request id, carried to the adapters.
+
+Set once per request by the HTTP layer (or a test), read by the backends for the audit
+trail and per-service statement timeouts. A ContextVar, so concurrent requests on one
+event loop never see each other's context.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    service: str = "anonymous"
+    request_id: str = ""
+    statement_timeout: float | None = None  # a per-service cap below the global one
+
+
+ANONYMOUS = RequestContext()
+current: ContextVar[RequestContext] = ContextVar("dbproxy_request", default=ANONYMOUS)
