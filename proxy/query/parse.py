@@ -224,6 +224,8 @@ def _parse_operator(
     if op == "$regex":
         return _parse_regex(arg, ops.get("$options", ""), limits, at)
     if op == "$size":
+        if isinstance(arg, float) and arg.is_integer():
+            arg = int(arg)
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise InvalidQuery(f"$size needs a non-negative integer (at {at})")
         return Size(arg)
@@ -312,8 +314,10 @@ def _parse_all(arg: Any, limits: Limits, at: str) -> list[Pred]:
 
 
 def _parse_elem_match(arg: Any, limits: Limits, budget: _Budget, at: str) -> Pred:
-    if not isinstance(arg, dict) or not arg:
-        raise InvalidQuery(f"$elemMatch needs a non-empty object (at {at})")
+    if not isinstance(arg, dict):
+        raise InvalidQuery(f"$elemMatch needs an object (at {at})")
+    if not arg:  # document form matching any object element
+        return ElemMatch(None, MATCH_ALL)
     if _is_operator_object(arg, at) and not any(k in ("$and", "$or", "$nor") for k in arg):
         return ElemMatch(_parse_operators(arg, limits, budget, at), None)
     return ElemMatch(None, _parse_doc_filter(arg, limits, budget, at))
@@ -456,7 +460,7 @@ def _parse_update_op(op: str, path: Path, value: Any, limits: Limits) -> UpdateO
             raise LimitExceeded(f"${op} $each too long", code="in_list_too_long")
         return UpdateOp(op, path, items)
     if op == "pull":
-        if isinstance(value, dict) and value and all(k.startswith("$") for k in value):
+        if isinstance(value, dict) and _is_operator_object(value, path.dotted):
             return UpdateOp(op, path, _parse_operators(value, limits, _Budget(limits), path.dotted))
         return UpdateOp(op, path, value)
     if op == "rename":

@@ -14,20 +14,11 @@ from typing import Any
 import orjson
 
 from proxy.query.ast import (
-    And,
     Cmp,
     ElemMatch,
-    Eq,
-    Exists,
-    FieldCond,
     Filter,
     In,
-    Never,
-    Nor,
-    Not,
-    Or,
     Path,
-    Pred,
     Regex,
     Size,
     SortKey,
@@ -35,6 +26,8 @@ from proxy.query.ast import (
     Update,
     UpdateOp,
 )
+from proxy.query.common import TYPE_RANKS, FilterWalker, keyset_after
+from proxy.query.common import order_by as order_by  # re-exported for the backend
 
 PG_TYPES = {
     "null": "null",
@@ -50,8 +43,9 @@ PG_TYPES = {
 _NEWLINE_MODE = {"": "p", "m": "n", "s": "s", "ms": "w"}
 
 RANK_SQL = (
-    "CASE jsonb_typeof({x}) WHEN 'number' THEN 2 WHEN 'string' THEN 3 WHEN 'object' THEN 4 "
-    "WHEN 'array' THEN 5 WHEN 'boolean' THEN 6 ELSE 1 END"
+    "CASE jsonb_typeof({x}) "
+    + " ".join(f"WHEN '{PG_TYPES[t]}' THEN {r}" for t, r in TYPE_RANKS.items() if r > 1)
+    + " ELSE 1 END"
 )
 TEXT_KEY_SQL = (
     "COALESCE(CASE WHEN jsonb_typeof({x}) = 'string' THEN {x} #>> '{{}}' END, '') COLLATE \"C\""
@@ -83,26 +77,14 @@ class Params:
         return f"${len(self.values)}::{cast}"
 
 
-class FilterCompiler:
-    """Compiles a filter to a boolean SQL expression over a document expression."""
+class FilterCompiler(FilterWalker[str]):
+    """Compiles a filter to a boolean SQL expression over a jsonb document expression."""
 
     def __init__(self, params: Params) -> None:
         self.p = params
 
-    # -- entry ---------------------------------------------------------------------
-
     def where(self, flt: Filter, doc: str = "t.doc") -> str:
-        if isinstance(flt, FieldCond):
-            return self._field(flt, doc)
-        if isinstance(flt, And):
-            if not flt.children:
-                return "TRUE"
-            return "(" + " AND ".join(self.where(c, doc) for c in flt.children) + ")"
-        if isinstance(flt, Or):
-            return "(" + " OR ".join(self.where(c, doc) for c in flt.children) + ")"
-        if isinstance(flt, Nor):
-            return "NOT (" + " OR ".join(self.where(c, doc) for c in flt.children) + ")"
-        raise TypeError(f"not a filter node: {flt!r}")
+        return super().where(flt, doc)
 
     # -- paths ---------------------------------------------------------------------
 
@@ -138,38 +120,14 @@ class FilterCompiler:
             f"jsonb_array_elements(CASE WHEN jsonb_typeof(c0.v) = 'array' THEN c0.v END)) c(v)"
         )
 
-    # -- field conditions ------------------------------------------------------------
+    def row_value(self, alias: str) -> str:
+        return f"{alias}.v"
 
-    def _field(self, cond: FieldCond, doc: str) -> str:
-        parts = [self._pred(cond.path, pred, doc) for pred in cond.preds]
-        return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
+    def is_present(self, alias: str) -> str:
+        return f"{alias}.v IS NOT NULL"
 
-    def _pred(self, path: Path, pred: Pred, doc: str) -> str:
-        if isinstance(pred, Eq) and pred.value is not None:
-            return self._eq(path, pred.value, doc)
-        if isinstance(pred, Eq):  # null: a null or missing candidate, or no values at all
-            cands = self.candidates_sql(path, doc)
-            vals = self.values_sql(path, doc)
-            return (
-                f"(EXISTS (SELECT 1 FROM ({cands}) q WHERE q.v IS NULL OR q.v = 'null'::jsonb)"
-                f" OR NOT EXISTS ({vals}))"
-            )
-        if isinstance(pred, In):
-            return "(" + " OR ".join(self._pred(path, Eq(v), doc) for v in pred.values) + ")"
-        if isinstance(pred, Not):
-            inner = [self._pred(path, p, doc) for p in pred.preds]
-            return "NOT (" + " AND ".join(inner) + ")"
-        if isinstance(pred, Never):
-            return "FALSE"
-        if isinstance(pred, Exists):
-            vals = self.values_sql(path, doc)
-            test = f"EXISTS (SELECT 1 FROM ({vals}) q WHERE q.v IS NOT NULL)"
-            return test if pred.present else f"NOT {test}"
-        if isinstance(pred, Size | ElemMatch):  # on the values, not their elements
-            vals = self.values_sql(path, doc)
-            return f"EXISTS (SELECT 1 FROM ({vals}) q WHERE {self.value_test('q.v', pred)})"
-        cands = self.candidates_sql(path, doc)
-        return f"EXISTS (SELECT 1 FROM ({cands}) q WHERE {self.value_test('q.v', pred)})"
+    def is_null_or_missing(self, alias: str) -> str:
+        return f"{alias}.v IS NULL OR {alias}.v = 'null'::jsonb"
 
     def _eq(self, path: Path, value: Any, doc: str) -> str:
         if len(path.segments) == 1 and not isinstance(value, dict | list):
@@ -178,41 +136,30 @@ class FilterCompiler:
             a = self.p.add(jsonb({key: value}), "jsonb")
             b = self.p.add(jsonb({key: [value]}), "jsonb")
             return f"({doc} @> {a} OR {doc} @> {b})"
-        cands = self.candidates_sql(path, doc)
-        return f"EXISTS (SELECT 1 FROM ({cands}) q WHERE {self.value_test('q.v', Eq(value))})"
+        return super()._eq(path, value, doc)
 
     # -- tests on one value (a candidate or an $elemMatch element) ----------------------
 
-    def value_test(self, x: str, pred: Pred) -> str:
-        """A condition on the jsonb expression ``x`` (never MISSING); NULL counts as false."""
-        if isinstance(pred, Eq):
-            return f"{x} = {self.p.add(jsonb(pred.value), 'jsonb')}"
-        if isinstance(pred, Cmp):
-            return self._cmp(x, pred)
-        if isinstance(pred, In):
-            arr = self.p.add([jsonb(v) for v in pred.values], "jsonb[]")
-            return f"{x} = ANY({arr})"
-        if isinstance(pred, Not):
-            inner = " AND ".join(f"COALESCE({self.value_test(x, p)}, FALSE)" for p in pred.preds)
-            return f"NOT ({inner})"
-        if isinstance(pred, Never):
-            return "FALSE"
-        if isinstance(pred, Exists):
-            return "TRUE" if pred.present else "FALSE"
-        if isinstance(pred, TypeIs):
-            types = self.p.add([PG_TYPES[t] for t in pred.types], "text[]")
-            return f"jsonb_typeof({x}) = ANY({types})"
-        if isinstance(pred, Regex):
-            pat = self.p.add(regex_with_options(pred.pattern, pred.options), "text")
-            return f"(CASE WHEN jsonb_typeof({x}) = 'string' THEN ({x} #>> '{{}}') ~ {pat} END)"
-        if isinstance(pred, Size):
-            n = self.p.add(pred.n, "int")
-            return f"(CASE WHEN jsonb_typeof({x}) = 'array' THEN jsonb_array_length({x}) = {n} END)"
-        if isinstance(pred, ElemMatch):
-            return self._elem_match(x, pred)
-        raise TypeError(f"not a predicate: {pred!r}")
+    def test_eq(self, x: str, value: Any) -> str:
+        return f"{x} = {self.p.add(jsonb(value), 'jsonb')}"
 
-    def _cmp(self, x: str, pred: Cmp) -> str:
+    def test_in(self, x: str, pred: In) -> str:
+        arr = self.p.add([jsonb(v) for v in pred.values], "jsonb[]")
+        return f"{x} = ANY({arr})"
+
+    def test_type(self, x: str, pred: TypeIs) -> str:
+        types = self.p.add([PG_TYPES[t] for t in pred.types], "text[]")
+        return f"jsonb_typeof({x}) = ANY({types})"
+
+    def test_regex(self, x: str, pred: Regex) -> str:
+        pat = self.p.add(regex_with_options(pred.pattern, pred.options), "text")
+        return f"(CASE WHEN jsonb_typeof({x}) = 'string' THEN ({x} #>> '{{}}') ~ {pat} END)"
+
+    def test_size(self, x: str, pred: Size) -> str:
+        n = self.p.add(pred.n, "int")
+        return f"(CASE WHEN jsonb_typeof({x}) = 'array' THEN jsonb_array_length({x}) = {n} END)"
+
+    def test_cmp(self, x: str, pred: Cmp) -> str:
         op = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}[pred.op]
         v = pred.value
         if isinstance(v, str):
@@ -225,7 +172,7 @@ class FilterCompiler:
         j = self.p.add(jsonb(v), "jsonb")
         return f"(jsonb_typeof({x}) = '{kind}' AND {x} {op} {j})"
 
-    def _elem_match(self, x: str, pred: ElemMatch) -> str:
+    def test_elem_match(self, x: str, pred: ElemMatch) -> str:
         elements = f"jsonb_array_elements(CASE WHEN jsonb_typeof({x}) = 'array' THEN {x} END)"
         if pred.preds is not None:
             tests = " AND ".join(
@@ -255,10 +202,6 @@ def sort_exprs(
     return out
 
 
-def order_by(exprs: Sequence[tuple[str, bool]]) -> str:
-    return ", ".join(f"{e} DESC" if desc else e for e, desc in exprs)
-
-
 KEY_CASTS = ("int", "text", "jsonb")
 
 
@@ -269,13 +212,9 @@ def key_casts(n_sort_keys: int) -> list[str]:
 def after_cursor(exprs: Sequence[tuple[str, bool]], values: Sequence[Any], params: Params) -> str:
     """Rows strictly after the cursor row in the order of ``exprs`` (nested OR chain)."""
     casts = key_casts((len(exprs) - 1) // 3)
-    sql = ""
-    for (expr, desc), value, cast in reversed(list(zip(exprs, values, casts, strict=True))):
-        ph = params.add(value, cast)
-        op = "<" if desc else ">"
-        strict = f"{expr} {op} {ph}"
-        sql = strict if not sql else f"({strict} OR ({expr} = {ph} AND {sql}))"
-    return sql
+    if len(values) != len(exprs):
+        raise ValueError("one cursor value per sort expression")
+    return keyset_after(exprs, lambda i: params.add(values[i], casts[i]))
 
 
 # ---- updates --------------------------------------------------------------------------
@@ -310,24 +249,51 @@ class UpdateCompiler:
         keys = [self.p.add([s], "text[]") for s in segs]
         return self._set_rec(d, keys, value_sql, segs)
 
-    def _set_rec(self, d: str, keys: list[str], value_sql: str, segs: Sequence[str]) -> str:
+    def _set_rec(
+        self, d: str, keys: list[str], value_sql: str, segs: Sequence[str], depth: int = 0
+    ) -> str:
+        """One level of the path: ``d`` is bound once (a sub-select), so the SQL text grows
+        linearly with the path length. A numeric segment past an array's end pads the array
+        with nulls first (MongoDB's rule)."""
+        x = f"q{depth}.x"
         head = keys[0]
         if len(keys) == 1:
             inner = value_sql
         else:
-            child = f"COALESCE({d} #> {head}, '{{}}'::jsonb)"
-            inner = self._set_rec(child, keys[1:], value_sql, segs[1:])
+            child = f"COALESCE({x} #> {head}, '{{}}'::jsonb)"
+            inner = self._set_rec(child, keys[1:], value_sql, segs[1:], depth + 1)
+        target = x
+        if segs[0].isdigit():
+            idx = self.p.add(int(segs[0]), "int")
+            target = (
+                f"(CASE WHEN jsonb_typeof({x}) = 'array' AND jsonb_array_length({x}) < {idx} "
+                f"THEN {x} || (SELECT jsonb_agg('null'::jsonb) FROM generate_series(1, {idx} - "
+                f"jsonb_array_length({x}))) ELSE {x} END)"
+            )
         checked = (
-            f"CASE WHEN jsonb_typeof({d}) IN ('object', 'array') THEN {d} "
+            f"CASE WHEN jsonb_typeof({x}) IN ('object', 'array') THEN {target} "
             f"ELSE {self.fail}('cannot set a field inside a non-container value') END"
         )
-        return f"jsonb_set({checked}, {head}, {inner}, true)"
+        return f"(SELECT jsonb_set({checked}, {head}, {inner}, true) FROM (SELECT {d} AS x) q{depth})"
+
+    def _unset(self, d: str, path: Path) -> str:
+        """Remove a field; only when present (``#-`` raises on a non-index into an array).
+        An array element is set to null instead of removed (MongoDB's rule)."""
+        full = self._path(path)
+        if not path.segments[-1].isdigit():
+            return f"(CASE WHEN ({d} #> {full}) IS NULL THEN {d} ELSE {d} #- {full} END)"
+        parent = self.p.add(list(path.segments[:-1]), "text[]")
+        return (
+            f"(CASE WHEN ({d} #> {full}) IS NULL THEN {d} "
+            f"WHEN jsonb_typeof({d} #> {parent}) = 'array' THEN jsonb_set({d}, {full}, 'null') "
+            f"ELSE {d} #- {full} END)"
+        )
 
     def _op(self, op: UpdateOp, d: str) -> str:
         if op.op == "set":
             return self._set(d, op.path, self.p.add(jsonb(op.value), "jsonb"))
         if op.op == "unset":
-            return f"({d} #- {self._path(op.path)})"
+            return self._unset(d, op.path)
         if op.op == "rename":
             src = self._path(op.path)
             moved = self._set(f"({d} #- {src})", op.value, f"({d} #> {src})")
