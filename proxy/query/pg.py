@@ -274,7 +274,9 @@ class UpdateCompiler:
             f"CASE WHEN jsonb_typeof({x}) IN ('object', 'array') THEN {target} "
             f"ELSE {self.fail}('cannot set a field inside a non-container value') END"
         )
-        return f"(SELECT jsonb_set({checked}, {head}, {inner}, true) FROM (SELECT {d} AS x) q{depth})"
+        return (
+            f"(SELECT jsonb_set({checked}, {head}, {inner}, true) FROM (SELECT {d} AS x) q{depth})"
+        )
 
     def _unset(self, d: str, path: Path) -> str:
         """Remove a field; only when present (``#-`` raises on a non-index into an array).
