@@ -142,3 +142,29 @@ def test_merge_patch_agrees_with_reference(env: Env, doc: dict[str, Any], patch:
     expected = reference.merge_patch(stored(doc), patch)
     expected["_version"] = 2
     assert orjson.loads(result.body) == expected
+
+
+@st.composite
+def _docs_and_probe(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Documents plus a one-condition filter whose value is taken from one of them, so the
+    filter splits the documents (random filters mostly match all or nothing)."""
+    docs = draw(strategies.document_lists(2, 10))
+    doc = draw(st.sampled_from(docs))
+    path = draw(st.sampled_from(strategies.FILTER_PATHS))
+    found = [c for c in reference.candidates(doc, path) if c is not reference.MISSING]
+    value = draw(st.sampled_from(found)) if found else draw(strategies.scalars())
+    scalar = value is None or isinstance(value, str | int | float | bool)
+    ops = ["$eq", "$ne", "$in", "$nin"] + (["$gt", "$gte", "$lt", "$lte"] if scalar else [])
+    op = draw(st.sampled_from(ops))
+    arg = [value, draw(strategies.scalars())] if op in ("$in", "$nin") else value
+    return docs, {path: {op: arg}}
+
+
+@given(case=_docs_and_probe())
+def test_value_probes_agree_with_reference(
+    env: Env, case: tuple[list[dict[str, Any]], dict[str, Any]]
+) -> None:
+    docs, flt = case
+    name = env.load(docs)
+    expected = sorted(d["_id"] for d in docs if reference.matches(d, flt))
+    assert sorted(d["_id"] for d in env.find(name, filter=flt)) == expected, flt
