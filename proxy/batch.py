@@ -15,6 +15,7 @@ import orjson
 
 from proxy.backends.base import Documents
 from proxy.errors import BadRequest, LimitExceeded, ProxyError
+from proxy.guard import OPEN, Caller
 from proxy.ops import ItemResult, WriteResult
 
 if TYPE_CHECKING:
@@ -137,14 +138,16 @@ class _Results:
         return doc
 
 
-async def run_operations(core: Core, ops: list[dict[str, Any]], tx: Documents) -> list[Any]:
+async def run_operations(
+    core: Core, ops: list[dict[str, Any]], tx: Documents, caller: Caller = OPEN
+) -> list[Any]:
     """Run the operations in order on ``tx``; the first failure raises, naming its index."""
     results = _Results()
     out: list[Any] = []
     for i, raw in enumerate(ops):
         op = {k: results.resolve(v, i) if k != "op" else v for k, v in raw.items()}
         try:
-            reply, doc = await _RUNNERS[op["op"]](core, op, tx)
+            reply, doc = await _RUNNERS[op["op"]](core, op, tx, caller)
         except ProxyError as err:
             err.details = {**err.details, "operation": i, "op": op["op"]}
             err.message = f"operation {i} ({op['op']}): {err.message}"
@@ -159,23 +162,31 @@ def _doc_reply(result: WriteResult, status: int = 200) -> tuple[dict[str, Any], 
 
 
 Runner = Callable[
-    ["Core", dict[str, Any], Documents], Awaitable[tuple[dict[str, Any], bytes | None]]
+    ["Core", dict[str, Any], Documents, Caller],
+    Awaitable[tuple[dict[str, Any], bytes | None]],
 ]
 
 
-async def _create(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], bytes]:
+async def _create(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], bytes]:
     if not isinstance(op["document"], dict):
         raise BadRequest("document must be an object", code="invalid_document")
-    result = await core.create(op["collection"], op["document"], target=tx)
+    result = await core.create(op["collection"], op["document"], target=tx, caller=caller)
     assert not isinstance(result, list | ItemResult)
     return _doc_reply(result, 201)
 
 
-async def _get(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], bytes]:
-    return _doc_reply(await core.get(op["collection"], op["id"], op.get("fields"), target=tx))
+async def _get(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], bytes]:
+    result = await core.get(op["collection"], op["id"], op.get("fields"), tx, caller)
+    return _doc_reply(result)
 
 
-async def _replace(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], bytes]:
+async def _replace(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], bytes]:
     body = op.get("document", op.get("update"))
     if op["op"] == "update" and not (
         isinstance(body, dict) and all(k.startswith("$") for k in body)
@@ -190,31 +201,43 @@ async def _replace(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[
         upsert=op.get("upsert") is True,
         if_match=_if_match(op),
         target=tx,
+        caller=caller,
     )
     return _doc_reply(result, 201 if result.created else 200)
 
 
-async def _patch(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], bytes]:
+async def _patch(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], bytes]:
     result = await core.merge_patch(
-        op["collection"], op["id"], op["patch"], if_match=_if_match(op), target=tx
+        op["collection"], op["id"], op["patch"], if_match=_if_match(op), target=tx, caller=caller
     )
     return _doc_reply(result)
 
 
-async def _delete(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], None]:
-    version = await core.delete(op["collection"], op["id"], if_match=_if_match(op), target=tx)
+async def _delete(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], None]:
+    version = await core.delete(
+        op["collection"], op["id"], if_match=_if_match(op), target=tx, caller=caller
+    )
     return {"status": 200, "deleted": True, "_id": op["id"], "_version": version}, None
 
 
-async def _query(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], None]:
+async def _query(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], None]:
     spec = core.find_spec({k: op[k] for k in FIND_FIELDS if k in op}, from_url=False)
-    page = await core.find(op["collection"], spec, target=tx)
+    page = await core.find(op["collection"], spec, tx, caller)
     items = [orjson.Fragment(b) for b in page.items]
     return {"status": 200, "items": items, "next": page.next}, None
 
 
-async def _count(core: Core, op: dict[str, Any], tx: Documents) -> tuple[dict[str, Any], None]:
-    return {"status": 200, "count": await core.count(op["collection"], op.get("filter"), tx)}, None
+async def _count(
+    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+) -> tuple[dict[str, Any], None]:
+    n = await core.count(op["collection"], op.get("filter"), tx, caller)
+    return {"status": 200, "count": n}, None
 
 
 def _if_match(op: dict[str, Any]) -> int | None:

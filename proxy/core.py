@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import orjson
 
+from proxy import guard
 from proxy.backends.base import Backend, Documents, Transaction, check_collection
 from proxy.batch import parse_batch, parse_isolation, run_operations
 from proxy.config import Config
-from proxy.errors import BadRequest, LimitExceeded, NotFound, ProxyError
+from proxy.errors import BadRequest, Forbidden, LimitExceeded, NotFound, ProxyError
+from proxy.guard import OPEN, Caller, Gatekeeper
 from proxy.ops import (
     Change,
     FindSpec,
@@ -25,7 +28,8 @@ from proxy.ops import (
     build_find_spec,
     check_id,
 )
-from proxy.query.parse import is_update_document, parse_filter, parse_update
+from proxy.query.ast import And, Eq, FieldCond, Path
+from proxy.query.parse import is_update_document, parse_fields, parse_filter, parse_update
 from proxy.query.project import project
 from proxy.transactions import TransactionRegistry
 
@@ -39,8 +43,15 @@ SYSTEM_FIELDS = ("_id", "_version")
 class Core:
     """Runs document operations against the configured backends."""
 
-    def __init__(self, config: Config, backends: Mapping[str, Backend], default: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        backends: Mapping[str, Backend],
+        default: str,
+        gate: Gatekeeper | None = None,
+    ) -> None:
         self.config = config
+        self.gate = gate or Gatekeeper(None)
         self.limits = config.limits
         self.backends = dict(backends)
         self.default = default
@@ -61,9 +72,15 @@ class Core:
     # -- writes ----------------------------------------------------------------------
 
     async def create(
-        self, collection: str, body: Any, target: Documents | None = None
+        self,
+        collection: str,
+        body: Any,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
     ) -> WriteResult | list[ItemResult]:
         check_collection(collection)
+        guard.authorize(caller, collection, "create")
+        self._in_transaction(caller, collection, target)
         docs = target or self.backend()
         if isinstance(body, list):
             if not body:
@@ -73,19 +90,24 @@ class Core:
                     f"at most {self.limits.max_batch_items} documents per request",
                     code="batch_too_large",
                 )
-            return await self._create_many(collection, body, docs)
-        return await docs.insert_one(collection, self._new_document(body))
+            await self.gate.admit(caller, "create", cost_units=len(body))
+            return await self._create_many(collection, body, docs, caller)
+        await self.gate.admit(caller, "create")
+        doc = self._new_document(body, collection, caller)
+        return self._visible(caller, collection, await docs.insert_one(collection, doc))
 
     async def _create_many(
-        self, collection: str, body: list[Any], docs_target: Documents
+        self, collection: str, body: list[Any], docs_target: Documents, caller: Caller
     ) -> list[ItemResult]:
         docs: list[dict[str, Any]] = []
         slots: list[ItemResult | None] = []
         for item in body:
             try:
-                docs.append(self._new_document(item))
+                docs.append(self._new_document(item, collection, caller))
                 slots.append(None)
             except ProxyError as err:
+                if err.status == 403:  # a forbidden item refuses the whole request
+                    raise
                 item_id = item.get("_id") if isinstance(item, dict) else None
                 slots.append(
                     ItemResult(
@@ -97,12 +119,15 @@ class Core:
         results = iter(await docs_target.insert_many(collection, docs) if docs else [])
         return [slot if slot is not None else next(results) for slot in slots]
 
-    def _new_document(self, body: Any) -> dict[str, Any]:
+    def _new_document(self, body: Any, collection: str, caller: Caller) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise BadRequest("a document must be a JSON object", code="invalid_document")
         if "_id" in body:
             check_id(body["_id"])
         _check_keys(body)
+        if caller.policy is not None:
+            guard.check_document_writable(caller, collection, body)
+            guard.check_row_document(caller, collection, body)
         return {k: v for k, v in body.items() if k != "_version"}
 
     async def replace_or_update(
@@ -114,20 +139,38 @@ class Core:
         upsert: bool = False,
         if_match: int | None = None,
         target: Documents | None = None,
+        caller: Caller = OPEN,
     ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
+        guard.authorize(caller, collection, "update")
+        if upsert:
+            guard.authorize(caller, collection, "create")
+        self._in_transaction(caller, collection, target)
         change: Change
         if is_update_document(body):
-            change = Modify(parse_update(body, self.limits))
+            update = parse_update(body, self.limits)
+            if caller.policy is not None:
+                guard.check_update_writable(caller, collection, update)
+                guard.check_row_update(caller, collection, update, upsert)
+            change = Modify(update)
         else:
-            change = Replace(self._replacement(body, doc_id))
-        return await (target or self.backend()).change(
-            collection, doc_id, change, upsert=upsert, if_match=if_match
+            change = Replace(self._replacement(body, doc_id, collection, caller))
+        await self.gate.admit(caller, "update")
+        result = await (target or self.backend()).change(
+            collection,
+            doc_id,
+            change,
+            upsert=upsert,
+            if_match=if_match,
+            guard=guard.row_guard(caller, collection),
         )
+        return self._visible(caller, collection, result)
 
-    def _replacement(self, body: Any, doc_id: str) -> dict[str, Any]:
-        doc = self._new_document(body)
+    def _replacement(
+        self, body: Any, doc_id: str, collection: str, caller: Caller
+    ) -> dict[str, Any]:
+        doc = self._new_document(body, collection, caller)
         if doc.pop("_id", doc_id) != doc_id:
             raise BadRequest("the body's _id differs from the URL's", code="id_mismatch")
         return doc
@@ -140,9 +183,12 @@ class Core:
         *,
         if_match: int | None = None,
         target: Documents | None = None,
+        caller: Caller = OPEN,
     ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
+        guard.authorize(caller, collection, "update")
+        self._in_transaction(caller, collection, target)
         if not isinstance(body, dict):
             raise BadRequest("a merge patch must be a JSON object", code="invalid_patch")
         for key in SYSTEM_FIELDS:
@@ -150,9 +196,18 @@ class Core:
                 raise BadRequest(f"a merge patch cannot change {key}", code="immutable_field")
         patch = {k: v for k, v in body.items() if k not in SYSTEM_FIELDS}
         _check_keys(patch)
-        return await (target or self.backend()).change(
-            collection, doc_id, MergePatch(patch), if_match=if_match
+        if caller.policy is not None:
+            guard.check_document_writable(caller, collection, patch)
+            guard.check_row_patch(caller, collection, patch)
+        await self.gate.admit(caller, "update")
+        result = await (target or self.backend()).change(
+            collection,
+            doc_id,
+            MergePatch(patch),
+            if_match=if_match,
+            guard=guard.row_guard(caller, collection),
         )
+        return self._visible(caller, collection, result)
 
     async def delete(
         self,
@@ -161,55 +216,161 @@ class Core:
         *,
         if_match: int | None = None,
         target: Documents | None = None,
+        caller: Caller = OPEN,
     ) -> int:
         check_collection(collection)
         check_id(doc_id)
-        return await (target or self.backend()).delete(collection, doc_id, if_match=if_match)
+        guard.authorize(caller, collection, "delete")
+        self._in_transaction(caller, collection, target)
+        await self.gate.admit(caller, "delete")
+        return await (target or self.backend()).delete(
+            collection, doc_id, if_match=if_match, guard=guard.row_guard(caller, collection)
+        )
 
     # -- reads -----------------------------------------------------------------------
 
     async def get(
-        self, collection: str, doc_id: str, fields: Any = None, target: Documents | None = None
+        self,
+        collection: str,
+        doc_id: str,
+        fields: Any = None,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
     ) -> WriteResult:
         check_collection(collection)
         check_id(doc_id)
+        if caller.policy is not None:
+            return await self._get_guarded(collection, doc_id, fields, target, caller)
         found = await (target or self.backend()).get(collection, doc_id)
         if found is None:
             raise NotFound("no document with this _id", details={"_id": doc_id})
         if fields:
-            spec = build_find_spec({"fields": fields}, self.limits, from_url=True)
-            assert spec.fields is not None
-            body = orjson.dumps(project(orjson.loads(found.body), spec.fields))
+            paths = parse_fields(fields, self.limits)
+            assert paths is not None
+            body = orjson.dumps(project(orjson.loads(found.body), paths))
             return WriteResult(body, found.version)
         return found
+
+    async def _get_guarded(
+        self,
+        collection: str,
+        doc_id: str,
+        fields: Any,
+        target: Documents | None,
+        caller: Caller,
+    ) -> WriteResult:
+        """By id under a policy: row rules join the lookup (a row outside them is simply
+        not found), and only readable fields come back."""
+        guard.authorize(caller, collection, "read")
+        self._in_transaction(caller, collection, target)
+        paths = parse_fields(fields, self.limits)
+        guard.check_fields_readable(caller, collection, paths)
+        await self.gate.admit(caller, "read")
+        rows = guard.row_guard(caller, collection)
+        docs = target or self.backend()
+        if rows is None:
+            found = await docs.get(collection, doc_id)
+        else:
+            by_id = FieldCond(Path(("_id",)), (Eq(doc_id),))
+            page = await docs.find(collection, FindSpec(filter=And((by_id, rows)), limit=1))
+            found = WriteResult(page.items[0], 0) if page.items else None
+            if found is not None:
+                found = WriteResult(found.body, int(orjson.loads(found.body)["_version"]))
+        if found is None:
+            raise NotFound("no document with this _id", details={"_id": doc_id})
+        doc = guard.visible(caller, collection, orjson.loads(found.body))
+        if paths:
+            doc = project(doc, paths)
+        return WriteResult(orjson.dumps(doc), found.version)
 
     def find_spec(self, raw: Mapping[str, Any], *, from_url: bool) -> FindSpec:
         return build_find_spec(raw, self.limits, from_url=from_url)
 
-    async def find(self, collection: str, spec: FindSpec, target: Documents | None = None) -> Page:
+    async def find(
+        self,
+        collection: str,
+        spec: FindSpec,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> Page:
         check_collection(collection)
+        if caller.policy is not None:
+            guard.authorize(caller, collection, "list")
+            self._in_transaction(caller, collection, target)
+            guard.check_filter_readable(caller, collection, spec.filter)
+            guard.check_sort_readable(caller, collection, spec.sort)
+            guard.check_fields_readable(caller, collection, spec.fields)
+            guard.check_row_limit(self.gate, caller, spec.limit)
+            await self.gate.admit(caller, "list", rows=spec.limit)
+            rows = guard.row_guard(caller, collection)
+            if rows is not None:
+                spec = replace(spec, filter=And((spec.filter, rows)))
         page = await (target or self.backend()).find(collection, spec)
-        if spec.fields is None:
+        if spec.fields is None and guard.readable_rule(caller, collection) is None:
             return page
         fields = spec.fields
-        return Page([orjson.dumps(project(orjson.loads(b), fields)) for b in page.items], page.next)
+        items = []
+        for raw in page.items:
+            doc = guard.visible(caller, collection, orjson.loads(raw))
+            items.append(orjson.dumps(project(doc, fields) if fields else doc))
+        return Page(items, page.next)
 
-    async def count(self, collection: str, raw_filter: Any, target: Documents | None = None) -> int:
+    async def count(
+        self,
+        collection: str,
+        raw_filter: Any,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> int:
         check_collection(collection)
         flt = parse_filter(raw_filter, self.limits)
+        if caller.policy is not None:
+            guard.authorize(caller, collection, "count")
+            self._in_transaction(caller, collection, target)
+            guard.check_filter_readable(caller, collection, flt)
+            await self.gate.admit(caller, "count")
+            rows = guard.row_guard(caller, collection)
+            if rows is not None:
+                flt = And((flt, rows))
         return await (target or self.backend()).count(collection, flt)
+
+    # -- policy helpers ----------------------------------------------------------------
+
+    def _visible(self, caller: Caller, collection: str, result: WriteResult) -> WriteResult:
+        if guard.readable_rule(caller, collection) is None:
+            return result
+        doc = guard.visible(caller, collection, orjson.loads(result.body))
+        return WriteResult(orjson.dumps(doc), result.version, result.created)
+
+    @staticmethod
+    def _in_transaction(caller: Caller, collection: str, target: Documents | None) -> None:
+        """Inside a transaction every collection touched needs the transaction grant too."""
+        if target is not None and caller.policy is not None:
+            guard.authorize(caller, collection, "transaction")
 
     # -- transactions ------------------------------------------------------------------
 
-    async def begin(self, owner: str, isolation: Any = None) -> str:
-        entry = await self.transactions.begin(self.backend(), parse_isolation(isolation), owner)
+    async def begin(self, caller: Caller, isolation: Any = None) -> str:
+        """Open an interactive transaction owned by the caller's service."""
+        policy = caller.policy
+        if policy is not None and not any("transaction" in g.operations for g in policy.grants):
+            raise Forbidden(
+                "service may not run transactions",
+                code="permission_denied",
+                details={"missing": {"operation": "transaction", "collection": "*"}},
+            )
+        await self.gate.admit(caller, "transaction")
+        entry = await self.transactions.begin(
+            self.backend(), parse_isolation(isolation), caller.service
+        )
         return entry.id
 
-    async def run_batch(self, body: Any) -> list[Any]:
+    async def run_batch(self, body: Any, caller: Caller = OPEN) -> list[Any]:
         """All or nothing: every operation's result, or the first failure (rolled back)."""
         req = parse_batch(body, self.limits.max_transaction_operations)
+        await self.gate.admit(caller, "transaction", cost_units=len(req.operations))
         return await self.transact(
-            req.isolation, lambda tx: run_operations(self, req.operations, tx)
+            req.isolation, lambda tx: run_operations(self, req.operations, tx, caller)
         )
 
     async def transact(self, isolation: str, work: Callable[[Transaction], Awaitable[T]]) -> T:

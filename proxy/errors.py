@@ -25,6 +25,7 @@ class ProxyError(Exception):
         details: dict[str, Any] | None = None,
         retry_after: float | None = None,
         retryable: bool | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -32,6 +33,7 @@ class ProxyError(Exception):
             self.code = code
         self.details = details or {}
         self.retry_after = retry_after
+        self.headers = headers or {}
         if retryable is not None:
             self.retryable = retryable
 

@@ -65,9 +65,17 @@ class Documents(Protocol):
         *,
         upsert: bool = False,
         if_match: int | None = None,
+        guard: Filter | None = None,
     ) -> WriteResult: ...
 
-    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int: ...
+    async def delete(
+        self,
+        collection: str,
+        doc_id: str,
+        *,
+        if_match: int | None = None,
+        guard: Filter | None = None,
+    ) -> int: ...
 
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 

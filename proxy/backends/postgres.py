@@ -304,34 +304,48 @@ class _Documents:
         *,
         upsert: bool = False,
         if_match: int | None = None,
+        guard: Filter | None = None,
     ) -> WriteResult:
+        """Replace, update or patch one document in one statement. ``guard`` (row rules)
+        must hold for the stored document, else it counts as not found."""
         table = self._table(collection)
         params = Params([doc_id])
         new_doc = self._new_doc_sql(change, params, "t.doc")
         bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
         set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
+        conds = self._conditions(params, if_match, guard)
         if upsert and if_match is None:
             first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            where = f" WHERE {conds}" if conds else ""
             sql = (
                 f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
                 f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
-                f"ON CONFLICT (_id) DO UPDATE SET {set_clause} "
+                f"ON CONFLICT (_id) DO UPDATE SET {set_clause}{where} "
                 "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created, t._id AS audit_id"
             )
         else:
-            guard = ""
-            if if_match is not None:
-                guard = f" AND t._version = {params.add(if_match, 'bigint')}"
             sql = (
-                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1{guard} "
+                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1"
+                f"{' AND ' + conds if conds else ''} "
                 "RETURNING t.doc::text, t._version, false, t._id AS audit_id"
             )
         sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection)
         rows = await self._write(collection, sql, *params.values)
         if not rows:
-            await self._explain_miss(collection, doc_id, if_match)
+            if upsert and if_match is None:  # the row exists, outside the caller's rows
+                raise DuplicateId("a document with this _id exists", details={"_id": doc_id})
+            await self._explain_miss(collection, doc_id, if_match, guard)
         row = rows[0]
         return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    @staticmethod
+    def _conditions(params: Params, if_match: int | None, guard: Filter | None) -> str:
+        parts = []
+        if if_match is not None:
+            parts.append(f"t._version = {params.add(if_match, 'bigint')}")
+        if guard is not None:
+            parts.append(FilterCompiler(params).where(guard))
+        return " AND ".join(parts)
 
     def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
         if isinstance(change, Replace):
@@ -343,27 +357,45 @@ class _Documents:
         ph = params.add(orjson.dumps(change.patch).decode(), "jsonb")
         return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
 
-    async def _explain_miss(self, collection: str, doc_id: str, if_match: int | None) -> None:
-        """A write matched no row: say whether the document is missing or the version moved."""
-        if if_match is not None and await self.get(collection, doc_id) is not None:
+    async def _explain_miss(
+        self, collection: str, doc_id: str, if_match: int | None, guard: Filter | None = None
+    ) -> None:
+        """A write matched no row: say whether the document is missing (or outside the
+        caller's rows: the same answer) or its version moved."""
+        if if_match is not None and await self._visible_version(collection, doc_id, guard):
             raise PreconditionFailed(
                 "the document's version does not match If-Match", code="version_mismatch"
             )
         raise NotFound("no document with this _id", details={"_id": doc_id})
 
-    async def delete(self, collection: str, doc_id: str, *, if_match: int | None = None) -> int:
+    async def _visible_version(self, collection: str, doc_id: str, guard: Filter | None) -> bool:
+        if guard is None:
+            return await self.get(collection, doc_id) is not None
         params = Params([doc_id])
-        guard = f" AND _version = {params.add(if_match, 'bigint')}" if if_match is not None else ""
+        where = FilterCompiler(params).where(guard)
+        sql = f"SELECT 1 FROM {self._table(collection)} t WHERE t._id = $1 AND {where}"
+        return bool(await self._read(collection, sql, *params.values))
+
+    async def delete(
+        self,
+        collection: str,
+        doc_id: str,
+        *,
+        if_match: int | None = None,
+        guard: Filter | None = None,
+    ) -> int:
+        params = Params([doc_id])
+        conds = self._conditions(params, if_match, guard)
         sql = self._audited(
-            f"DELETE FROM {self._table(collection)} WHERE _id = $1{guard} "
-            "RETURNING _version, _id AS audit_id",
+            f"DELETE FROM {self._table(collection)} t WHERE t._id = $1"
+            f"{' AND ' + conds if conds else ''} RETURNING t._version, t._id AS audit_id",
             params,
             "delete",
             collection,
         )
         rows = await self._read(collection, sql, *params.values)
         if not rows:
-            await self._explain_miss(collection, doc_id, if_match)
+            await self._explain_miss(collection, doc_id, if_match, guard)
             raise AssertionError("unreachable")
         return int(rows[0][0])
 

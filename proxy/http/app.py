@@ -12,9 +12,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import context
 from proxy.backends.base import Documents
 from proxy.batch import parse_batch, run_operations
 from proxy.config import Config
+from proxy.context import RequestContext
 from proxy.core import Core
 from proxy.errors import (
     BadRequest,
@@ -25,15 +27,16 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
+from proxy.guard import OPEN, Caller
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
 
 log = logging.getLogger(__name__)
 
 CORE: web.AppKey[Core] = web.AppKey("core", Core)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-REQUEST_ID = "request_id"
-RAW_BODY = "raw_body"
-SERVICE = "service"
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
+RAW_BODY: web.RequestKey[bytes] = web.RequestKey("raw_body", bytes)
+CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -45,7 +48,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _error_response(err: ProxyError, request_id: str) -> web.Response:
     body = err.to_dict()
     body["request_id"] = request_id
-    headers = {"X-Request-Id": request_id}
+    headers = {"X-Request-Id": request_id, **err.headers}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(err.retry_after)))
     return web.Response(
@@ -85,6 +88,30 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         return _error_response(InternalError("internal error"), rid)
     response.headers["X-Request-Id"] = rid
     return response
+
+
+OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})
+
+
+@web.middleware
+async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Who is asking (sidecar service, bearer token, or open mode), the request context the
+    adapters see, and the service's in-flight cap."""
+    gate = request.app[CORE].gate
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    caller = gate.identify(request.headers)
+    request[CALLER] = caller
+    context.current.set(
+        RequestContext(caller.service, request[REQUEST_ID], gate.statement_timeout(caller))
+    )
+    with gate.in_flight(caller):
+        return await handler(request)
+
+
+def caller_of(request: web.Request) -> Caller:
+    caller: Caller = request.get(CALLER, OPEN)
+    return caller
 
 
 # ---- request decoding -------------------------------------------------------------------
@@ -169,8 +196,7 @@ def bulk_response(results: list[ItemResult]) -> web.Response:
 
 def owner(request: web.Request) -> str:
     """Who is asking: transactions are bound to it."""
-    service = request.get(SERVICE)
-    return service if isinstance(service, str) else "anonymous"
+    return caller_of(request).service
 
 
 Operation = Callable[[Documents | None], Awaitable[web.Response]]
@@ -228,8 +254,10 @@ async def create(request: web.Request) -> web.Response:
     collection = request.match_info["collection"]
     body = await read_json(request)
 
+    caller = caller_of(request)
+
     async def op(target: Documents | None) -> web.Response:
-        result = await core.create(collection, body, target)
+        result = await core.create(collection, body, target, caller)
         if isinstance(result, list):
             return bulk_response(result)
         return document_response(result, 201)
@@ -241,12 +269,13 @@ async def get_one(request: web.Request) -> web.Response:
     core = request.app[CORE]
     m = request.match_info
     fields = request.query.get("fields")
+    caller = caller_of(request)
 
     async def op(target: Documents | None) -> web.Response:
-        return document_response(await core.get(m["collection"], m["id"], fields, target))
+        return document_response(await core.get(m["collection"], m["id"], fields, target, caller))
 
     if "X-Transaction-Id" not in request.headers:  # the hot path: no closure dispatch
-        return document_response(await core.get(m["collection"], m["id"], fields))
+        return document_response(await core.get(m["collection"], m["id"], fields, None, caller))
     return await execute(request, op, write=False)
 
 
@@ -258,7 +287,13 @@ async def put_one(request: web.Request) -> web.Response:
 
     async def op(target: Documents | None) -> web.Response:
         result = await core.replace_or_update(
-            m["collection"], m["id"], body, upsert=upsert, if_match=match, target=target
+            m["collection"],
+            m["id"],
+            body,
+            upsert=upsert,
+            if_match=match,
+            target=target,
+            caller=caller_of(request),
         )
         return document_response(result, 201 if result.created else 200)
 
@@ -273,7 +308,12 @@ async def patch_one(request: web.Request) -> web.Response:
 
     async def op(target: Documents | None) -> web.Response:
         result = await core.merge_patch(
-            m["collection"], m["id"], body, if_match=match, target=target
+            m["collection"],
+            m["id"],
+            body,
+            if_match=match,
+            target=target,
+            caller=caller_of(request),
         )
         return document_response(result)
 
@@ -286,7 +326,9 @@ async def delete_one(request: web.Request) -> web.Response:
     match = if_match(request)
 
     async def op(target: Documents | None) -> web.Response:
-        version = await core.delete(m["collection"], m["id"], if_match=match, target=target)
+        version = await core.delete(
+            m["collection"], m["id"], if_match=match, target=target, caller=caller_of(request)
+        )
         return json_response({"deleted": True, "_id": m["id"], "_version": version})
 
     return await execute(request, op, write=True)
@@ -303,7 +345,7 @@ async def _find(request: web.Request, spec: FindSpec) -> web.Response:
     collection = request.match_info["collection"]
 
     async def op(target: Documents | None) -> web.Response:
-        page = await core.find(collection, spec, target)
+        page = await core.find(collection, spec, target, caller_of(request))
         return page_response(page.items, page.next)
 
     return await execute(request, op, write=False)
@@ -329,7 +371,8 @@ async def count_documents(request: web.Request) -> web.Response:
     collection = request.match_info["collection"]
 
     async def op(target: Documents | None) -> web.Response:
-        return json_response({"count": await core.count(collection, flt, target)})
+        n = await core.count(collection, flt, target, caller_of(request))
+        return json_response({"count": n})
 
     return await execute(request, op, write=False)
 
@@ -345,12 +388,15 @@ async def transaction(request: web.Request) -> web.Response:
         raise BadRequest("a batch cannot run inside another transaction", code="nested_transaction")
     key = request.headers.get("Idempotency-Key")
     if key is None:
-        results = await core.run_batch(body)
+        results = await core.run_batch(body, caller_of(request))
         return json_response({"committed": True, "results": results})
     req = parse_batch(body, core.limits.max_transaction_operations)
 
+    caller = caller_of(request)
+    await core.gate.admit(caller, "transaction", cost_units=len(req.operations))
+
     async def produce(tx: Documents) -> StoredReply:
-        results = await run_operations(core, req.operations, tx)
+        results = await run_operations(core, req.operations, tx, caller)
         payload = orjson.dumps({"committed": True, "results": results})
         return StoredReply(200, payload, {"Content-Type": JSON})
 
@@ -368,7 +414,7 @@ async def _transaction_action(
     lim = core.limits
     if action == "begin":
         _only(body, {"action", "isolation"})
-        tx_id = await core.begin(owner(request), body.get("isolation"))
+        tx_id = await core.begin(caller_of(request), body.get("isolation"))
         return json_response(
             {
                 "transaction_id": tx_id,
@@ -410,7 +456,7 @@ def build_app(
     config: Config, core: Core, extra_ctx: Mapping[str, Any] | None = None
 ) -> web.Application:
     app = web.Application(
-        middlewares=[envelope],
+        middlewares=[envelope, identity],
         client_max_size=config.limits.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from proxy.config import Limits
 from proxy.core import Core
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError, Unavailable, Unprocessable
+from proxy.guard import Caller
 from proxy.ops import StoredReply
 from tests.backends import KINDS, open_core
 
@@ -201,7 +202,7 @@ async def test_bad_batches_are_400(core: Core, body: dict[str, Any], code: str) 
 
 
 async def test_interactive_commit_and_rollback(core: Core) -> None:
-    tx_id = await core.begin("svc")
+    tx_id = await core.begin(Caller("svc"))
     async with core.transactions.use(tx_id, "svc") as tx:
         await core.create("c", {"_id": "x", "n": 1}, tx)
     # not visible outside before commit
@@ -213,7 +214,7 @@ async def test_interactive_commit_and_rollback(core: Core) -> None:
         await core.transactions.commit(tx_id, "svc")
     assert info.value.code == "transaction_closed"
 
-    tx_id = await core.begin("svc")
+    tx_id = await core.begin(Caller("svc"))
     async with core.transactions.use(tx_id, "svc") as tx:
         await core.replace_or_update("c", "x", {"$inc": {"n": 5}}, target=tx)
     await core.transactions.rollback(tx_id, "svc")
@@ -221,7 +222,7 @@ async def test_interactive_commit_and_rollback(core: Core) -> None:
 
 
 async def test_transaction_is_bound_to_its_owner(core: Core) -> None:
-    tx_id = await core.begin("billing")
+    tx_id = await core.begin(Caller("billing"))
     with pytest.raises(NotFound) as info:
         async with core.transactions.use(tx_id, "analytics"):
             pass
@@ -232,18 +233,18 @@ async def test_transaction_is_bound_to_its_owner(core: Core) -> None:
 
 
 async def test_open_transaction_cap_is_503(core: Core) -> None:
-    ids = [await core.begin("svc") for _ in range(3)]
+    ids = [await core.begin(Caller("svc")) for _ in range(3)]
     with pytest.raises(Unavailable) as info:
-        await core.begin("svc")
+        await core.begin(Caller("svc"))
     assert info.value.code == "too_many_transactions" and info.value.retry_after
     for tx_id in ids:
         await core.transactions.rollback(tx_id, "svc")
-    await core.transactions.rollback(await core.begin("svc"), "svc")
+    await core.transactions.rollback(await core.begin(Caller("svc")), "svc")
 
 
 async def test_failed_statement_aborts_the_transaction(core: Core) -> None:
     await core.create("c", {"_id": "s", "v": "text"})
-    tx_id = await core.begin("svc")
+    tx_id = await core.begin(Caller("svc"))
     with pytest.raises(BadRequest):
         async with core.transactions.use(tx_id, "svc") as tx:
             await core.replace_or_update("c", "s", {"$inc": {"v": 1}}, target=tx)
@@ -296,8 +297,8 @@ async def pinned_pid(core: Core, tx_id: str) -> int:
 async def test_idle_and_lifetime_timeouts_free_the_connection(core: Core, pg_dsn: str) -> None:
     conn = await asyncpg.connect(pg_dsn)
     try:
-        idle = await core.begin("svc")
-        busy = await core.begin("svc")
+        idle = await core.begin(Caller("svc"))
+        busy = await core.begin(Caller("svc"))
         pids = [await pinned_pid(core, t) for t in (idle, busy)]
         async with core.transactions.use(idle, "svc") as tx:
             await core.create("c", {"_id": "held"}, tx)  # takes a row lock
@@ -330,7 +331,7 @@ async def test_idle_and_lifetime_timeouts_free_the_connection(core: Core, pg_dsn
 
 @pytest.mark.parametrize("core", ["postgresql"], indirect=True)
 async def test_terminated_pinned_connection_is_a_clear_error(core: Core, pg_dsn: str) -> None:
-    tx_id = await core.begin("svc")
+    tx_id = await core.begin(Caller("svc"))
     pid = await pinned_pid(core, tx_id)
     conn = await asyncpg.connect(pg_dsn)
     try:
@@ -351,8 +352,8 @@ async def test_terminated_pinned_connection_is_a_clear_error(core: Core, pg_dsn:
 @pytest.mark.parametrize("core", ["postgresql"], indirect=True)
 async def test_serialization_failure_is_retryable_409(core: Core) -> None:
     await core.create("c", [{"_id": "x", "n": 0}, {"_id": "y", "n": 0}])
-    t1 = await core.begin("svc", "serializable")
-    t2 = await core.begin("svc", "serializable")
+    t1 = await core.begin(Caller("svc"), "serializable")
+    t2 = await core.begin(Caller("svc"), "serializable")
     for tx_id, read, write in ((t1, "x", "y"), (t2, "y", "x")):
         async with core.transactions.use(tx_id, "svc") as tx:
             doc = orjson.loads((await core.get("c", read, target=tx)).body)
