@@ -52,6 +52,7 @@ class Core:
     ) -> None:
         self.config = config
         self.gate = gate or Gatekeeper(None)
+        self._volume: dict[tuple[str, str], int] = {}
         self.limits = config.limits
         self.backends = dict(backends)
         self.default = default
@@ -414,6 +415,29 @@ class Core:
                 await backend.maintain()
             except ProxyError as err:
                 log.warning("housekeeping of %s failed: %s", backend.name, err.code)
+
+    # -- observability ------------------------------------------------------------------
+
+    def count_request(self, service: str, operation: str) -> None:
+        key = (service, operation)
+        if key in self._volume or len(self._volume) < 10_000:
+            self._volume[key] = self._volume.get(key, 0) + 1
+
+    def volume_by_service(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (service, operation), n in self._volume.items():
+            out.setdefault(service, {})[operation] = n
+        return out
+
+    def connections(self) -> dict[str, Any]:
+        out = {}
+        for name, backend in self.backends.items():
+            describe = getattr(backend, "connections", None)
+            out[name] = describe() if describe is not None else {"endpoints": []}
+        return out
+
+    def cache_counters(self) -> dict[str, Any]:
+        return {}
 
     # -- health ----------------------------------------------------------------------
 

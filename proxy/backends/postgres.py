@@ -451,6 +451,7 @@ class PostgresBackend(_Documents):
         self.config = config
         self.pool: asyncpg.Pool | None = None
         self._acquire_timeout = config.pool_settings.timeout_seconds
+        self.waiting = 0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
 
@@ -603,6 +604,55 @@ class PostgresBackend(_Documents):
             raise translate(exc) from None
         finally:
             await pool.release(conn)  # asyncpg shields the release from cancellation
+
+    def connections(self) -> dict[str, Any]:
+        """Per endpoint: role, pool figures, last error (never the DSN's secrets)."""
+        pool = self.pool
+        size = pool.get_size() if pool else 0
+        idle = pool.get_idle_size() if pool else 0
+        return {
+            "type": "postgresql",
+            "dsn": self.config.redacted_dsn(),
+            "endpoints": [
+                {
+                    "name": "primary",
+                    "role": "primary",
+                    "pool": {
+                        "size": size,
+                        "in_use": size - idle,
+                        "idle": idle,
+                        "waiting": self.waiting,
+                        "max": self.config.pool_settings.max_connections,
+                    },
+                    "status": "up" if pool else "down",
+                    "last_error": self._last_error,
+                }
+            ],
+        }
+
+    async def describe_collections(self) -> dict[str, Any]:
+        """Row estimates, table/index sizes and dead tuples of every collection table."""
+        sql = (
+            "SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid), "
+            "pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0), coalesce(s.n_live_tup, 0) "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid "
+            "WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname !~ '^_' ORDER BY c.relname"
+        )
+        async with self._conn() as conn:
+            try:
+                rows = await conn.fetch(sql, self.schema)
+            except Exception as exc:
+                raise translate(exc) from None
+        return {
+            r[0]: {
+                "rows_estimate": max(int(r[1]), int(r[5])),
+                "table_bytes": int(r[2]),
+                "index_bytes": int(r[3]),
+                "dead_tuples": int(r[4]),
+            }
+            for r in rows
+        }
 
     async def audit_log(
         self,

@@ -27,16 +27,12 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from proxy.guard import OPEN, Caller
+from proxy.http import monitor
+from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
 
 log = logging.getLogger(__name__)
 
-CORE: web.AppKey[Core] = web.AppKey("core", Core)
-CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
-REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
-RAW_BODY: web.RequestKey[bytes] = web.RequestKey("raw_body", bytes)
-CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,7 +86,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})
+OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})  # liveness and scraping need no token
 
 
 @web.middleware
@@ -107,11 +103,6 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     with gate.in_flight(caller):
         return await handler(request)
-
-
-def caller_of(request: web.Request) -> Caller:
-    caller: Caller = request.get(CALLER, OPEN)
-    return caller
 
 
 # ---- request decoding -------------------------------------------------------------------
@@ -259,6 +250,7 @@ async def create(request: web.Request) -> web.Response:
     async def op(target: Documents | None) -> web.Response:
         result = await core.create(collection, body, target, caller)
         if isinstance(result, list):
+            request[monitor.DOCUMENTS] = sum(1 for r in result if r.status == 201)
             return bulk_response(result)
         return document_response(result, 201)
 
@@ -337,15 +329,22 @@ async def delete_one(request: web.Request) -> web.Response:
 async def list_documents(request: web.Request) -> web.Response:
     core = request.app[CORE]
     spec = core.find_spec(request.query, from_url=True)
-    return await _find(request, spec)
+    raw_filter = request.query.get("filter")  # valid JSON: find_spec parsed it already
+    source = {
+        "filter": orjson.loads(raw_filter) if raw_filter else None,
+        "sort": request.query.get("sort"),
+    }
+    return await _find(request, spec, source)
 
 
-async def _find(request: web.Request, spec: FindSpec) -> web.Response:
+async def _find(request: web.Request, spec: FindSpec, source: Any) -> web.Response:
     core = request.app[CORE]
     collection = request.match_info["collection"]
+    request[monitor.PATTERN_SOURCE] = source
 
     async def op(target: Documents | None) -> web.Response:
         page = await core.find(collection, spec, target, caller_of(request))
+        request[monitor.DOCUMENTS] = len(page.items)
         return page_response(page.items, page.next)
 
     return await execute(request, op, write=False)
@@ -356,7 +355,7 @@ async def query_documents(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("the query body must be a JSON object", code="invalid_query")
-    return await _find(request, core.find_spec(body, from_url=False))
+    return await _find(request, core.find_spec(body, from_url=False), body)
 
 
 async def count_documents(request: web.Request) -> web.Response:
@@ -369,6 +368,7 @@ async def count_documents(request: web.Request) -> web.Response:
     raw = request.query.get("filter")
     flt = parse_json_text(raw, core.limits, "filter") if raw is not None else None
     collection = request.match_info["collection"]
+    request[monitor.PATTERN_SOURCE] = {"filter": flt}
 
     async def op(target: Documents | None) -> web.Response:
         n = await core.count(collection, flt, target, caller_of(request))
@@ -445,7 +445,16 @@ def _only(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    ready, detail = await request.app[CORE].health()
+    core = request.app[CORE]
+    ready, detail = await core.health()
+    gate = core.gate
+    detail["policies"] = {
+        "enforcing": gate.enforcing,
+        "mode": "token" if gate.token_mode else ("sidecar" if gate.enforcing else "open"),
+        "services": sorted(gate.policies.services) if gate.policies else [],
+        "reloads": gate.counters["reloads"],
+        "reload_error": gate.reload_error,
+    }
     return json_response(detail, 200 if ready else 503)
 
 
@@ -456,7 +465,7 @@ def build_app(
     config: Config, core: Core, extra_ctx: Mapping[str, Any] | None = None
 ) -> web.Application:
     app = web.Application(
-        middlewares=[envelope, identity],
+        middlewares=[envelope, monitor.observe, identity],
         client_max_size=config.limits.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
@@ -475,6 +484,7 @@ def build_app(
     r.add_put("/api/db/{collection}/{id}", put_one)
     r.add_patch("/api/db/{collection}/{id}", patch_one)
     r.add_delete("/api/db/{collection}/{id}", delete_one)
+    monitor.install(app, core, config.collector_url)
     return app
 
 

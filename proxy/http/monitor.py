@@ -1,0 +1,215 @@
+"""Observability over HTTP: the timing middleware (stats + Prometheus on every request) and
+the monitoring endpoints /metrics, /api/db/stats|performance|connections|audit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy import guard
+from proxy.backends.collector_client import StatsPusher
+from proxy.core import Core
+from proxy.errors import BadRequest, ProxyError
+from proxy.http.keys import CALLER, CORE, caller_of
+from proxy.metrics import Metrics
+from proxy.stats import StatsRecorder, query_pattern
+
+log = logging.getLogger(__name__)
+
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+STATS: web.AppKey[StatsRecorder] = web.AppKey("stats", StatsRecorder)
+PUSHER: web.AppKey[StatsPusher] = web.AppKey("pusher", StatsPusher)
+# what a handler tells the timing middleware about its operation
+PATTERN_SOURCE: web.RequestKey[object] = web.RequestKey("pattern_source", object)
+DOCUMENTS: web.RequestKey[int] = web.RequestKey("documents", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# handler name -> operation name in the stats model (find|insert|update|delete|...)
+OPERATIONS = {
+    "create": "insert",
+    "get_one": "get",
+    "put_one": "update",
+    "patch_one": "update",
+    "delete_one": "delete",
+    "list_documents": "find",
+    "query_documents": "find",
+    "count_documents": "count",
+    "transaction": "transaction",
+}
+_PLAIN_PATTERNS: dict[tuple[str, str], str] = {}
+
+
+def _plain_pattern(operation: str, collection: str) -> str:
+    key = (operation, collection)
+    pattern = _PLAIN_PATTERNS.get(key)
+    if pattern is None:
+        if len(_PLAIN_PATTERNS) > 10_000:
+            _PLAIN_PATTERNS.clear()
+        pattern = _PLAIN_PATTERNS[key] = f"{operation} {collection}"
+    return pattern
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Time every data operation: counters and histogram buckets only, no I/O."""
+    name = getattr(request.match_info.handler, "__name__", "")
+    operation = OPERATIONS.get(name)
+    if operation is None:
+        return await handler(request)
+    started = time.perf_counter()
+    code: str | None = None
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except ProxyError as err:
+        code, status = err.code, err.status
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        seconds = time.perf_counter() - started
+        collection = request.match_info.get("collection", "-")
+        app = request.app
+        app[METRICS].observe(operation, collection, status, seconds, code)
+        caller = request.get(CALLER)
+        if caller is not None:
+            app[CORE].count_request(caller.service, operation)
+        source = request.get(PATTERN_SOURCE)
+        pattern = (
+            _plain_pattern(operation, collection)
+            if source is None
+            else query_pattern(operation, collection, source)
+        )
+        app[STATS].record(
+            collection,
+            operation,
+            seconds * 1000.0,
+            request.get(DOCUMENTS, 1 if status < 300 else 0),
+            pattern,
+            status < 400,
+            code,
+        )
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _monitor(request: web.Request) -> Core:
+    guard.authorize_service_wide(caller_of(request), "monitor")
+    return request.app[CORE]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def stats(request: web.Request) -> web.Response:
+    core = _monitor(request)
+    databases = {}
+    for name, backend in core.backends.items():
+        describe = getattr(backend, "describe_collections", None)
+        databases[name] = await describe() if describe is not None else {}
+    return _json(
+        {
+            "databases": databases,
+            "requests": request.app[STATS].totals(),
+            "services": core.volume_by_service(),
+        }
+    )
+
+
+async def performance(request: web.Request) -> web.Response:
+    _monitor(request)
+    top = request.query.get("top", "20")
+    if not top.isdigit() or not 1 <= int(top) <= 200:
+        raise BadRequest("top must be 1-200", code="invalid_parameter")
+    return _json(request.app[STATS].performance(top=int(top)))
+
+
+async def connections(request: web.Request) -> web.Response:
+    core = _monitor(request)
+    return _json(core.connections())
+
+
+async def audit(request: web.Request) -> web.Response:
+    core = _monitor(request)
+    q = request.query
+    unknown = set(q) - {"service", "collection", "since", "until", "after", "limit"}
+    if unknown:
+        raise BadRequest(
+            f"unknown parameter(s): {', '.join(sorted(unknown))}", code="unknown_parameter"
+        )
+    backend: Any = core.backend()
+    if not hasattr(backend, "audit_log"):
+        raise BadRequest("this database keeps no audit log", code="unsupported_by_backend")
+    limit = _number(q.get("limit", "100"), "limit", int)
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be 1-1000", code="invalid_parameter")
+    rows = await backend.audit_log(
+        service=q.get("service"),
+        collection=q.get("collection"),
+        since=_number(q["since"], "since", float) if "since" in q else None,
+        until=_number(q["until"], "until", float) if "until" in q else None,
+        after_id=_number(q["after"], "after", int) if "after" in q else None,
+        limit=limit,
+    )
+    nxt = str(rows[-1]["id"]) if len(rows) == limit else None
+    return _json({"items": rows, "next": nxt})
+
+
+def _number(raw: str, name: str, kind: Callable[[str], Any]) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be a number", code="invalid_parameter") from None
+
+
+def install(app: web.Application, core: Core, collector_url: str | None) -> None:
+    """Routes, state and the stats pusher of the monitoring side."""
+    m = Metrics()
+    app[METRICS] = m
+    app[STATS] = StatsRecorder(core.gate.sidecar_service or "dbproxy")
+    m.sources["connections"] = core.connections
+    m.sources["gate"] = lambda: dict(core.gate.counters)
+    m.sources["transactions"] = lambda: {
+        **core.transactions.counters,
+        "open": len(core.transactions),
+    }
+    m.sources["cache"] = core.cache_counters
+    r = app.router
+    r.add_get("/metrics", metrics)
+    r.add_get("/api/db/stats", stats)
+    r.add_get("/api/db/performance", performance)
+    r.add_get("/api/db/connections", connections)
+    r.add_get("/api/db/audit", audit)
+    if collector_url:
+        app.cleanup_ctx.append(_pusher_ctx(collector_url))
+
+
+def _pusher_ctx(url: str) -> Callable[[web.Application], AsyncIterator[None]]:
+    import os
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        pusher = StatsPusher(url, os.environ.get("DBPROXY_COLLECTOR_TOKEN"), app[STATS])
+        app[PUSHER] = pusher
+        app[METRICS].sources["pusher"] = pusher.counters
+        await pusher.start()
+        try:
+            yield
+        finally:
+            await asyncio.shield(pusher.close())
+
+    return ctx

@@ -1,0 +1,169 @@
+"""Prometheus metrics of one sidecar: the request histogram observed on the hot path, and a
+collector that reads every other figure (pools, breakers, lag, cache, limits,
+transactions, stats shipping) from the live objects at scrape time.
+
+Labels are bounded: operations and statuses are small fixed sets, error codes are the
+stable codes, and collections beyond ``MAX_COLLECTIONS`` distinct names fold into
+``"<other>"``. No ids, no raw query patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+MAX_COLLECTIONS = 200
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+Snapshot = Callable[[], dict[str, Any]]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._collections: set[str] = set()
+        self.requests = Histogram(
+            "dbproxy_request_duration_seconds",
+            "Request latency by operation, collection and status class",
+            ("operation", "collection", "status"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "dbproxy_errors", "Errors by stable error code", ("code",), registry=self.registry
+        )
+        self.sources: dict[str, Snapshot] = {}
+        self.registry.register(_LiveCollector(self))
+
+    def collection_label(self, name: str) -> str:
+        if name in self._collections:
+            return name
+        if len(self._collections) < MAX_COLLECTIONS:
+            self._collections.add(name)
+            return name
+        return "<other>"
+
+    def observe(
+        self, operation: str, collection: str, status: int, seconds: float, code: str | None
+    ) -> None:
+        klass = f"{status // 100}xx"
+        self.requests.labels(operation, self.collection_label(collection), klass).observe(seconds)
+        if code is not None:
+            self.errors.labels(code).inc()
+
+
+class _LiveCollector(Collector):
+    """Reads gauges and counters kept elsewhere (no double counting on the hot path)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Any]:
+        src = self.metrics.sources
+        yield from _pools(src.get("connections", dict)())
+        yield from _gate(src.get("gate", dict)())
+        yield from _transactions(src.get("transactions", dict)())
+        yield from _cache(src.get("cache", dict)())
+        yield from _pusher(src.get("pusher", dict)())
+
+
+def _pools(connections: dict[str, Any]) -> Iterable[Any]:
+    size = GaugeMetricFamily(
+        "dbproxy_pool_size", "Open connections", labels=["database", "endpoint"]
+    )
+    in_use = GaugeMetricFamily(
+        "dbproxy_pool_in_use", "Connections lent out", labels=["database", "endpoint"]
+    )
+    waiting = GaugeMetricFamily(
+        "dbproxy_pool_waiting", "Requests waiting for a connection", labels=["database", "endpoint"]
+    )
+    breaker = GaugeMetricFamily(
+        "dbproxy_breaker_state",
+        "Circuit breaker state (1 for the current one)",
+        labels=["database", "endpoint", "state"],
+    )
+    trips = CounterMetricFamily(
+        "dbproxy_breaker_trips", "Times the breaker opened", labels=["database", "endpoint"]
+    )
+    lag = GaugeMetricFamily(
+        "dbproxy_replica_lag_seconds", "Measured replay delay", labels=["database", "endpoint"]
+    )
+    for db, info in connections.items():
+        for ep in info.get("endpoints", []):
+            labels = [db, ep.get("name", "primary")]
+            pool = ep.get("pool", {})
+            size.add_metric(labels, pool.get("size", 0))
+            in_use.add_metric(labels, pool.get("in_use", 0))
+            waiting.add_metric(labels, pool.get("waiting", 0))
+            brk = ep.get("breaker")
+            if brk:
+                for state in ("closed", "open", "half-open"):
+                    breaker.add_metric([*labels, state], 1.0 if brk["state"] == state else 0.0)
+                trips.add_metric(labels, brk.get("trips", 0))
+            if ep.get("lag_seconds") is not None:
+                lag.add_metric(labels, ep["lag_seconds"])
+    yield from (size, in_use, waiting, breaker, trips, lag)
+
+
+def _gate(gate: dict[str, Any]) -> Iterable[Any]:
+    limited = CounterMetricFamily(
+        "dbproxy_rate_limited", "Requests refused by rate limits or in-flight caps"
+    )
+    limited.add_metric([], gate.get("rate_limited", 0))
+    redis = CounterMetricFamily(
+        "dbproxy_rate_limit_redis_failures",
+        "Global rate-limit decisions Redis could not make (decided by the fail mode)",
+    )
+    redis.add_metric([], gate.get("redis_failures", 0))
+    reloads = CounterMetricFamily("dbproxy_policy_reloads", "Successful policy reloads")
+    reloads.add_metric([], gate.get("reloads", 0))
+    yield from (limited, redis, reloads)
+
+
+def _transactions(tx: dict[str, Any]) -> Iterable[Any]:
+    done = CounterMetricFamily(
+        "dbproxy_transactions", "Interactive transactions by outcome", labels=["outcome"]
+    )
+    for outcome in ("begun", "committed", "rolled_back", "aborted", "expired"):
+        done.add_metric([outcome], tx.get(outcome, 0))
+    open_ = GaugeMetricFamily("dbproxy_transactions_open", "Open interactive transactions")
+    open_.add_metric([], tx.get("open", 0))
+    yield from (done, open_)
+
+
+def _cache(cache: dict[str, Any]) -> Iterable[Any]:
+    events = CounterMetricFamily(
+        "dbproxy_cache_events", "Read cache events", labels=["level", "event"]
+    )
+    for key, value in cache.items():  # "near:hit", "redis:miss", ...
+        level, _, event = key.partition(":")
+        events.add_metric([level, event], value)
+    yield events
+
+
+def _pusher(pusher: dict[str, Any]) -> Iterable[Any]:
+    shipped = CounterMetricFamily(
+        "dbproxy_stats_batches", "Stats batches for the collector", labels=["outcome"]
+    )
+    for outcome in ("sent", "failures", "rejected", "dropped"):
+        shipped.add_metric([outcome], pusher.get(outcome, 0))
+    yield shipped
