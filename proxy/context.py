@@ -16,7 +16,11 @@ class RequestContext:
     service: str = "anonymous"
     request_id: str = ""
     statement_timeout: float | None = None  # a per-service cap below the global one
+    read_preference: str | None = None  # X-Read-Preference: primary | secondary | nearest
+    min_lsn: int | None = None  # X-Consistency-Token: read only what has replayed this far
 
 
 ANONYMOUS = RequestContext()
 current: ContextVar[RequestContext] = ContextVar("dbproxy_request", default=ANONYMOUS)
+# set by a backend after a write commits: the WAL position a later read must have reached
+write_token: ContextVar[str | None] = ContextVar("dbproxy_write_token", default=None)

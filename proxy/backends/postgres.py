@@ -20,6 +20,7 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import check_collection
+from proxy.backends.pgpool import Endpoint, EndpointSet
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
     BadRequest,
@@ -436,7 +437,10 @@ class _Documents:
 
 
 class PostgresBackend(_Documents):
-    """Documents in ``<schema>."<collection>"``: _id text PK, doc jsonb, _version, timestamps."""
+    """Documents in ``<schema>."<collection>"``: _id text PK, doc jsonb, _version, timestamps.
+
+    Statements go to the endpoint the router picks: writes and transactions to the primary,
+    reads by preference (and consistency token) to a replica or the primary."""
 
     def __init__(
         self,
@@ -446,20 +450,32 @@ class PostgresBackend(_Documents):
         schema: str = "dbproxy",
         ids: IdGenerator | None = None,
         audit: bool = True,
+        endpoints: EndpointSet | None = None,
     ) -> None:
         super().__init__(config.name, limits, schema, ids or IdGenerator(), set(), audit)
         self.config = config
-        self.pool: asyncpg.Pool | None = None
+        self.endpoints = endpoints or EndpointSet(config, limits)
         self._acquire_timeout = config.pool_settings.timeout_seconds
-        self.waiting = 0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool | None:
+        return self.endpoints.primary.pool
+
+    @pool.setter
+    def pool(self, value: asyncpg.Pool | None) -> None:
+        self.endpoints.primary.pool = value
+
+    @property
+    def waiting(self) -> int:
+        return self.endpoints.primary.waiting
 
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the pool; if the database is not reachable yet, keep trying in the background
-        (requests get 503 database_unavailable meanwhile, health says why)."""
+        """Open the pools; if the primary is not reachable yet, keep trying in the
+        background (requests get 503 database_unavailable meanwhile, health says why)."""
         try:
             await self._open()
         except ProxyError as err:
@@ -471,23 +487,13 @@ class PostgresBackend(_Documents):
             )
             self._last_error = err.code
             self._reconnect_task = asyncio.create_task(self._reconnect())
+        await self.endpoints.start_replicas()
 
     async def _open(self) -> None:
         ps = self.config.pool_settings
-        timeout_ms = int(self.limits.statement_timeout_seconds * 1000)
         pool = None
         try:
-            pool = await asyncpg.create_pool(
-                self.config.connection_string,
-                min_size=ps.min_connections,
-                max_size=ps.max_connections,
-                timeout=ps.timeout_seconds,
-                server_settings={
-                    "statement_timeout": str(timeout_ms),
-                    "idle_in_transaction_session_timeout": str(max(timeout_ms * 6, 30000)),
-                    "application_name": "dbproxy",
-                },
-            )
+            pool = await self.endpoints.open_pool(self.endpoints.primary)
             async with pool.acquire(timeout=ps.timeout_seconds) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
@@ -521,11 +527,10 @@ class PostgresBackend(_Documents):
             self._reconnect_task.cancel()
             await asyncio.gather(self._reconnect_task, return_exceptions=True)
             self._reconnect_task = None
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
+        await self.endpoints.close()
 
     async def health(self) -> dict[str, Any]:
+        """Ready when the primary answers; replicas only degrade."""
         started = time.perf_counter()
         if self.pool is None:
             return {"status": "down", "error": self._last_error or "not_connected"}
@@ -537,7 +542,7 @@ class PostgresBackend(_Documents):
             return {"status": "down", "error": err.code}
         pool = self.pool
         assert pool is not None
-        return {
+        out: dict[str, Any] = {
             "status": "up",
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             "pool": {
@@ -546,44 +551,16 @@ class PostgresBackend(_Documents):
                 "max": pool.get_max_size(),
             },
         }
+        if self.endpoints.replicas:
+            down = [r.name for r in self.endpoints.replicas if not r.state.healthy]
+            out["replicas"] = {"total": len(self.endpoints.replicas), "down": down}
+            if down:
+                out["degraded"] = True
+        return out
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        if self.pool is None:
-            raise Unavailable("the database pool is not open", retry_after=1)
-        try:
-            conn = await self.pool.acquire(timeout=self._acquire_timeout)
-        except TimeoutError:
-            raise PoolExhausted(
-                "no database connection became free in time", retry_after=1
-            ) from None
-        except Exception as exc:
-            raise translate(exc) from None
-        try:
-            yield conn
-        finally:
-            await self.pool.release(conn)  # asyncpg shields the release from cancellation
-
-    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
-        """Run a write, creating the collection's table on first use."""
-        try:
-            async with self._conn() as conn:
-                await self._ensure_table(conn, collection)
-                try:
-                    rows: list[asyncpg.Record] = await conn.fetch(
-                        sql, *args, timeout=self._command_timeout
-                    )
-                except asyncpg.exceptions.UndefinedTableError:
-                    self._known_tables.discard(collection)  # dropped behind our back
-                    await self._ensure_table(conn, collection)
-                    rows = await conn.fetch(sql, *args, timeout=self._command_timeout)
-                return rows
-        except Exception as exc:
-            raise translate(exc) from None
-
-    async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
-        """Run a read; None when the collection has no table yet. (The hot path: written
-        out instead of going through the ``_conn`` context manager.)"""
+        """A primary connection for housekeeping and monitoring queries."""
         pool = self.pool
         if pool is None:
             raise Unavailable("the database pool is not open", retry_after=1)
@@ -596,38 +573,100 @@ class PostgresBackend(_Documents):
         except Exception as exc:
             raise translate(exc) from None
         try:
-            rows: list[asyncpg.Record] = await conn.fetch(sql, *args, timeout=self._command_timeout)
-            return rows
-        except asyncpg.exceptions.UndefinedTableError:
-            return None
-        except Exception as exc:
-            raise translate(exc) from None
+            yield conn
         finally:
             await pool.release(conn)  # asyncpg shields the release from cancellation
 
+    def _timeout(self) -> tuple[float, bool]:
+        """This statement's client-side timeout, and whether running into it means the
+        server is unresponsive (a per-service cap below the global one is the client's)."""
+        cap = context.current.get().statement_timeout
+        if cap is not None and cap < self.limits.statement_timeout_seconds:
+            return cap, False
+        return self._command_timeout, True
+
+    async def _run_on(self, ep: Endpoint, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
+        """One statement on one endpoint, its outcome fed to the endpoint's breaker."""
+        eps = self.endpoints
+        conn = await eps.acquire(ep, self._acquire_timeout)
+        timeout, hard = self._timeout()
+        ep.statements += 1
+        ep.state.outstanding += 1
+        started = time.perf_counter()
+        try:
+            rows: list[asyncpg.Record] = await conn.fetch(sql, *args, timeout=timeout)
+        except TimeoutError as exc:
+            eps.record(ep, exc if hard else None)
+            raise
+        except BaseException as exc:
+            eps.record(ep, exc)
+            raise
+        else:
+            eps.record(ep, None, (time.perf_counter() - started) * 1000.0)
+            return rows
+        finally:
+            ep.state.outstanding -= 1
+            if ep.pool is not None:
+                await ep.pool.release(conn)
+
+    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """Run a write on the primary, creating the collection's table on first use; with
+        replicas, note the WAL position for the response's consistency token."""
+        try:
+            if collection not in self._known_tables:
+                async with self._conn() as conn:
+                    await self._ensure_table(conn, collection)
+            ep = self.endpoints.choose("write", None, None)
+            try:
+                rows = await self._run_on(ep, sql, args)
+            except asyncpg.exceptions.UndefinedTableError:
+                self._known_tables.discard(collection)  # dropped behind our back
+                async with self._conn() as conn:
+                    await self._ensure_table(conn, collection)
+                rows = await self._run_on(ep, sql, args)
+            if self.endpoints.replicas:
+                await self._note_write_position()
+            return rows
+        except Exception as exc:
+            raise translate(exc) from None
+
+    async def _note_write_position(self) -> None:
+        async with self._conn() as conn:
+            lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        context.write_token.set(lsn)
+
+    async def _read(
+        self, collection: str, sql: str, *args: Any, kind: str = "read"
+    ) -> list[asyncpg.Record] | None:
+        """Run a read where the router says; None when the collection has no table. A
+        connection lost under a read is retried once (reads are idempotent)."""
+        ctx = context.current.get()
+        try:
+            for attempt in (0, 1):
+                ep = self.endpoints.choose(kind, ctx.read_preference, ctx.min_lsn)
+                try:
+                    return await self._run_on(ep, sql, args)
+                except asyncpg.exceptions.UndefinedTableError:
+                    return None
+                except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
+                    if attempt == 1:
+                        raise
+            raise AssertionError("unreachable")
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise translate(exc) from None
+
     def connections(self) -> dict[str, Any]:
-        """Per endpoint: role, pool figures, last error (never the DSN's secrets)."""
-        pool = self.pool
-        size = pool.get_size() if pool else 0
-        idle = pool.get_idle_size() if pool else 0
+        """Per endpoint: role, pool figures, breaker, lag, last error (never secrets)."""
+        endpoints = self.endpoints.snapshot()
+        if self._last_error and endpoints:
+            endpoints[0]["last_error"] = endpoints[0]["last_error"] or self._last_error
         return {
             "type": "postgresql",
             "dsn": self.config.redacted_dsn(),
-            "endpoints": [
-                {
-                    "name": "primary",
-                    "role": "primary",
-                    "pool": {
-                        "size": size,
-                        "in_use": size - idle,
-                        "idle": idle,
-                        "waiting": self.waiting,
-                        "max": self.config.pool_settings.max_connections,
-                    },
-                    "status": "up" if pool else "down",
-                    "last_error": self._last_error,
-                }
-            ],
+            "read_preference": self.config.read_preference,
+            "endpoints": endpoints,
         }
 
     async def describe_collections(self) -> dict[str, Any]:
@@ -695,17 +734,16 @@ class PostgresBackend(_Documents):
             raise BadRequest(
                 f"isolation must be one of {', '.join(ISOLATION_LEVELS)}", code="invalid_isolation"
             )
-        if self.pool is None:
-            raise Unavailable("the database pool is not open", retry_after=1)
-        pool = self.pool
+        ep = self.endpoints.choose("transaction", None, None)
         try:
-            conn = await pool.acquire(timeout=self._acquire_timeout)
-        except TimeoutError:
-            raise PoolExhausted(
-                "no database connection became free in time", retry_after=1
-            ) from None
+            conn = await self.endpoints.acquire(ep, self._acquire_timeout)
+        except ProxyError:
+            raise
         except Exception as exc:
             raise translate(exc) from None
+        pool = ep.pool
+        assert pool is not None
+        self.endpoints.record(ep, None)
         try:
             tx = conn.transaction(isolation=isolation)
             await tx.start()

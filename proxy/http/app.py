@@ -30,6 +30,7 @@ from proxy.errors import (
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
+from proxy.routing import parse_lsn
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +99,47 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
         return await handler(request)
     caller = gate.identify(request.headers)
     request[CALLER] = caller
+    headers = request.headers
     context.current.set(
-        RequestContext(caller.service, request[REQUEST_ID], gate.statement_timeout(caller))
+        RequestContext(
+            caller.service,
+            request[REQUEST_ID],
+            gate.statement_timeout(caller),
+            read_preference(headers.get("X-Read-Preference")),
+            consistency_token(headers.get("X-Consistency-Token")),
+        )
     )
+    context.write_token.set(None)
     with gate.in_flight(caller):
-        return await handler(request)
+        response = await handler(request)
+    token = context.write_token.get()
+    if token is not None:
+        response.headers["X-Consistency-Token"] = token
+    return response
+
+
+READ_PREFERENCES = frozenset({"primary", "secondary", "nearest"})
+
+
+def read_preference(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    if raw not in READ_PREFERENCES:
+        raise BadRequest(
+            "X-Read-Preference must be primary, secondary or nearest", code="invalid_header"
+        )
+    return raw
+
+
+def consistency_token(raw: str | None) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return parse_lsn(raw.strip())
+    except ValueError:
+        raise BadRequest(
+            "X-Consistency-Token must be the token of an earlier write", code="invalid_header"
+        ) from None
 
 
 # ---- request decoding -------------------------------------------------------------------

@@ -1,0 +1,326 @@
+"""PostgreSQL endpoints: one asyncpg pool per endpoint (the primary and each replica), with
+its circuit breaker, a bounded wait queue, replica lag measurement and read routing.
+
+Connection failures, timeouts and server shutdown/overload codes trip an endpoint's
+breaker; client errors (constraint violations, bad input) never do. The primary is never
+banned from reads: when every replica is out, reads fall back to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from proxy.breaker import BreakerSettings, CircuitBreaker
+from proxy.config import DatabaseConfig, Limits
+from proxy.errors import PoolExhausted, ProxyError, Unavailable
+from proxy.routing import EndpointState, Role, Router, format_lsn, parse_lsn
+
+log = logging.getLogger(__name__)
+
+# errors that say "this endpoint is sick" (trip its breaker); everything else is the client's
+BREAKER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+
+def replica_dsn(primary: str, host: str, port: int) -> str:
+    """The primary's DSN with another host and port (same user, password, database)."""
+    parts = urlsplit(primary)
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Endpoint:
+    """One server: its pool, breaker and routing state."""
+
+    def __init__(
+        self,
+        name: str,
+        role: Role,
+        dsn: str,
+        breaker: CircuitBreaker,
+    ) -> None:
+        self.name = name
+        self.role = role
+        self.dsn = dsn
+        self.pool: asyncpg.Pool | None = None
+        self.state = EndpointState(name, role, breaker)
+        self.waiting = 0
+        self.statements = 0  # statements run here (reads and writes), for /connections
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.state.breaker
+
+    def snapshot(self, max_size: int) -> dict[str, Any]:
+        pool = self.pool
+        size = pool.get_size() if pool else 0
+        idle = pool.get_idle_size() if pool else 0
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "pool": {
+                "size": size,
+                "in_use": size - idle,
+                "idle": idle,
+                "waiting": self.waiting,
+                "max": max_size,
+            },
+            "status": "up" if pool is not None and self.state.healthy else "down",
+            "breaker": self.breaker.snapshot(),
+            "outstanding": self.state.outstanding,
+            "statements": self.statements,
+            "latency_ms": self.state.latency_ewma_ms,
+            "lag_bytes": self.state.lag_bytes,
+            "lag_seconds": self.state.lag_seconds,
+            "replayed_lsn": format_lsn(self.state.replayed_lsn)
+            if self.state.replayed_lsn is not None
+            else None,
+            "last_error": self.state.last_error,
+        }
+
+
+class EndpointSet:
+    """The primary and replicas of one database, and the choice among them."""
+
+    def __init__(
+        self,
+        config: DatabaseConfig,
+        limits: Limits,
+        *,
+        breaker: BreakerSettings | None = None,
+        max_lag_seconds: float = 5.0,
+        max_lag_bytes: int | None = 16 * 1024 * 1024,
+        health_interval: float = 1.0,
+        max_waiting: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.health_interval = health_interval
+        ps = config.pool_settings
+        self.max_waiting = max_waiting if max_waiting is not None else ps.max_connections * 10
+        settings = breaker or BreakerSettings()
+        self.primary = Endpoint(
+            "primary",
+            Role.PRIMARY,
+            config.connection_string,
+            CircuitBreaker(f"{config.name}/primary", settings, clock),
+        )
+        self.replicas = [
+            Endpoint(
+                f"{r.host}:{r.port}",
+                Role.ANALYTICS if r.role == "analytics" else Role.REPLICA,
+                replica_dsn(config.connection_string, r.host, r.port),
+                CircuitBreaker(f"{config.name}/{r.host}:{r.port}", settings, clock),
+            )
+            for r in config.replicas
+        ]
+        self.router = Router(
+            self.primary.state,
+            [r.state for r in self.replicas],
+            max_lag_seconds=max_lag_seconds,
+            max_lag_bytes=max_lag_bytes,
+        )
+        self._by_state = {id(e.state): e for e in (self.primary, *self.replicas)}
+        self.primary_lsn = 0
+        self._monitor: asyncio.Task[None] | None = None
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [self.primary, *self.replicas]
+
+    # -- pools -------------------------------------------------------------------------
+
+    async def open_pool(self, endpoint: Endpoint) -> asyncpg.Pool:
+        ps = self.config.pool_settings
+        timeout_ms = int(self.limits.statement_timeout_seconds * 1000)
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            endpoint.dsn,
+            min_size=ps.min_connections if endpoint.role is Role.PRIMARY else 0,
+            max_size=ps.max_connections,
+            timeout=ps.timeout_seconds,
+            server_settings={
+                "statement_timeout": str(timeout_ms),
+                "idle_in_transaction_session_timeout": str(max(timeout_ms * 6, 30000)),
+                "application_name": "dbproxy",
+            },
+        )
+        return pool
+
+    async def start_replicas(self) -> None:
+        for replica in self.replicas:
+            try:
+                replica.pool = await self.open_pool(replica)
+            except Exception as exc:  # a replica that is down only degrades
+                replica.state.healthy = False
+                replica.state.last_error = type(exc).__name__
+        if self.replicas:
+            self._monitor = asyncio.create_task(self._watch())
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
+            self._monitor = None
+        for ep in self.endpoints:
+            if ep.pool is not None:
+                await ep.pool.close()
+                ep.pool = None
+
+    # -- choosing and using an endpoint ---------------------------------------------------
+
+    def choose(self, kind: str, preference: str | None, min_lsn: int | None) -> Endpoint:
+        """The endpoint for one statement; fails fast when the primary's breaker is open."""
+        if not self.replicas:
+            ep = self.primary
+        else:
+            state = self.router.choose(kind, preference or self.config.read_preference, min_lsn)
+            ep = self._by_state[id(state)]
+        if not ep.breaker.allow():
+            raise Unavailable(
+                "the database is failing; its circuit breaker is open",
+                code="database_unavailable",
+                retry_after=max(1.0, ep.breaker.retry_after()),
+            )
+        return ep
+
+    async def acquire(self, ep: Endpoint, wait: float) -> asyncpg.Connection:
+        pool = ep.pool
+        if pool is None:
+            ep.breaker.release()
+            raise Unavailable("the database pool is not open", retry_after=1)
+        if ep.waiting >= self.max_waiting:
+            ep.breaker.release()
+            raise PoolExhausted("too many requests waiting for a connection", retry_after=1)
+        # with a free slot, a timeout means connecting hung: the server is sick, not busy
+        could_connect = pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
+        ep.waiting += 1
+        try:
+            conn: asyncpg.Connection = await pool.acquire(timeout=wait)
+            return conn
+        except TimeoutError as exc:
+            if could_connect:
+                self.record(ep, exc)
+                raise Unavailable(
+                    "the database did not accept a connection in time", retry_after=1
+                ) from None
+            ep.breaker.release()
+            raise PoolExhausted(
+                "no database connection became free in time", retry_after=1
+            ) from None
+        except BaseException as exc:
+            self.record(ep, exc)
+            raise
+        finally:
+            ep.waiting -= 1
+
+    def record(self, ep: Endpoint, exc: BaseException | None, ms: float | None = None) -> None:
+        """Feed one outcome to the endpoint's breaker (only sickness counts as failure)."""
+        if exc is None or (isinstance(exc, ProxyError) and exc.status < 500):
+            ep.breaker.record_success()
+            if ms is not None:
+                self.router.record_latency(ep.state, ms)
+        elif isinstance(exc, BREAKER_ERRORS) or _server_trouble(exc):
+            ep.breaker.record_failure()
+            ep.state.last_error = type(exc).__name__
+        else:
+            ep.breaker.record_success()  # the server answered: it is alive
+
+    # -- replication lag ----------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self.measure()
+            except Exception:
+                log.exception("replica measurement failed")
+
+    async def measure(self) -> None:
+        """Primary LSN, then each replica's replayed LSN and replay delay."""
+        if self.primary.pool is not None:
+            try:
+                text = await self.primary.pool.fetchval(
+                    "SELECT pg_current_wal_lsn()::text", timeout=1.0
+                )
+                self.primary_lsn = parse_lsn(text)
+                self.primary.state.healthy = True
+            except Exception as exc:
+                self.primary.state.healthy = False
+                self.record(self.primary, exc)
+        await asyncio.gather(*(self._measure_replica(r) for r in self.replicas))
+
+    async def _measure_replica(self, ep: Endpoint) -> None:
+        if ep.pool is None:
+            try:
+                ep.pool = await self.open_pool(ep)
+            except Exception as exc:
+                ep.state.healthy = False
+                ep.state.last_error = type(exc).__name__
+                self.record(ep, exc)
+                return
+        try:
+            row = await ep.pool.fetchrow(
+                "SELECT pg_last_wal_replay_lsn()::text, "
+                "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
+                timeout=1.0,
+            )
+        except Exception as exc:
+            ep.state.healthy = False
+            ep.state.last_error = type(exc).__name__
+            self.record(ep, exc)
+            return
+        assert row is not None
+        replayed = parse_lsn(row[0]) if row[0] else 0
+        caught_up = replayed >= self.primary_lsn
+        ep.state.replayed_lsn = replayed
+        ep.state.lag_bytes = max(0, self.primary_lsn - replayed)
+        ep.state.lag_seconds = 0.0 if caught_up else max(0.0, float(row[1] or 0.0))
+        ep.state.healthy = True
+        self.record(ep, None)
+
+    async def replayed(self, ep: Endpoint) -> int | None:
+        """Ask one replica directly how far it has replayed (for a token read)."""
+        if ep.pool is None:
+            return None
+        try:
+            text = await ep.pool.fetchval("SELECT pg_last_wal_replay_lsn()::text", timeout=0.5)
+        except Exception:
+            return None
+        if not text:
+            return None
+        lsn = parse_lsn(text)
+        ep.state.replayed_lsn = max(lsn, ep.state.replayed_lsn or 0)
+        return lsn
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        size = self.config.pool_settings.max_connections
+        return [ep.snapshot(size) for ep in self.endpoints]
+
+
+def _server_trouble(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", "") or ""
+    return state.startswith("53") or state.startswith("57P") or state == "08006"
+
+
+def now_ms() -> float:
+    return time.perf_counter() * 1000.0
+
+
+__all__ = ["BREAKER_ERRORS", "Endpoint", "EndpointSet", "format_lsn", "parse_lsn", "replica_dsn"]

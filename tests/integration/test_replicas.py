@@ -1,0 +1,291 @@
+"""Read replicas, consistency tokens, circuit breakers and pool behaviour under faults,
+against the machine's real PostgreSQL primary and a real streaming replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+
+from proxy import context
+from proxy.backends.pgpool import EndpointSet
+from proxy.backends.postgres import PostgresBackend
+from proxy.breaker import BreakerSettings
+from proxy.config import Config, DatabaseConfig, Limits, PoolSettings, ReplicaConfig
+from proxy.context import RequestContext
+from proxy.core import Core
+from proxy.errors import PoolExhausted, ProxyError, Unavailable
+from proxy.routing import parse_lsn
+from tests.faultproxy import FaultProxy
+from tests.replica import Replica
+
+pytestmark = pytest.mark.integration
+FAST_BREAKER = BreakerSettings(
+    consecutive_failures=3, base_open_seconds=0.5, max_open_seconds=2.0, min_calls_in_window=1000
+)
+
+
+def db_name(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[1]
+
+
+async def open_backend(
+    primary_dsn: str,
+    replicas: list[tuple[str, int]],
+    *,
+    limits: Limits | None = None,
+    pool: PoolSettings | None = None,
+    preference: str = "secondary",
+    breaker: BreakerSettings = FAST_BREAKER,
+) -> PostgresBackend:
+    limits = limits or Limits()
+    cfg = DatabaseConfig(
+        name="main",
+        type="postgresql",
+        connection_string=primary_dsn,
+        pool_settings=pool or PoolSettings(min_connections=1, max_connections=4, timeout_seconds=2),
+        read_preference=preference,
+        replicas=tuple(ReplicaConfig(h, p) for h, p in replicas),
+    )
+    endpoints = EndpointSet(cfg, limits, breaker=breaker, health_interval=0.1, max_lag_seconds=5.0)
+    backend = PostgresBackend(cfg, limits, schema=f"r_{uuid.uuid4().hex[:10]}", endpoints=endpoints)
+    await backend.start()
+    return backend
+
+
+async def drop(backend: PostgresBackend) -> None:
+    async with backend._conn() as conn:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{backend.schema}" CASCADE')
+    await backend.close()
+
+
+def core_of(backend: PostgresBackend) -> Core:
+    return Core(Config(), {"main": backend}, "main")
+
+
+async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def routed(pg_dsn: str, replica: Replica) -> AsyncIterator[tuple[PostgresBackend, Replica]]:
+    backend = await open_backend(pg_dsn, [("127.0.0.1", replica.port)])
+    rep = backend.endpoints.replicas[0]
+    await wait_for(lambda: rep.state.replayed_lsn is not None)
+    try:
+        yield backend, replica
+    finally:
+        await asyncio.to_thread(replica.reset)
+        await drop(backend)
+
+
+async def test_reads_go_to_the_replica_and_writes_to_the_primary(
+    routed: tuple[PostgresBackend, Replica],
+) -> None:
+    backend, _ = routed
+    core = core_of(backend)
+    await core.create("c", {"_id": "a", "n": 1})
+    primary, rep = backend.endpoints.primary, backend.endpoints.replicas[0]
+    await asyncio.sleep(0.3)  # let a measurement see the replica caught up enough
+    writes = primary.statements
+    token = parse_lsn(context.write_token.get() or "0/0")
+    await wait_for(lambda: (rep.state.replayed_lsn or 0) >= token)
+    before = rep.statements
+    for _ in range(20):
+        await core.count("c", None)
+    assert rep.statements - before == 20
+    assert primary.statements == writes  # no read went to the primary
+    snapshot = backend.connections()["endpoints"]
+    assert [e["role"] for e in snapshot] == ["primary", "replica"]
+    assert snapshot[1]["breaker"]["state"] == "closed"
+
+
+async def test_consistency_tokens_never_read_stale_with_replay_paused(
+    routed: tuple[PostgresBackend, Replica],
+) -> None:
+    backend, replica = routed
+    core = core_of(backend)
+    await core.create("c", {"_id": "k", "n": 0})
+    await asyncio.to_thread(replica.pause_replay)
+    stale = 0
+    served_by_replica_before = backend.endpoints.replicas[0].statements
+    for i in range(1, 1001):
+        context.write_token.set(None)
+        result = await core.replace_or_update("c", "k", {"$set": {"n": i}})
+        token = context.write_token.get()
+        assert token is not None and result.version == i + 1
+        reset = context.current.set(RequestContext(min_lsn=parse_lsn(token)))
+        try:
+            got = orjson.loads((await core.get("c", "k")).body)
+        finally:
+            context.current.reset(reset)
+        stale += got["n"] != i
+    assert stale == 0
+    # the paused replica could serve none of them
+    assert backend.endpoints.replicas[0].statements == served_by_replica_before
+    await asyncio.to_thread(replica.resume_replay)
+    # once it catches up, token reads may use it again
+    token = context.write_token.get()
+    assert token is not None
+    rep = backend.endpoints.replicas[0]
+    await wait_for(lambda: (rep.state.replayed_lsn or 0) >= parse_lsn(token))
+    reset = context.current.set(RequestContext(min_lsn=parse_lsn(token)))
+    try:
+        got = orjson.loads((await core.get("c", "k")).body)
+    finally:
+        context.current.reset(reset)
+    assert got["n"] == 1000 and rep.statements > served_by_replica_before
+
+
+async def test_replica_stopped_under_load_then_back(
+    routed: tuple[PostgresBackend, Replica],
+) -> None:
+    backend, replica = routed
+    core = core_of(backend)
+    await core.create("c", {"_id": "x"})
+    rep = backend.endpoints.replicas[0]
+    failures = 0
+    stop_task = asyncio.create_task(asyncio.to_thread(replica.stop, "immediate"))
+    sent_while_open = 0
+    deadline = time.monotonic() + 4.0
+    while time.monotonic() < deadline:
+        before = rep.statements
+        try:
+            await core.count("c", None)
+        except ProxyError:
+            failures += 1
+        if rep.breaker.state.value == "open" and rep.statements > before:
+            sent_while_open += 1
+        await asyncio.sleep(0.01)
+    await stop_task
+    assert failures <= 2
+    assert rep.breaker.trips >= 1 or not rep.state.healthy
+    assert sent_while_open == 0
+    # restart: back in rotation within the breaker's open period plus a health interval
+    await asyncio.to_thread(replica.start)
+    started = time.monotonic()
+    served = rep.statements
+    while rep.statements == served:
+        assert time.monotonic() - started < 2.0 + 0.5 + 3.0
+        await core.count("c", None)
+        await asyncio.sleep(0.05)
+
+
+async def test_terminated_idle_connections_are_replaced_without_errors(pg_dsn: str) -> None:
+    backend = await open_backend(pg_dsn, [], pool=PoolSettings(4, 4, 2))
+    try:
+        core = core_of(backend)
+        await core.create("c", {"_id": "a"})
+        await asyncio.gather(*(core.count("c", None) for _ in range(8)))  # fill the pool
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'dbproxy' AND datname = $1 AND state = 'idle'",
+                db_name(pg_dsn),
+            )
+        finally:
+            await admin.close()
+        assert killed >= 1
+        await asyncio.sleep(0.2)
+        results = await asyncio.gather(
+            *(core.count("c", None) for _ in range(10)),
+            *(core.create("c", {"n": i}) for i in range(5)),
+            *(core.get("c", "a") for _ in range(10)),
+            return_exceptions=True,
+        )
+        assert [r for r in results if isinstance(r, BaseException)] == []
+    finally:
+        await drop(backend)
+
+
+async def test_hung_primary_fails_fast_then_recovers(pg_dsn: str) -> None:
+    proxy = FaultProxy("127.0.0.1", 5432)
+    await proxy.start()
+    dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    limits = Limits(statement_timeout_seconds=0.3)  # client gives up at 1.3 s
+    slow_reopen = BreakerSettings(
+        consecutive_failures=3,
+        base_open_seconds=3.0,
+        max_open_seconds=3.0,
+        min_calls_in_window=1000,
+    )
+    backend = await open_backend(
+        dsn, [], limits=limits, pool=PoolSettings(2, 4, 0.5), breaker=slow_reopen
+    )
+    try:
+        core = core_of(backend)
+        await core.create("c", {"_id": "a"})
+        proxy.blackhole = True
+        errors = await asyncio.gather(
+            *(core.create("c", {"n": i}) for i in range(6)), return_exceptions=True
+        )
+        assert all(isinstance(e, ProxyError) for e in errors)
+        assert backend.endpoints.primary.breaker.state.value == "open"
+        took = []
+        for _ in range(20):
+            started = time.perf_counter()
+            with pytest.raises(Unavailable) as info:
+                await core.create("c", {"n": 0})
+            took.append(time.perf_counter() - started)
+            assert info.value.code == "database_unavailable" and info.value.retry_after
+        assert max(took) < 0.05, took
+        proxy.blackhole = False
+        proxy.reset_all()  # the stuck connections are gone; new ones work
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                await core.create("c", {"n": 1})
+                break
+            except ProxyError:
+                assert time.monotonic() < deadline, "did not recover"
+                await asyncio.sleep(0.1)
+        assert backend.endpoints.primary.breaker.state.value == "closed"
+    finally:
+        proxy.blackhole = False
+        await drop(backend)
+        await proxy.stop()
+
+
+async def test_pool_saturation_is_bounded_and_recovers(pg_dsn: str) -> None:
+    backend = await open_backend(pg_dsn, [], pool=PoolSettings(2, 2, 0.3))
+    try:
+        core = core_of(backend)
+        await core.create("slow", {"_id": "seed"})
+        async with backend._conn() as conn:  # enough rows that a regex scan takes a while
+            await conn.execute(
+                f'INSERT INTO "{backend.schema}".slow (_id, doc) SELECT g::text, '
+                "jsonb_build_object('_id', g::text, 's', repeat('ab', 100)) "
+                "FROM generate_series(1, 60000) g"
+            )
+        slow = {"s": {"$regex": "(a|b)*c$"}}
+        started = time.perf_counter()
+        one = await core.count("slow", slow)
+        single = time.perf_counter() - started
+        assert one == 0 and single > 0.05
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(core.count("slow", slow) for _ in range(20)), return_exceptions=True
+        )
+        elapsed = time.perf_counter() - started
+        exhausted = [r for r in results if isinstance(r, PoolExhausted)]
+        ok = [r for r in results if r == 0]
+        assert len(exhausted) + len(ok) == 20, results
+        assert exhausted and ok
+        assert all(e.retry_after for e in exhausted)
+        # nobody waited much longer than the acquire timeout for a connection
+        assert elapsed < 0.3 + single * (len(ok) + 2) + 1.0
+        assert backend.waiting == 0
+        for _ in range(20):  # full recovery after the burst
+            assert await core.count("slow", {"_id": "seed"}) == 1
+    finally:
+        await drop(backend)
