@@ -114,6 +114,7 @@ class Limits:
     transaction_idle_timeout_seconds: float = 30.0
     transaction_max_lifetime_seconds: float = 300.0
     idempotency_ttl_seconds: float = 86400.0
+    slow_query_ms: float = 200.0
 
 
 @dataclass(frozen=True, slots=True)

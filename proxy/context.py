@@ -24,3 +24,8 @@ ANONYMOUS = RequestContext()
 current: ContextVar[RequestContext] = ContextVar("dbproxy_request", default=ANONYMOUS)
 # set by a backend after a write commits: the WAL position a later read must have reached
 write_token: ContextVar[str | None] = ContextVar("dbproxy_write_token", default=None)
+# the last statement a backend ran in this request (SQL text, bound values), so a slow
+# operation's plan can be looked at afterwards (EXPLAIN, sampled)
+last_statement: ContextVar[tuple[str, tuple[object, ...]] | None] = ContextVar(
+    "dbproxy_last_statement", default=None
+)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -34,6 +36,7 @@ from proxy.query.project import project
 from proxy.transactions import TransactionRegistry
 
 T = TypeVar("T")
+PlanNote = Callable[[bool, str], None]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class Core:
         self.config = config
         self.gate = gate or Gatekeeper(None)
         self._volume: dict[tuple[str, str], int] = {}
+        self._last_explain = 0.0
+        self._background: set[asyncio.Task[None]] = set()
         self.limits = config.limits
         self.backends = dict(backends)
         self.default = default
@@ -435,6 +440,28 @@ class Core:
             describe = getattr(backend, "connections", None)
             out[name] = describe() if describe is not None else {"endpoints": []}
         return out
+
+    def explain_later(self, statement: tuple[str, tuple[Any, ...]], note: PlanNote) -> bool:
+        """Look at a slow statement's plan in the background: at most one EXPLAIN per
+        second, never on the request's own time."""
+        now = time.monotonic()
+        backend: Any = self.backend()
+        if now - self._last_explain < 1.0 or not hasattr(backend, "explain"):
+            return False
+        self._last_explain = now
+
+        async def run() -> None:
+            try:
+                index_used, summary = await backend.explain(*statement)
+            except ProxyError as err:
+                log.debug("EXPLAIN failed: %s", err.code)
+                return
+            note(index_used, summary)
+
+        task = asyncio.create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
 
     def cache_counters(self) -> dict[str, Any]:
         return {}

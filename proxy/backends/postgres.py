@@ -590,6 +590,7 @@ class PostgresBackend(_Documents):
         eps = self.endpoints
         conn = await eps.acquire(ep, self._acquire_timeout)
         timeout, hard = self._timeout()
+        context.last_statement.set((sql, args))
         ep.statements += 1
         ep.state.outstanding += 1
         started = time.perf_counter()
@@ -692,6 +693,25 @@ class PostgresBackend(_Documents):
             }
             for r in rows
         }
+
+    async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]:
+        """The plan of a statement (EXPLAIN without ANALYZE): whether an index is used, and a
+        one-line summary."""
+        async with self._conn() as conn:
+            try:
+                raw = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args, timeout=2.0)
+            except Exception as exc:
+                raise translate(exc) from None
+        plan = (orjson.loads(raw) if isinstance(raw, str) else raw)[0]["Plan"]
+        nodes = []
+        stack = [plan]
+        while stack:
+            node = stack.pop()
+            nodes.append(node.get("Node Type", "?"))
+            stack.extend(node.get("Plans", []))
+        index_used = any("Index" in n for n in nodes)
+        summary = f"{plan.get('Node Type')} (cost {plan.get('Total Cost')}): " + " > ".join(nodes)
+        return index_used, summary[:500]
 
     async def audit_log(
         self,

@@ -110,6 +110,7 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
         )
     )
     context.write_token.set(None)
+    context.last_statement.set(None)
     with gate.in_flight(caller):
         response = await handler(request)
     token = context.write_token.get()

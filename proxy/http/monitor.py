@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import guard
+from proxy import context, guard
 from proxy.backends.collector_client import StatsPusher
 from proxy.core import Core
 from proxy.errors import BadRequest, ProxyError
@@ -91,7 +91,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             if source is None
             else query_pattern(operation, collection, source)
         )
-        app[STATS].record(
+        recorder = app[STATS]
+        recorder.record(
             collection,
             operation,
             seconds * 1000.0,
@@ -100,6 +101,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             status < 400,
             code,
         )
+        if seconds * 1000.0 >= recorder.slow_threshold_ms and recorder.plan(pattern) is None:
+            statement = context.last_statement.get()
+            if statement is not None:
+                app[CORE].explain_later(
+                    statement, lambda used, text: recorder.note_plan(pattern, used, text)
+                )
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -181,7 +188,9 @@ def install(app: web.Application, core: Core, collector_url: str | None) -> None
     """Routes, state and the stats pusher of the monitoring side."""
     m = Metrics()
     app[METRICS] = m
-    app[STATS] = StatsRecorder(core.gate.sidecar_service or "dbproxy")
+    app[STATS] = StatsRecorder(
+        core.gate.sidecar_service or "dbproxy", slow_threshold_ms=core.limits.slow_query_ms
+    )
     m.sources["connections"] = core.connections
     m.sources["gate"] = lambda: dict(core.gate.counters)
     m.sources["transactions"] = lambda: {
