@@ -20,6 +20,7 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import check_collection
+from proxy.backends.coalesce import Coalescer, FetchMany
 from proxy.backends.pgpool import Endpoint, EndpointSet
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
@@ -451,9 +452,12 @@ class PostgresBackend(_Documents):
         ids: IdGenerator | None = None,
         audit: bool = True,
         endpoints: EndpointSet | None = None,
+        coalesce: bool = True,
     ) -> None:
         super().__init__(config.name, limits, schema, ids or IdGenerator(), set(), audit)
         self.config = config
+        self.coalesce = coalesce
+        self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
         self.endpoints = endpoints or EndpointSet(config, limits)
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -657,6 +661,38 @@ class PostgresBackend(_Documents):
             raise
         except Exception as exc:
             raise translate(exc) from None
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        """By id; concurrent point reads of one collection share one query (coalescing),
+        except reads bound to a consistency token, which are routed one by one."""
+        ctx = context.current.get()
+        if not self.coalesce or ctx.min_lsn is not None:
+            return await super().get(collection, doc_id)
+        key = (collection, ctx.read_preference)
+        co = self._coalescers.get(key)
+        if co is None:
+            if len(self._coalescers) > 10_000:
+                self._coalescers.clear()
+            co = self._coalescers[key] = Coalescer(self._getter(collection))
+        return await co.get(doc_id)
+
+    def _getter(self, collection: str) -> FetchMany[str, WriteResult]:
+        sql = (
+            f"SELECT _id, doc::text, _version FROM {self._table(collection)} "
+            "WHERE _id = ANY($1::text[])"
+        )
+
+        async def fetch_many(ids: list[str]) -> dict[str, WriteResult]:
+            rows = await self._read(collection, sql, ids)
+            return {r[0]: WriteResult(r[1].encode(), r[2]) for r in rows or ()}
+
+        return fetch_many
+
+    def coalescing(self) -> dict[str, int]:
+        return {
+            "batches": sum(c.batches for c in self._coalescers.values()),
+            "reads": sum(c.keys for c in self._coalescers.values()),
+        }
 
     def connections(self) -> dict[str, Any]:
         """Per endpoint: role, pool figures, breaker, lag, last error (never secrets)."""

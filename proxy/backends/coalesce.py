@@ -1,0 +1,71 @@
+"""Read coalescing: point reads of one collection that arrive within one event-loop turn
+are answered by ONE query for all their ids, and identical ids share one result
+(single-flight). Bounded: a batch never holds more than ``max_batch`` distinct ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+FetchMany = Callable[[list[K]], Awaitable[dict[K, V]]]
+
+
+class Coalescer(Generic[K, V]):
+    """Collects keys for one loop turn, then fetches them with one call."""
+
+    def __init__(self, fetch_many: FetchMany[K, V], max_batch: int = 256) -> None:
+        self._fetch_many = fetch_many
+        self.max_batch = max_batch
+        self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # fetch calls made
+        self.keys = 0  # keys asked for (a key asked twice in one batch counts twice)
+
+    async def get(self, key: K) -> V | None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[V | None] = loop.create_future()
+        waiters = self._pending.get(key)
+        if waiters is None:
+            self._pending[key] = [fut]
+        else:
+            waiters.append(fut)  # single flight: the same key rides along
+        self.keys += 1
+        if len(self._pending) >= self.max_batch:
+            self._flush()
+        elif not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        self.batches += 1
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+        try:
+            found = await self._fetch_many(list(batch))
+        except BaseException as exc:
+            for waiters in batch.values():
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for key, waiters in batch.items():
+            value = found.get(key)
+            for fut in waiters:
+                if not fut.done():  # a cancelled request simply drops out
+                    fut.set_result(value)

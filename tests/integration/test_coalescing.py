@@ -1,0 +1,91 @@
+"""Coalesced point reads: one query for concurrent gets, results and policies per request."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.backends.postgres import PostgresBackend
+from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
+from proxy.core import Core
+from proxy.errors import NotFound
+from proxy.guard import Caller, Gatekeeper
+from proxy.policy import load_policies
+
+pytestmark = pytest.mark.integration
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+@pytest.fixture
+async def backend(pg_dsn: str):  # type: ignore[no-untyped-def]
+    cfg = DatabaseConfig(
+        name="main",
+        type="postgresql",
+        connection_string=pg_dsn,
+        pool_settings=PoolSettings(1, 4, 5),
+    )
+    b = PostgresBackend(cfg, Limits(), schema=f"co_{uuid.uuid4().hex[:10]}")
+    await b.start()
+    yield b
+    async with b._conn() as conn:
+        await conn.execute(f'DROP SCHEMA "{b.schema}" CASCADE')
+    await b.close()
+
+
+async def test_concurrent_gets_share_queries(backend: PostgresBackend) -> None:
+    core = Core(Config(), {"main": backend}, "main")
+    await core.create("c", [{"_id": f"d{i}", "n": i} for i in range(50)])
+    ids = [f"d{i % 50}" for i in range(200)] + ["missing"] * 5
+    results = await asyncio.gather(*(core.get("c", i) for i in ids), return_exceptions=True)
+    for doc_id, result in zip(ids, results, strict=True):
+        if doc_id == "missing":
+            assert isinstance(result, NotFound)
+        else:
+            assert not isinstance(result, BaseException)
+            assert orjson.loads(result.body)["_id"] == doc_id
+    stats = backend.coalescing()
+    assert stats["reads"] == len(ids)
+    assert stats["batches"] <= 5  # 205 reads, a handful of statements
+    # switched off: one statement per read
+    backend.coalesce = False
+    before = backend.endpoints.primary.statements
+    await asyncio.gather(*(core.get("c", f"d{i}") for i in range(20)))
+    assert backend.endpoints.primary.statements - before == 20
+
+
+async def test_policies_still_hold_per_request(backend: PostgresBackend) -> None:
+    policies = load_policies(POLICIES)
+    core = Core(Config(), {"main": backend}, "main", Gatekeeper(policies))
+    await core.create(
+        "users",
+        [
+            {"_id": "u1", "tenant_id": "t1", "name": "a", "password_hash": "x"},
+            {"_id": "u2", "tenant_id": "t2", "name": "b", "password_hash": "y"},
+        ],
+    )
+    billing = policies.get("billing")
+    assert billing is not None
+    t1 = Caller("billing", billing, {"X-Tenant-Id": "t1"})
+    t2 = Caller("billing", billing, {"X-Tenant-Id": "t2"})
+    results = await asyncio.gather(
+        core.get("users", "u1", caller=t1),
+        core.get("users", "u2", caller=t1),
+        core.get("users", "u1", caller=t2),
+        core.get("users", "u2", caller=t2),
+        core.get("users", "u1"),
+        return_exceptions=True,
+    )
+    assert orjson.loads(results[0].body) == {
+        "_id": "u1",
+        "_version": 1,
+        "tenant_id": "t1",
+        "name": "a",
+    }
+    assert isinstance(results[1], NotFound) and isinstance(results[2], NotFound)
+    assert orjson.loads(results[3].body)["_id"] == "u2"
+    assert "password_hash" not in orjson.loads(results[3].body)
+    assert orjson.loads(results[4].body)["password_hash"] == "x"  # open caller sees all
