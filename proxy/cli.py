@@ -4,22 +4,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
-from proxy.config import Config, load_config
+from proxy.backends.redis import RedisLimiter
+from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
+from proxy.config import DATABASE_URL_ENV, Config, DatabaseConfig, load_config, redact_dsn
 from proxy.core import Core
 from proxy.errors import ConfigError
+from proxy.guard import Gatekeeper
 from proxy.http.app import build_app
+from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.policy import check_directory, load_policies
 
 log = logging.getLogger("dbproxy")
+
+COLLECTOR_TOKEN_ENV = "DBPROXY_COLLECTOR_TOKEN"  # noqa: S105 (a variable name, no secret)
+
+
+EMBEDDED_DATABASE = "embedded"
 
 
 def build_backends(config: Config) -> dict[str, Backend]:
@@ -28,6 +42,17 @@ def build_backends(config: Config) -> dict[str, Backend]:
     for db in config.databases:
         if db.type == "postgresql":
             backends[db.name] = PostgresBackend(db, config.limits)
+        elif db.type == "sqlite":
+            try:
+                path = sqlite_path(db.connection_string)
+            except ValueError as err:
+                problems.append(f"databases.{db.name}: {err}")
+                continue
+            problem = check_location(path)
+            if problem is not None:
+                problems.append(f"databases.{db.name}: {problem}")
+            else:
+                backends[db.name] = SqliteBackend(db, config.limits, path=path)
         else:
             problems.append(f"databases.{db.name}: type {db.type!r} has no backend in this build")
     if problems:
@@ -35,16 +60,95 @@ def build_backends(config: Config) -> dict[str, Backend]:
     return backends
 
 
-def make_core(config: Config) -> Core:
+def make_core(config: Config, *, announce: bool = True) -> Core:
+    """The operation pipeline over the configured databases, validated before any I/O;
+    with no database configured, over the embedded SQLite store in ``config.data_dir``."""
     backends = build_backends(config)
-    if not backends:
-        raise ConfigError(["no database configured: pass --database URL or --config FILE"])
+    if not config.databases:
+        path = os.path.join(config.data_dir, DATA_FILE)
+        problem = check_location(path)
+        if problem is not None:
+            raise ConfigError([f"data_dir: {problem}"])
+        embedded = DatabaseConfig(
+            name=EMBEDDED_DATABASE,
+            type="sqlite",
+            connection_string="sqlite://" + os.path.abspath(path),
+        )
+        backends[EMBEDDED_DATABASE] = SqliteBackend(embedded, config.limits, path=path)
+        if announce:
+            log.info(
+                "no database configured: using the embedded SQLite store at %s "
+                "(pass --database URL or --config FILE to use PostgreSQL)",
+                os.path.abspath(path),
+            )
+        return Core(config, backends, EMBEDDED_DATABASE)
     default = config.default_database or next(iter(backends))
     return Core(config, backends, default)
 
 
-async def serve(config: Config, shutdown_timeout: float = 10.0) -> None:
-    app = build_app(config, make_core(config))
+@dataclass(frozen=True)
+class ServeOptions:
+    """The serve flags that are not part of the database configuration."""
+
+    policies: str | None = None
+    service: str | None = None
+    redis_url: str | None = None
+    redis_timeout: float = 0.05
+    workers: int = 1
+    watch_interval: float = 2.0
+
+
+def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
+    """Load the policies (every problem at once) and decide the identity mode."""
+    policies = None
+    caps: dict[str, Any] = {
+        "max_statement_timeout_seconds": config.limits.statement_timeout_seconds,
+        "max_rows": config.limits.max_limit,
+    }
+    if opts.policies is not None:
+        policies = load_policies(opts.policies, **caps)
+        if opts.service is not None and policies.get(opts.service) is None:
+            raise ConfigError([f"--service {opts.service!r} has no policy in {opts.policies}"])
+    token_mode = policies is not None and opts.service is None
+    if not token_mode and not _loopback(config.server.host):
+        raise ConfigError(
+            [
+                f"refusing to listen on {config.server.host}: without token mode anyone who "
+                "reaches the port is trusted; use --policies DIR without --service, or a "
+                "loopback address"
+            ]
+        )
+    return Gatekeeper(
+        policies, sidecar_service=opts.service, policy_dir=opts.policies, load_caps=caps
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(
+    config: Config, opts: ServeOptions | None = None, shutdown_timeout: float = 10.0
+) -> None:
+    opts = opts or ServeOptions()
+    core = make_core(config)
+    core.gate = make_gate(config, opts)
+    limiter = None
+    if opts.redis_url:
+        limiter = RedisLimiter(opts.redis_url, timeout=opts.redis_timeout)
+        await limiter.start()
+        core.gate.remote = limiter
+    if not core.gate.enforcing:
+        log.warning(
+            "NO POLICIES: running OPEN — every caller may do everything "
+            "(pass --policies DIR to enforce per-service policies)"
+        )
+    app = build_app(config, core)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(
@@ -52,10 +156,90 @@ async def serve(config: Config, shutdown_timeout: float = 10.0) -> None:
     )
     await site.start()
     log.info(
-        "dbproxy listening on http://%s:%d (databases: %s)",
+        "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
         config.server.host,
         config.server.port,
-        ", ".join(f"{d.name}={d.redacted_dsn()}" for d in config.databases),
+        ", ".join(f"{d.name}={d.redacted_dsn()}" for d in config.databases) or "embedded",
+        opts.policies or "off",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, core.gate.reload)
+    watcher = asyncio.create_task(_watch_policies(core.gate, opts.watch_interval))
+    try:
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await runner.cleanup()  # stops accepting, waits for handlers, closes pools
+        if limiter is not None:
+            await limiter.close()
+    log.info("stopped")
+
+
+def _policy_stamp(directory: str) -> tuple[tuple[str, int, int], ...]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        return tuple(
+            (e.name, e.stat().st_mtime_ns, e.stat().st_size)
+            for e in entries
+            if e.name.endswith((".yaml", ".yml")) and not e.name.startswith(".")
+        )
+    except OSError:
+        return ()
+
+
+async def _watch_policies(gate: Gatekeeper, interval: float) -> None:
+    """Reload when the policy directory changes (ConfigMap updates swap a symlink)."""
+    if gate.policy_dir is None:
+        return
+    stamp = _policy_stamp(gate.policy_dir)
+    while True:
+        await asyncio.sleep(interval)
+        fresh = _policy_stamp(gate.policy_dir)
+        if fresh != stamp:
+            stamp = fresh
+            gate.reload()
+
+
+def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> int:
+    """``--workers N``: N processes share the port with SO_REUSEPORT, each with its own
+    pools; the parent forwards signals and waits."""
+    child_args = [a for a in argv]
+    i = child_args.index("--workers")
+    del child_args[i : i + 2]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args])
+        for _ in range(opts.workers)
+    ]
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
+
+async def run_collector(settings: CollectorSettings, shutdown_timeout: float = 10.0) -> None:
+    """``dbproxy collector``: serve until SIGTERM/SIGINT, then finish in-flight pushes."""
+    runner = web.AppRunner(
+        build_collector_app(settings), access_log=None, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    await web.TCPSite(runner, settings.host, settings.port, backlog=1024).start()
+    log.info(
+        "dbproxy collector listening on http://%s:%d (database: %s, push token: %s)",
+        settings.host,
+        settings.port,
+        redact_dsn(settings.database_url),
+        "required" if settings.token else "NOT required",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,10 +247,20 @@ async def serve(config: Config, shutdown_timeout: float = 10.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
-        log.info("shutting down: finishing in-flight requests")
+        log.info("collector shutting down")
     finally:
-        await runner.cleanup()  # stops accepting, waits for handlers, closes pools
+        await runner.cleanup()
     log.info("stopped")
+
+
+def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
+    database = args.database or os.environ.get(DATABASE_URL_ENV) or ""
+    if not database.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(["--database must be a postgresql:// URL (or set DBPROXY_DATABASE_URL)"])
+    token = args.token if args.token is not None else os.environ.get(COLLECTOR_TOKEN_ENV)
+    return CollectorSettings(
+        database_url=database, token=token or None, host=args.host, port=args.port
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,14 +273,40 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--database", default=None, help="database URL (or env DBPROXY_DATABASE_URL)")
     s.add_argument("--data-dir", default=None, help="embedded store directory")
     s.add_argument("--collector", default=None, help="central stats collector URL")
+    s.add_argument("--policies", default=None, help="policy directory: turns enforcement on")
+    s.add_argument("--service", default=None, help="sidecar mode: every request is this service")
+    s.add_argument(
+        "--redis",
+        default=os.environ.get("DBPROXY_REDIS_URL"),
+        help="Redis URL for global rate limits (or env DBPROXY_REDIS_URL)",
+    )
+    s.add_argument(
+        "--redis-timeout",
+        type=float,
+        default=0.05,
+        help="seconds a global rate-limit decision may wait for Redis before the policy's "
+        "fail mode decides (default 0.05)",
+    )
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     s.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
+    pc = sub.add_parser("policy", help="policy tools")
+    pc_sub = pc.add_subparsers(dest="policy_command", required=True)
+    chk = pc_sub.add_parser("check", help="validate a policy directory")
+    chk.add_argument("directory")
+    c = sub.add_parser("collector", help="run the central stats collector")
+    c.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    c.add_argument("--port", type=int, default=8710, help="listen port (default 8710)")
+    c.add_argument("--database", default=None, help="PostgreSQL URL where rollups persist")
+    c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
+    c.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        level=getattr(args, "log_level", "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     if args.command == "serve":
         try:
@@ -98,20 +318,46 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 collector_url=args.collector,
             )
-            make_core(config)  # validate backends before binding the port
+            opts = ServeOptions(
+                args.policies, args.service, args.redis, args.redis_timeout, args.workers
+            )
+            make_core(config, announce=False)  # validate backends and policies before binding
+            make_gate(config, opts)
         except ConfigError as err:
             print(f"dbproxy: {err}", file=sys.stderr)
             return 2
+        if opts.workers < 1:
+            print("dbproxy: --workers must be at least 1", file=sys.stderr)
+            return 2
+        if opts.workers > 1:
+            return serve_workers(config, opts, list(argv if argv is not None else sys.argv[1:]))
         import uvloop
 
         try:
-            uvloop.run(serve(config))
+            uvloop.run(serve(config, opts))
         except OSError as err:
             print(f"dbproxy: cannot start: {err}", file=sys.stderr)
             return 1
         except ConfigError as err:
             print(f"dbproxy: {err}", file=sys.stderr)
             return 2
+    if args.command == "policy":
+        ok, report = check_directory(args.directory)
+        print(report, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    if args.command == "collector":
+        try:
+            settings = _collector_settings(args)
+        except ConfigError as err:
+            print(f"dbproxy: {err}", file=sys.stderr)
+            return 2
+        import uvloop
+
+        try:
+            uvloop.run(run_collector(settings))
+        except OSError as err:
+            print(f"dbproxy: cannot start: {err}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -4,15 +4,55 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+
+import asyncpg
 
 from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
+from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
 from proxy.core import Core
 
-KINDS = ["postgresql"]
+KINDS = ["postgresql", "sqlite"]
+
+_POOL = PoolSettings(min_connections=1, max_connections=8, timeout_seconds=5)
+
+
+@asynccontextmanager
+async def backend_namespace(
+    kind: str, pg_dsn: str, limits: Limits, tmp_dir: str
+) -> AsyncIterator[Callable[[], Backend]]:
+    """A namespace of its own (a PostgreSQL schema, an SQLite file) that outlives the
+    backends opened on it: yields a factory of unstarted backends; removed afterwards."""
+    if kind == "postgresql":
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        cfg = DatabaseConfig(
+            name="main", type="postgresql", connection_string=pg_dsn, pool_settings=_POOL
+        )
+        try:
+            yield lambda: PostgresBackend(cfg, limits, schema=schema)
+        finally:
+            conn = await asyncpg.connect(pg_dsn)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+        return
+    if kind == "sqlite":
+        path = os.path.join(tmp_dir, f"t_{uuid.uuid4().hex[:12]}.sqlite3")
+        cfg = DatabaseConfig(
+            name="main", type="sqlite", connection_string=f"sqlite://{path}", pool_settings=_POOL
+        )
+        try:
+            yield lambda: SqliteBackend(cfg, limits, path=path)
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+        return
+    raise ValueError(kind)
 
 
 @asynccontextmanager
@@ -20,32 +60,24 @@ async def open_backend(
     kind: str, pg_dsn: str, limits: Limits, tmp_dir: str
 ) -> AsyncIterator[Backend]:
     """A started backend in a namespace of its own, removed afterwards."""
-    if kind == "postgresql":
-        schema = f"t_{uuid.uuid4().hex[:12]}"
-        cfg = DatabaseConfig(
-            name="main",
-            type="postgresql",
-            connection_string=pg_dsn,
-            pool_settings=PoolSettings(min_connections=1, max_connections=8, timeout_seconds=5),
-        )
-        backend = PostgresBackend(cfg, limits, schema=schema)
+    async with backend_namespace(kind, pg_dsn, limits, tmp_dir) as make:
+        backend = make()
         await backend.start()
         try:
             yield backend
         finally:
-            assert backend.pool is not None
-            async with backend.pool.acquire() as conn:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             await backend.close()
-        return
-    raise ValueError(kind)
+
+
+def core_over(backend: Backend, limits: Limits) -> Core:
+    config = Config(limits=limits, databases=(), default_database="main")
+    return Core(config, {"main": backend}, "main")
 
 
 @asynccontextmanager
 async def open_core(kind: str, pg_dsn: str, limits: Limits, tmp_dir: str) -> AsyncIterator[Core]:
     async with open_backend(kind, pg_dsn, limits, tmp_dir) as backend:
-        config = Config(limits=limits, databases=(), default_database="main")
-        yield Core(config, {"main": backend}, "main")
+        yield core_over(backend, limits)
 
 
 def mongo_url() -> str | None:
