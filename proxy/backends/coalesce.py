@@ -69,3 +69,75 @@ class Coalescer(Generic[K, V]):
             for fut in waiters:
                 if not fut.done():  # a cancelled request simply drops out
                     fut.set_result(value)
+
+
+Item = TypeVar("Item")
+R = TypeVar("R")
+
+
+class Batcher(Generic[Item, R]):
+    """Collects submitted items for one loop turn and runs them with one call, which
+    returns one outcome per item (a value, or an exception for that item alone). Items
+    whose ``key`` is already in the open batch start the next batch, so one batch never
+    holds two items with the same key."""
+
+    def __init__(
+        self,
+        run: Callable[[list[Item]], Awaitable[list[R | BaseException]]],
+        key: Callable[[Item], Hashable],
+        max_batch: int = 256,
+    ) -> None:
+        self._run_batch = run
+        self._key = key
+        self.max_batch = max_batch
+        self._items: list[Item] = []
+        self._futures: list[asyncio.Future[R]] = []
+        self._keys: set[Hashable] = set()
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: Item) -> R:
+        loop = asyncio.get_running_loop()
+        key = self._key(item)
+        if key in self._keys or len(self._items) >= self.max_batch:
+            self._flush()
+        fut: asyncio.Future[R] = loop.create_future()
+        self._items.append(item)
+        self._futures.append(fut)
+        self._keys.add(key)
+        self.items += 1
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        if not self._items:
+            return
+        items, futures = self._items, self._futures
+        self._items, self._futures, self._keys = [], [], set()
+        self.batches += 1
+        task = asyncio.get_running_loop().create_task(self._run(items, futures))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, items: list[Item], futures: list[asyncio.Future[R]]) -> None:
+        try:
+            outcomes = await self._run_batch(items)
+        except BaseException as exc:
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for fut, outcome in zip(futures, outcomes, strict=True):
+            if fut.done():
+                continue
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)

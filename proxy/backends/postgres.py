@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -20,9 +21,10 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import check_collection
-from proxy.backends.coalesce import Coalescer, FetchMany
+from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.pgpool import Endpoint, EndpointSet
 from proxy.config import DatabaseConfig, Limits
+from proxy.context import RequestContext
 from proxy.errors import (
     BadRequest,
     CommitOutcomeUnknown,
@@ -76,6 +78,9 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.CrashShutdownError,
 )
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
+# an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_Insert = tuple[str, str, str, str]  # _id, document JSON, service, request id
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
 AUDIT_DDL = """
 CREATE TABLE IF NOT EXISTS {schema}._audit (
@@ -230,11 +235,14 @@ class _Documents:
             doc_id = self.ids.new()
         body = {"_id": doc_id, **doc, "_version": 1}
         try:
-            return doc_id, orjson.dumps(body)
+            text = orjson.dumps(body)
         except orjson.JSONEncodeError:
             raise InvalidQuery(
                 "the document has a value JSON cannot carry", code="invalid_value"
             ) from None
+        if b"\\u0000" in text and _NUL_ESCAPE.search(text):  # jsonb refuses NUL: say so now
+            raise InvalidQuery("strings may not contain the NUL character", code="invalid_value")
+        return doc_id, text
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
         doc_id, body = self._prepare(doc)
@@ -458,6 +466,7 @@ class PostgresBackend(_Documents):
         self.config = config
         self.coalesce = coalesce
         self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
+        self._inserters: dict[str, Batcher[_Insert, tuple[bool, str | None]]] = {}
         self.endpoints = endpoints or EndpointSet(config, limits)
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -661,6 +670,79 @@ class PostgresBackend(_Documents):
             raise
         except Exception as exc:
             raise translate(exc) from None
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
+        """Create one document. Concurrent creates of one collection are written by ONE
+        statement (and one commit); each is answered only after that commit returned, with
+        its own outcome, and each keeps its own audit row."""
+        if not self.coalesce:
+            return await super().insert_one(collection, doc)
+        doc_id, body = self._prepare(doc)
+        ctx = context.current.get()
+        batcher = self._inserters.get(collection)
+        if batcher is None:
+            batcher = self._inserters[collection] = Batcher(
+                self._insert_batch_runner(collection), key=lambda item: item[0]
+            )
+        inserted, token = await batcher.submit((doc_id, body.decode(), ctx.service, ctx.request_id))
+        if token is not None:
+            context.write_token.set(token)
+        if not inserted:
+            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
+        return WriteResult(body, 1, created=True)
+
+    def _insert_batch_runner(
+        self, collection: str
+    ) -> Callable[[list[_Insert]], Awaitable[list[tuple[bool, str | None] | BaseException]]]:
+        table = self._table(collection)
+        audit = (
+            f", a AS (INSERT INTO {self._schema_ident}._audit "
+            "(service, operation, collection, ids, request_id) "
+            "SELECT u.svc, 'create', $5, ARRAY[u.i], u.rid FROM u JOIN w ON w._id = u.i)"
+            if self.audit
+            else ""
+        )
+        sql = (
+            "WITH u AS (SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) "
+            f"AS u(i, d, svc, rid)), w AS (INSERT INTO {table} (_id, doc, _version) "
+            "SELECT u.i, u.d, 1 FROM u ON CONFLICT (_id) DO NOTHING RETURNING _id)"
+            f"{audit} SELECT _id FROM w"
+        )
+
+        async def run(items: list[_Insert]) -> list[tuple[bool, str | None] | BaseException]:
+            columns = [list(c) for c in zip(*items, strict=True)]
+            args = (*columns, collection) if self.audit else tuple(columns)
+            try:
+                rows = await self._write(collection, sql, *args)
+            except InvalidQuery:
+                # one bad document (a value the database refuses) must not fail the others
+                return [await self._insert_alone(collection, item) for item in items]
+            token = context.write_token.get()
+            inserted = {r[0] for r in rows}
+            return [(item[0] in inserted, token) for item in items]
+
+        return run
+
+    async def _insert_alone(
+        self, collection: str, item: _Insert
+    ) -> tuple[bool, str | None] | BaseException:
+        doc_id, body, svc, rid = item
+        token = context.current.set(RequestContext(svc, rid))
+        try:
+            params = Params([doc_id, body])
+            sql = self._audited(
+                f"INSERT INTO {self._table(collection)} (_id, doc, _version) VALUES "
+                "($1, $2::jsonb, 1) ON CONFLICT (_id) DO NOTHING RETURNING _id AS audit_id",
+                params,
+                "create",
+                collection,
+            )
+            rows = await self._write(collection, sql, *params.values)
+            return bool(rows), context.write_token.get()
+        except ProxyError as err:
+            return err
+        finally:
+            context.current.reset(token)
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
         """By id; concurrent point reads of one collection share one query (coalescing),

@@ -89,3 +89,36 @@ async def test_policies_still_hold_per_request(backend: PostgresBackend) -> None
     assert orjson.loads(results[3].body)["_id"] == "u2"
     assert "password_hash" not in orjson.loads(results[3].body)
     assert orjson.loads(results[4].body)["password_hash"] == "x"  # open caller sees all
+
+
+async def test_concurrent_creates_share_a_statement_with_per_item_outcomes(
+    backend: PostgresBackend,
+) -> None:
+    from proxy import context
+    from proxy.context import RequestContext
+    from proxy.errors import DuplicateId, InvalidQuery
+
+    core = Core(Config(), {"main": backend}, "main")
+    await core.create("w", {"_id": "taken"})
+
+    async def create(i: int) -> object:
+        context.current.set(RequestContext(f"svc{i % 3}", f"req-{i}"))
+        doc: dict[str, object] = {"_id": f"n{i}", "i": i}
+        if i == 7:
+            doc["_id"] = "taken"  # a duplicate: only this one fails
+        if i == 11:
+            doc["bad"] = "nul\x00char"  # a value PostgreSQL refuses: only this one fails
+        return await core.create("w", doc)
+
+    before = backend.endpoints.primary.statements
+    results = await asyncio.gather(*(create(i) for i in range(40)), return_exceptions=True)
+    statements = backend.endpoints.primary.statements - before
+    assert isinstance(results[7], DuplicateId)
+    assert isinstance(results[11], InvalidQuery)
+    assert sum(not isinstance(r, BaseException) for r in results) == 38
+    assert statements < 40  # batched (a failed batch is replayed one by one)
+    assert await core.count("w", None) == 39
+    rows = await backend.audit_log(collection="w", limit=1000)
+    by_request = {r["request_id"]: r for r in rows}
+    assert set(by_request) == {"", *(f"req-{i}" for i in range(40) if i not in (7, 11))}
+    assert by_request["req-5"]["service"] == "svc2" and by_request["req-5"]["ids"] == ["n5"]
