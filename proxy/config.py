@@ -48,6 +48,7 @@ _SCHEMES: Final[Mapping[str, tuple[str, ...]]] = {
 }
 _TYPE_BY_SCHEME: Final = {s: t for t, schemes in _SCHEMES.items() for s in schemes}
 
+_COLLECTION_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 _NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
 _SCHEME_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 _REFERENCE_RE: Final = re.compile(r"\$\{([^}]*)\}")
@@ -118,6 +119,29 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectionCache:
+    enabled: bool = True
+    ttl_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The read cache: an in-process near cache, in front of Redis when ``redis_url`` is
+    set (shared by all sidecars, invalidated through pub/sub); per collection opt-in."""
+
+    redis_url: str | None = None
+    near_max_entries: int = 10_000
+    near_max_bytes: int = 64 * 1024 * 1024
+    redis_timeout_seconds: float = 0.02
+    collections: Mapping[str, CollectionCache] = field(default_factory=dict)
+
+    def ttl(self, collection: str) -> float | None:
+        """The TTL when by-id reads of ``collection`` are cached, else None."""
+        entry = self.collections.get(collection)
+        return entry.ttl_seconds if entry is not None and entry.enabled else None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8700
@@ -131,6 +155,7 @@ class Config:
     default_database: str | None = None
     data_dir: str = DEFAULT_DATA_DIR  # home of the embedded store when no database is set
     collector_url: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def database(self, name: str | None = None) -> DatabaseConfig:
         """The database called ``name`` (the default one when None); ConfigError if unknown."""
@@ -394,6 +419,53 @@ def _parse_limits(value: object, problems: _Problems) -> Limits:
         problems.add("limits.default_limit", f"must be <= max_limit ({maximum})")
     limits: Limits = _build(Limits, values)
     return limits
+
+
+def _parse_cache(value: object, problems: _Problems) -> CacheConfig:
+    raw = _mapping(value, "cache", problems) if value is not None else {}
+    if raw is None:
+        return CacheConfig()
+    keys = (
+        "redis_url",
+        "near_max_entries",
+        "near_max_bytes",
+        "redis_timeout_seconds",
+        "collections",
+    )
+    _check_keys(raw, keys, "cache", problems)
+    defaults = CacheConfig()
+    redis_url = _optional_str(raw, "redis_url", "cache", problems)
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://")):
+        problems.add("cache.redis_url", "must be a redis:// or rediss:// URL")
+    entries = _int(raw, "near_max_entries", "cache", defaults.near_max_entries, problems, low=0)
+    size = _int(raw, "near_max_bytes", "cache", defaults.near_max_bytes, problems, low=0)
+    timeout = _positive_number(
+        raw, "redis_timeout_seconds", "cache", defaults.redis_timeout_seconds, problems
+    )
+    collections: dict[str, CollectionCache] = {}
+    coll_raw = _mapping(raw.get("collections", {}), "cache.collections", problems) or {}
+    for name, spec in coll_raw.items():
+        where = f"cache.collections.{name}"
+        if not isinstance(name, str) or not _COLLECTION_RE.fullmatch(name):
+            problems.add(where, "is not a valid collection name")
+            continue
+        body = _mapping(spec, where, problems)
+        if body is None:
+            continue
+        _check_keys(body, ("enabled", "ttl_seconds"), where, problems)
+        enabled = body.get("enabled", True)
+        if not isinstance(enabled, bool):
+            problems.add(f"{where}.enabled", "must be true or false")
+            enabled = True
+        ttl = _positive_number(body, "ttl_seconds", where, 60.0, problems)
+        collections[name] = CollectionCache(enabled, ttl if ttl is not None else 60.0)
+    return CacheConfig(
+        redis_url=redis_url,
+        near_max_entries=entries if entries is not None else defaults.near_max_entries,
+        near_max_bytes=size if size is not None else defaults.near_max_bytes,
+        redis_timeout_seconds=timeout if timeout is not None else defaults.redis_timeout_seconds,
+        collections=collections,
+    )
 
 
 def _parse_server(
@@ -673,6 +745,7 @@ def _with_url_database(
 _TOP_KEYS: Final = (
     "server",
     "limits",
+    "cache",
     "data_dir",
     "collector_url",
     "default_database",
@@ -775,6 +848,7 @@ def load_config(
     )
     server = _parse_server(raw.get("server"), problems, host, port)
     limits = _parse_limits(raw.get("limits"), problems)
+    cache = _parse_cache(raw.get("cache"), problems)
     databases, default = _parse_all_databases(raw, secrets, database_url, problems)
     data_dir_value, collector = _parse_locations(raw, data_dir, collector_url, problems)
     if problems.items:
@@ -786,4 +860,5 @@ def load_config(
         default_database=default,
         data_dir=data_dir_value,
         collector_url=collector,
+        cache=cache,
     )

@@ -11,11 +11,19 @@ from typing import Any, TypeVar
 
 import orjson
 
-from proxy import guard
+from proxy import context, guard
 from proxy.backends.base import Backend, Documents, Transaction, check_collection
 from proxy.batch import parse_batch, parse_isolation, run_operations
+from proxy.cache import Hit, TwoLevelCache
 from proxy.config import Config
-from proxy.errors import BadRequest, Forbidden, LimitExceeded, NotFound, ProxyError
+from proxy.errors import (
+    BadRequest,
+    CommitOutcomeUnknown,
+    Forbidden,
+    LimitExceeded,
+    NotFound,
+    ProxyError,
+)
 from proxy.guard import OPEN, Caller, Gatekeeper
 from proxy.ops import (
     Change,
@@ -55,6 +63,8 @@ class Core:
     ) -> None:
         self.config = config
         self.gate = gate or Gatekeeper(None)
+        self.cache: TwoLevelCache | None = None
+        self._tx_writes: dict[int, list[tuple[str, int]]] = {}
         self._volume: dict[tuple[str, str], int] = {}
         self._last_explain = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -67,6 +77,8 @@ class Core:
             max_lifetime=lim.transaction_max_lifetime_seconds,
             max_open=lim.max_open_transactions,
         )
+        self.transactions.on_commit = self.after_commit
+        self.transactions.on_end = self.forget_transaction
 
     def backend(self, database: str | None = None) -> Backend:
         name = database or self.default
@@ -171,6 +183,7 @@ class Core:
             if_match=if_match,
             guard=guard.row_guard(caller, collection),
         )
+        await self._written(target, collection, doc_id, result.version)
         return self._visible(caller, collection, result)
 
     def _replacement(
@@ -213,6 +226,7 @@ class Core:
             if_match=if_match,
             guard=guard.row_guard(caller, collection),
         )
+        await self._written(target, collection, doc_id, result.version)
         return self._visible(caller, collection, result)
 
     async def delete(
@@ -229,9 +243,11 @@ class Core:
         guard.authorize(caller, collection, "delete")
         self._in_transaction(caller, collection, target)
         await self.gate.admit(caller, "delete")
-        return await (target or self.backend()).delete(
+        version = await (target or self.backend()).delete(
             collection, doc_id, if_match=if_match, guard=guard.row_guard(caller, collection)
         )
+        await self._written(target, collection, doc_id, version + 1)
+        return version
 
     # -- reads -----------------------------------------------------------------------
 
@@ -247,7 +263,7 @@ class Core:
         check_id(doc_id)
         if caller.policy is not None:
             return await self._get_guarded(collection, doc_id, fields, target, caller)
-        found = await (target or self.backend()).get(collection, doc_id)
+        found = await self._cached_get(collection, doc_id, target)
         if found is None:
             raise NotFound("no document with this _id", details={"_id": doc_id})
         if fields:
@@ -275,8 +291,8 @@ class Core:
         rows = guard.row_guard(caller, collection)
         docs = target or self.backend()
         if rows is None:
-            found = await docs.get(collection, doc_id)
-        else:
+            found = await self._cached_get(collection, doc_id, target)
+        else:  # row rules are checked by the database, never against a cached copy
             by_id = FieldCond(Path(("_id",)), (Eq(doc_id),))
             page = await docs.find(collection, FindSpec(filter=And((by_id, rows)), limit=1))
             found = WriteResult(page.items[0], 0) if page.items else None
@@ -340,6 +356,57 @@ class Core:
                 flt = And((flt, rows))
         return await (target or self.backend()).count(collection, flt)
 
+    # -- the read cache -----------------------------------------------------------------
+
+    def _cache_key(self, collection: str, doc_id: str) -> str:
+        return f"d:{self.default}:{collection}:{doc_id}"
+
+    async def _cached_get(
+        self, collection: str, doc_id: str, target: Documents | None
+    ) -> WriteResult | None:
+        """By id through the two-level cache when the collection opts in. Transactions and
+        consistency-token reads go to the database; a miss fills the cache under the
+        cache's version protocol (a fill older than a concurrent write is refused)."""
+        cache = self.cache
+        ttl = self.config.cache.ttl(collection) if cache is not None else None
+        if (
+            cache is None
+            or ttl is None
+            or target is not None
+            or context.current.get().min_lsn is not None
+        ):
+            return await (target or self.backend()).get(collection, doc_id)
+        key = self._cache_key(collection, doc_id)
+        got = await cache.get(key)
+        if isinstance(got, Hit):
+            return WriteResult(got.value, got.version)
+        found = await self.backend().get(collection, doc_id)
+        if found is not None:
+            await cache.put(key, found.body, found.version, got, ttl)
+        return found
+
+    async def _written(
+        self, target: Documents | None, collection: str, doc_id: str, version: int
+    ) -> None:
+        """After a write: invalidate its cache entry now, or at the transaction's commit."""
+        cache = self.cache
+        if cache is None or self.config.cache.ttl(collection) is None:
+            return
+        key = self._cache_key(collection, doc_id)
+        if target is None:
+            await cache.invalidate(key, version)
+        else:
+            self._tx_writes.setdefault(id(target), []).append((key, version))
+
+    async def after_commit(self, tx: Documents) -> None:
+        """Invalidate what a transaction wrote (call after COMMIT, even an unknown one)."""
+        entries = self._tx_writes.pop(id(tx), None)
+        if entries and self.cache is not None:
+            await self.cache.invalidate_many(entries)
+
+    def forget_transaction(self, tx: Documents) -> None:
+        self._tx_writes.pop(id(tx), None)
+
     # -- policy helpers ----------------------------------------------------------------
 
     def _visible(self, caller: Caller, collection: str, result: WriteResult) -> WriteResult:
@@ -384,9 +451,14 @@ class Core:
         try:
             result = await work(tx)
             await tx.commit()
+        except CommitOutcomeUnknown:
+            await self.after_commit(tx)  # it may have committed: invalidate anyway
+            raise
         except BaseException:
+            self.forget_transaction(tx)
             await tx.rollback()  # no-op once committed; shielded from cancellation
             raise
+        await self.after_commit(tx)
         return result
 
     async def idempotent(
@@ -464,7 +536,18 @@ class Core:
         return True
 
     def cache_counters(self) -> dict[str, Any]:
-        return {}
+        if self.cache is None:
+            return {}
+        st = self.cache.stats()
+        return {
+            "near:hit": st["near_hits"],
+            "redis:hit": st["remote_hits"],
+            "any:miss": st["misses"],
+            "any:bypass": st["bypasses"],
+            "any:refused": st["refused"],
+            "near:evict": st["evictions"],
+            "any:invalidate": st["invalidations"],
+        }
 
     # -- health ----------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -62,6 +62,9 @@ class TransactionRegistry:
         self._open: dict[str, OpenTransaction] = {}
         self._ended: OrderedDict[str, TxState] = OrderedDict()
         self._starting = 0
+        # hooks for the core: what to do after a commit (cache invalidation) or an end
+        self.on_commit: Callable[[Transaction], Awaitable[None]] | None = None
+        self.on_end: Callable[[Transaction], None] | None = None
         self.counters = {"begun": 0, "committed": 0, "rolled_back": 0, "aborted": 0, "expired": 0}
 
     def __len__(self) -> int:
@@ -133,8 +136,14 @@ class TransactionRegistry:
                 unknown = isinstance(err, CommitOutcomeUnknown)
                 self._ended[entry.id] = TxState.UNKNOWN if unknown else TxState.ABORTED
                 self.counters["aborted"] += 1
+                if unknown and self.on_commit is not None:
+                    await self.on_commit(entry.tx)
+                elif self.on_end is not None:
+                    self.on_end(entry.tx)
                 raise
             self.counters["committed"] += 1
+            if self.on_commit is not None:
+                await self.on_commit(entry.tx)
 
     async def rollback(self, tx_id: str, owner: str) -> None:
         entry = self.lookup(tx_id, owner)
@@ -147,6 +156,8 @@ class TransactionRegistry:
             return
         self._forget(entry, state)
         self.counters["rolled_back" if state is TxState.ROLLED_BACK else state.name.lower()] += 1
+        if self.on_end is not None:
+            self.on_end(entry.tx)
         await entry.tx.rollback()
 
     def _forget(self, entry: OpenTransaction, state: TxState) -> None:

@@ -15,6 +15,7 @@ from aiohttp import web
 from proxy import context
 from proxy.backends.base import Documents
 from proxy.batch import parse_batch, run_operations
+from proxy.cache import NearCache, RedisCache, TwoLevelCache
 from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.core import Core
@@ -511,6 +512,7 @@ def build_app(
     app[CORE] = core
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
+    app.cleanup_ctx.append(_cache_ctx)
     r = app.router
     r.add_get("/api/db/health", health)
     r.add_post("/api/db/transaction", transaction)
@@ -561,3 +563,27 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]]) -> None:
             await job()
         except Exception:
             log.exception("periodic job failed")
+
+
+async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The read cache, when some collection opts in: near cache, plus Redis if configured."""
+    core = app[CORE]
+    settings = app[CONFIG].cache
+    if not any(c.enabled for c in settings.collections.values()):
+        yield
+        return
+    remote = (
+        RedisCache(settings.redis_url, timeout=settings.redis_timeout_seconds)
+        if settings.redis_url
+        else None
+    )
+    cache = TwoLevelCache(
+        NearCache(settings.near_max_entries, settings.near_max_bytes), remote, ttl_default=60.0
+    )
+    await cache.start(wait=1.0)
+    core.cache = cache
+    try:
+        yield
+    finally:
+        core.cache = None
+        await cache.close()

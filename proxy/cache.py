@@ -1,0 +1,1087 @@
+"""The document cache: an in-process LRU (near) in front of Redis (remote), kept coherent.
+
+Levels
+------
+``NearCache`` is a bounded LRU in this process (entries and bytes), ``RedisCache`` holds the
+shared copy and carries invalidations between sidecars on one pub/sub channel, and
+``TwoLevelCache`` combines them for the pipeline: near first, then Redis, filling near.
+Values are opaque ``bytes`` (the encoded whole document) tagged with the document's
+``_version``. Redis trouble (down, frozen, slow) never reaches the caller: the operation
+gives up within ``timeout`` and the cache is bypassed, counted, until it has resynced.
+
+Coherence protocol
+------------------
+Versions are per-document and grow with every write. The race to beat is the classic one:
+a reader misses, reads version ``v`` from the database, a writer commits ``v+1`` and
+invalidates, and only then does the reader put ``v``, which would sit in the cache.
+
+1. *Tickets.* A miss hands out a fill ticket taken BEFORE the database read: the near
+   cache's clock reading (``Miss.since``) and Redis's own ``TIME`` plus the flush
+   generation, read by the same script that found no entry (``Ticket``). A fill (``put``)
+   presents the ticket and is refused when the ticket is older than ``fill_window``
+   seconds, measured on the clock that issued it (so no cross-host clock skew enters).
+2. *Tombstones.* ``invalidate(key, version)`` (called after the write's COMMIT, with the
+   written version) drops the entry and leaves a tombstone ``key -> version`` that lives
+   ``fill_window`` (+1 s slack in Redis). Redis does this in ONE script that also PUBLISHes
+   the invalidation, so deletion and broadcast are one round trip and atomic; every
+   sidecar's subscriber drops the key from its near cache and leaves the same tombstone.
+3. *Conditional puts.* A put is refused when a live tombstone carries a newer version,
+   when a newer (or, for Redis, the same) version is already stored, or when its ticket is
+   too old. A put that replaces a tombstone keeps the tombstone's version and lifetime in
+   the entry, so a short value TTL cannot shorten the protection.
+
+Why it holds: a stale fill read the database before the write committed, so its ticket
+predates the invalidation. If the fill lands within ``fill_window`` of its ticket, it
+lands within ``fill_window`` of the invalidation, while the tombstone is still alive, and
+the tombstone refuses it; otherwise the age rule refuses it. Whichever comes first,
+invalidation or fill, the result is the same: a fill that lands before the invalidation is
+deleted by it. Hence, once Redis has carried out ``invalidate(key, v)`` (the call
+returned without ``CacheUnavailable``), it never again serves a version below ``v`` for
+that key; and a sidecar that has *received* the invalidation never
+serves one from its near cache (the entry was dropped on receipt and the near tombstone
+plus the age rule refuse stale near fills, exactly as in Redis). A sidecar that has not
+received it yet may still serve the old version from its near cache for the pub/sub
+delivery delay (typically well under a millisecond): coherence is "after receipt".
+
+Outages: any failed Redis operation, or a subscriber that loses its connection or gets no
+PONG, makes ``RedisCache`` not live: from then on both levels are bypassed (the near cache
+cannot hear invalidations any more) and the subscriber reconnects in the background.
+Invalidations that could not be delivered are kept (bounded; on overflow they collapse
+into one flush of everything, done by bumping a generation number that every entry and
+every ticket carries) and are replayed first when Redis answers again; then ``on_resync``
+clears the near cache (invalidations may have been missed while disconnected), and only
+then is the cache live again. The replay cannot be instantaneous: a sidecar that reaches
+Redis before the writer's replay may read the old entry from Redis until it lands. A
+sidecar that only serves near hits notices a frozen Redis through the subscriber's PING
+(``health_interval + probe_timeout``, 1.5 s by default); until then it is one that has not
+received the invalidations Redis could not carry.
+
+Assumptions: versions never go backwards for a key (a delete invalidates with the deleted
+version + 1); fills come from reads that see every committed write (the primary, or a
+replica lagging less than ``fill_window``); Redis is a single node or shard (scripts touch
+several keys) whose clock does not step back by more than a second; logical keys never
+start with ``@`` (``prefix + "@gen"`` is the generation counter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, Final, NamedTuple, TypeVar
+
+import orjson
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+__all__ = [
+    "CacheUnavailable",
+    "Clock",
+    "Hit",
+    "Miss",
+    "NearCache",
+    "RedisCache",
+    "RemoteHit",
+    "RemoteState",
+    "Ticket",
+    "TwoLevelCache",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+Clock = Callable[[], float]
+"""Seconds on a monotonic scale (``time.monotonic`` in production, a fake in tests)."""
+
+ENTRY_OVERHEAD: Final = 128
+"""Bytes charged per near entry on top of ``len(value) + len(key)`` (dict node, tuple,
+object headers), so that ``max_bytes`` tracks memory and not only payload."""
+
+_CLEANUP_SLACK: Final = 0.003  # seconds of a budget kept for timer rounding and clean-up
+_FLUSH_ALL: Final = b"*"  # the pub/sub payload meaning "everything is invalid"
+_CHUNK: Final = 256  # keys per invalidation script call
+
+
+class CacheUnavailable(Exception):
+    """Redis could not serve a cache operation in time (down, frozen, erroring, resyncing).
+
+    The message never contains the URL; a driver error is chained as ``__cause__``.
+    """
+
+
+class Hit(NamedTuple):
+    """A cached document: its encoded bytes and its ``_version``."""
+
+    value: bytes
+    version: int
+
+
+class RemoteHit(NamedTuple):
+    """A Redis hit, with the milliseconds the entry has left (the near copy lives no longer)."""
+
+    value: bytes
+    version: int
+    ttl_ms: int
+
+
+class Ticket(NamedTuple):
+    """A Redis fill ticket: Redis ``TIME`` in ms and the flush generation, at the miss."""
+
+    at_ms: int
+    gen: int
+
+
+class Miss(NamedTuple):
+    """A ``TwoLevelCache`` miss; pass it back to ``put`` after reading the database.
+
+    ``since`` is the near cache's clock before the lookup; ``ticket`` is None when Redis was
+    bypassed (then the fill is skipped, as the near cache cannot be trusted either)."""
+
+    since: float
+    ticket: Ticket | None
+
+
+# ---- level 1: in-process -------------------------------------------------------------------
+
+
+class NearCache:
+    """LRU of ``key -> (value, version, expires_at)`` bounded by entries and by bytes, with
+    version tombstones so that a fill older than an invalidation is refused.
+
+    ``get`` and ``put`` are O(1) (``OrderedDict``); expired entries are dropped when met.
+    ``drop(key, version)`` leaves a tombstone for ``tombstone_ttl`` seconds; at most
+    ``max_tombstones`` are kept, and evicting one early raises a floor: any fill whose
+    ``since`` is not after that tombstone's creation is refused, so bounding the map never
+    weakens the protocol. ``put(..., since=t)`` is refused when ``t`` is ``tombstone_ttl``
+    or more in the past (the fill window). Not thread-safe (one event loop).
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_clock",
+        "_data",
+        "_floor",
+        "_tombs",
+        "evictions",
+        "expirations",
+        "hits",
+        "max_bytes",
+        "max_entries",
+        "max_tombstones",
+        "misses",
+        "refused",
+        "tombstone_ttl",
+    )
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int,
+        clock: Clock = time.monotonic,
+        *,
+        tombstone_ttl: float = 5.0,
+        max_tombstones: int = 10_000,
+    ) -> None:
+        problems = [
+            f"{name} must be > 0, got {value!r}"
+            for name, value in (
+                ("max_entries", max_entries),
+                ("max_bytes", max_bytes),
+                ("tombstone_ttl", tombstone_ttl),
+                ("max_tombstones", max_tombstones),
+            )
+            if not value > 0
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.tombstone_ttl = tombstone_ttl
+        self.max_tombstones = max_tombstones
+        self._clock = clock
+        # key -> (hit, expires_at, charged size); order = recency (last = most recent)
+        self._data: OrderedDict[str, tuple[Hit, float, int]] = OrderedDict()
+        # key -> (version, created_at); order = creation (first = oldest)
+        self._tombs: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._floor = float("-inf")  # fills with since <= floor are refused
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0  # entries pushed out by the entry or byte bound
+        self.expirations = 0  # entries found past their TTL
+        self.refused = 0  # puts refused: stale version, tombstone, old ticket, too large
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def entries(self) -> int:
+        return len(self._data)
+
+    @property
+    def tombstones(self) -> int:
+        return len(self._tombs)
+
+    @staticmethod
+    def entry_size(key: str, value: bytes) -> int:
+        return len(value) + len(key) + ENTRY_OVERHEAD
+
+    def get(self, key: str) -> Hit | None:
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        hit, expires_at, size = entry
+        if expires_at <= self._clock():
+            del self._data[key]
+            self._bytes -= size
+            self.expirations += 1
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return hit
+
+    def put(
+        self, key: str, value: bytes, version: int, ttl: float, *, since: float | None = None
+    ) -> bool:
+        """Store ``value`` at ``version`` for ``ttl`` seconds unless it could be stale.
+
+        ``since`` is this cache's clock reading taken before the data was read from its
+        source (``None``: the caller vouches that it is current, e.g. just written). Returns
+        True when the cache now holds ``version`` for ``key``.
+        """
+        now = self._clock()
+        if since is not None and (since <= self._floor or now - since >= self.tombstone_ttl):
+            self.refused += 1
+            return False
+        tomb = self._tombs.get(key)
+        if tomb is not None:
+            if tomb[1] + self.tombstone_ttl <= now:
+                del self._tombs[key]
+            elif tomb[0] > version:
+                self.refused += 1
+                return False
+        old = self._data.get(key)
+        if old is not None and old[1] > now:
+            if old[0].version > version:
+                self.refused += 1
+                return False
+            if old[0].version == version:
+                self._data.move_to_end(key)
+                return True
+        size = self.entry_size(key, value)
+        if size > self.max_bytes or not ttl > 0:
+            self.refused += 1
+            return False
+        if old is not None:
+            self._bytes -= old[2]
+        self._data[key] = (Hit(value, version), now + ttl, size)
+        self._data.move_to_end(key)
+        self._bytes += size
+        self._evict()
+        return True
+
+    def drop(self, key: str, version: int | None = None) -> None:
+        """Forget ``key``; with ``version`` (the written one) also refuse older fills for
+        ``tombstone_ttl`` seconds. An entry is dropped whatever its version (cheap, and
+        safe even if a delete-and-recreate reused version numbers)."""
+        entry = self._data.pop(key, None)
+        if entry is not None:
+            self._bytes -= entry[2]
+        if version is None:
+            return
+        now = self._clock()
+        old = self._tombs.pop(key, None)
+        if old is not None and old[0] > version and old[1] + self.tombstone_ttl > now:
+            version = old[0]
+        self._tombs[key] = (version, now)
+        self._sweep_tombstones(now)
+
+    def clear(self) -> None:
+        """Forget everything, and refuse every fill whose ticket predates this call."""
+        self._data.clear()
+        self._tombs.clear()
+        self._bytes = 0
+        self._floor = self._clock()
+
+    def _evict(self) -> None:
+        data = self._data
+        while len(data) > self.max_entries or self._bytes > self.max_bytes:
+            _, (_, _, size) = data.popitem(last=False)
+            self._bytes -= size
+            self.evictions += 1
+
+    def _sweep_tombstones(self, now: float) -> None:
+        tombs = self._tombs
+        horizon = now - self.tombstone_ttl
+        while tombs:
+            key, (_, created) = next(iter(tombs.items()))
+            if created <= horizon:
+                del tombs[key]
+            elif len(tombs) > self.max_tombstones:
+                del tombs[key]
+                self._floor = max(self._floor, created)
+            else:
+                break
+
+    # Last in the class body, so that ``bytes`` in the annotations above is the builtin.
+    @property
+    def bytes(self) -> int:
+        """Charged bytes held now (``len(value) + len(key) + ENTRY_OVERHEAD`` per entry)."""
+        return self._bytes
+
+
+# ---- level 2: Redis ---------------------------------------------------------------------
+
+_TIME_MS: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gen = tonumber(redis.call('GET', KEYS[2]) or '0')
+"""
+
+# KEYS[1] the entry, KEYS[2] the generation. A hit: {1, version, value, ms left}; a miss:
+# {0, now_ms, gen} (the fill ticket). An entry from an older generation is a miss.
+GET_LUA: Final = (
+    _TIME_MS
+    + """
+local e = redis.call('HMGET', KEYS[1], 'v', 'd', 'x', 'g')
+if e[1] and e[2] and tonumber(e[4]) == gen then
+  local left = tonumber(e[3]) - now
+  if left > 0 then return {1, e[1], e[2], left} end
+end
+return {0, now, gen}
+"""
+)
+
+# KEYS[1] the entry, KEYS[2] the generation; ARGV: version, value, ttl_ms, ticket_ms ('' for
+# none), ticket_gen, window_ms. Returns 1 stored, 2 this version is already there, 0 refused.
+PUT_LUA: Final = (
+    _TIME_MS
+    + """
+local version = tonumber(ARGV[1])
+if ARGV[4] ~= '' then
+  if tonumber(ARGV[5]) ~= gen then return 0 end
+  if now - tonumber(ARGV[4]) >= tonumber(ARGV[6]) then return 0 end
+end
+local e = redis.call('HMGET', KEYS[1], 'v', 'x', 'g', 't')
+local floor = tonumber(e[4])
+if floor and floor > version then return 0 end
+if e[1] and tonumber(e[3]) == gen and tonumber(e[2]) > now then
+  local have = tonumber(e[1])
+  if have > version then return 0 end
+  if have == version then return 2 end
+end
+local ttl = tonumber(ARGV[3])
+local keep = ttl
+if floor then
+  local left = redis.call('PTTL', KEYS[1])
+  if left > keep then keep = left end
+end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'x', string.format('%.0f', now + ttl),
+           'g', string.format('%.0f', gen))
+redis.call('PEXPIRE', KEYS[1], keep)
+return 1
+"""
+)
+
+# KEYS: the entries; ARGV[1] channel, ARGV[2] payload, ARGV[3] tombstone life in ms,
+# ARGV[3+i] the written version of KEYS[i]. Deletes, leaves tombstones, publishes: atomic.
+INVALIDATE_LUA: Final = """
+local life = tonumber(ARGV[3])
+for i = 1, #KEYS do
+  local v = tonumber(ARGV[3 + i])
+  local floor = tonumber(redis.call('HGET', KEYS[i], 't'))
+  if floor and floor > v then v = floor end
+  redis.call('DEL', KEYS[i])
+  redis.call('HSET', KEYS[i], 't', string.format('%.0f', v))
+  redis.call('PEXPIRE', KEYS[i], life)
+end
+return redis.call('PUBLISH', ARGV[1], ARGV[2])
+"""
+
+# KEYS[1] the generation; ARGV[1] channel. Voids every entry and every outstanding ticket.
+FLUSH_LUA: Final = """
+redis.call('INCR', KEYS[1])
+return redis.call('PUBLISH', ARGV[1], '*')
+"""
+
+_SCRIPTS: Final = (GET_LUA, PUT_LUA, INVALIDATE_LUA, FLUSH_LUA)
+
+
+def _sha(script: str) -> str:
+    return hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+
+
+# No CLIENT SETINFO round trip when (re)connecting: redis-py >= 7 spells it driver_info,
+# older releases lib_name/lib_version (deprecated, with a warning, since).
+_NO_CLIENT_SETINFO: Final[dict[str, Any]] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
+class RemoteState(enum.Enum):
+    DOWN = "down"  # no subscription: every operation is refused, the subscriber retries
+    RESYNCING = "resyncing"  # subscribed again: replaying lost invalidations, then resync
+    LIVE = "live"  # subscribed and resynced: operations go to Redis
+    CLOSED = "closed"
+
+
+_TRANSITIONS: Final[frozenset[tuple[RemoteState, RemoteState]]] = frozenset(
+    {
+        (RemoteState.DOWN, RemoteState.RESYNCING),
+        (RemoteState.RESYNCING, RemoteState.LIVE),
+        (RemoteState.RESYNCING, RemoteState.DOWN),
+        (RemoteState.LIVE, RemoteState.DOWN),
+        (RemoteState.DOWN, RemoteState.CLOSED),
+        (RemoteState.RESYNCING, RemoteState.CLOSED),
+        (RemoteState.LIVE, RemoteState.CLOSED),
+    }
+)
+
+InvalidateCallback = Callable[[list[tuple[str, int]]], None]
+ResyncCallback = Callable[[], None]
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Done-callback of an abandoned operation: consume its outcome, silently."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _ignore_invalidate(entries: list[tuple[str, int]]) -> None:
+    return None
+
+
+def _ignore_resync() -> None:
+    return None
+
+
+class RedisCache:
+    """Entries under ``prefix + key`` and invalidations on ``channel``, in one Redis.
+
+    Every operation is bounded by ``timeout`` (connection set-up included, nothing
+    retried, a connection whose reply never came is closed) and raises
+    ``CacheUnavailable`` on any failure, counted in ``failures``. A failure, or the
+    subscriber losing its connection or its PING answer (``health_interval`` of silence,
+    then ``probe_timeout``), makes the cache not live: operations are then refused at once
+    (``skipped``) until the subscriber has reconnected, replayed the invalidations it could
+    not deliver (``pending``) and called ``on_resync``. The subscriber's own work (connect,
+    subscribe, replay) is bounded by ``probe_timeout`` and retried with a growing delay
+    between ``retry_min`` and ``retry_max`` seconds.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float = 0.02,
+        prefix: str = "dbproxy:c:",
+        channel: str = "dbproxy:inv",
+        fill_window: float = 5.0,
+        probe_timeout: float = 0.5,
+        health_interval: float = 1.0,
+        retry_min: float = 0.05,
+        retry_max: float = 2.0,
+        max_connections: int = 64,
+        max_pending: int = 10_000,
+    ) -> None:
+        problems = [
+            f"{name} must be > 0, got {value!r}"
+            for name, value in (
+                ("timeout", timeout),
+                ("fill_window", fill_window),
+                ("probe_timeout", probe_timeout),
+                ("health_interval", health_interval),
+                ("retry_min", retry_min),
+                ("retry_max", retry_max),
+                ("max_connections", max_connections),
+                ("max_pending", max_pending),
+            )
+            if not value > 0
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        self._url = url  # may hold a password: never logged, never put in a message
+        self.timeout = timeout
+        self._io_deadline = timeout - min(_CLEANUP_SLACK, timeout / 10)
+        self.prefix = prefix
+        self.channel = channel
+        self.fill_window = fill_window
+        self._window_ms = int(fill_window * 1000)
+        self._tombstone_ms = self._window_ms + 1000  # slack for ms rounding and clock steps
+        self.probe_timeout = probe_timeout
+        self.health_interval = health_interval
+        self.retry_min = retry_min
+        self.retry_max = retry_max
+        self._max_connections = max_connections
+        self.max_pending = max_pending
+        self._gen_key = prefix + "@gen"
+        self._shas = {script: _sha(script) for script in _SCRIPTS}
+        self._client: aioredis.Redis | None = None
+        self._sub_client: aioredis.Redis | None = None
+        self._slots = asyncio.Semaphore(max_connections)
+        self._state = RemoteState.DOWN
+        self._live_event = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pending: dict[str, int] = {}
+        self._pending_flush = False
+        self._on_invalidate: InvalidateCallback = _ignore_invalidate
+        self._on_resync: ResyncCallback = _ignore_resync
+        self.failures = 0  # operations that tried Redis and failed or timed out
+        self.skipped = 0  # operations refused at once: not live, or every connection busy
+        self.resyncs = 0  # times the subscriber (re)connected and called on_resync
+        self.disconnects = 0  # times the cache went from live to down
+        self.messages = 0  # invalidation messages received (own ones included)
+        self.bad_messages = 0  # undecodable messages (each treated as a flush of everything)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def listen(self, on_invalidate: InvalidateCallback, on_resync: ResyncCallback) -> None:
+        """Register the owner: ``on_invalidate([(key, version), ...])`` for every message
+        (this process's own included), ``on_resync()`` whenever everything must be
+        forgotten (after a reconnection, or a flush of everything). Both are called from
+        the subscriber task and must not block; an exception in one makes the subscriber
+        reconnect and resync."""
+        self._on_invalidate = on_invalidate
+        self._on_resync = on_resync
+
+    @property
+    def state(self) -> RemoteState:
+        return self._state
+
+    @property
+    def live(self) -> bool:
+        return self._state is RemoteState.LIVE
+
+    @property
+    def pending(self) -> int:
+        """Invalidations waiting to be replayed (a pending flush counts as one)."""
+        return len(self._pending) + self._pending_flush
+
+    async def start(self, wait: float | None = None) -> None:
+        """Build the pools and start the subscriber. Does not fail when Redis is down (the
+        sidecar must start anyway). ``wait``: seconds to wait for the first resync
+        (default ``probe_timeout``); returns earlier once live."""
+        if self._client is not None:
+            return
+        common: dict[str, Any] = {
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+            **_NO_CLIENT_SETINFO,
+        }
+        self._client = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            max_connections=self._max_connections,
+            **common,
+        )
+        self._sub_client = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=self.probe_timeout,
+            socket_connect_timeout=self.probe_timeout,
+            max_connections=2,
+            **common,
+        )
+        self._supervisor = asyncio.create_task(self._supervise(), name="cache-subscriber")
+        await self.wait_live(self.probe_timeout if wait is None else wait)
+
+    async def wait_live(self, within: float) -> bool:
+        """Wait up to ``within`` seconds for the cache to be live; tell whether it is."""
+        if not self.live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._live_event.wait(), within)
+        return self.live
+
+    async def close(self) -> None:
+        if self._state is not RemoteState.CLOSED:
+            self._transition(RemoteState.CLOSED)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            # Python 3.11's wait_for can swallow a cancellation that races with the end of
+            # the awaited I/O: insist (the supervisor also stops on its own once CLOSED).
+            while not supervisor.done():
+                supervisor.cancel()
+                await asyncio.wait({supervisor}, timeout=0.1)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                supervisor.result()
+        for client in (self._client, self._sub_client):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.aclose(), max(self.probe_timeout, 1.0))
+        self._client = self._sub_client = None
+
+    # -- operations -------------------------------------------------------------------------
+
+    async def get(self, key: str) -> RemoteHit | Ticket:
+        """The entry for ``key``, or on a miss the ticket to present to ``put``."""
+        reply = await self._op(GET_LUA, (self.prefix + key, self._gen_key), ())
+        try:
+            if reply[0] == 1 and type(reply[2]) is bytes:
+                return RemoteHit(reply[2], int(reply[1]), int(reply[3]))
+            if reply[0] == 0:
+                return Ticket(int(reply[1]), int(reply[2]))
+            raise ValueError("unexpected reply")
+        except (TypeError, ValueError, IndexError) as exc:
+            self._fail()
+            raise CacheUnavailable("cache Redis answered something unexpected") from exc
+
+    async def put(
+        self, key: str, value: bytes, version: int, ttl: float, ticket: Ticket | None = None
+    ) -> bool:
+        """Store ``value`` at ``version`` for ``ttl`` seconds unless refused by the protocol
+        (newer version stored, live tombstone with a newer version, ticket too old or from
+        before a flush). True when Redis now holds ``version`` (stored, or already there).
+        ``ticket=None`` only for data known current (e.g. the write's own result)."""
+        ttl_ms = max(1, int(ttl * 1000))
+        args: tuple[bytes | int | str, ...] = (
+            version,
+            value,
+            ttl_ms,
+            "" if ticket is None else ticket.at_ms,
+            0 if ticket is None else ticket.gen,
+            self._window_ms,
+        )
+        reply = await self._op(PUT_LUA, (self.prefix + key, self._gen_key), args)
+        return reply in (1, 2)
+
+    async def invalidate(self, entries: Sequence[tuple[str, int]]) -> None:
+        """Delete ``[(key, written_version), ...]`` in Redis, leave tombstones and publish
+        them, in one round trip per 256 keys. On failure the entries are kept for replay
+        once Redis answers again, and ``CacheUnavailable`` is raised."""
+        if not entries:
+            return
+        if not self.live:
+            self._remember(entries)
+            self.skipped += 1
+            raise CacheUnavailable("cache Redis is not live")
+        try:
+            await self._bounded(self._in_slot(self._invalidate_chunks(self._client_(), entries)))
+        except CacheUnavailable:
+            self._remember(entries)
+            raise
+
+    async def flush(self) -> None:
+        """Invalidate every entry of every sidecar sharing this prefix (one round trip)."""
+        if not self.live:
+            self._pending_flush = True
+            self.skipped += 1
+            raise CacheUnavailable("cache Redis is not live")
+        try:
+            await self._bounded(self._in_slot(self._flush(self._client_())))
+        except CacheUnavailable:
+            self._pending_flush = True
+            raise
+
+    async def _op(
+        self, script: str, keys: tuple[str, str], args: tuple[bytes | int | str, ...]
+    ) -> Any:
+        if not self.live:
+            self.skipped += 1
+            raise CacheUnavailable("cache Redis is not live")
+        if self._slots.locked():  # every connection busy: bypass rather than queue
+            self.skipped += 1
+            raise CacheUnavailable("cache Redis connections are all busy")
+        return await self._bounded(self._in_slot(self._script(self._client_(), script, keys, args)))
+
+    async def _in_slot(self, aw: Awaitable[T]) -> T:
+        """Run ``aw`` holding a connection slot, for as long as it really runs: an abandoned
+        operation keeps its slot until its clean-up is over."""
+        async with self._slots:
+            return await aw
+
+    async def _bounded(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` for at most ``timeout``; every failure becomes ``CacheUnavailable``
+        and takes the cache out of service until the subscriber has resynced.
+
+        On time-out the operation is cancelled and abandoned, not awaited: ``wait_for``
+        would wait for the clean-up of the cancelled I/O, which under load (or when a
+        cancellation is swallowed inside the driver on Python 3.11) doubled the bound. The
+        cancelled read makes redis-py close that connection, so no reply stays owed on a
+        pooled one."""
+        task = asyncio.ensure_future(coro)
+        try:
+            done, _ = await asyncio.wait((task,), timeout=self._io_deadline)
+        except asyncio.CancelledError:  # the caller gave up: so does the operation
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            self._fail()
+            raise CacheUnavailable("cache Redis unavailable (TimeoutError)")
+        try:
+            return task.result()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._fail()
+            raise CacheUnavailable(f"cache Redis unavailable ({type(exc).__name__})") from exc
+
+    def _fail(self) -> None:
+        self.failures += 1
+        if self._state is RemoteState.LIVE:
+            self._go_down("an operation failed")
+
+    def _client_(self) -> aioredis.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisCache used before start() or after close()")
+        return self._client
+
+    async def _script(
+        self,
+        client: aioredis.Redis,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[bytes | int | str],
+    ) -> Any:
+        """EVALSHA; on NOSCRIPT (Redis restarted or flushed) EVAL, which also caches it."""
+        try:
+            return await client.evalsha(self._shas[script], len(keys), *keys, *args)
+        except NoScriptError:
+            return await client.eval(script, len(keys), *keys, *args)
+
+    async def _invalidate_chunks(
+        self, client: aioredis.Redis, entries: Sequence[tuple[str, int]]
+    ) -> None:
+        for start in range(0, len(entries), _CHUNK):
+            chunk = entries[start : start + _CHUNK]
+            payload = orjson.dumps(chunk)
+            keys = [self.prefix + key for key, _ in chunk]
+            args: list[bytes | int | str] = [self.channel, payload, self._tombstone_ms]
+            args.extend(version for _, version in chunk)
+            await self._script(client, INVALIDATE_LUA, keys, args)
+
+    async def _flush(self, client: aioredis.Redis) -> None:
+        await self._script(client, FLUSH_LUA, (self._gen_key,), (self.channel,))
+
+    def _remember(self, entries: Sequence[tuple[str, int]]) -> None:
+        if self._pending_flush:
+            return
+        pending = self._pending
+        for key, version in entries:
+            if pending.get(key, version) <= version:
+                pending[key] = version
+        if len(pending) > self.max_pending:
+            log.warning(
+                "cache: more than %d undelivered invalidations; a flush of everything "
+                "will be replayed instead",
+                self.max_pending,
+            )
+            pending.clear()
+            self._pending_flush = True
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _transition(self, new: RemoteState) -> None:
+        if (self._state, new) not in _TRANSITIONS:
+            raise RuntimeError(f"cache: illegal transition {self._state.value} -> {new.value}")
+        self._state = new
+        if new is RemoteState.LIVE:
+            self._live_event.set()
+        else:
+            self._live_event.clear()
+
+    def _closed(self) -> bool:  # a method: mypy must not narrow the state across awaits
+        return self._state is RemoteState.CLOSED
+
+    def _go_down(self, why: str) -> None:
+        if self._state in (RemoteState.LIVE, RemoteState.RESYNCING):
+            if self._state is RemoteState.LIVE:
+                self.disconnects += 1
+                log.warning("cache Redis out of service (%s); bypassing the cache", why)
+            self._transition(RemoteState.DOWN)
+            listener = self._listener
+            if listener is not None:
+                listener.cancel()
+
+    # -- subscriber -----------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Connect, subscribe, replay, resync, listen; on any trouble start again."""
+        delay = self.retry_min
+        while not self._closed():
+            pubsub: Any = None
+            listener: asyncio.Task[None] | None = None
+            try:
+                pubsub = await self._subscribe()
+                if self._closed():
+                    break
+                self._transition(RemoteState.RESYNCING)
+                await self._replay()
+                if self._state is not RemoteState.RESYNCING:
+                    raise CacheUnavailable("lost during the resync")
+                self.resyncs += 1
+                self._on_resync()
+                self._transition(RemoteState.LIVE)
+                log.info("cache Redis live (subscribed to the invalidation channel)")
+                delay = self.retry_min
+                listener = self._listener = asyncio.create_task(self._listen(pubsub))
+                await asyncio.wait({listener})
+                if not listener.cancelled():
+                    listener.result()  # re-raises what ended it
+            except (RedisError, OSError, TimeoutError, CacheUnavailable) as exc:
+                log.debug("cache subscriber: %s", type(exc).__name__)
+            except Exception:
+                log.exception("cache subscriber: unexpected error; reconnecting")
+            finally:
+                if listener is not None and not listener.done():
+                    listener.cancel()
+                    await asyncio.wait({listener})
+                self._listener = None
+                if not self._closed():
+                    self._go_down("subscriber disconnected")
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(pubsub.aclose(), self.probe_timeout)
+            if not self._closed():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max)
+
+    async def _subscribe(self) -> Any:
+        client = self._sub_client
+        if client is None:
+            raise RuntimeError("RedisCache subscriber without a client")
+        pubsub: Any = client.pubsub()
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.probe_timeout
+            await asyncio.wait_for(pubsub.subscribe(self.channel), self.probe_timeout)
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError("no SUBSCRIBE confirmation")
+                msg = await asyncio.wait_for(pubsub.get_message(timeout=left), left + 0.05)
+                if msg is not None and msg["type"] == "subscribe":
+                    return pubsub
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pubsub.aclose(), self.probe_timeout)
+            raise
+
+    async def _replay(self) -> None:
+        """Deliver what failed while Redis was away, before anyone trusts the cache again."""
+        client = self._client_()
+        if self._pending_flush:
+            await asyncio.wait_for(self._flush(client), self.probe_timeout)
+            self._pending_flush = False
+            self._pending.clear()
+        while self._pending:
+            batch = list(self._pending.items())[:_CHUNK]
+            await asyncio.wait_for(self._invalidate_chunks(client, batch), self.probe_timeout)
+            for key, version in batch:  # a newer failure for the same key stays pending
+                if self._pending.get(key) == version:
+                    del self._pending[key]
+            if self._pending_flush:  # overflowed while replaying
+                await self._replay()
+                return
+
+    async def _listen(self, pubsub: Any) -> None:
+        """Hand every message to the owner; PING after ``health_interval`` of silence and
+        give up when nothing at all came back within ``probe_timeout`` of it."""
+        loop = asyncio.get_running_loop()
+        last_rx = loop.time()
+        ping_at: float | None = None
+        # The state is checked on every turn, in case a cancellation by ``_go_down`` was
+        # swallowed by wait_for (Python 3.11) when it raced with an arriving message.
+        while self._state is RemoteState.LIVE:
+            now = loop.time()
+            if ping_at is None:
+                wait = last_rx + self.health_interval - now
+            else:
+                wait = ping_at + self.probe_timeout - now
+            if wait > 0:
+                msg = await asyncio.wait_for(pubsub.get_message(timeout=wait), wait + 0.5)
+                if msg is not None:
+                    last_rx = loop.time()
+                    ping_at = None
+                    if msg["type"] == "message":
+                        self._dispatch(msg["data"])
+                continue
+            if ping_at is not None:
+                raise TimeoutError("no PONG from the cache Redis")
+            await asyncio.wait_for(pubsub.ping(), self.probe_timeout)
+            ping_at = loop.time()
+
+    def _dispatch(self, data: bytes) -> None:
+        self.messages += 1
+        if data == _FLUSH_ALL:
+            self._on_resync()
+            return
+        try:
+            decoded = orjson.loads(data)
+            entries = [(str(k), int(v)) for k, v in decoded]
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            self.bad_messages += 1
+            log.warning("cache: undecodable invalidation message; forgetting everything")
+            self._on_resync()
+            return
+        self._on_invalidate(entries)
+
+
+# ---- both levels --------------------------------------------------------------------------
+
+
+class TwoLevelCache:
+    """Near cache in front of Redis, for the pipeline. Never raises for Redis trouble.
+
+    ``get`` answers from the near cache, else from Redis (filling near), else with a
+    ``Miss`` to pass to ``put`` once the database has answered. ``invalidate`` drops the
+    near entry at once, then deletes and broadcasts through Redis. Whenever Redis is not
+    live both levels are bypassed (``bypasses``), since the near cache can no longer hear
+    invalidations; it is cleared when Redis is live again. Without ``remote`` the near
+    cache works alone: coherent only within this one process.
+    """
+
+    __slots__ = (
+        "bypasses",
+        "invalidations",
+        "misses",
+        "near",
+        "near_hits",
+        "refused",
+        "remote",
+        "remote_hits",
+        "ttl_default",
+    )
+
+    def __init__(self, near: NearCache, remote: RedisCache | None, ttl_default: float) -> None:
+        if not ttl_default > 0:
+            raise ValueError(f"ttl_default must be > 0, got {ttl_default!r}")
+        self.near = near
+        self.remote = remote
+        self.ttl_default = ttl_default
+        self.near_hits = 0
+        self.remote_hits = 0
+        self.misses = 0
+        self.bypasses = 0  # operations that skipped Redis (and near) because of Redis
+        self.refused = 0  # fills refused by Redis (stale version, tombstone, old ticket)
+        self.invalidations = 0
+        if remote is not None:
+            remote.listen(self.on_invalidate, self.on_resync)
+
+    async def start(self, wait: float | None = None) -> None:
+        if self.remote is not None:
+            await self.remote.start(wait)
+
+    async def close(self) -> None:
+        if self.remote is not None:
+            await self.remote.close()
+
+    @property
+    def evictions(self) -> int:
+        return self.near.evictions
+
+    async def get(self, key: str) -> Hit | Miss:
+        near = self.near
+        since = near.clock()
+        remote = self.remote
+        if remote is None:
+            hit = near.get(key)
+            if hit is not None:
+                self.near_hits += 1
+                return hit
+            self.misses += 1
+            return Miss(since, None)
+        if not remote.live:
+            self.bypasses += 1
+            return Miss(since, None)
+        hit = near.get(key)
+        if hit is not None:
+            self.near_hits += 1
+            return hit
+        try:
+            got = await remote.get(key)
+        except CacheUnavailable:
+            self.bypasses += 1
+            return Miss(since, None)
+        if isinstance(got, RemoteHit):
+            self.remote_hits += 1
+            near.put(key, got.value, got.version, got.ttl_ms / 1000, since=since)
+            return Hit(got.value, got.version)
+        self.misses += 1
+        return Miss(since, got)
+
+    async def put(
+        self, key: str, value: bytes, version: int, miss: Miss, ttl: float | None = None
+    ) -> bool:
+        """Fill after a miss with what the database returned; True when cached."""
+        ttl = self.ttl_default if ttl is None else ttl
+        remote = self.remote
+        if remote is None:
+            return self.near.put(key, value, version, ttl, since=miss.since)
+        if miss.ticket is None:  # Redis was bypassed at the lookup (already counted)
+            return False
+        try:
+            stored = await remote.put(key, value, version, ttl, miss.ticket)
+        except CacheUnavailable:
+            self.bypasses += 1
+            return False
+        if not stored:
+            self.refused += 1
+            return False
+        return self.near.put(key, value, version, ttl, since=miss.since)
+
+    async def invalidate(self, key: str, version: int) -> None:
+        """After a write of ``key`` committed at ``version``: drop it here and everywhere."""
+        await self.invalidate_many(((key, version),))
+
+    async def invalidate_many(self, entries: Sequence[tuple[str, int]]) -> None:
+        """``invalidate`` for several keys (a transaction, a bulk write): one round trip."""
+        for key, version in entries:
+            self.near.drop(key, version)
+        self.invalidations += len(entries)
+        if self.remote is None or not entries:
+            return
+        try:
+            await self.remote.invalidate(entries)
+        except CacheUnavailable:  # kept by RedisCache and replayed when Redis answers
+            self.bypasses += 1
+
+    def on_invalidate(self, entries: list[tuple[str, int]]) -> None:
+        """Subscriber callback: another sidecar (or this one) wrote these keys."""
+        drop = self.near.drop
+        for key, version in entries:
+            drop(key, version)
+
+    def on_resync(self) -> None:
+        """Subscriber callback: invalidations may have been missed; forget everything."""
+        self.near.clear()
+
+    def stats(self) -> dict[str, int]:
+        near = self.near
+        out = {
+            "near_hits": self.near_hits,
+            "remote_hits": self.remote_hits,
+            "misses": self.misses,
+            "bypasses": self.bypasses,
+            "refused": self.refused + near.refused,
+            "invalidations": self.invalidations,
+            "evictions": near.evictions,
+            "expirations": near.expirations,
+            "entries": near.entries,
+            "bytes": near.bytes,
+        }
+        remote = self.remote
+        if remote is not None:
+            out.update(
+                remote_failures=remote.failures,
+                remote_skipped=remote.skipped,
+                remote_resyncs=remote.resyncs,
+                remote_pending=remote.pending,
+                remote_live=int(remote.live),
+            )
+        return out

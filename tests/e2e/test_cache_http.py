@@ -1,0 +1,212 @@
+"""The read cache over HTTP: two sidecars sharing Redis, coherence after writes, a frozen
+Redis costs no client errors, and cached documents still pass through the policy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import Server, free_port, start_server
+
+pytestmark = pytest.mark.e2e
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+@pytest.fixture
+def redis_url() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while (
+        subprocess.run(
+            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+        ).stdout.strip()
+        != "PONG"
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    try:
+        yield f"redis://127.0.0.1:{port}/0", proc
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+
+
+def cached_config(tmp_path: Path, pg_dsn: str, redis: str, collection: str) -> Path:
+    cfg = tmp_path / f"cache-{uuid.uuid4().hex[:6]}.yaml"
+    cfg.write_text(
+        f"cache:\n  redis_url: {redis}\n  collections:\n    {collection}: "
+        "{enabled: true, ttl_seconds: 60}\n"
+        f"databases:\n  - name: main\n    type: postgresql\n    connection_string: {pg_dsn}\n"
+    )
+    return cfg
+
+
+async def get_doc(s: aiohttp.ClientSession, url: str, **kw: Any) -> dict[str, Any]:
+    async with s.get(url, **kw) as r:
+        assert r.status == 200, await r.text()
+        doc: dict[str, Any] = await r.json()
+        return doc
+
+
+async def cache_events(s: aiohttp.ClientSession, server: Server) -> dict[str, float]:
+    async with s.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "dbproxy_cache_events":
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    out[f"{smp.labels['level']}:{smp.labels['event']}"] = smp.value
+    return out
+
+
+async def test_two_sidecars_stay_coherent(
+    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+) -> None:
+    coll = "hot_" + uuid.uuid4().hex[:6]
+    cfg = cached_config(tmp_path, pg_dsn, redis_url[0], coll)
+    a, b = await asyncio.gather(
+        *(asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path) for _ in range(2))
+    )
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{a.url}/api/db/{coll}", json={"_id": "k", "n": 0}) as r:
+                assert r.status == 201
+            for server in (a, b):  # warm both near caches
+                await get_doc(s, f"{server.url}/api/db/{coll}/k")
+            stale_same, stale_token, stale_other = 0, 0, 0
+            late_windows: list[float] = []
+            for i in range(1, 1001):
+                writer, reader = (a, b) if i % 2 else (b, a)
+                async with s.put(f"{writer.url}/api/db/{coll}/k", json={"$set": {"n": i}}) as r:
+                    assert r.status == 200
+                # the writing sidecar itself never serves the old version afterwards
+                stale_same += (await get_doc(s, f"{writer.url}/api/db/{coll}/k"))["n"] != i
+                # the other one: fresh as soon as the invalidation reached it
+                started = time.perf_counter()
+                doc = await get_doc(s, f"{reader.url}/api/db/{coll}/k")
+                if doc["n"] != i:
+                    stale_other += 1
+                    while (await get_doc(s, f"{reader.url}/api/db/{coll}/k"))["n"] != i:
+                        assert time.perf_counter() - started < 1.0, "never became fresh"
+                    late_windows.append(time.perf_counter() - started)
+            # a read carrying the write's consistency token is never stale, on either sidecar
+            for i in range(1001, 1201):
+                async with s.put(f"{a.url}/api/db/{coll}/k", json={"$set": {"n": i}}) as r:
+                    token = r.headers.get("X-Consistency-Token")
+                headers = {"X-Consistency-Token": token} if token else {}
+                doc = await get_doc(s, f"{b.url}/api/db/{coll}/k", headers=headers)
+                stale_token += doc["n"] != i and bool(token)
+            events_a = await cache_events(s, a)
+            events_b = await cache_events(s, b)
+        assert stale_same == 0
+        assert stale_token == 0
+        # the other sidecar heard every invalidation within a few milliseconds
+        assert max(late_windows, default=0.0) < 0.1, late_windows
+        hits = sum(v for k, v in {**events_a, **events_b}.items() if k.endswith(":hit"))
+        assert hits > 0 and events_a.get("any:invalidate", 0) > 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+async def test_frozen_redis_costs_no_client_errors(
+    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+) -> None:
+    coll = "hot_" + uuid.uuid4().hex[:6]
+    cfg = cached_config(tmp_path, pg_dsn, redis_url[0], coll)
+    server = await asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{server.url}/api/db/{coll}", json=[{"_id": f"d{i}", "n": i} for i in range(20)]
+            ) as r:
+                assert r.status == 201
+            for i in range(20):
+                await get_doc(s, f"{server.url}/api/db/{coll}/d{i}")
+            os.kill(redis_url[1].pid, signal.SIGSTOP)
+            try:
+                errors = 0
+                took: list[float] = []
+                for round_ in range(5):
+                    for i in range(20):
+                        started = time.perf_counter()
+                        if i % 5 == 0:
+                            async with s.put(
+                                f"{server.url}/api/db/{coll}/d{i}", json={"$set": {"round": round_}}
+                            ) as r:
+                                errors += r.status != 200
+                        else:
+                            async with s.get(f"{server.url}/api/db/{coll}/d{i}") as r:
+                                errors += r.status != 200
+                        took.append(time.perf_counter() - started)
+            finally:
+                os.kill(redis_url[1].pid, signal.SIGCONT)
+            assert errors == 0
+            assert sorted(took)[int(len(took) * 0.99) - 1] < 0.2
+            events = await cache_events(s, server)
+            assert events.get("any:bypass", 0) > 0
+            doc = await get_doc(s, f"{server.url}/api/db/{coll}/d0")
+            assert doc["round"] == 4
+    finally:
+        server.stop()
+
+
+async def test_cached_documents_still_pass_the_policy(
+    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+) -> None:
+    coll_cfg = cached_config(tmp_path, pg_dsn, redis_url[0], "users")
+    seeder = await asyncio.to_thread(start_server, ["--database", pg_dsn], tmp_path)
+    server = await asyncio.to_thread(
+        start_server, ["--config", str(coll_cfg), "--policies", str(POLICIES)], tmp_path
+    )
+    doc_id = "c_" + uuid.uuid4().hex[:8]
+    admin = {"Authorization": "Bearer admin-dev-token"}
+    billing_t1 = {"Authorization": "Bearer billing-dev-token", "X-Tenant-Id": "t1"}
+    billing_t2 = {"Authorization": "Bearer billing-dev-token", "X-Tenant-Id": "t2"}
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(
+                f"{seeder.url}/api/db/users",
+                json={"_id": doc_id, "tenant_id": "t1", "name": "ann", "password_hash": "h"},
+            ) as r:
+                assert r.status == 201
+            url = f"{server.url}/api/db/users/{doc_id}"
+            for _ in range(3):  # the admin's reads go through (and fill) the cache
+                doc = await get_doc(s, url, headers=admin)
+                assert doc == {"_id": doc_id, "_version": 1, "tenant_id": "t1", "name": "ann"}
+            events = await cache_events(s, server)
+            assert events.get("near:hit", 0) >= 2
+            doc = await get_doc(s, url, headers=billing_t1)
+            assert "password_hash" not in doc
+            async with s.get(url, headers=billing_t2) as r:  # another tenant: not found
+                assert r.status == 404
+    finally:
+        server.stop()
+        seeder.stop()
