@@ -1,6 +1,6 @@
 """Global rate limiting in Redis: one atomic GCRA Lua script per decision, shared by all sidecars.
 
-The only module that imports ``redis``. The script performs, operation for operation, the
+With ``proxy.cache`` (the read cache), one of the two adapters importing ``redis``. The script performs, operation for operation, the
 arithmetic of ``proxy.ratelimit.gcra_us`` on Redis server time (``TIME``), so every
 sidecar of a service reads the same clock and the decision is atomic across processes.
 Every driver error and every timeout comes out as ``RedisUnavailable``; the caller applies
