@@ -1,8 +1,9 @@
 """Global rate limiting in Redis: one atomic GCRA Lua script per decision, shared by all sidecars.
 
-With ``proxy.cache`` (the read cache), one of the two adapters importing ``redis``. The script performs, operation for operation, the
-arithmetic of ``proxy.ratelimit.gcra_us`` on Redis server time (``TIME``), so every
-sidecar of a service reads the same clock and the decision is atomic across processes.
+With ``proxy.cache`` (the read cache), one of the two adapters that import ``redis``.
+The script performs, operation for operation, the arithmetic of
+``proxy.ratelimit.gcra_us`` on Redis server time (``TIME``), so every sidecar of a service
+reads the same clock and the decision is atomic across processes.
 Every driver error and every timeout comes out as ``RedisUnavailable``; the caller applies
 the policy's fail-open / fail-closed choice. A decision (or the failure) comes back within
 ``timeout`` seconds even when Redis is frozen: the call is bounded by ``asyncio.wait_for``
