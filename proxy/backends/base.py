@@ -7,24 +7,11 @@ from typing import Any, Protocol
 
 from proxy.errors import InvalidCollection, ProxyError
 from proxy.ops import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
+from proxy.policy import RESERVED_COLLECTIONS
 from proxy.query.ast import Filter
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
-# names that are endpoints under /api/db/ and so can never be collections
-RESERVED = frozenset(
-    {
-        "health",
-        "stats",
-        "performance",
-        "connections",
-        "search",
-        "transaction",
-        "schema",
-        "migrations",
-        "audit",
-        "metrics",
-    }
-)
+RESERVED = RESERVED_COLLECTIONS  # endpoint names under /api/db/: never collections
 
 
 def check_collection(name: str) -> str:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,44 +15,10 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Server, free_port, start_server
+from tests.e2e.conftest import Server, start_server
 
 pytestmark = pytest.mark.e2e
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
-
-
-@pytest.fixture
-def redis_url() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while (
-        subprocess.run(
-            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-        ).stdout.strip()
-        != "PONG"
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    try:
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        proc.wait(10)
 
 
 def cached_config(tmp_path: Path, pg_dsn: str, redis: str, collection: str) -> Path:
@@ -87,10 +51,10 @@ async def cache_events(s: aiohttp.ClientSession, server: Server) -> dict[str, fl
 
 
 async def test_two_sidecars_stay_coherent(
-    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
 ) -> None:
     coll = "hot_" + uuid.uuid4().hex[:6]
-    cfg = cached_config(tmp_path, pg_dsn, redis_url[0], coll)
+    cfg = cached_config(tmp_path, pg_dsn, private_redis[0], coll)
     a, b = await asyncio.gather(
         *(asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path) for _ in range(2))
     )
@@ -137,10 +101,10 @@ async def test_two_sidecars_stay_coherent(
 
 
 async def test_frozen_redis_costs_no_client_errors(
-    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
 ) -> None:
     coll = "hot_" + uuid.uuid4().hex[:6]
-    cfg = cached_config(tmp_path, pg_dsn, redis_url[0], coll)
+    cfg = cached_config(tmp_path, pg_dsn, private_redis[0], coll)
     server = await asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path)
     try:
         async with aiohttp.ClientSession() as s:
@@ -150,7 +114,7 @@ async def test_frozen_redis_costs_no_client_errors(
                 assert r.status == 201
             for i in range(20):
                 await get_doc(s, f"{server.url}/api/db/{coll}/d{i}")
-            os.kill(redis_url[1].pid, signal.SIGSTOP)
+            os.kill(private_redis[1].pid, signal.SIGSTOP)
             try:
                 errors = 0
                 took: list[float] = []
@@ -167,7 +131,7 @@ async def test_frozen_redis_costs_no_client_errors(
                                 errors += r.status != 200
                         took.append(time.perf_counter() - started)
             finally:
-                os.kill(redis_url[1].pid, signal.SIGCONT)
+                os.kill(private_redis[1].pid, signal.SIGCONT)
             assert errors == 0
             assert sorted(took)[int(len(took) * 0.99) - 1] < 0.2
             events = await cache_events(s, server)
@@ -179,9 +143,9 @@ async def test_frozen_redis_costs_no_client_errors(
 
 
 async def test_cached_documents_still_pass_the_policy(
-    pg_dsn: str, tmp_path: Path, redis_url: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
 ) -> None:
-    coll_cfg = cached_config(tmp_path, pg_dsn, redis_url[0], "users")
+    coll_cfg = cached_config(tmp_path, pg_dsn, private_redis[0], "users")
     seeder = await asyncio.to_thread(start_server, ["--database", pg_dsn], tmp_path)
     server = await asyncio.to_thread(
         start_server, ["--config", str(coll_cfg), "--policies", str(POLICIES)], tmp_path

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,40 +168,6 @@ async def test_reload_under_load_never_mixes(
 
 
 # ---- global rate limits through Redis -------------------------------------------------
-
-
-@pytest.fixture
-def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while (
-        subprocess.run(
-            ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
-        ).stdout.strip()
-        != "PONG"
-    ):
-        assert time.monotonic() < deadline, "redis did not start"
-        time.sleep(0.05)
-    try:
-        yield f"redis://127.0.0.1:{port}/0", proc
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
-        proc.wait(10)
 
 
 def limited_policies(tmp_path: Path, fail_mode: str) -> Path:
