@@ -96,6 +96,7 @@ class ServeOptions:
     redis_timeout: float = 0.05
     workers: int = 1
     watch_interval: float = 2.0
+    coalesce: bool = True
 
 
 def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
@@ -138,6 +139,9 @@ async def serve(
     opts = opts or ServeOptions()
     core = make_core(config)
     core.gate = make_gate(config, opts)
+    for backend in core.backends.values():
+        if hasattr(backend, "coalesce"):
+            backend.coalesce = opts.coalesce
     limiter = None
     if opts.redis_url:
         limiter = RedisLimiter(opts.redis_url, timeout=opts.redis_timeout)
@@ -288,6 +292,12 @@ def _parser() -> argparse.ArgumentParser:
         "fail mode decides (default 0.05)",
     )
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    s.add_argument(
+        "--no-coalesce",
+        dest="coalesce",
+        action="store_false",
+        help="one statement per request (no coalesced reads or batched creates)",
+    )
     s.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
     pc = sub.add_parser("policy", help="policy tools")
     pc_sub = pc.add_subparsers(dest="policy_command", required=True)
@@ -319,7 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 collector_url=args.collector,
             )
             opts = ServeOptions(
-                args.policies, args.service, args.redis, args.redis_timeout, args.workers
+                args.policies,
+                args.service,
+                args.redis,
+                args.redis_timeout,
+                args.workers,
+                coalesce=args.coalesce,
             )
             make_core(config, announce=False)  # validate backends and policies before binding
             make_gate(config, opts)
