@@ -97,6 +97,7 @@ class ServeOptions:
     workers: int = 1
     watch_interval: float = 2.0
     coalesce: bool = True
+    metrics: bool = True
 
 
 def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
@@ -152,7 +153,7 @@ async def serve(
             "NO POLICIES: running OPEN — every caller may do everything "
             "(pass --policies DIR to enforce per-service policies)"
         )
-    app = build_app(config, core)
+    app = build_app(config, core, observe=opts.metrics)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(
@@ -298,6 +299,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="one statement per request (no coalesced reads or batched creates)",
     )
+    s.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="no per-request stats or Prometheus histograms (to measure their cost)",
+    )
     s.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
     pc = sub.add_parser("policy", help="policy tools")
     pc_sub = pc.add_subparsers(dest="policy_command", required=True)
@@ -335,6 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.redis_timeout,
                 args.workers,
                 coalesce=args.coalesce,
+                metrics=args.metrics,
             )
             make_core(config, announce=False)  # validate backends and policies before binding
             make_gate(config, opts)

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -21,16 +21,19 @@ from proxy.context import RequestContext
 from proxy.core import Core
 from proxy.errors import (
     BadRequest,
+    DuplicateId,
     InternalError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    PreconditionFailed,
     ProxyError,
     UnsupportedMediaType,
 )
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
+from proxy.query.parse import is_update_document
 from proxy.routing import parse_lsn
 
 log = logging.getLogger(__name__)
@@ -315,6 +318,8 @@ async def put_one(request: web.Request) -> web.Response:
     m = request.match_info
     body = await read_json(request)
     upsert, match = flag(request, "upsert"), if_match(request)
+    if if_none_match(request):
+        return await _create_only(request, body)
 
     async def op(target: Documents | None) -> web.Response:
         result = await core.replace_or_update(
@@ -327,6 +332,40 @@ async def put_one(request: web.Request) -> web.Response:
             caller=caller_of(request),
         )
         return document_response(result, 201 if result.created else 200)
+
+    return await execute(request, op, write=True)
+
+
+def if_none_match(request: web.Request) -> bool:
+    """``If-None-Match: *``: create only; any other value is not supported."""
+    raw = request.headers.get("If-None-Match")
+    if raw is None:
+        return False
+    if raw.strip() != "*":
+        raise BadRequest("only If-None-Match: * is supported", code="invalid_if_none_match")
+    return True
+
+
+async def _create_only(request: web.Request, body: Any) -> web.Response:
+    """PUT with If-None-Match: * stores the document only if the id is free, else 412."""
+    core = request.app[CORE]
+    m = request.match_info
+    if not isinstance(body, dict) or is_update_document(body):
+        raise BadRequest("If-None-Match: * needs a whole document", code="invalid_document")
+    if body.get("_id", m["id"]) != m["id"]:
+        raise BadRequest("the body's _id differs from the URL's", code="id_mismatch")
+
+    async def op(target: Documents | None) -> web.Response:
+        try:
+            result = await core.create(
+                m["collection"], {**body, "_id": m["id"]}, target, caller_of(request)
+            )
+        except DuplicateId:
+            raise PreconditionFailed(
+                "a document with this _id exists (If-None-Match: *)", code="already_exists"
+            ) from None
+        assert isinstance(result, WriteResult)
+        return document_response(result, 201)
 
     return await execute(request, op, write=True)
 
@@ -500,11 +539,11 @@ async def health(request: web.Request) -> web.Response:
 # ---- application -------------------------------------------------------------------
 
 
-def build_app(
-    config: Config, core: Core, extra_ctx: Mapping[str, Any] | None = None
-) -> web.Application:
+def build_app(config: Config, core: Core, *, observe: bool = True) -> web.Application:
+    """The sidecar's application. ``observe=False`` leaves out the per-request timing
+    (stats and Prometheus histograms), for measuring what it costs."""
     app = web.Application(
-        middlewares=[envelope, monitor.observe, identity],
+        middlewares=[envelope, monitor.observe, identity] if observe else [envelope, identity],
         client_max_size=config.limits.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -258,3 +259,31 @@ async def test_sigterm_finishes_in_flight_requests(pg_server: Server) -> None:
     # every request that got an answer got a real one; none was cut off with a 5xx
     assert all(r[0] == 201 for r in done)
     assert "stopped" in pg_server.output()
+
+
+async def test_workers_share_the_port_and_stop_together(
+    launch: Callable[..., Server], pg_dsn: str
+) -> None:
+    server = launch("--database", pg_dsn, "--workers", "2", "--no-metrics")
+    base = f"{server.url}/api/db/{coll()}"
+    async with aiohttp.ClientSession() as s:
+        for i in range(40):  # new connections spread over both processes
+            async with aiohttp.ClientSession() as fresh, fresh.post(base, json={"i": i}) as r:
+                assert r.status == 201
+        st, data, _ = await call(s, "GET", f"{base}/count")
+        assert data == {"count": 40}
+        st, _, _ = await call(s, "GET", f"{server.url}/api/db/health")
+        assert st == 200
+    children = [
+        int(p)
+        for p in subprocess.run(
+            ["pgrep", "-P", str(server.proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+    ]
+    assert len(children) == 2
+    assert server.stop() == 0
+    for pid in children:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )

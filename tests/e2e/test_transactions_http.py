@@ -224,3 +224,19 @@ async def test_commit_outcome_unknown_when_connection_dies_during_commit(
             assert st == 200  # here the COMMIT did reach the server before the cut
     finally:
         await proxy.stop()
+
+
+async def test_if_none_match_creates_only(pg_server: Server) -> None:
+    base = f"{pg_server.url}/api/db/{coll()}"
+    hdr = {"If-None-Match": "*"}
+    async with aiohttp.ClientSession() as s:
+        st, doc, _ = await call(s, "PUT", f"{base}/once", json={"v": 1}, headers=hdr)
+        assert st == 201 and doc == {"_id": "once", "v": 1, "_version": 1}
+        st, err, _ = await call(s, "PUT", f"{base}/once", json={"v": 2}, headers=hdr)
+        assert st == 412 and err["error"]["code"] == "already_exists"
+        st, doc, _ = await call(s, "GET", f"{base}/once")
+        assert doc["v"] == 1
+        st, err, _ = await call(
+            s, "PUT", f"{base}/x", json={"v": 2}, headers={"If-None-Match": '"3"'}
+        )
+        assert st == 400 and err["error"]["code"] == "invalid_if_none_match"
