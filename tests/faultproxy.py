@@ -33,6 +33,8 @@ class FaultProxy:
     def reset_all(self) -> None:
         for w in list(self._conns):
             w.transport.abort()
+            with contextlib.suppress(Exception):
+                w.close()
         self._conns.clear()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -87,4 +89,5 @@ class FaultProxy:
         finally:
             with contextlib.suppress(Exception):
                 dst.transport.abort()
+                dst.close()
             self._conns.discard(dst)

@@ -12,6 +12,11 @@ from typing import Any, TypeAlias
 Json: TypeAlias = Any
 
 
+def is_index(segment: str) -> bool:
+    """A numeric path segment: ASCII digits only (``"²".isdigit()`` is true too)."""
+    return segment.isascii() and segment.isdigit()
+
+
 @dataclass(frozen=True, slots=True)
 class Path:
     segments: tuple[str, ...]
@@ -21,7 +26,7 @@ class Path:
         return ".".join(self.segments)
 
     def is_numeric(self, i: int) -> bool:
-        return self.segments[i].isdigit()
+        return is_index(self.segments[i])
 
 
 # ---- value predicates: tested against the candidates (or values) of one path ----

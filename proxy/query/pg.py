@@ -25,6 +25,7 @@ from proxy.query.ast import (
     TypeIs,
     Update,
     UpdateOp,
+    is_index,
 )
 from proxy.query.common import TYPE_RANKS, FilterWalker, keyset_after
 from proxy.query.common import order_by as order_by  # re-exported for the backend
@@ -103,7 +104,7 @@ class FilterCompiler(FilterWalker[str]):
             f"SELECT CASE WHEN jsonb_typeof(w.v) = 'object' THEN w.v -> {key} END "
             f"WHERE jsonb_typeof(w.v) IS DISTINCT FROM 'array'"
         ]
-        if seg.isdigit():
+        if is_index(seg):
             idx = self.p.add(int(seg), "int")
             branches.append(f"SELECT w.v -> {idx} WHERE jsonb_typeof(w.v) = 'array'")
         else:
@@ -263,7 +264,7 @@ class UpdateCompiler:
             child = f"COALESCE({x} #> {head}, '{{}}'::jsonb)"
             inner = self._set_rec(child, keys[1:], value_sql, segs[1:], depth + 1)
         target = x
-        if segs[0].isdigit():
+        if is_index(segs[0]):
             idx = self.p.add(int(segs[0]), "int")
             target = (
                 f"(CASE WHEN jsonb_typeof({x}) = 'array' AND jsonb_array_length({x}) < {idx} "
@@ -282,7 +283,7 @@ class UpdateCompiler:
         """Remove a field; only when present (``#-`` raises on a non-index into an array).
         An array element is set to null instead of removed (MongoDB's rule)."""
         full = self._path(path)
-        if not path.segments[-1].isdigit():
+        if not is_index(path.segments[-1]):
             return f"(CASE WHEN ({d} #> {full}) IS NULL THEN {d} ELSE {d} #- {full} END)"
         parent = self.p.add(list(path.segments[:-1]), "text[]")
         return (

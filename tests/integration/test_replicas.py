@@ -61,6 +61,7 @@ async def open_backend(
 
 async def drop(backend: PostgresBackend) -> None:
     async with backend._conn() as conn:
+        await conn.execute("SET statement_timeout = 0")  # tests may have set a tiny one
         await conn.execute(f'DROP SCHEMA IF EXISTS "{backend.schema}" CASCADE')
     await backend.close()
 
@@ -226,8 +227,9 @@ async def test_hung_primary_fails_fast_then_recovers(pg_dsn: str) -> None:
         core = core_of(backend)
         await core.create("c", {"_id": "a"})
         proxy.blackhole = True
+        # concurrent reads, each on its own connection (creates would share one batch)
         errors = await asyncio.gather(
-            *(core.create("c", {"n": i}) for i in range(6)), return_exceptions=True
+            *(core.count("c", None) for _ in range(6)), return_exceptions=True
         )
         assert all(isinstance(e, ProxyError) for e in errors)
         assert backend.endpoints.primary.breaker.state.value == "open"

@@ -120,7 +120,7 @@ async def test_background_pusher_never_slows_recording(blackhole: str, target: s
     pusher = StatsPusher(url, "t", rec, interval=0.02, max_buffered_batches=5, timeout=0.1)
     await pusher.start()
     durations: list[float] = []
-    worst_lag = 0.0
+    lags: list[float] = []
     try:
         deadline = time.perf_counter() + 1.5
         while time.perf_counter() < deadline:
@@ -130,7 +130,7 @@ async def test_background_pusher_never_slows_recording(blackhole: str, target: s
                 durations.append(time.perf_counter() - started)
             before = time.perf_counter()
             await asyncio.sleep(0.005)
-            worst_lag = max(worst_lag, time.perf_counter() - before - 0.005)
+            lags.append(time.perf_counter() - before - 0.005)
     finally:
         await pusher.close(final_flush=False)
     assert pusher.sent == 0
@@ -139,7 +139,10 @@ async def test_background_pusher_never_slows_recording(blackhole: str, target: s
     assert pusher.dropped >= 1
     durations.sort()
     assert durations[int(len(durations) * 0.99)] < 0.0005  # record() never waits on I/O
-    assert worst_lag < 0.1  # the loop stays free while pushes hang
+    # the loop stays free while pushes hang: a push that blocked it would delay every
+    # turn by its 0.1 s timeout; a busy machine only delays a few turns
+    lags.sort()
+    assert lags[len(lags) // 2] < 0.05
 
 
 # ---- collector up ---------------------------------------------------------------------
