@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, settings
 
 from proxy.config import Limits
+from tests.redis_server import PrivateRedis, run_private_redis
 
 settings.register_profile(
     "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -53,3 +55,9 @@ def pg_dsn() -> Iterator[str]:
 @pytest.fixture
 def limits() -> Limits:
     return Limits()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A Redis server of this test's own (tests may freeze it); the machine's is shared."""
+    yield from run_private_redis(tmp_path)

@@ -4,8 +4,6 @@ Redis costs no client errors, and cached documents still pass through the policy
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Server, start_server
+from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.e2e
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -51,10 +50,10 @@ async def cache_events(s: aiohttp.ClientSession, server: Server) -> dict[str, fl
 
 
 async def test_two_sidecars_stay_coherent(
-    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
     coll = "hot_" + uuid.uuid4().hex[:6]
-    cfg = cached_config(tmp_path, pg_dsn, private_redis[0], coll)
+    cfg = cached_config(tmp_path, pg_dsn, private_redis.url, coll)
     a, b = await asyncio.gather(
         *(asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path) for _ in range(2))
     )
@@ -101,10 +100,10 @@ async def test_two_sidecars_stay_coherent(
 
 
 async def test_frozen_redis_costs_no_client_errors(
-    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
     coll = "hot_" + uuid.uuid4().hex[:6]
-    cfg = cached_config(tmp_path, pg_dsn, private_redis[0], coll)
+    cfg = cached_config(tmp_path, pg_dsn, private_redis.url, coll)
     server = await asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path)
     try:
         async with aiohttp.ClientSession() as s:
@@ -114,7 +113,7 @@ async def test_frozen_redis_costs_no_client_errors(
                 assert r.status == 201
             for i in range(20):
                 await get_doc(s, f"{server.url}/api/db/{coll}/d{i}")
-            os.kill(private_redis[1].pid, signal.SIGSTOP)
+            private_redis.freeze()
             try:
                 errors = 0
                 took: list[float] = []
@@ -131,7 +130,7 @@ async def test_frozen_redis_costs_no_client_errors(
                                 errors += r.status != 200
                         took.append(time.perf_counter() - started)
             finally:
-                os.kill(private_redis[1].pid, signal.SIGCONT)
+                private_redis.thaw()
             assert errors == 0
             assert sorted(took)[int(len(took) * 0.99) - 1] < 0.2
             events = await cache_events(s, server)
@@ -143,9 +142,9 @@ async def test_frozen_redis_costs_no_client_errors(
 
 
 async def test_cached_documents_still_pass_the_policy(
-    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
-    coll_cfg = cached_config(tmp_path, pg_dsn, private_redis[0], "users")
+    coll_cfg = cached_config(tmp_path, pg_dsn, private_redis.url, "users")
     seeder = await asyncio.to_thread(start_server, ["--database", pg_dsn], tmp_path)
     server = await asyncio.to_thread(
         start_server, ["--config", str(coll_cfg), "--policies", str(POLICIES)], tmp_path

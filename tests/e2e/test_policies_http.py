@@ -21,6 +21,7 @@ import pytest
 
 from proxy.policy import hash_token
 from tests.e2e.conftest import Server, free_port, start_server
+from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.e2e
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -185,9 +186,9 @@ def limited_policies(tmp_path: Path, fail_mode: str) -> Path:
 
 
 async def test_four_sidecars_share_one_global_limit(
-    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any]
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
-    redis_url, _ = private_redis
+    redis_url = private_redis.url
     pdir = limited_policies(tmp_path, "fail_open")
     # a generous Redis timeout: this test is about atomicity, not about a slow Redis
     args = [
@@ -222,9 +223,9 @@ async def test_four_sidecars_share_one_global_limit(
 
 @pytest.mark.parametrize(("mode", "status"), [("fail_open", 200), ("fail_closed", 503)])
 async def test_frozen_redis_decides_fast_by_policy(
-    pg_dsn: str, tmp_path: Path, private_redis: tuple[str, Any], mode: str, status: int
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis, mode: str, status: int
 ) -> None:
-    redis_url, redis_proc = private_redis
+    redis_url, redis_proc = private_redis.url, private_redis.proc
     pdir = limited_policies(tmp_path, mode)
     server = await asyncio.to_thread(
         start_server,

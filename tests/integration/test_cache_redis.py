@@ -11,17 +11,14 @@ import contextlib
 import gc
 import os
 import random
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -38,6 +35,7 @@ from proxy.cache import (
     Ticket,
     TwoLevelCache,
 )
+from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -505,56 +503,6 @@ def test_coherence_across_two_processes(names: Names) -> None:
 
 
 # ---- (b) a private redis-server to freeze --------------------------------------------------
-
-
-@dataclass
-class PrivateRedis:
-    proc: subprocess.Popen[bytes]
-    url: str
-
-    def freeze(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
-    port = free_port()
-    args = ["--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [binary, *args, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = PrivateRedis(proc, f"redis://127.0.0.1:{port}/0")
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 TIMEOUT = 0.02

@@ -9,23 +9,20 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
 
 from proxy.backends.redis import GCRA_LUA, RedisLimiter, RedisUnavailable
 from proxy.ratelimit import Rate, gcra_us
+from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -184,56 +181,6 @@ def test_four_processes_share_one_bucket_of_100_exactly(prefix: str) -> None:
 
 
 # ---- (c) a private redis-server to freeze, flush and stop -----------------------------------
-
-
-@dataclass
-class PrivateRedis:
-    proc: subprocess.Popen[bytes]
-    url: str
-
-    def freeze(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
-    port = free_port()
-    args = ["--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"]
-    proc = subprocess.Popen(
-        [binary, *args, "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    server = PrivateRedis(proc, f"redis://127.0.0.1:{port}/0")
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.02)
-        yield server
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 async def _timed_failure(lim: RedisLimiter, key: str, rate: Rate) -> float:
