@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -372,7 +373,15 @@ class _Documents:
     ) -> None:
         """A write matched no row: say whether the document is missing (or outside the
         caller's rows: the same answer) or its version moved."""
-        if if_match is not None and await self._visible_version(collection, doc_id, guard):
+        # ask the primary: a replica could still hold the version the write just missed
+        primary = context.current.set(
+            dataclasses.replace(context.current.get(), read_preference="primary", min_lsn=None)
+        )
+        try:
+            moved = if_match is not None and await self._visible_version(collection, doc_id, guard)
+        finally:
+            context.current.reset(primary)
+        if moved:
             raise PreconditionFailed(
                 "the document's version does not match If-Match", code="version_mismatch"
             )
@@ -403,7 +412,7 @@ class _Documents:
             "delete",
             collection,
         )
-        rows = await self._read(collection, sql, *params.values)
+        rows = await self._write(collection, sql, *params.values)  # the primary, never a replica
         if not rows:
             await self._explain_miss(collection, doc_id, if_match, guard)
             raise AssertionError("unreachable")

@@ -24,6 +24,11 @@ Durability. WAL with ``synchronous=FULL``: a write is acknowledged after the WAL
 synced, so it survives power loss, not only a crash of the process (``NORMAL`` would
 not).
 
+Audit. Every document change writes its row into ``_audit`` in the same job (its
+savepoint, or the transaction), and a transaction that changed documents adds a
+``transaction_commit`` row just before COMMIT: as on PostgreSQL, a change and its audit row
+are committed or rolled back together.
+
 Timeouts. Work that has not started within the pool's acquire timeout (a busy writer, a
 write gate held by a transaction) is refused with 503 ``pool_exhausted``; a running
 statement is interrupted by the progress handler after ``limits.statement_timeout_seconds``
@@ -50,6 +55,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from proxy import context
 from proxy.backends.base import check_collection
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
@@ -111,6 +117,25 @@ _IDEMPOTENCY_DDL = (
     "fingerprint TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, "
     "expires_at REAL NOT NULL)"
 )
+_AUDIT_DDL = (
+    "CREATE TABLE IF NOT EXISTS _audit (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "at REAL NOT NULL, service TEXT NOT NULL, operation TEXT NOT NULL, "
+    "collection TEXT NOT NULL, ids TEXT NOT NULL, request_id TEXT NOT NULL, "
+    "outcome TEXT NOT NULL DEFAULT 'committed')",
+    "CREATE INDEX IF NOT EXISTS _audit_at ON _audit (at)",
+)
+_AUDIT_INSERT = (
+    "INSERT INTO _audit (at, service, operation, collection, ids, request_id) "
+    "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+)
+_AUDIT_SELECT = (
+    "SELECT id, at, service, operation, collection, ids, request_id, outcome FROM _audit "
+    "WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR collection = ?2) "
+    "AND (?3 IS NULL OR at >= ?3) AND (?4 IS NULL OR at < ?4) "
+    "AND (?5 IS NULL OR id > ?5) ORDER BY id LIMIT ?6"
+)
+_AUDIT_COLUMNS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
+_CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
 
 
 def table_name(collection: str) -> str:
@@ -274,6 +299,12 @@ def _create_table(conn: sqlite3.Connection, collection: str) -> None:
         f"created_at TEXT NOT NULL DEFAULT ({_NOW}), "
         f"updated_at TEXT NOT NULL DEFAULT ({_NOW}))"
     )
+
+
+def _create_housekeeping_tables(conn: sqlite3.Connection) -> None:
+    conn.execute(_IDEMPOTENCY_DDL)
+    for ddl in _AUDIT_DDL:
+        conn.execute(ddl)
 
 
 def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
@@ -488,10 +519,12 @@ class _Documents:
     may create the collection's table) and ``_read``. The backend runs them on its writer
     and readers, a transaction on its own connection."""
 
-    def __init__(self, name: str, limits: Limits, ids: IdGenerator) -> None:
+    def __init__(self, name: str, limits: Limits, ids: IdGenerator, audit: bool) -> None:
         self.name = name
         self.limits = limits
         self.ids = ids
+        self.audit = audit
+        self.wrote = False  # an audited change ran (set on the thread that ran it)
 
     async def _write(self, collection: str | None, fn: Job[T]) -> T:
         """Run a write job; with ``collection``, its table exists when ``fn`` runs."""
@@ -499,6 +532,29 @@ class _Documents:
 
     async def _read(self, fn: Job[T]) -> T:
         raise NotImplementedError
+
+    def _audited(
+        self, fn: Job[T], operation: str, collection: str, written: Callable[[T], list[str]]
+    ) -> Job[T]:
+        """``fn`` followed, in the same job (savepoint or transaction), by its audit row
+        when it changed documents: no change without its audit row, and no audit row for
+        a change that failed or was rolled back. Who asks is read here, on the event loop:
+        the context does not follow the job into the thread that runs it."""
+        if not self.audit:
+            return fn
+        ctx = context.current.get()
+        service, request_id = ctx.service, ctx.request_id
+
+        def job(conn: sqlite3.Connection) -> T:
+            result = fn(conn)
+            ids = written(result)
+            if ids:
+                row = (time.time(), service, operation, collection, orjson.dumps(ids).decode())
+                conn.execute(_AUDIT_INSERT, (*row, request_id))
+                self.wrote = True
+            return result
+
+        return job
 
     @staticmethod
     def _reading(fn: Job[T], empty: T) -> Job[T]:
@@ -543,7 +599,7 @@ class _Documents:
                     "a document with this _id already exists", details={"_id": doc_id}
                 )
 
-        await self._write(collection, run)
+        await self._write(collection, self._audited(run, "create", collection, lambda _: [doc_id]))
         return WriteResult(body, 1, created=True)
 
     async def insert_many(self, collection: str, docs: list[dict[str, Any]]) -> list[ItemResult]:
@@ -562,7 +618,11 @@ class _Documents:
             # a repeated _id in the same batch: the first one wins, as in PostgreSQL
             return [conn.execute(sql, pair).rowcount == 1 for pair in pairs]
 
-        inserted = iter(await self._write(collection, run) if pairs else [])
+        def written(done: list[bool]) -> list[str]:
+            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok]
+
+        job = self._audited(run, "create", collection, written)
+        inserted = iter(await self._write(collection, job) if pairs else [])
         duplicate = DuplicateId("a document with this _id already exists").to_dict()
         out: list[ItemResult] = []
         for p in prepared:
@@ -630,7 +690,10 @@ class _Documents:
                 self._explain_miss(conn, visible, doc_id, if_match)
             return WriteResult(row[0], row[1], created=inserting and row[1] == 1)
 
-        return await self._write(collection, run)
+        operation = _CHANGE_NAMES[type(change)]
+        return await self._write(
+            collection, self._audited(run, operation, collection, lambda _: [doc_id])
+        )
 
     @staticmethod
     def _conditions(
@@ -706,7 +769,7 @@ class _Documents:
                 self._explain_miss(conn, visible, doc_id, if_match)
             return int(row[0])
 
-        return await self._write(None, run)
+        return await self._write(None, self._audited(run, "delete", collection, lambda _: [doc_id]))
 
     async def find(self, collection: str, spec: FindSpec) -> Page:
         params = Params()
@@ -766,8 +829,9 @@ class SqliteBackend(_Documents):
         *,
         path: str,
         ids: IdGenerator | None = None,
+        audit: bool = True,
     ) -> None:
-        super().__init__(config.name, limits, ids or IdGenerator())
+        super().__init__(config.name, limits, ids or IdGenerator(), audit)
         self.config = config
         self.path = path
         self._timeout = limits.statement_timeout_seconds
@@ -809,7 +873,7 @@ class SqliteBackend(_Documents):
         self._tx_threads = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._readers_max + 1, thread_name_prefix="dbproxy-sqlite-tx"
         )
-        await self._write(None, lambda conn: conn.execute(_IDEMPOTENCY_DDL))
+        await self._write(None, _create_housekeeping_tables)
         log.info(
             "sqlite store %s open at %s (WAL, synchronous=FULL, %d readers)",
             self.name,
@@ -857,6 +921,31 @@ class SqliteBackend(_Documents):
         await self._write(
             None, lambda conn: conn.execute("DELETE FROM _idempotency WHERE expires_at < ?", (now,))
         )
+
+    async def audit_log(
+        self,
+        *,
+        service: str | None = None,
+        collection: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Audit records, oldest first, filtered; times are Unix seconds."""
+        args = (service, collection, since, until, after_id, limit)
+
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(_AUDIT_SELECT, args).fetchall()
+
+        no_rows: list[Any] = []
+        rows = await self._read(self._reading(run, no_rows))
+        out = []
+        for row in rows:
+            record = dict(zip(_AUDIT_COLUMNS, row, strict=True))
+            record["ids"] = orjson.loads(record["ids"])
+            out.append(record)
+        return out
 
     # -- running work ------------------------------------------------------------------
 
@@ -1011,7 +1100,7 @@ class SqliteTransaction(_Documents):
         isolation: str,
         release_slot: Callable[[], None],
     ) -> None:
-        super().__init__(backend.name, backend.limits, backend.ids)
+        super().__init__(backend.name, backend.limits, backend.ids, backend.audit)
         self.isolation = isolation
         self.failed: ProxyError | None = None
         self.closed = False
@@ -1124,13 +1213,23 @@ class SqliteTransaction(_Documents):
         leave the connection half-done. A failed COMMIT rolls back: nothing was applied."""
         self._check_usable()
         self.closed = True
+        ctx = context.current.get()
         try:
-            await asyncio.shield(self._call(self._commit))
+            await asyncio.shield(self._call(lambda: self._commit(ctx.service, ctx.request_id)))
         finally:
             self._free_slot()
 
-    def _commit(self) -> None:
+    def _commit(self, service: str, request_id: str) -> None:
+        """The ``transaction_commit`` audit row (when the transaction changed documents;
+        its writes hold the write gate), then COMMIT: both or neither."""
         try:
+            if self.audit and self.wrote and self._loan is not None:
+                self._state.arm()
+                try:
+                    row = (time.time(), service, "transaction_commit", "*", "[]", request_id)
+                    self._conn.execute(_AUDIT_INSERT, row)
+                finally:
+                    self._state.disarm()
             self._conn.execute("COMMIT")
         except Exception as exc:
             if self._conn.in_transaction:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -12,6 +16,7 @@ import asyncpg
 import pytest
 
 from proxy.backends.base import COLLECTION_RE
+from proxy.backends.sqlite import DATA_FILE, table_name
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +40,9 @@ SQL_PAYLOADS = [
     "a.b'; DROP TABLE {canary};--.c",
     "é💥\u202e",
 ]
+# words of driver or SQL text that an error answer must never carry (an answer may name
+# the embedded store, "the SQLite store", but not its driver or its errors)
+DRIVER_WORDS = ("select", "sqlstate", "asyncpg", "sqlite3", "sqlite_", "operationalerror")
 OPERATOR_PAYLOADS: list[Any] = [
     {"$where": "sleep(1000)"},
     {"name": {"$where": "1"}},
@@ -66,7 +74,38 @@ async def canary(pg_dsn: str) -> Any:
 async def test_injection_corpus(pg_server: Server, canary: Any) -> None:
     name, conn = canary
     coll = "inj_" + uuid.uuid4().hex[:8]
-    base = f"{pg_server.url}/api/db/{coll}"
+    await run_corpus(pg_server.url, coll, name)
+    assert await conn.fetchval(f"SELECT secret FROM public.{name}") == "intact"
+    assert await conn.fetchval(f"SELECT count(*) FROM public.{name}") == 1
+    stored = await conn.fetchval(f'SELECT count(*) FROM dbproxy."{coll}"')
+    assert stored == 1 + len(SQL_PAYLOADS)
+
+
+async def test_injection_corpus_embedded(launch: Callable[..., Server], tmp_path: Path) -> None:
+    """The same corpus against the embedded store; the canary lives in its SQLite file."""
+    data = tmp_path / "data"
+    server = launch("--data-dir", str(data))
+    async with (  # a first write: the file exists, in WAL mode
+        aiohttp.ClientSession() as s,
+        s.post(f"{server.url}/api/db/warmup", json={"x": 1}) as resp,
+    ):
+        assert resp.status == 201
+    path = data / DATA_FILE
+    name = "canary_" + uuid.uuid4().hex[:8]
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as conn:
+        with conn:
+            conn.execute(f"CREATE TABLE {name} (secret TEXT)")
+            conn.execute(f"INSERT INTO {name} VALUES ('intact')")
+        coll = "inj_" + uuid.uuid4().hex[:8]
+        await run_corpus(server.url, coll, name)
+        assert conn.execute(f"SELECT secret FROM {name}").fetchall() == [("intact",)]
+        stored = conn.execute(f"SELECT count(*) FROM {table_name(coll)}").fetchone()[0]
+        assert stored == 1 + len(SQL_PAYLOADS)
+
+
+async def run_corpus(url: str, coll: str, name: str) -> None:
+    """Every payload against every place a client can put text; ``name`` is the canary."""
+    base = f"{url}/api/db/{coll}"
     statuses: list[tuple[str, int]] = []
 
     async with aiohttp.ClientSession() as s:
@@ -80,7 +119,7 @@ async def test_injection_corpus(pg_server: Server, canary: Any) -> None:
                 if resp.status >= 400:
                     # the message may quote the client's own input back, never driver or SQL text
                     text = json.dumps(body, ensure_ascii=False).replace(payload, "").lower()
-                    assert "select" not in text and "sqlstate" not in text and "asyncpg" not in text
+                    assert not any(word in text for word in DRIVER_WORDS), (what, body)
                 return resp.status, body
 
         st, _ = await hit("seed", "POST", base, json={"_id": "seed", "name": "ann"})
@@ -95,9 +134,9 @@ async def test_injection_corpus(pg_server: Server, canary: Any) -> None:
             )
             assert st == 200 and [d["name"] for d in page["items"]] == [p]
             # as a collection name: rejected before any I/O (unless it is a plain valid name,
-            # which then lives in the sidecar's own schema, not in public)
+            # which then lives in the sidecar's own namespace, apart from the canary)
             st, _ = await hit(
-                "collection", "POST", f"{pg_server.url}/api/db/{quote(p, safe='')}", json={"a": 1}
+                "collection", "POST", f"{url}/api/db/{quote(p, safe='')}", json={"a": 1}
             )
             assert 400 <= st < 500 or COLLECTION_RE.fullmatch(p)
             # as an id: looked up verbatim, not found
@@ -113,8 +152,4 @@ async def test_injection_corpus(pg_server: Server, canary: Any) -> None:
             st, body = await hit("operator", "POST", f"{base}/query", json={"filter": flt})
             assert st == 400, (flt, body)
 
-    assert await conn.fetchval(f"SELECT secret FROM public.{name}") == "intact"
-    assert await conn.fetchval(f"SELECT count(*) FROM public.{name}") == 1
-    stored = await conn.fetchval(f'SELECT count(*) FROM dbproxy."{coll}"')
-    assert stored == 1 + len(SQL_PAYLOADS)
     assert len(statuses) == 1 + 9 * len(SQL_PAYLOADS) + len(OPERATOR_PAYLOADS)

@@ -20,7 +20,7 @@ from proxy.breaker import BreakerSettings
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings, ReplicaConfig
 from proxy.context import RequestContext
 from proxy.core import Core
-from proxy.errors import PoolExhausted, ProxyError, Unavailable
+from proxy.errors import NotFound, PoolExhausted, ProxyError, Unavailable
 from proxy.routing import parse_lsn
 from tests.faultproxy import FaultProxy
 from tests.replica import Replica
@@ -105,6 +105,11 @@ async def test_reads_go_to_the_replica_and_writes_to_the_primary(
         await core.count("c", None)
     assert rep.statements - before == 20
     assert primary.statements == writes  # no read went to the primary
+    served = rep.statements
+    await core.delete("c", "a")  # a delete is a write: the primary's, even with replicas
+    with pytest.raises(NotFound):
+        await core.delete("c", "a")
+    assert rep.statements == served
     snapshot = backend.connections()["endpoints"]
     assert [e["role"] for e in snapshot] == ["primary", "replica"]
     assert snapshot[1]["breaker"]["state"] == "closed"
