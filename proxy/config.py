@@ -132,7 +132,7 @@ class CacheConfig:
     redis_url: str | None = None
     near_max_entries: int = 10_000
     near_max_bytes: int = 64 * 1024 * 1024
-    redis_timeout_seconds: float = 0.02
+    redis_timeout_seconds: float = 0.05
     collections: Mapping[str, CollectionCache] = field(default_factory=dict)
 
     def ttl(self, collection: str) -> float | None:

@@ -114,7 +114,7 @@ class EndpointSet:
         self.limits = limits
         self.health_interval = health_interval
         ps = config.pool_settings
-        self.max_waiting = max_waiting if max_waiting is not None else ps.max_connections * 10
+        self.max_waiting = max_waiting if max_waiting is not None else ps.max_connections * 50
         settings = breaker or BreakerSettings()
         self.primary = Endpoint(
             "primary",
