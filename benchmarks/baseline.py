@@ -6,6 +6,12 @@ aiohttp on uvloop plus one asyncpg pool, no policy, no stats, no cache:
   and returns the jsonb text as the body (asyncpg hands jsonb over as ``str``).
 - ``POST /api/db/{collection}`` takes one JSON object, adds ``_id`` (if absent) and
   ``_version: 1``, runs one INSERT into the sidecar's table layout and answers 201.
+- ``POST /api/db/{collection}/query`` takes ``{"filter": {...}, "limit": n}`` and runs one
+  ``SELECT doc FROM dbproxy."<c>" WHERE doc @> $1 LIMIT $2`` (the filter object used as a
+  containment document, served by the GIN index), answering ``{"items": [...], "next": null}``.
+- ``PUT  /api/db/{collection}/{id}`` takes ``{"$inc": {"<field>": <number>}}`` (one top-level
+  field) and runs one ``UPDATE ... SET doc = jsonb_set(doc, '{field}', field + number)``,
+  bumping ``_version`` like the sidecar, and returns the new document.
 - ``GET  /api/db/health`` answers 200 once the pool is up.
 
 Tables are not created here: the harness makes sure they exist before load starts.
@@ -17,17 +23,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
+import dataclasses
 import os
 import re
 import signal
 import sys
-import time
 
 import asyncpg
 import orjson
 import uvloop
 from aiohttp import web
+
+from benchmarks.workload import new_id
 
 COLLECTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 JSON = "application/json"
@@ -35,13 +42,13 @@ JSON = "application/json"
 POOL = web.AppKey("pool", asyncpg.Pool)
 SQL_CACHE = web.AppKey("sql_cache", dict)
 
-_ID_PREFIX = os.urandom(3).hex()
-_ID_COUNTER = itertools.count()
 
-
-def new_id() -> str:
-    """Time-ordered, process-unique id (hex nanoseconds + process prefix + counter)."""
-    return f"{time.time_ns():x}{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFF:06x}"
+@dataclasses.dataclass(frozen=True, slots=True)
+class Statements:
+    select: str
+    insert: str
+    query: str
+    inc: str
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -49,8 +56,8 @@ def _error(status: int, code: str, message: str) -> web.Response:
     return web.Response(status=status, body=body, content_type=JSON)
 
 
-def _sql(app: web.Application, collection: str) -> tuple[str, str] | None:
-    """(select, insert) statements for a collection, built once per collection name."""
+def _sql(app: web.Application, collection: str) -> Statements | None:
+    """The statements of a collection, built once per collection name."""
     cache = app[SQL_CACHE]
     hit = cache.get(collection)
     if hit is not None:
@@ -58,19 +65,26 @@ def _sql(app: web.Application, collection: str) -> tuple[str, str] | None:
     if not COLLECTION_RE.match(collection):
         return None
     table = f'dbproxy."{collection}"'
-    pair = (
-        f"SELECT doc FROM {table} WHERE _id = $1",
-        f"INSERT INTO {table} (_id, doc, _version) VALUES ($1, $2::jsonb, 1)",
+    stmts = Statements(
+        select=f"SELECT doc FROM {table} WHERE _id = $1",
+        insert=f"INSERT INTO {table} (_id, doc, _version) VALUES ($1, $2::jsonb, 1)",
+        query=f"SELECT doc FROM {table} WHERE doc @> $1::jsonb LIMIT $2",
+        inc=(
+            f"UPDATE {table} AS t SET doc = jsonb_set(t.doc, ARRAY[$2::text], "
+            "to_jsonb(COALESCE((t.doc ->> $2::text)::numeric, 0) + $3::numeric)) "
+            "|| jsonb_build_object('_version', t._version + 1), "
+            "_version = t._version + 1, updated_at = now() WHERE t._id = $1 RETURNING t.doc"
+        ),
     )
-    cache[collection] = pair
-    return pair
+    cache[collection] = stmts
+    return stmts
 
 
 async def get_one(request: web.Request) -> web.Response:
     sql = _sql(request.app, request.match_info["collection"])
     if sql is None:
         return _error(400, "invalid_collection", "bad collection name")
-    text = await request.app[POOL].fetchval(sql[0], request.match_info["id"])
+    text = await request.app[POOL].fetchval(sql.select, request.match_info["id"])
     if text is None:
         return _error(404, "not_found", "document not found")
     return web.Response(text=text, content_type=JSON)
@@ -93,10 +107,47 @@ async def create_one(request: web.Request) -> web.Response:
     doc["_version"] = 1
     body = orjson.dumps(doc)
     try:
-        await request.app[POOL].execute(sql[1], doc_id, body.decode())
+        await request.app[POOL].execute(sql.insert, doc_id, body.decode())
     except asyncpg.UniqueViolationError:
         return _error(409, "conflict", "document already exists")
     return web.Response(status=201, body=body, content_type=JSON)
+
+
+async def query(request: web.Request) -> web.Response:
+    sql = _sql(request.app, request.match_info["collection"])
+    if sql is None:
+        return _error(400, "invalid_collection", "bad collection name")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "invalid_json", "body is not JSON")
+    flt = body.get("filter", {}) if isinstance(body, dict) else None
+    limit = body.get("limit", 100) if isinstance(body, dict) else None
+    if not isinstance(flt, dict) or not isinstance(limit, int) or not 0 < limit <= 1000:
+        return _error(400, "invalid_query", "baseline takes {filter: object, limit: 1..1000}")
+    rows = await request.app[POOL].fetch(sql.query, orjson.dumps(flt).decode(), limit)
+    items = ",".join(r[0] for r in rows)
+    return web.Response(text=f'{{"items":[{items}],"next":null}}', content_type=JSON)
+
+
+async def update_one(request: web.Request) -> web.Response:
+    sql = _sql(request.app, request.match_info["collection"])
+    if sql is None:
+        return _error(400, "invalid_collection", "bad collection name")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "invalid_json", "body is not JSON")
+    inc = body.get("$inc") if isinstance(body, dict) and len(body) == 1 else None
+    if not isinstance(inc, dict) or len(inc) != 1:
+        return _error(400, "invalid_update", 'baseline takes {"$inc": {"<field>": n}} only')
+    ((field, amount),) = inc.items()
+    if field.startswith("_") or isinstance(amount, bool) or not isinstance(amount, int | float):
+        return _error(400, "invalid_update", "$inc needs a plain field and a number")
+    text = await request.app[POOL].fetchval(sql.inc, request.match_info["id"], field, amount)
+    if text is None:
+        return _error(404, "not_found", "document not found")
+    return web.Response(text=text, content_type=JSON)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -119,6 +170,8 @@ def build_app(database: str, pool_size: int) -> web.Application:
     app.router.add_get("/api/db/health", health)
     app.router.add_get("/api/db/{collection}/{id}", get_one)
     app.router.add_post("/api/db/{collection}", create_one)
+    app.router.add_post("/api/db/{collection}/query", query)
+    app.router.add_put("/api/db/{collection}/{id}", update_one)
     return app
 
 

@@ -1,11 +1,14 @@
-"""Benchmark orchestration: fresh database, seed, start sidecar + baseline, alternate A/B rounds.
+"""Benchmark orchestration: fresh database, seed, start the servers, alternate rounds, report.
 
-Flow (every step bounded in time): create database -> start baseline and sidecar on free
-loopback ports -> wait for /api/db/health -> let the sidecar create its tables with one POST
-per collection (else create them with the documented DDL) -> seed documents with COPY ->
-preflight one GET/POST per target -> per scenario: warm-up each target, then rounds alternating
-sidecar, baseline, sidecar, baseline ... -> medians, ratios -> latest.json / .md / .png ->
-stop every process we started -> drop the database.
+Flow (every step bounded in time): create database -> start the baseline, the sidecar and (if
+Redis answers and the sidecar accepts the ``cache:`` section) a second sidecar with the read
+cache on, each on a free loopback port -> wait for /api/db/health -> let the sidecar create
+its tables with one POST per collection (else create them with the documented DDL) -> seed
+documents with COPY -> preflight every request kind on every server -> per scenario and
+connection count: warm-up, then rounds alternating the targets (sidecar, sidecar with cache,
+baseline, direct asyncpg client, sidecar, ...) -> the open-loop latency runs at a fixed rate
+-> RSS of every server after the benchmark -> medians, ratios, targets -> latest.json /
+.md / *.png -> stop every process we started -> drop the database.
 """
 
 from __future__ import annotations
@@ -13,387 +16,59 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import os
 import platform
-import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import asyncpg
 import orjson
-import yaml
 
-from benchmarks import load, report
-
-REPO = Path(__file__).resolve().parent.parent
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DB_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-ID_PREFIX, ID_WIDTH = "doc-", 6
-
-DDL = """CREATE TABLE IF NOT EXISTS dbproxy."{c}" (_id text PRIMARY KEY, doc jsonb NOT NULL,
-_version bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
-updated_at timestamptz NOT NULL DEFAULT now())"""
-
-BASELINE_TEMPLATE = (
-    "{python} -m benchmarks.baseline --host {host} --port {port} "
-    "--database {database} --pool-size {pool_size}"
+from benchmarks import load, procstat, report, workload
+from benchmarks.pgsetup import (
+    create_database,
+    create_tables,
+    drop_database,
+    missing_tables,
+    reset_for_write_round,
+    seed,
+    server_version,
+    with_db,
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class Scenario:
-    name: str
-    collection: str
-    write: bool
-    description: str
-
-
-SCENARIOS = {
-    "get": Scenario("get", "bench", False, "GET /api/db/bench/{random seeded id}"),
-    "create": Scenario("create", "bench_create", True, "POST /api/db/bench_create small object"),
-}
-
-
-@dataclasses.dataclass
-class Target:
-    name: str  # "sidecar" | "baseline"
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-    cmd: list[str]
-    mode: str  # how it was configured: config | database | baseline | custom
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class BenchError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_db(url: str, dbname: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http(
-    method: str, url: str, body: bytes | None = None, headers: tuple[str, ...] = ()
-) -> tuple[int, bytes]:
-    """One loopback request; (0, reason) when nothing answered."""
-    hdrs = dict(h.split(":", 1) for h in headers)
-    hdrs = {k.strip(): v.strip() for k, v in hdrs.items()}
-    if body is not None:
-        hdrs["Content-Type"] = "application/json"
-    req = urllib.request.Request(url, data=body, method=method, headers=hdrs)
-    try:
-        with _OPENER.open(req, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-    except (urllib.error.URLError, OSError) as e:
-        return 0, str(e).encode()
-
-
-def log_tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()  # fields from #3 (state) on
-
-
-def _all_stats() -> Iterator[tuple[int, str, list[str]]]:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                raw = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            comm = raw[raw.find("(") + 1 : raw.rfind(")")]
-            yield int(entry.name), comm, raw[raw.rfind(")") + 2 :].split()
-
-
-def _ticks(f: list[str], children: bool = True) -> int:
-    # after the comm: [0]=state [1]=ppid ... [11]=utime [12]=stime [13]=cutime [14]=cstime
-    t = int(f[11]) + int(f[12])
-    return t + int(f[13]) + int(f[14]) if children else t
-
-
-def tree_cpu_s(pid: int) -> float:
-    """utime+stime of pid, of its live descendants (workers), and of its reaped children."""
-    stats = {p: f for p, _, f in _all_stats()}
-    if pid not in stats:
-        return 0.0
-    kids: dict[int, list[int]] = {}
-    for p, f in stats.items():
-        kids.setdefault(int(f[1]), []).append(p)
-    total, todo, seen = 0, [pid], set()
-    while todo and len(seen) < 100_000:
-        p = todo.pop()
-        if p in seen or p not in stats:
-            continue
-        seen.add(p)
-        total += _ticks(stats[p])
-        todo.extend(kids.get(p, ()))
-    return total / CLK_TCK
-
-
-def postgres_cpu_s() -> float:
-    """CPU of every process named postgres (server-wide: other databases count too)."""
-    return sum(_ticks(f) for _, comm, f in _all_stats() if comm == "postgres") / CLK_TCK
-
-
-def host_cpu() -> tuple[int, int, int]:
-    """(busy, total, steal) jiffies over all cores, from /proc/stat."""
-    # user nice system idle iowait irq softirq steal (guest time is already inside user)
-    vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    vals += [0] * (8 - len(vals))
-    return sum(vals) - vals[3] - vals[4], sum(vals), vals[7]
-
-
-# ---------------------------------------------------------------- database
-
-
-async def _admin(admin_url: str, *stmts: str) -> None:
-    conn = await asyncpg.connect(admin_url, timeout=10)
-    try:
-        for s in stmts:
-            await conn.execute(s, timeout=60)
-    finally:
-        await asyncio.wait_for(conn.close(), timeout=10)
-
-
-def create_database(admin_url: str, name: str) -> None:
-    asyncio.run(
-        _admin(
-            admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'
-        )
-    )
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-async def _missing_tables(url: str, collections: list[str]) -> list[str]:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        q = "SELECT to_regclass(format('dbproxy.%I', $1::text)) IS NULL"
-        return [c for c in collections if await conn.fetchval(q, c, timeout=10)]
-    finally:
-        await asyncio.wait_for(conn.close(), timeout=10)
-
-
-def missing_tables(url: str, collections: list[str]) -> list[str]:
-    return asyncio.run(_missing_tables(url, collections))
-
-
-def create_tables(url: str, collections: list[str]) -> None:
-    stmts = ["CREATE SCHEMA IF NOT EXISTS dbproxy", *(DDL.format(c=c) for c in collections)]
-    asyncio.run(_admin(url, *stmts))
-
-
-def seed_doc(i: int, rng: random.Random) -> dict[str, Any]:
-    return {
-        "_id": f"{ID_PREFIX}{i:0{ID_WIDTH}d}",
-        "_version": 1,
-        "name": f"user {i}",
-        "email": f"user{i}@example.com",
-        "age": 18 + i % 60,
-        "score": round(rng.random() * 100, 3),
-        "active": i % 3 != 0,
-        "tags": rng.sample(["red", "green", "blue", "vip", "new", "eu", "us"], 3),
-        "address": {"city": rng.choice(["Berlin", "Lyon", "Oslo", "Porto"]), "zip": f"{i:05d}"},
-    }
-
-
-async def _seed(url: str, collection: str, n: int) -> None:
-    rng = random.Random(42)
-    rows = []
-    for i in range(1, n + 1):
-        doc = seed_doc(i, rng)
-        rows.append((doc["_id"], orjson.dumps(doc).decode(), 1))
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        await conn.copy_records_to_table(
-            collection, schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
-        )
-        await conn.execute(f'ANALYZE dbproxy."{collection}"', timeout=60)
-    finally:
-        await asyncio.wait_for(conn.close(), timeout=10)
-
-
-def seed(url: str, collection: str, n: int) -> None:
-    asyncio.run(_seed(url, collection, n))
-
-
-def reset_for_write_round(url: str, collection: str) -> None:
-    """Same starting point for every write round: empty table, no pending checkpoint."""
-    asyncio.run(_admin(url, f'TRUNCATE dbproxy."{collection}"', "CHECKPOINT"))
-
-
-async def _server_version(url: str) -> str:
-    conn = await asyncpg.connect(url, timeout=10)
-    try:
-        return str(await conn.fetchval("SHOW server_version", timeout=10))
-    finally:
-        await asyncio.wait_for(conn.close(), timeout=10)
-
-
-# ---------------------------------------------------------------- processes
-
-
-class Processes:
-    """Every server process we start; stop_all() is idempotent and always runs."""
-
-    def __init__(self, workdir: Path, cpus: set[int] | None) -> None:
-        self.workdir = workdir
-        self.cpus = cpus
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
-        log = self.workdir / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        env.pop("DBPROXY_DATABASE_URL", None)  # the server gets only what we pass explicitly
-        with log.open("ab") as fh:
-            proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True
-            )
-        self.procs.append(proc)
-        if self.cpus:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(proc.pid, self.cpus)
-        return proc, log
-
-    @staticmethod
-    def stop(proc: subprocess.Popen[bytes], grace_s: float = 10) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGTERM)  # own session: pgid == pid
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=grace_s)
-        # workers may outlive their parent; the group is ours alone
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            self.stop(proc)
-        self.procs.clear()
-
-
-def wait_healthy(target: Target, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if target.proc.poll() is not None:
-            return False
-        status, _ = http("GET", target.url + "/api/db/health")
-        if status == 200:
-            return True
-        time.sleep(0.2)
-    return False
-
-
-def sidecar_base_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "dbproxy"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "proxy.cli"]
-
-
-def write_sidecar_config(path: Path, db_url: str, pool: int) -> None:
-    cfg = {
-        "databases": [
-            {
-                "name": "main",
-                "type": "postgresql",
-                "connection_string": db_url,
-                "pool_settings": {
-                    "min_connections": pool,
-                    "max_connections": pool,
-                    "timeout_seconds": 5,
-                },
-            }
-        ]
-    }
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def sidecar_attempts(a: argparse.Namespace, port: int, db_url: str, cfg: Path) -> list[tuple]:
-    """[(mode, argv)] to try in order until one becomes healthy."""
-    fields = {
-        "python": sys.executable,
-        "host": "127.0.0.1",
-        "port": port,
-        "database": db_url,
-        "config": str(cfg),
-        "pool_size": a.sidecar_pool_size,
-    }
-    if a.sidecar_cmd:
-        template = BASELINE_TEMPLATE if a.sidecar_cmd == "baseline" else a.sidecar_cmd
-        mode = "baseline" if a.sidecar_cmd == "baseline" else "custom"
-        return [(mode, shlex.split(template.format(**fields)))]
-    base = [*sidecar_base_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)]
-    extra = [*(["--workers", str(a.sidecar_workers)] if a.sidecar_workers else [])]
-    extra += [x for arg in a.sidecar_arg for x in shlex.split(arg)]
-    return [
-        ("config", [*base, "--config", str(cfg), *extra]),
-        ("database", [*base, "--database", db_url, *extra]),
-    ]
-
-
-def start_target(
-    procs: Processes, name: str, attempts: list[tuple], timeout_s: float, skip: int = 0
-) -> Target:
-    problems = []
-    for mode, cmd in attempts[skip:]:
-        port = int(next(x for i, x in enumerate(cmd) if i and cmd[i - 1] == "--port"))
-        proc, log = procs.start(f"{name}-{mode}", cmd)
-        target = Target(name, port, proc, log, cmd, mode)
-        if wait_healthy(target, timeout_s):
-            print(f"  {name}: healthy on :{port} ({mode}) pid={proc.pid}", flush=True)
-            return target
-        problems.append(f"[{mode}] {shlex.join(cmd)}\n{log_tail(log)}")
-        procs.stop(proc)
-    raise BenchError(f"{name} did not become healthy:\n" + "\n\n".join(problems))
+from benchmarks.servers import (
+    BASELINE_TEMPLATE,
+    LOOPBACK,
+    REPO,
+    BenchError,
+    Processes,
+    Target,
+    free_port,
+    http,
+    log_tail,
+    metrics_delta,
+    sidecar_attempts,
+    sidecar_config,
+    sidecar_metrics,
+    start_cached_sidecar,
+    start_target,
+    write_yaml,
+)
+from benchmarks.workload import SCENARIOS, Scenario
+
+DB_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+# the order of the targets inside a round of alternation
+TARGET_ORDER = ("sidecar", "sidecar_cached", "baseline", "direct")
+CACHED_SCENARIOS = ("get_uniform", "get_zipf", "mixed")  # the cache-on sidecar runs these
+OPEN_LOOP_TARGETS = ("sidecar", "sidecar_cached", "baseline")
 
 
 # ---------------------------------------------------------------- preparation
@@ -415,6 +90,7 @@ def prepare_sidecar_tables(
             return sidecar, notes
         if all(s == 201 for s in answers.values()) and attempt + 1 < len(attempts):
             notes.append(f"sidecar answered 201 in mode {sidecar.mode} but wrote elsewhere")
+            assert sidecar.proc is not None
             procs.stop(sidecar.proc)
             sidecar = start_target(procs, "sidecar", attempts, a.startup_timeout, attempt + 1)
             continue
@@ -428,20 +104,34 @@ def prepare_sidecar_tables(
     return sidecar, notes
 
 
-def preflight(targets: list[Target], scenarios: list[str], headers: tuple[str, ...]) -> None:
-    """One request of each scenario to be run, on each target, before any load."""
+def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace) -> None:
+    """One request of each kind the scenarios use, on each HTTP server, before any load."""
     problems = []
-    doc_id = f"{ID_PREFIX}{1:0{ID_WIDTH}d}"
-    body = load.CREATE_BODY.encode()
+    doc_id = workload.doc_id(1)
+    group = workload.group_value(0)
+    checks: list[tuple[str, str, str, bytes | None, int, bytes | None]] = []
+    if {"get_uniform", "get_zipf", "mixed"} & set(scenarios) or a.open_rate:
+        checks.append(("get", "GET", f"/api/db/bench/{doc_id}", None, 200, doc_id.encode()))
+    if "query" in scenarios:
+        body = workload.query_body(group).encode()
+        checks.append(("query", "POST", "/api/db/bench/query", body, 200, group.encode()))
+    if "create" in scenarios:
+        body = workload.CREATE_BODY.encode()
+        checks.append(("create", "POST", "/api/db/bench_create", body, 201, None))
+    if "mixed" in scenarios:
+        body = workload.INC_BODY.encode()
+        checks.append(("update", "PUT", f"/api/db/bench/{doc_id}", body, 200, b'"n"'))
     for t in targets:
-        if "get" in scenarios:
-            st, got = http("GET", f"{t.url}/api/db/bench/{doc_id}", None, headers)
-            if st != 200 or doc_id.encode() not in got:
-                problems.append(f"{t.name}: GET /api/db/bench/{doc_id} -> {st} {got[:300]!r}")
-        if "create" in scenarios:
-            st, got = http("POST", f"{t.url}/api/db/bench_create", body, headers)
-            if st != 201:
-                problems.append(f"{t.name}: POST /api/db/bench_create -> {st} {got[:300]!r}")
+        if t.kind != "http":
+            continue
+        for what, method, path, body, want, needle in checks:
+            st, got = http(method, t.url + path, body, a.header)
+            if st != want or (needle is not None and needle not in got):
+                problems.append(f"{t.name}: {what} {method} {path} -> {st} {got[:300]!r}")
+            if what == "query" and st == 200:
+                n = len(orjson.loads(got).get("items", []))
+                if n != 10:
+                    problems.append(f"{t.name}: query returned {n} rows, expected 10")
     if problems:
         raise BenchError("preflight failed:\n" + "\n".join(problems))
 
@@ -449,77 +139,226 @@ def preflight(targets: list[Target], scenarios: list[str], headers: tuple[str, .
 # ---------------------------------------------------------------- measuring
 
 
-def measure(a: argparse.Namespace, t: Target, sc: Scenario, duration: int, seed: int) -> dict:
-    spec = load.LoadSpec(
-        url=t.url,
-        scenario=sc.name,
-        collection=sc.collection,
-        connections=a.concurrency,
-        duration_s=duration,
-        threads=a.load_threads,
-        id_prefix=ID_PREFIX,
-        id_count=a.seed_docs,
-        id_width=ID_WIDTH,
-        seed=seed,
-        headers=tuple(a.header),
-        cpus=frozenset(a.load_cpus) if a.load_cpus else None,
-    )
-    cpu0, pg0, host0, w0 = tree_cpu_s(t.proc.pid), postgres_cpu_s(), host_cpu(), time.monotonic()
-    res: dict[str, Any] = dict(load.run_load(spec, a.generator))
-    cpu1, pg1, host1, w1 = tree_cpu_s(t.proc.pid), postgres_cpu_s(), host_cpu(), time.monotonic()
-    if t.proc.poll() is not None:
-        raise BenchError(f"{t.name} died during {sc.name}:\n{log_tail(t.log)}")
+def _snapshot(pid: int | None) -> tuple[dict[str, float], tuple[int, int, int], float]:
+    return procstat.cpu_snapshot(pid), procstat.host_cpu(), time.monotonic()
+
+
+def _round_accounting(
+    res: dict[str, Any], cpu0: dict, cpu1: dict, host0: tuple, host1: tuple, wall: float
+) -> None:
     n = max(int(res["requests"]), 1)
-    res["server_cpu_s"] = round(cpu1 - cpu0, 3)
-    res["cpu_us_per_req"] = (cpu1 - cpu0) * 1e6 / n
-    res["server_cpu_pct"] = (cpu1 - cpu0) * 100 / (w1 - w0)
-    res["db_cpu_us_per_req"] = (pg1 - pg0) * 1e6 / n
-    res["loadgen_cpu_pct"] = float(res["loadgen_cpu_s"]) * 100 / (w1 - w0)
+    res["server_cpu_s"] = round(res.get("server_cpu_s", cpu1["server"] - cpu0["server"]), 3)
+    res["cpu_us_per_req"] = res["server_cpu_s"] * 1e6 / n
+    res["cpu_s_per_1k"] = res["server_cpu_s"] * 1e3 / n
+    res["server_cpu_pct"] = res["server_cpu_s"] * 100 / wall
+    res["db_cpu_us_per_req"] = (cpu1["postgres"] - cpu0["postgres"]) * 1e6 / n
+    res["db_cpu_pct"] = (cpu1["postgres"] - cpu0["postgres"]) * 100 / wall
+    res["redis_cpu_us_per_req"] = (cpu1["redis"] - cpu0["redis"]) * 1e6 / n
+    res["loadgen_cpu_pct"] = float(res["loadgen_cpu_s"]) * 100 / wall
     busy, total, steal = (x1 - x0 for x0, x1 in zip(host0, host1, strict=True))
     cores = os.cpu_count() or 1
     res["host_cpu_pct"] = busy * 100 / total * cores if total else 0.0  # 100 = one core
     res["steal_pct"] = steal * 100 / total * cores if total else 0.0
-    res["db_cpu_pct"] = (pg1 - pg0) * 100 / (w1 - w0)
     # CPU used by anything else on the machine: high values mean the round was disturbed
-    ours = res["server_cpu_pct"] + res["db_cpu_pct"] + res["loadgen_cpu_pct"]
+    redis_pct = (cpu1["redis"] - cpu0["redis"]) * 100 / wall
+    ours = res["server_cpu_pct"] + res["db_cpu_pct"] + res["loadgen_cpu_pct"] + redis_pct
     res["other_cpu_pct"] = max(0.0, res["host_cpu_pct"] - ours)
+
+
+def run_direct(a: argparse.Namespace, sc: Scenario, tasks: int, duration: float, seed: int):  # type: ignore[no-untyped-def]
+    cmd = [sys.executable, "-m", "benchmarks.direct", "--database", a.db_url]
+    cmd += ["--scenario", sc.name, "--collection", sc.collection, "--tasks", str(tasks)]
+    cmd += ["--pool-size", str(a.direct_pool_size), "--duration", str(duration)]
+    cmd += ["--n-docs", str(a.seed_docs), "--seed", str(seed)]
+    try:
+        out, cpu = load.run_child(cmd, duration + 60, a.load_cpus)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        raise BenchError(f"direct asyncpg client failed: {e}") from e
+    raw = load.parse_marker(out)
+    if raw["requests"] == 0:
+        raise BenchError(f"direct asyncpg client completed nothing: {raw.get('last_error')}")
+    dur = raw["duration_s"] or 1e-9
+    keys = ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "errors", "non2xx")
+    res: dict[str, Any] = {k: raw[k] for k in keys}
+    res.update(
+        generator="direct",
+        requests=int(raw["requests"]),
+        duration_s=round(dur, 4),
+        rps=raw["requests"] / dur,
+        server_cpu_s=cpu,  # the client IS the load: its CPU is the cost per request
+        loadgen_cpu_s=0.0,
+        rss_mb=raw["maxrss_mb"],
+    )
+    if raw.get("last_error"):
+        res["last_error"] = raw["last_error"]
     return res
 
 
-def run_scenario(a: argparse.Namespace, sc: Scenario, targets: list[Target], db_url: str) -> dict:
-    print(f"\n== {sc.name}: {sc.description}", flush=True)
+def measure(
+    a: argparse.Namespace,
+    t: Target,
+    sc: Scenario,
+    conns: int,
+    duration: int,
+    seed: int,
+    rss: procstat.RssSampler,
+) -> dict[str, Any]:
+    # the sidecars' own counters (a server without /metrics gives empty ones)
+    metrics0 = sidecar_metrics(t) if t.kind == "http" and t.name != "baseline" else None
+    pid = t.proc.pid if t.proc is not None else None
+    cpu0, host0, w0 = _snapshot(pid)
+    if t.kind == "direct":
+        res = run_direct(a, sc, conns, duration, seed)
+    else:
+        spec = load.LoadSpec(
+            url=t.url,
+            scenario=sc.name,
+            collection=sc.collection,
+            connections=conns,
+            duration_s=duration,
+            threads=a.load_threads,
+            n_docs=a.seed_docs,
+            seed=seed,
+            headers=tuple(a.header),
+            cpus=frozenset(a.load_cpus) if a.load_cpus else None,
+        )
+        res = dict(load.run_load(spec, a.generator))
+    cpu1, host1, w1 = _snapshot(pid)
+    if t.proc is not None and t.proc.poll() is not None:
+        raise BenchError(f"{t.name} died during {sc.name}:\n{log_tail(t.log)}")
+    _round_accounting(res, cpu0, cpu1, host0, host1, w1 - w0)
+    # throughput counts successful answers only: fast refusals (503, 429) must not look fast
+    res["rps_all"] = res["rps"]
+    res["rps"] = max(0, int(res["requests"]) - int(res["non2xx"])) / float(res["duration_s"])
+    if t.kind == "http":
+        res["rss_mb"] = rss.sample(t.name)
+    if metrics0 is not None:
+        metrics1 = sidecar_metrics(t)
+        res["error_codes"] = metrics_delta(metrics0, metrics1, "errors")
+        if t.name == "sidecar_cached":
+            res["cache"] = metrics_delta(metrics0, metrics1, "cache")
+    return res
+
+
+def run_cell(
+    a: argparse.Namespace,
+    sc: Scenario,
+    targets: list[Target],
+    conns: int,
+    warm: bool,
+    rss: procstat.RssSampler,
+) -> dict[str, Any]:
+    print(f"\n== {sc.name} @ {conns} connections: {sc.description}", flush=True)
     rounds: dict[str, list[dict]] = {t.name: [] for t in targets}
-    for t in targets:
-        if a.warmup > 0:
-            if sc.write:
-                reset_for_write_round(db_url, sc.collection)
-            w = measure(a, t, sc, a.warmup, seed=999)
-            print(f"  warm-up {t.name:8s} {w['rps']:9.0f} req/s", flush=True)
+    if warm and a.warmup > 0:
+        for t in targets:
+            if sc.reset:
+                reset_for_write_round(a.db_url, sc)
+            w = measure(a, t, sc, conns, a.warmup, 999, rss)
+            print(f"  warm-up {t.name:15s} {w['rps']:9.0f} req/s", flush=True)
     for r in range(a.rounds):
-        for t in targets:  # alternating A/B: sidecar, baseline, sidecar, baseline ...
-            if sc.write:
-                reset_for_write_round(db_url, sc.collection)
+        for t in targets:  # alternating: sidecar, sidecar_cached, baseline, direct, sidecar ...
+            if sc.reset:
+                reset_for_write_round(a.db_url, sc)
             time.sleep(a.pause)
-            res = measure(a, t, sc, a.duration, seed=r + 1)
+            res = measure(a, t, sc, conns, a.duration, r + 1, rss)
+            res["round"] = r + 1
+            rounds[t.name].append(res)
+            hits = ""
+            if "cache" in res:
+                hits = f"  cache hit {report.hit_ratio(res['cache']) * 100:5.1f}%"
+            print(
+                f"  round {r + 1}/{a.rounds} {t.name:15s} {res['rps']:9.0f} req/s"
+                f"  p50 {res['p50_ms']:7.2f}  p99 {res['p99_ms']:7.2f} ms"
+                f"  cpu {res['cpu_s_per_1k']:6.3f} s/1k  err {res['errors']}"
+                f"  non2xx {res['non2xx']}{hits}",
+                flush=True,
+            )
+    return report.summarize_cell(sc.name, conns, rounds)
+
+
+def run_open_loop(
+    a: argparse.Namespace, targets: list[Target], rss: procstat.RssSampler
+) -> dict[str, Any]:
+    """Fixed-rate GET-by-id runs, alternating the HTTP targets, latency from intended send."""
+    sc = SCENARIOS[a.open_scenario]
+    order = sorted(
+        (t for t in targets if t.name in OPEN_LOOP_TARGETS),
+        key=lambda t: TARGET_ORDER.index(t.name),
+    )
+    print(f"\n== open loop: {a.open_rate:.0f} req/s, {sc.name}, {a.open_connections} conns")
+    rounds: dict[str, list[dict]] = {t.name: [] for t in order}
+    for r in range(a.open_rounds):
+        for t in order:
+            time.sleep(a.pause)
+            cmd = [sys.executable, "-m", "benchmarks.openloop", "--url", t.url]
+            cmd += ["--scenario", sc.name, "--collection", sc.collection]
+            cmd += ["--rate", str(a.open_rate), "--duration", str(a.open_duration)]
+            cmd += ["--connections", str(a.open_connections), "--n-docs", str(a.seed_docs)]
+            cmd += ["--seed", str(r + 1)]
+            for h in a.header:
+                cmd += ["--header", h]
+            assert t.proc is not None
+            cpu0, host0, w0 = _snapshot(t.proc.pid)
+            try:
+                out, gen_cpu = load.run_child(cmd, a.open_duration + 60, a.load_cpus)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                raise BenchError(f"open-loop generator failed: {e}") from e
+            cpu1, host1, w1 = _snapshot(t.proc.pid)
+            res: dict[str, Any] = dict(load.parse_marker(out))
+            res["loadgen_cpu_s"] = gen_cpu
+            _round_accounting(res, cpu0, cpu1, host0, host1, w1 - w0)
+            res["rss_mb"] = rss.sample(t.name)
             res["round"] = r + 1
             rounds[t.name].append(res)
             print(
-                f"  round {r + 1}/{a.rounds} {t.name:8s} {res['rps']:9.0f} req/s"
-                f"  p50 {res['p50_ms']:7.2f}  p99 {res['p99_ms']:7.2f} ms"
-                f"  cpu {res['cpu_us_per_req']:6.0f} us/req  err {res['errors']}"
-                f"  non2xx {res['non2xx']}",
+                f"  round {r + 1}/{a.open_rounds} {t.name:15s} achieved {res['achieved_rps']:6.0f}"
+                f"  p50 {res['p50_ms']:6.2f}  p99 {res['p99_ms']:6.2f}  p99.9 "
+                f"{res['p999_ms']:6.2f} ms  generator lag p99 {res['lag']['p99_ms']:.2f} ms"
+                f"{'' if res['kept_up'] else '  (rate not held)'}",
                 flush=True,
             )
-    return report.summarize_scenario(sc.name, sc.description, rounds)
+    return report.summarize_open_loop(a.open_rate, sc.name, a.open_connections, rounds)
 
 
 # ---------------------------------------------------------------- entry point
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 8,64,256: {text!r}") from None
+
+
+QUICK = {
+    "duration": 2,
+    "rounds": 2,
+    "warmup": 1,
+    "pause": 0.3,
+    "seed_docs": 2000,
+    "open_duration": 5,
+    "open_rounds": 1,
+    "connections": [64],
+}
+FULL = {
+    "duration": 5,
+    "rounds": 3,
+    "warmup": 2,
+    "pause": 0.5,
+    "seed_docs": 10_000,
+    "open_duration": 15,
+    "open_rounds": 2,
+    "connections": [8, 64, 256],
+}
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Sidecar vs minimal baseline: closed-loop load, alternating A/B rounds.",
+        description="dbproxy sidecar vs a minimal aiohttp+asyncpg server vs a direct asyncpg "
+        "client: closed-loop rounds at several connection counts, plus an open-loop "
+        "latency run at a fixed rate.",
     )
     p.add_argument(
         "--database",
@@ -528,17 +367,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--bench-db", default="dbproxy_bench", help="name of the scratch database")
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
-    p.add_argument("--duration", type=int, help="seconds per measured round (default 10)")
-    p.add_argument("--rounds", type=int, help="measured rounds per target (default 5)")
-    p.add_argument("--warmup", type=int, help="warm-up seconds per target/scenario (default 3)")
-    p.add_argument("--concurrency", type=int, default=64, help="connections (closed loop)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 3 s x 2 rounds, 2,000 docs")
-    p.add_argument("--scenarios", default="get,create", help=f"of {','.join(SCENARIOS)}")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
+    p.add_argument("--scenarios", help=f"comma list of {','.join(SCENARIOS)} (default all)")
+    p.add_argument("--connections", type=_ints, help="closed-loop connection counts (8,64,256)")
+    p.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)  # old: one count
+    p.add_argument("--duration", type=int, help="seconds per measured round (default 5)")
+    p.add_argument("--rounds", type=int, help="measured rounds per target and cell (default 3)")
+    p.add_argument("--warmup", type=int, help="warm-up seconds per target/scenario (default 2)")
+    p.add_argument("--pause", type=float, help="idle seconds before each round (default 0.5)")
     p.add_argument("--seed-docs", type=int, help="documents seeded into bench (default 10000)")
-    p.add_argument("--pool-size", type=int, default=10, help="pool size of both servers")
-    p.add_argument("--sidecar-pool-size", type=int, help="override for the sidecar")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--pool-size", type=int, default=10, help="pool size of every target")
+    p.add_argument("--sidecar-pool-size", type=int, help="override for the sidecars")
     p.add_argument("--baseline-pool-size", type=int, help="override for the baseline")
+    p.add_argument("--direct-pool-size", type=int, help="override for the direct client")
     p.add_argument("--sidecar-workers", type=int, help="pass --workers N to dbproxy serve")
     p.add_argument(
         "--sidecar-arg", action="append", default=[], help="extra args for dbproxy serve"
@@ -548,41 +390,85 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="replace the sidecar command: 'baseline' (self-test) or a template with "
         "{python} {host} {port} {database} {config} {pool_size}",
     )
+    p.add_argument("--no-cache", action="store_true", help="skip the cache-on sidecar")
+    p.add_argument("--no-direct", action="store_true", help="skip the direct asyncpg client")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="cache-on sidecar")
+    p.add_argument("--cache-ttl", type=float, default=60.0, help="ttl_seconds of the cache")
+    p.add_argument("--open-rate", type=float, default=1000.0, help="open-loop req/s (0 = off)")
+    p.add_argument("--open-duration", type=int, help="seconds per open-loop run (default 15)")
+    p.add_argument("--open-rounds", type=int, help="open-loop runs per target (default 2)")
+    p.add_argument("--open-connections", type=int, default=32)
+    p.add_argument("--open-scenario", default="get_uniform", choices=["get_uniform", "get_zipf"])
     p.add_argument("--header", action="append", default=[], help="'Name: value' on every request")
     p.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--load-threads", type=int, default=1, help="wrk threads")
-    p.add_argument("--server-cpus", type=int, nargs="*", help="pin both servers to these CPUs")
-    p.add_argument("--load-cpus", type=int, nargs="*", help="pin the load generator")
-    p.add_argument("--pause", type=float, default=1.0, help="idle seconds before each round")
+    p.add_argument("--server-cpus", type=int, nargs="*", help="pin the servers to these CPUs")
+    p.add_argument("--load-cpus", type=int, nargs="*", help="pin the load generators")
     p.add_argument("--startup-timeout", type=float, default=30.0)
-    a = p.parse_args(argv)
-    quick = {"duration": 3, "rounds": 2, "warmup": 1, "seed_docs": 2000}
-    full = {"duration": 10, "rounds": 5, "warmup": 3, "seed_docs": 10_000}
-    for k, v in (quick if a.quick else full).items():
-        if getattr(a, k) is None:
-            setattr(a, k, v)
-    a.sidecar_pool_size = a.sidecar_pool_size or a.pool_size
-    a.baseline_pool_size = a.baseline_pool_size or a.pool_size
-    a.header = tuple(a.header)
-    a.scenario_list = [s.strip() for s in a.scenarios.split(",") if s.strip()]
+    return p
+
+
+def _problems(a: argparse.Namespace) -> list[str]:
     problems = []
     if unknown := [s for s in a.scenario_list if s not in SCENARIOS]:
         problems.append(f"unknown scenarios {unknown}")
     if urlsplit(a.database).hostname not in LOOPBACK:
         problems.append("--database must point at a loopback address")
+    if urlsplit(a.redis_url).hostname not in LOOPBACK:
+        problems.append("--redis-url must point at a loopback address")
     if not DB_NAME_RE.match(a.bench_db):
         problems.append("--bench-db must match [a-z][a-z0-9_]*")
     bounds = [("duration", 1, 3600), ("rounds", 1, 100), ("warmup", 0, 600)]
-    bounds += [("concurrency", 1, 10_000), ("seed_docs", 1, 999_999)]
+    bounds += [("seed_docs", 10, 999_999), ("open_duration", 1, 3600), ("open_rounds", 1, 100)]
+    bounds += [("open_rate", 0, 100_000), ("open_connections", 1, 4096), ("pause", 0, 60)]
     for k, lo, hi in bounds:
         if not lo <= getattr(a, k) <= hi:
             problems.append(f"--{k.replace('_', '-')} must be in [{lo}, {hi}]")
+    if not a.connections or any(not 1 <= c <= 10_000 for c in a.connections):
+        problems.append("--connections must be integers in [1, 10000]")
+    return problems
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.concurrency and not a.connections:
+        a.connections = [a.concurrency]
+    for k, v in (QUICK if a.quick else FULL).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.sidecar_pool_size = a.sidecar_pool_size or a.pool_size
+    a.baseline_pool_size = a.baseline_pool_size or a.pool_size
+    a.direct_pool_size = a.direct_pool_size or a.pool_size
+    a.header = tuple(a.header)
+    names = [s.strip() for s in (a.scenarios or ",".join(SCENARIOS)).split(",") if s.strip()]
+    a.scenario_list = [workload.ALIASES.get(s, s) for s in names]
+    problems = _problems(a)
     if problems:
         p.error("; ".join(problems))
     return a
 
 
-def collect_meta(a: argparse.Namespace, db_url: str, targets: list[Target], notes: list) -> dict:
+def targets_of(sc: Scenario, targets: dict[str, Target]) -> list[Target]:
+    names = [n for n in TARGET_ORDER if n in targets]
+    if sc.name not in CACHED_SCENARIOS:
+        names = [n for n in names if n != "sidecar_cached"]
+    return [targets[n] for n in names]
+
+
+def estimate_s(a: argparse.Namespace, n_targets: dict[str, int]) -> float:
+    """Rough wall time of the measuring part (for the progress line)."""
+    total = 0.0
+    for name in a.scenario_list:
+        k = n_targets[name]
+        per_round = a.duration + a.pause + 0.4 + (0.3 if SCENARIOS[name].reset else 0)
+        total += k * (a.warmup + 0.5) + len(a.connections) * a.rounds * k * per_round
+    if a.open_rate:
+        total += a.open_rounds * min(3, n_targets["get_uniform"]) * (a.open_duration + 1.5)
+    return total
+
+
+def collect_meta(a: argparse.Namespace, targets: dict[str, Target], notes: list) -> dict:
     def git(*args: str) -> str:
         try:
             out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, timeout=10)
@@ -599,49 +485,134 @@ def collect_meta(a: argparse.Namespace, db_url: str, targets: list[Target], note
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-        "postgres": asyncio.run(_server_version(db_url)),
+        "postgres": asyncio.run(server_version(a.db_url)),
         "generator": generator,
         "wrk": wrk,
-        "concurrency": a.concurrency,
+        "quick": a.quick,
+        "connections": a.connections,
         "duration_s": a.duration,
         "rounds": a.rounds,
         "warmup_s": a.warmup,
         "seed_docs": a.seed_docs,
-        "pool_size": {"sidecar": a.sidecar_pool_size, "baseline": a.baseline_pool_size},
-        "servers": {t.name: {"mode": t.mode, "cmd": shlex.join(t.cmd)} for t in targets},
+        "zipf": {
+            "s": workload.ZIPF_S,
+            "top100_share": round(workload.zipf_top_share(a.seed_docs), 3),
+        },
+        "write_pct": workload.WRITE_PCT,
+        "pool_size": {
+            "sidecar": a.sidecar_pool_size,
+            "baseline": a.baseline_pool_size,
+            "direct": a.direct_pool_size,
+        },
+        "cache": {"redis_url": a.redis_url, "ttl_seconds": a.cache_ttl},
+        "open_loop": {
+            "rate": a.open_rate,
+            "duration_s": a.open_duration,
+            "rounds": a.open_rounds,
+            "connections": a.open_connections,
+            "scenario": a.open_scenario,
+        },
+        "servers": {t.name: {"mode": t.mode, "cmd": shlex.join(t.cmd)} for t in targets.values()},
+        "scenarios": {
+            n: {"description": SCENARIOS[n].description, "baseline_sql": SCENARIOS[n].baseline_sql}
+            for n in a.scenario_list
+        },
         "notes": notes,
     }
 
 
-def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
-    db_url = with_db(a.database, a.bench_db)
-    print(f"creating database {a.bench_db}", flush=True)
-    create_database(a.database, a.bench_db)
+def start_all(
+    a: argparse.Namespace, procs: Processes, workdir: Path
+) -> tuple[dict[str, Target], list[str]]:
     baseline_cmd = BASELINE_TEMPLATE.format(
         python=sys.executable,
         host="127.0.0.1",
         port=free_port(),
-        database=db_url,
+        database=a.db_url,
         pool_size=a.baseline_pool_size,
     )
     baseline_attempts = [("baseline", shlex.split(baseline_cmd))]
     baseline = start_target(procs, "baseline", baseline_attempts, a.startup_timeout)
     cfg = workdir / "sidecar.yaml"
-    write_sidecar_config(cfg, db_url, a.sidecar_pool_size)
-    attempts = sidecar_attempts(a, free_port(), db_url, cfg)
+    write_yaml(cfg, sidecar_config(a.db_url, a.sidecar_pool_size))
+    attempts = sidecar_attempts(a, free_port(), a.db_url, cfg)
     sidecar = start_target(procs, "sidecar", attempts, a.startup_timeout)
-    sidecar, notes = prepare_sidecar_tables(a, procs, sidecar, attempts, db_url)
+    sidecar, notes = prepare_sidecar_tables(a, procs, sidecar, attempts, a.db_url)
     if sidecar.mode == "database":
         notes.append("sidecar did not take --config; started with --database (its own pool size)")
+    targets = {"sidecar": sidecar, "baseline": baseline}
+    wants_cache = any(s in CACHED_SCENARIOS for s in a.scenario_list) or a.open_rate
+    if wants_cache:
+        cached, why = start_cached_sidecar(a, procs, workdir, a.db_url)
+        if cached is not None:
+            targets["sidecar_cached"] = cached
+        elif why:
+            notes.append(why)
+            print(f"  note: {why}", flush=True)
+    if not a.no_direct:
+        cmd = [sys.executable, "-m", "benchmarks.direct", "--pool-size", str(a.direct_pool_size)]
+        targets["direct"] = Target("direct", "direct", cmd=cmd, mode="direct")
+    return targets, notes
+
+
+def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
+    t_start = time.monotonic()
+    a.db_url = with_db(a.database, a.bench_db)
+    print(f"creating database {a.bench_db}", flush=True)
+    create_database(a.database, a.bench_db)
+    targets, notes = start_all(a, procs, workdir)
+    collections = sorted({s.collection for s in SCENARIOS.values()})
     print(f"seeding {a.seed_docs} documents into dbproxy.bench", flush=True)
-    seed(db_url, "bench", a.seed_docs)
-    targets = [sidecar, baseline]
-    preflight(targets, a.scenario_list, a.header)
-    meta = collect_meta(a, db_url, targets, notes)
-    scenarios = {
-        name: run_scenario(a, SCENARIOS[name], targets, db_url) for name in a.scenario_list
+    seed(a.db_url, collections, a.seed_docs)
+    preflight(list(targets.values()), a.scenario_list, a)
+    rss = procstat.RssSampler()
+    for t in targets.values():
+        if t.proc is not None:
+            rss.add(t.name, t.proc.pid)
+    rss.start()
+    meta = collect_meta(a, targets, notes)
+    n_targets = {n: len(targets_of(SCENARIOS[n], targets)) for n in SCENARIOS}
+    print(f"measuring: about {estimate_s(a, n_targets) / 60:.1f} min", flush=True)
+    scenarios: dict[str, Any] = {}
+    open_loop = None
+    # the open-loop runs follow the last GET scenario (warm servers, before any write load)
+    gets = [n for n in a.scenario_list if n in ("get_uniform", "get_zipf")]
+    open_after = gets[-1] if gets else a.scenario_list[-1]
+    try:
+        for name in a.scenario_list:
+            sc = SCENARIOS[name]
+            cells = {}
+            for i, conns in enumerate(a.connections):
+                cells[str(conns)] = run_cell(a, sc, targets_of(sc, targets), conns, i == 0, rss)
+            scenarios[name] = {"name": name, "description": sc.description, "cells": cells}
+            if a.open_rate and name == open_after:
+                open_loop = run_open_loop(a, list(targets.values()), rss)
+        processes = {}
+        for t in targets.values():
+            if t.proc is None:
+                continue
+            final = rss.sample(t.name)
+            pids = procstat.tree_pids(t.proc.pid)
+            processes[t.name] = {
+                "pid": t.proc.pid,
+                "processes": len(pids),
+                "rss_final_mb": round(final, 1),
+                "rss_peak_mb": round(max(rss.peak.get(t.name, 0.0), final), 1),
+                "vm_hwm_sum_mb": round(rss.hwm(t.name), 1),
+            }
+    finally:
+        rss.stop()
+    if "sidecar_cached" in targets:
+        notes.extend(report.cache_notes(scenarios))
+    meta["wall_s"] = round(time.monotonic() - t_start, 1)
+    results = {
+        "meta": meta,
+        "scenarios": scenarios,
+        "open_loop": open_loop,
+        "processes": processes,
     }
-    return {"meta": meta, "scenarios": scenarios}
+    results["targets"] = report.check_targets(results)
+    return results
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -652,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    a.load_cpus = set(a.load_cpus) if a.load_cpus else None
+    a.load_cpus = frozenset(a.load_cpus) if a.load_cpus else None
     created_db = False
     with tempfile.TemporaryDirectory(prefix="dbproxy-bench-") as tmp:
         procs = Processes(Path(tmp), set(a.server_cpus) if a.server_cpus else None)

@@ -1,0 +1,115 @@
+"""The scratch database: create/drop it, the sidecar's table layout, seeding, per-round resets."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+
+from benchmarks import workload
+from benchmarks.workload import Scenario
+
+DDL = """CREATE TABLE IF NOT EXISTS dbproxy."{c}" (_id text COLLATE "C" PRIMARY KEY,
+doc jsonb NOT NULL, _version bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+updated_at timestamptz NOT NULL DEFAULT now())"""
+GIN = 'CREATE INDEX IF NOT EXISTS "{c}_doc_gin" ON dbproxy."{c}" USING gin (doc jsonb_path_ops)'
+
+
+def with_db(url: str, dbname: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, ""))
+
+
+# ---------------------------------------------------------------- database
+
+
+async def _admin(admin_url: str, *stmts: str) -> None:
+    conn = await asyncpg.connect(admin_url, timeout=10)
+    try:
+        for s in stmts:
+            await conn.execute(s, timeout=120)
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=10)
+
+
+def create_database(admin_url: str, name: str) -> None:
+    asyncio.run(
+        _admin(
+            admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', f'CREATE DATABASE "{name}"'
+        )
+    )
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    asyncio.run(_admin(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _missing_tables(url: str, collections: list[str]) -> list[str]:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        q = "SELECT to_regclass(format('dbproxy.%I', $1::text)) IS NULL"
+        return [c for c in collections if await conn.fetchval(q, c, timeout=10)]
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=10)
+
+
+def missing_tables(url: str, collections: list[str]) -> list[str]:
+    return asyncio.run(_missing_tables(url, collections))
+
+
+def create_tables(url: str, collections: list[str]) -> None:
+    stmts = ["CREATE SCHEMA IF NOT EXISTS dbproxy"]
+    stmts += [s.format(c=c) for c in collections for s in (DDL, GIN)]
+    asyncio.run(_admin(url, *stmts))
+
+
+async def _seed(url: str, collections: list[str], n: int) -> None:
+    rng = random.Random(42)
+    groups = workload.n_groups(n)
+    rows = []
+    for i in range(1, n + 1):
+        doc = workload.seed_doc(i, rng, groups)
+        rows.append((doc["_id"], orjson.dumps(doc).decode(), 1))
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        for c in collections:  # probe documents out
+            await conn.execute(f'TRUNCATE dbproxy."{c}"', timeout=60)
+        await conn.copy_records_to_table(
+            "bench", schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
+        )
+        await conn.execute('VACUUM ANALYZE dbproxy."bench"', timeout=120)
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=10)
+
+
+def seed(url: str, collections: list[str], n: int) -> None:
+    asyncio.run(_seed(url, collections, n))
+
+
+async def _reset(url: str, sc: Scenario) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        if sc.reset == "truncate":
+            await conn.execute(f'TRUNCATE dbproxy."{sc.collection}"', timeout=60)
+        if await conn.fetchval("SELECT to_regclass('dbproxy._audit') IS NOT NULL", timeout=10):
+            await conn.execute("TRUNCATE dbproxy._audit", timeout=60)  # the sidecar's audit rows
+        await conn.execute("CHECKPOINT", timeout=120)
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=10)
+
+
+def reset_for_write_round(url: str, sc: Scenario) -> None:
+    """Same starting point for every round of a write scenario: (empty table,) no audit
+    rows, no pending checkpoint."""
+    asyncio.run(_reset(url, sc))
+
+
+async def server_version(url: str) -> str:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return str(await conn.fetchval("SHOW server_version", timeout=10))
+    finally:
+        await asyncio.wait_for(conn.close(), timeout=10)
