@@ -41,6 +41,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._collections: set[str] = set()
+        self._children: dict[tuple[str, str, int], Any] = {}
         self.requests = Histogram(
             "dbproxy_request_duration_seconds",
             "Request latency by operation, collection and status class",
@@ -65,8 +66,14 @@ class Metrics:
     def observe(
         self, operation: str, collection: str, status: int, seconds: float, code: str | None
     ) -> None:
-        klass = f"{status // 100}xx"
-        self.requests.labels(operation, self.collection_label(collection), klass).observe(seconds)
+        key = (operation, collection, status // 100)
+        child = self._children.get(key)
+        if child is None:  # labelled children are looked up once, not per request
+            klass = f"{status // 100}xx"
+            child = self.requests.labels(operation, self.collection_label(collection), klass)
+            if len(self._children) < 10_000:
+                self._children[key] = child
+        child.observe(seconds)
         if code is not None:
             self.errors.labels(code).inc()
 
