@@ -159,12 +159,9 @@ class Core:
         target: Documents | None = None,
         caller: Caller = OPEN,
     ) -> WriteResult:
-        check_collection(collection)
-        check_id(doc_id)
-        guard.authorize(caller, collection, "update")
+        self._check_write(collection, doc_id, "update", caller, target)
         if upsert:
             guard.authorize(caller, collection, "create")
-        self._in_transaction(caller, collection, target)
         change: Change
         if is_update_document(body):
             update = parse_update(body, self.limits)
@@ -204,10 +201,7 @@ class Core:
         target: Documents | None = None,
         caller: Caller = OPEN,
     ) -> WriteResult:
-        check_collection(collection)
-        check_id(doc_id)
-        guard.authorize(caller, collection, "update")
-        self._in_transaction(caller, collection, target)
+        self._check_write(collection, doc_id, "update", caller, target)
         if not isinstance(body, dict):
             raise BadRequest("a merge patch must be a JSON object", code="invalid_patch")
         for key in SYSTEM_FIELDS:
@@ -238,10 +232,7 @@ class Core:
         target: Documents | None = None,
         caller: Caller = OPEN,
     ) -> int:
-        check_collection(collection)
-        check_id(doc_id)
-        guard.authorize(caller, collection, "delete")
-        self._in_transaction(caller, collection, target)
+        self._check_write(collection, doc_id, "delete", caller, target)
         await self.gate.admit(caller, "delete")
         version = await (target or self.backend()).delete(
             collection, doc_id, if_match=if_match, guard=guard.row_guard(caller, collection)
@@ -416,6 +407,15 @@ class Core:
             return result
         doc = guard.visible(caller, collection, orjson.loads(result.body))
         return WriteResult(orjson.dumps(doc), result.version, result.created)
+
+    def _check_write(
+        self, collection: str, doc_id: str, operation: str, caller: Caller, target: Documents | None
+    ) -> None:
+        """Before any by-id write: valid names, the grant, and the transaction grant."""
+        check_collection(collection)
+        check_id(doc_id)
+        guard.authorize(caller, collection, operation)
+        self._in_transaction(caller, collection, target)
 
     @staticmethod
     def _in_transaction(caller: Caller, collection: str, target: Documents | None) -> None:
