@@ -39,9 +39,18 @@ deleted by it. Hence, once Redis has carried out ``invalidate(key, v)`` (the cal
 returned without ``CacheUnavailable``), it never again serves a version below ``v`` for
 that key; and a sidecar that has *received* the invalidation never
 serves one from its near cache (the entry was dropped on receipt and the near tombstone
-plus the age rule refuse stale near fills, exactly as in Redis). A sidecar that has not
-received it yet may still serve the old version from its near cache for the pub/sub
-delivery delay (typically well under a millisecond): coherence is "after receipt".
+plus the age rule refuse stale near fills, exactly as in Redis).
+
+4. *Acknowledged broadcast.* Receipt is not left to chance: every invalidation message
+   carries the writer's node id and a sequence number, the script returns how many
+   subscribers PUBLISH reached, and every subscriber (the writer's own included) confirms
+   each message once its near cache has dropped the keys (other nodes by one PUBLISH on
+   the writer's ``<channel>:ack:<node>`` channel, batched per loop turn). ``invalidate``
+   returns only when all of them have confirmed, so the write's response is never
+   followed by a stale near hit on any sidecar that is subscribed; only a sidecar that
+   does not confirm within ``ack_timeout`` (frozen, or its subscription in trouble) is
+   left behind, and that is counted (``ack_timeouts``). A sidecar that is not subscribed
+   at all is not live and serves nothing from its near cache.
 
 Outages: any failed Redis operation, or a subscriber that loses its connection or gets no
 PONG, makes ``RedisCache`` not live: from then on both levels are bypassed (the near cache
@@ -71,6 +80,7 @@ import enum
 import hashlib
 import inspect
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -451,6 +461,27 @@ _TRANSITIONS: Final[frozenset[tuple[RemoteState, RemoteState]]] = frozenset(
     }
 )
 
+
+class _AckWait:
+    """One published invalidation waiting for its confirmations."""
+
+    __slots__ = ("expected", "future", "received", "seq")
+
+    def __init__(self, seq: int, future: asyncio.Future[None]) -> None:
+        self.seq = seq
+        self.future = future
+        self.received = 0
+        self.expected: int | None = None  # PUBLISH's receiver count, once the script answered
+
+    def confirm(self) -> None:
+        self.received += 1
+        self.check()
+
+    def check(self) -> None:
+        if self.expected is not None and self.received >= self.expected and not self.future.done():
+            self.future.set_result(None)
+
+
 InvalidateCallback = Callable[[list[tuple[str, int]]], None]
 ResyncCallback = Callable[[], None]
 
@@ -497,11 +528,13 @@ class RedisCache:
         retry_max: float = 2.0,
         max_connections: int = 64,
         max_pending: int = 10_000,
+        ack_timeout: float = 0.05,
     ) -> None:
         problems = [
             f"{name} must be > 0, got {value!r}"
             for name, value in (
                 ("timeout", timeout),
+                ("ack_timeout", ack_timeout),
                 ("fill_window", fill_window),
                 ("probe_timeout", probe_timeout),
                 ("health_interval", health_interval),
@@ -529,6 +562,14 @@ class RedisCache:
         self._max_connections = max_connections
         self.max_pending = max_pending
         self._gen_key = prefix + "@gen"
+        self.ack_timeout = ack_timeout
+        self.node = secrets.token_hex(8)  # names this process in invalidations and acks
+        self._ack_channel = f"{channel}:ack:{self.node}"
+        self._ack_channel_b = self._ack_channel.encode()
+        self._seq = 0
+        self._waiting: dict[int, _AckWait] = {}
+        self._acks_out: dict[str, list[int]] = {}
+        self._ack_sender: asyncio.Task[None] | None = None
         self._shas = {script: _sha(script) for script in _SCRIPTS}
         self._client: aioredis.Redis | None = None
         self._sub_client: aioredis.Redis | None = None
@@ -547,6 +588,8 @@ class RedisCache:
         self.disconnects = 0  # times the cache went from live to down
         self.messages = 0  # invalidation messages received (own ones included)
         self.bad_messages = 0  # undecodable messages (each treated as a flush of everything)
+        self.ack_timeouts = 0  # invalidations not confirmed by every subscriber in time
+        self.ack_failures = 0  # confirmations this process could not send
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -610,6 +653,10 @@ class RedisCache:
     async def close(self) -> None:
         if self._state is not RemoteState.CLOSED:
             self._transition(RemoteState.CLOSED)
+        sender, self._ack_sender = self._ack_sender, None
+        if sender is not None and not sender.done():
+            sender.cancel()
+            await asyncio.wait({sender}, timeout=1.0)
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             # Python 3.11's wait_for can swallow a cancellation that races with the end of
@@ -669,11 +716,29 @@ class RedisCache:
             self._remember(entries)
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
+        waits: list[_AckWait] = []
         try:
-            await self._bounded(self._in_slot(self._invalidate_chunks(self._client_(), entries)))
-        except CacheUnavailable:
-            self._remember(entries)
-            raise
+            try:
+                await self._bounded(
+                    self._in_slot(self._invalidate_chunks(self._client_(), entries, waits))
+                )
+            except CacheUnavailable:
+                self._remember(entries)
+                raise
+            await self._confirmed(waits)
+        finally:
+            for wait in waits:
+                wait.future.cancel()
+                self._waiting.pop(wait.seq, None)
+
+    async def _confirmed(self, waits: list[_AckWait]) -> None:
+        """Wait until every subscriber PUBLISH reached has confirmed (or ``ack_timeout``)."""
+        pending = [w.future for w in waits if not w.future.done()]
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.ack_timeout)
+        if late:
+            self.ack_timeouts += 1
 
     async def flush(self) -> None:
         """Invalidate every entry of every sidecar sharing this prefix (one round trip)."""
@@ -755,15 +820,31 @@ class RedisCache:
             return await client.eval(script, len(keys), *keys, *args)
 
     async def _invalidate_chunks(
-        self, client: aioredis.Redis, entries: Sequence[tuple[str, int]]
+        self,
+        client: aioredis.Redis,
+        entries: Sequence[tuple[str, int]],
+        waits: list[_AckWait] | None = None,
     ) -> None:
+        """One script per chunk. With ``waits``, each chunk's message is registered for
+        confirmations BEFORE it is published (a confirmation may overtake the reply)."""
+        loop = asyncio.get_running_loop()
         for start in range(0, len(entries), _CHUNK):
             chunk = entries[start : start + _CHUNK]
-            payload = orjson.dumps(chunk)
+            self._seq += 1
+            seq = self._seq
+            payload = orjson.dumps({"o": self.node, "s": seq, "e": chunk})
             keys = [self.prefix + key for key, _ in chunk]
             args: list[bytes | int | str] = [self.channel, payload, self._tombstone_ms]
             args.extend(version for _, version in chunk)
-            await self._script(client, INVALIDATE_LUA, keys, args)
+            wait = None
+            if waits is not None:
+                wait = _AckWait(seq, loop.create_future())
+                self._waiting[seq] = wait
+                waits.append(wait)
+            receivers = await self._script(client, INVALIDATE_LUA, keys, args)
+            if wait is not None:
+                wait.expected = int(receivers)
+                wait.check()
 
     async def _flush(self, client: aioredis.Redis) -> None:
         await self._script(client, FLUSH_LUA, (self._gen_key,), (self.channel,))
@@ -859,14 +940,19 @@ class RedisCache:
         try:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.probe_timeout
-            await asyncio.wait_for(pubsub.subscribe(self.channel), self.probe_timeout)
+            await asyncio.wait_for(
+                pubsub.subscribe(self.channel, self._ack_channel), self.probe_timeout
+            )
+            confirmed = 0
             while True:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError("no SUBSCRIBE confirmation")
                 msg = await asyncio.wait_for(pubsub.get_message(timeout=left), left + 0.05)
                 if msg is not None and msg["type"] == "subscribe":
-                    return pubsub
+                    confirmed += 1
+                    if confirmed == 2:
+                        return pubsub
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(pubsub.aclose(), self.probe_timeout)
@@ -909,7 +995,10 @@ class RedisCache:
                     last_rx = loop.time()
                     ping_at = None
                     if msg["type"] == "message":
-                        self._dispatch(msg["data"])
+                        if msg["channel"] == self._ack_channel_b:
+                            self._on_acks(msg["data"])
+                        else:
+                            self._dispatch(msg["data"])
                 continue
             if ping_at is not None:
                 raise TimeoutError("no PONG from the cache Redis")
@@ -923,13 +1012,58 @@ class RedisCache:
             return
         try:
             decoded = orjson.loads(data)
-            entries = [(str(k), int(v)) for k, v in decoded]
-        except (orjson.JSONDecodeError, TypeError, ValueError):
+            origin, seq = str(decoded["o"]), int(decoded["s"])
+            entries = [(str(k), int(v)) for k, v in decoded["e"]]
+        except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, IndexError):
             self.bad_messages += 1
             log.warning("cache: undecodable invalidation message; forgetting everything")
             self._on_resync()
             return
         self._on_invalidate(entries)
+        # confirm only now that the near cache has dropped the keys
+        if origin == self.node:
+            wait = self._waiting.get(seq)
+            if wait is not None:
+                wait.confirm()
+            return
+        out = self._acks_out.get(origin)
+        if out is None:
+            self._acks_out[origin] = [seq]
+        else:
+            out.append(seq)
+        if self._ack_sender is None or self._ack_sender.done():
+            self._ack_sender = asyncio.create_task(self._send_acks(), name="cache-acks")
+
+    def _on_acks(self, data: bytes) -> None:
+        """Confirmations from other subscribers: a JSON list of our sequence numbers."""
+        try:
+            seqs = [int(s) for s in orjson.loads(data)]
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            self.bad_messages += 1
+            return
+        waiting = self._waiting
+        for seq in seqs:
+            wait = waiting.get(seq)
+            if wait is not None:
+                wait.confirm()
+
+    async def _send_acks(self) -> None:
+        """Send the queued confirmations: one PUBLISH per writer, in one pipeline. Runs a
+        loop turn after the first one was queued, so a burst of messages shares it."""
+        await asyncio.sleep(0)
+        while self._acks_out and not self._closed():
+            batch, self._acks_out = self._acks_out, {}
+            client = self._client
+            if client is None:
+                return
+            pipe = client.pipeline(transaction=False)
+            for origin, seqs in batch.items():
+                pipe.publish(f"{self.channel}:ack:{origin}", orjson.dumps(seqs))
+            try:
+                await asyncio.wait_for(self._in_slot(pipe.execute()), self.timeout)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.ack_failures += len(batch)
+                log.debug("cache: confirmations not sent (%s)", type(exc).__name__)
 
 
 # ---- both levels --------------------------------------------------------------------------
@@ -1083,5 +1217,6 @@ class TwoLevelCache:
                 remote_resyncs=remote.resyncs,
                 remote_pending=remote.pending,
                 remote_live=int(remote.live),
+                remote_ack_timeouts=remote.ack_timeouts,
             )
         return out

@@ -133,6 +133,7 @@ class CacheConfig:
     near_max_entries: int = 10_000
     near_max_bytes: int = 64 * 1024 * 1024
     redis_timeout_seconds: float = 0.05
+    ack_timeout_seconds: float = 0.05  # a write waits this long at most for every sidecar
     collections: Mapping[str, CollectionCache] = field(default_factory=dict)
 
     def ttl(self, collection: str) -> float | None:
@@ -430,6 +431,7 @@ def _parse_cache(value: object, problems: _Problems) -> CacheConfig:
         "near_max_entries",
         "near_max_bytes",
         "redis_timeout_seconds",
+        "ack_timeout_seconds",
         "collections",
     )
     _check_keys(raw, keys, "cache", problems)
@@ -441,6 +443,9 @@ def _parse_cache(value: object, problems: _Problems) -> CacheConfig:
     size = _int(raw, "near_max_bytes", "cache", defaults.near_max_bytes, problems, low=0)
     timeout = _positive_number(
         raw, "redis_timeout_seconds", "cache", defaults.redis_timeout_seconds, problems
+    )
+    ack = _positive_number(
+        raw, "ack_timeout_seconds", "cache", defaults.ack_timeout_seconds, problems
     )
     collections: dict[str, CollectionCache] = {}
     coll_raw = _mapping(raw.get("collections", {}), "cache.collections", problems) or {}
@@ -464,6 +469,7 @@ def _parse_cache(value: object, problems: _Problems) -> CacheConfig:
         near_max_entries=entries if entries is not None else defaults.near_max_entries,
         near_max_bytes=size if size is not None else defaults.near_max_bytes,
         redis_timeout_seconds=timeout if timeout is not None else defaults.redis_timeout_seconds,
+        ack_timeout_seconds=ack if ack is not None else defaults.ack_timeout_seconds,
         collections=collections,
     )
 

@@ -549,6 +549,7 @@ class Core:
             "any:refused": st["refused"],
             "near:evict": st["evictions"],
             "any:invalidate": st["invalidations"],
+            "redis:ack_timeout": st.get("remote_ack_timeouts", 0),
         }
 
     # -- health ----------------------------------------------------------------------

@@ -612,7 +612,11 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     remote = (
-        RedisCache(settings.redis_url, timeout=settings.redis_timeout_seconds)
+        RedisCache(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            ack_timeout=settings.ack_timeout_seconds,
+        )
         if settings.redis_url
         else None
     )

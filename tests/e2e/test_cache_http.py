@@ -49,9 +49,18 @@ async def cache_events(s: aiohttp.ClientSession, server: Server) -> dict[str, fl
     return out
 
 
+PAIRS = 10_000
+LANES = 8  # documents written and read concurrently, each by its own sequence of pairs
+
+
 async def test_two_sidecars_stay_coherent(
     pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
 ) -> None:
+    """10,000 write-then-read pairs across two sidecars sharing Redis, in 8 concurrent
+    lanes (one document each): the write goes to one sidecar, and as soon as its response
+    is in, the read goes to the OTHER one, whose near cache held the previous version.
+    Every such read must see the write: 0 stale. Reads carrying the write's consistency
+    token are never stale either."""
     coll = "hot_" + uuid.uuid4().hex[:6]
     cfg = cached_config(tmp_path, pg_dsn, private_redis.url, coll)
     a, b = await asyncio.gather(
@@ -59,41 +68,53 @@ async def test_two_sidecars_stay_coherent(
     )
     try:
         async with aiohttp.ClientSession() as s:
-            async with s.post(f"{a.url}/api/db/{coll}", json={"_id": "k", "n": 0}) as r:
+            docs = [{"_id": f"k{lane}", "n": 0} for lane in range(LANES)]
+            async with s.post(f"{a.url}/api/db/{coll}", json=docs) as r:
                 assert r.status == 201
-            for server in (a, b):  # warm both near caches
-                await get_doc(s, f"{server.url}/api/db/{coll}/k")
-            stale_same, stale_token, stale_other = 0, 0, 0
-            late_windows: list[float] = []
-            for i in range(1, 1001):
-                writer, reader = (a, b) if i % 2 else (b, a)
-                async with s.put(f"{writer.url}/api/db/{coll}/k", json={"$set": {"n": i}}) as r:
-                    assert r.status == 200
-                # the writing sidecar itself never serves the old version afterwards
-                stale_same += (await get_doc(s, f"{writer.url}/api/db/{coll}/k"))["n"] != i
-                # the other one: fresh as soon as the invalidation reached it
-                started = time.perf_counter()
-                doc = await get_doc(s, f"{reader.url}/api/db/{coll}/k")
-                if doc["n"] != i:
-                    stale_other += 1
-                    while (await get_doc(s, f"{reader.url}/api/db/{coll}/k"))["n"] != i:
-                        assert time.perf_counter() - started < 1.0, "never became fresh"
-                    late_windows.append(time.perf_counter() - started)
-            # a read carrying the write's consistency token is never stale, on either sidecar
-            for i in range(1001, 1201):
-                async with s.put(f"{a.url}/api/db/{coll}/k", json={"$set": {"n": i}}) as r:
+            stale: list[tuple[int, int, int]] = []
+
+            async def lane(n: int) -> None:
+                path = f"/api/db/{coll}/k{n}"
+                for server in (a, b):  # warm both near caches
+                    await get_doc(s, server.url + path)
+                for i in range(1, PAIRS // LANES + 1):
+                    writer, reader = (a, b) if (i + n) % 2 else (b, a)
+                    async with s.put(writer.url + path, json={"$set": {"n": i}}) as r:
+                        assert r.status == 200, await r.text()
+                    got = (await get_doc(s, reader.url + path))["n"]
+                    if got != i:
+                        stale.append((n, i, got))
+                    # again: now a near hit, which must be the same version
+                    got = (await get_doc(s, reader.url + path))["n"]
+                    if got != i:
+                        stale.append((n, i, got))
+                    # fill the writer's near cache too, so the next write (on the other
+                    # sidecar) has a cached old version to kill on both sides
+                    await get_doc(s, writer.url + path)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(lane(n) for n in range(LANES)))
+            elapsed = time.perf_counter() - t0
+            # a read carrying the write's consistency token is never stale either
+            stale_token = 0
+            for i in range(1, 201):
+                async with s.put(f"{a.url}/api/db/{coll}/k0", json={"$set": {"t": i}}) as r:
                     token = r.headers.get("X-Consistency-Token")
                 headers = {"X-Consistency-Token": token} if token else {}
-                doc = await get_doc(s, f"{b.url}/api/db/{coll}/k", headers=headers)
-                stale_token += doc["n"] != i and bool(token)
+                doc = await get_doc(s, f"{b.url}/api/db/{coll}/k0", headers=headers)
+                stale_token += doc["t"] != i
             events_a = await cache_events(s, a)
             events_b = await cache_events(s, b)
-        assert stale_same == 0
+        print(
+            f"\n{PAIRS} cross-sidecar write/read pairs in {elapsed:.1f} s, {LANES} lanes: "
+            f"{len(stale)} stale; cache events a={events_a} b={events_b}"
+        )
+        assert stale == []
         assert stale_token == 0
-        # the other sidecar heard every invalidation within a few milliseconds
-        assert max(late_windows, default=0.0) < 0.1, late_windows
         hits = sum(v for k, v in {**events_a, **events_b}.items() if k.endswith(":hit"))
-        assert hits > 0 and events_a.get("any:invalidate", 0) > 0
+        assert hits > PAIRS and events_a["near:hit"] + events_b["near:hit"] > PAIRS // 2
+        assert events_a.get("any:invalidate", 0) > 0 and events_b.get("any:invalidate", 0) > 0
+        assert events_a.get("redis:ack_timeout", 0) == 0 == events_b.get("redis:ack_timeout", 0)
     finally:
         a.stop()
         b.stop()

@@ -568,3 +568,26 @@ def test_secret_file_not_utf8(tmp_path: Path) -> None:
     assert problems_of(path, environ={}) == [
         f"databases[0].connection_string: secret file '{tmp_path / 'pw'}' is not valid UTF-8"
     ]
+
+
+def test_cache_section_timeouts(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        cache:
+          redis_url: redis://127.0.0.1:6379/0
+          redis_timeout_seconds: 0.02
+          ack_timeout_seconds: 0.2
+          collections:
+            products: {enabled: true, ttl_seconds: 5}
+        """,
+    )
+    cache = load_config(path, environ={}).cache
+    assert cache.redis_timeout_seconds == 0.02 and cache.ack_timeout_seconds == 0.2
+    assert cache.ttl("products") == 5 and cache.ttl("other") is None
+    assert load_config(environ={}).cache.ack_timeout_seconds == 0.05
+    bad = write(tmp_path, "cache:\n  ack_timeout_seconds: 0\n  redis_timeout_seconds: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, environ={})
+    assert "cache.ack_timeout_seconds" in str(err.value)
+    assert "cache.redis_timeout_seconds" in str(err.value)
