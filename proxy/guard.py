@@ -315,16 +315,21 @@ class _ServiceLimits:
     costs: Mapping[str, float]
     in_flight: ConcurrencyLimiter | None
     fail_closed: bool
+    key: str = ""  # the bucket of the service's overall rate
+    op_keys: dict[str, str] = field(default_factory=dict)  # the per-operation buckets
 
 
 def _compile_limits(policy: ServicePolicy) -> _ServiceLimits:
     lim = policy.limits
+    service = policy.service
     return _ServiceLimits(
         rate=Rate(lim.rate.per_second, lim.rate.burst) if lim.rate else None,
         operations={op: Rate(s.per_second, s.burst) for op, s in lim.operations.items()},
         costs=lim.costs,
         in_flight=ConcurrencyLimiter(lim.max_in_flight) if lim.max_in_flight else None,
         fail_closed=lim.redis_failure == "fail_closed",
+        key=f"{service}:*",
+        op_keys={op: f"{service}:{op}" for op in lim.operations},
     )
 
 
@@ -419,13 +424,15 @@ class Gatekeeper:
             cost += lim.costs.get("list_per_100_rows", 1.0) * math.ceil(rows / 100)
         return cost
 
-    @contextmanager
-    def in_flight(self, caller: Caller) -> Iterator[None]:
-        lim = self._limits.get(caller.service) if caller.policy else None
-        cap = lim.in_flight if lim else None
+    def enter(self, caller: Caller) -> ConcurrencyLimiter | None:
+        """Take one of the service's in-flight slots (429 when all are taken). Returns the
+        cap to ``release()`` when the request is over, or None when there is no cap."""
+        if caller.policy is None:
+            return None
+        lim = self._limits.get(caller.service)
+        cap = lim.in_flight if lim is not None else None
         if cap is None:
-            yield
-            return
+            return None
         if not cap.try_acquire():
             self.counters["rate_limited"] += 1
             raise RateLimited(
@@ -433,10 +440,17 @@ class Gatekeeper:
                 code="too_many_in_flight",
                 retry_after=1,
             )
+        return cap
+
+    @contextmanager
+    def in_flight(self, caller: Caller) -> Iterator[None]:
+        """``enter`` as a context manager."""
+        cap = self.enter(caller)
         try:
             yield
         finally:
-            cap.release()
+            if cap is not None:
+                cap.release()
 
     async def admit(
         self, caller: Caller, operation: str, rows: int = 0, cost_units: int = 1
@@ -446,22 +460,36 @@ class Gatekeeper:
         lim = self._limits.get(caller.service) if caller.policy else None
         if lim is None:
             return
+        op_rate = lim.operations.get(operation)
+        if self.remote is None:  # decided here and now: no awaits on the hot path
+            local = self.local
+            if lim.rate is not None:
+                cost = self.cost(caller, operation, rows) * cost_units
+                if not local.take(lim.key, lim.rate, cost):
+                    self._refuse(local.check(lim.key, lim.rate, cost))
+            if op_rate is not None:
+                key = lim.op_keys[operation]
+                if not local.take(key, op_rate, float(cost_units)):
+                    self._refuse(local.check(key, op_rate, float(cost_units)))
+            return
         if lim.rate is not None:
             cost = self.cost(caller, operation, rows) * cost_units
-            await self._charge(lim, f"{caller.service}:*", lim.rate, cost)
-        op_rate = lim.operations.get(operation)
+            await self._charge(lim, lim.key, lim.rate, cost)
         if op_rate is not None:
-            await self._charge(lim, f"{caller.service}:{operation}", op_rate, float(cost_units))
+            await self._charge(lim, lim.op_keys[operation], op_rate, float(cost_units))
+
+    def _refuse(self, decision: Decision) -> None:
+        if decision.allowed:  # cannot happen: a refused take changes no state
+            return
+        self.counters["rate_limited"] += 1
+        raise RateLimited(
+            "rate limit exceeded",
+            retry_after=max(1.0, decision.retry_after),
+            headers=decision.headers(),
+        )
 
     async def _charge(self, lim: _ServiceLimits, key: str, rate: Rate, cost: float) -> None:
-        decision = await self._decide(lim, key, rate, cost)
-        if not decision.allowed:
-            self.counters["rate_limited"] += 1
-            raise RateLimited(
-                "rate limit exceeded",
-                retry_after=max(1.0, decision.retry_after),
-                headers=decision.headers(),
-            )
+        self._refuse(await self._decide(lim, key, rate, cost))
 
     async def _decide(self, lim: _ServiceLimits, key: str, rate: Rate, cost: float) -> Decision:
         if self.remote is None:

@@ -1,6 +1,7 @@
-"""Prometheus metrics of one sidecar: the request histogram observed on the hot path, and a
-collector that reads every other figure (pools, breakers, lag, cache, limits,
-transactions, stats shipping) from the live objects at scrape time.
+"""Prometheus metrics of one sidecar: the request histogram counted on the hot path (plain
+counters, rendered at scrape time), and a collector that reads every other figure (pools,
+breakers, lag, cache, limits, transactions, stats shipping) from the live objects at
+scrape time.
 
 Labels are bounded: operations and statuses are small fixed sets, error codes are the
 stable codes, and collections beyond ``MAX_COLLECTIONS`` distinct names fold into
@@ -9,11 +10,17 @@ stable codes, and collections beyond ``MAX_COLLECTIONS`` distinct names fold int
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 MAX_COLLECTIONS = 200
@@ -37,18 +44,27 @@ LATENCY_BUCKETS = (
 Snapshot = Callable[[], dict[str, Any]]
 
 
+class _Series:
+    """One label set of the request histogram: per-bucket counts (the last one is +Inf)
+    and the sum of the observed seconds."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+
 class Metrics:
+    """The request histogram is kept here as plain counters (one dict lookup, one bisect
+    and two additions per request; the event loop is the only writer, so no locks) and
+    rendered as a Prometheus histogram at scrape time, by the live collector."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._collections: set[str] = set()
-        self._children: dict[tuple[str, str, int], Any] = {}
-        self.requests = Histogram(
-            "dbproxy_request_duration_seconds",
-            "Request latency by operation, collection and status class",
-            ("operation", "collection", "status"),
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self._series: dict[tuple[str, str, int], _Series] = {}  # by what observe() gets
+        self._by_labels: dict[tuple[str, str, str], _Series] = {}  # by exported labels
         self.errors = Counter(
             "dbproxy_errors", "Errors by stable error code", ("code",), registry=self.registry
         )
@@ -67,15 +83,37 @@ class Metrics:
         self, operation: str, collection: str, status: int, seconds: float, code: str | None
     ) -> None:
         key = (operation, collection, status // 100)
-        child = self._children.get(key)
-        if child is None:  # labelled children are looked up once, not per request
-            klass = f"{status // 100}xx"
-            child = self.requests.labels(operation, self.collection_label(collection), klass)
-            if len(self._children) < 10_000:
-                self._children[key] = child
-        child.observe(seconds)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        series.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series.total += seconds
         if code is not None:
             self.errors.labels(code).inc()
+
+    def _new_series(self, key: tuple[str, str, int]) -> _Series:
+        operation, collection, klass = key
+        labels = (operation, self.collection_label(collection), f"{klass}xx")
+        series = self._by_labels.get(labels)
+        if series is None:
+            series = self._by_labels[labels] = _Series()
+        if len(self._series) < 10_000:  # names folded into "<other>" share its series
+            self._series[key] = series
+        return series
+
+    def request_histogram(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "dbproxy_request_duration_seconds",
+            "Request latency by operation, collection and status class",
+            labels=["operation", "collection", "status"],
+        )
+        bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
+        for labels, series in list(self._by_labels.items()):
+            cumulative = list(accumulate(series.counts))
+            family.add_metric(
+                list(labels), list(zip(bounds, cumulative, strict=True)), series.total
+            )
+        return family
 
 
 class _LiveCollector(Collector):
@@ -85,6 +123,7 @@ class _LiveCollector(Collector):
         self.metrics = metrics
 
     def collect(self) -> Iterable[Any]:
+        yield self.metrics.request_histogram()
         src = self.metrics.sources
         yield from _pools(src.get("connections", dict)())
         yield from _gate(src.get("gate", dict)())

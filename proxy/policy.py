@@ -325,6 +325,10 @@ class ServicePolicy:
         """Every operation granted on ``collection``."""
         return self._tables.entry(collection).operations
 
+    def entry(self, collection: str) -> _Entry:
+        """Operations, row rules and field rule for ``collection``, in one lookup."""
+        return self._tables.entry(collection)
+
     def row_rules(self, collection: str) -> tuple[RowRule, ...]:
         """The filters injected for ``collection`` (empty when none apply)."""
         return self._tables.entry(collection).rows

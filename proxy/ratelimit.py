@@ -222,6 +222,27 @@ class LocalLimiter:
                 tats.popitem(last=False)
         return decision
 
+    def take(self, key: str, rate: Rate, cost: float = 1.0) -> bool:
+        """``check(...).allowed`` without building the ``Decision`` (the hot path: only a
+        refusal needs its figures, and a refusal changes no state, so the caller may ask
+        ``check`` for them afterwards). Same GCRA step, same stored TAT."""
+        tats = self._tats
+        tat = tats.get(key)
+        if tat is not None:
+            tats.move_to_end(key)
+        now = to_us(self._clock())
+        increment = rate.increment_us(cost)
+        tolerance = rate.interval_us * rate.burst
+        if increment > tolerance:
+            return False
+        new_tat = (tat if tat is not None and tat > now else now) + increment
+        if now < new_tat - tolerance:
+            return False
+        tats[key] = new_tat
+        if tat is None and len(tats) > self._max_keys:
+            tats.popitem(last=False)
+        return True
+
 
 class ConcurrencyLimiter:
     """At most ``max_in_flight`` requests at once; never waits (full means answer 429 now).

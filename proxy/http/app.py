@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,12 +70,23 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
     return err
 
 
+_RID_PREFIX = uuid.uuid4().hex[:16]  # this process, at random
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """A request id unique across processes and restarts (random per-process prefix plus
+    a counter; 32 hex digits like a UUID): cheap, since every request needs one. Not a
+    secret: nothing is authorized by it."""
+    return f"{_RID_PREFIX}{next(_rid_counter):016x}"
+
+
 @web.middleware
 async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id on every response; every failure in the one error envelope."""
     rid = request.headers.get("X-Request-Id")
     if not rid or len(rid) > 128 or not rid.isprintable():
-        rid = uuid.uuid4().hex
+        rid = new_request_id()
     request[REQUEST_ID] = rid
     try:
         response = await handler(request)
@@ -115,8 +127,14 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     context.write_token.set(None)
     context.last_statement.set(None)
-    with gate.in_flight(caller):
+    cap = gate.enter(caller)
+    if cap is None:
         response = await handler(request)
+    else:
+        try:
+            response = await handler(request)
+        finally:
+            cap.release()
     token = context.write_token.get()
     if token is not None:
         response.headers["X-Consistency-Token"] = token

@@ -337,3 +337,28 @@ def test_gcra_is_exactly_a_token_bucket(rate: Rate, script: list[tuple[int, int]
 def _seconds(us: Fraction) -> float:
     assert us.denominator == 1  # whole microseconds: the arithmetic is exact
     return int(us) / 1_000_000
+
+
+@given(
+    rates,
+    st.lists(
+        st.tuples(
+            st.integers(0, 3_000_000),  # microseconds to advance
+            st.sampled_from(["a", "b", "c"]),  # bucket
+            st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.0, 1e9]),  # cost (1e9: above any burst)
+        ),
+        max_size=60,
+    ),
+)
+def test_take_is_check_allowed_with_the_same_state(
+    rate: Rate, script: list[tuple[int, str, float]]
+) -> None:
+    """The hot path's ``take`` decides exactly as ``check`` and leaves the same buckets, in
+    the same LRU order, on any sequence of calls (two limiters side by side, max 2 keys so
+    that eviction is exercised too)."""
+    clock = FakeClock(0.0)
+    by_check, by_take = LocalLimiter(clock, max_keys=2), LocalLimiter(clock, max_keys=2)
+    for advance_us, key, cost in script:
+        clock.now += advance_us / 1e6
+        assert by_take.take(key, rate, cost) == by_check.check(key, rate, cost).allowed
+        assert list(by_take._tats.items()) == list(by_check._tats.items())
