@@ -338,12 +338,19 @@ class ServicePolicy:
         return self._tables.entry(collection).fields
 
 
+VERIFIED_TOKENS = 1024  # distinct valid tokens remembered per policy set
+
+
 @dataclass(frozen=True, slots=True)
 class PolicySet:
     """Every service's policy, by name and by token hash."""
 
     services: Mapping[str, ServicePolicy]
     _by_hash: Mapping[str, ServicePolicy] = field(init=False, repr=False, compare=False)
+    # tokens already verified against a stored hash -> their policy: a token presented
+    # again (every request of a service) costs a dict lookup, not a SHA-256. Bounded; it
+    # belongs to this set, so a reload starts afresh. Never logged or exported.
+    _verified: dict[str, ServicePolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_hash: dict[str, ServicePolicy] = {}
@@ -355,6 +362,7 @@ class PolicySet:
                         f"services {other.service!r} and {policy.service!r} share a token hash"
                     )
         object.__setattr__(self, "_by_hash", by_hash)
+        object.__setattr__(self, "_verified", {})
 
     @property
     def has_tokens(self) -> bool:
@@ -368,6 +376,9 @@ class PolicySet:
         """The service whose policy stores the hash of ``token``; None if no policy does."""
         if not token:
             return None
+        known = self._verified.get(token)
+        if known is not None:
+            return known
         presented = hash_token(token)
         policy = self._by_hash.get(presented)
         if policy is None:
@@ -376,6 +387,10 @@ class PolicySet:
         # decision rests on, so that it never depends on an early-exit string compare.
         for stored in policy.token_hashes:
             if hmac.compare_digest(stored.lower().encode(), presented.encode()):
+                verified = self._verified
+                if len(verified) >= VERIFIED_TOKENS:
+                    verified.clear()
+                verified[token] = policy
                 return policy
         return None
 

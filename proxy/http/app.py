@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -31,10 +32,12 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
+from proxy.guard import Caller
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
 from proxy.query.parse import is_update_document
+from proxy.ratelimit import ConcurrencyLimiter
 from proxy.routing import parse_lsn
 
 log = logging.getLogger(__name__)
@@ -106,16 +109,13 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
 OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})  # liveness and scraping need no token
 
 
-@web.middleware
-async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _begin(request: web.Request) -> tuple[Caller, ConcurrencyLimiter | None]:
     """Who is asking (sidecar service, bearer token, or open mode), the request context the
-    adapters see, and the service's in-flight cap."""
+    adapters see, and one of the service's in-flight slots (release it when done)."""
     gate = request.app[CORE].gate
-    if request.path in OPEN_PATHS:
-        return await handler(request)
-    caller = gate.identify(request.headers)
-    request[CALLER] = caller
     headers = request.headers
+    caller = gate.identify(headers)
+    request[CALLER] = caller
     context.current.set(
         RequestContext(
             caller.service,
@@ -127,18 +127,59 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     )
     context.write_token.set(None)
     context.last_statement.set(None)
-    cap = gate.enter(caller)
-    if cap is None:
-        response = await handler(request)
-    else:
-        try:
-            response = await handler(request)
-        finally:
-            cap.release()
+    return caller, gate.enter(caller)
+
+
+def _end(response: web.StreamResponse) -> web.StreamResponse:
     token = context.write_token.get()
     if token is not None:
         response.headers["X-Consistency-Token"] = token
     return response
+
+
+@web.middleware
+async def identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Identify the caller and hold an in-flight slot around the handler (``_begin``)."""
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    _, cap = _begin(request)
+    try:
+        response = await handler(request)
+    finally:
+        if cap is not None:
+            cap.release()
+    return _end(response)
+
+
+@web.middleware
+async def observed_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``identity`` plus the timing of every data operation (``monitor.finish``: counters
+    and histogram buckets only, no I/O), whatever the outcome, identification included.
+    One middleware, not two: on the hot path every layer costs."""
+    operation = monitor.operation_of(request)
+    if operation is None:
+        return await identity(request, handler)
+    started = time.perf_counter()
+    caller: Caller | None = None
+    code: str | None = None
+    status = 500
+    try:
+        caller, cap = _begin(request)
+        try:
+            response = await handler(request)
+        finally:
+            if cap is not None:
+                cap.release()
+        status = response.status
+        return _end(response)
+    except ProxyError as err:
+        code, status = err.code, err.status
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        monitor.finish(request, caller, operation, time.perf_counter() - started, status, code)
 
 
 READ_PREFERENCES = frozenset({"primary", "secondary", "nearest"})
@@ -561,7 +602,7 @@ def build_app(config: Config, core: Core, *, observe: bool = True) -> web.Applic
     """The sidecar's application. ``observe=False`` leaves out the per-request timing
     (stats and Prometheus histograms), for measuring what it costs."""
     app = web.Application(
-        middlewares=[envelope, monitor.observe, identity] if observe else [envelope, identity],
+        middlewares=[envelope, observed_identity if observe else identity],
         client_max_size=config.limits.max_body_bytes,
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )

@@ -1,11 +1,11 @@
-"""Observability over HTTP: the timing middleware (stats + Prometheus on every request) and
-the monitoring endpoints /metrics, /api/db/stats|performance|connections|audit."""
+"""Observability over HTTP: what every data operation leaves behind (``finish``: stats and
+Prometheus, called by the identity middleware) and the monitoring endpoints /metrics,
+/api/db/stats|performance|connections|audit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,8 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import context, guard
 from proxy.backends.collector_client import StatsPusher
 from proxy.core import Core
-from proxy.errors import BadRequest, ProxyError
-from proxy.http.keys import CALLER, CORE, caller_of
+from proxy.errors import BadRequest
+from proxy.guard import Caller
+from proxy.http.keys import CORE, caller_of
 from proxy.metrics import Metrics
 from proxy.stats import StatsRecorder, query_pattern
 
@@ -44,6 +45,8 @@ OPERATIONS = {
     "count_documents": "count",
     "transaction": "transaction",
 }
+# operations whose handlers never set PATTERN_SOURCE or DOCUMENTS
+_SIMPLE = frozenset({"get", "update", "delete"})
 _PLAIN_PATTERNS: dict[tuple[str, str], str] = {}
 
 
@@ -57,56 +60,47 @@ def _plain_pattern(operation: str, collection: str) -> str:
     return pattern
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Time every data operation: counters and histogram buckets only, no I/O."""
-    name = getattr(request.match_info.handler, "__name__", "")
-    operation = OPERATIONS.get(name)
-    if operation is None:
-        return await handler(request)
-    started = time.perf_counter()
-    code: str | None = None
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except ProxyError as err:
-        code, status = err.code, err.status
-        raise
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        seconds = time.perf_counter() - started
-        collection = request.match_info.get("collection", "-")
-        app = request.app
-        app[METRICS].observe(operation, collection, status, seconds, code)
-        caller = request.get(CALLER)
-        if caller is not None:
-            app[CORE].count_request(caller.service, operation)
+def operation_of(request: web.Request) -> str | None:
+    """The stats model's operation of a data route (None: not timed, e.g. health)."""
+    return OPERATIONS.get(getattr(request.match_info.handler, "__name__", ""))
+
+
+def finish(
+    request: web.Request,
+    caller: Caller | None,
+    operation: str,
+    seconds: float,
+    status: int,
+    code: str | None,
+) -> None:
+    """Count one finished data operation: counters and histogram buckets only, no I/O.
+    Called by the identity middleware (``app.observed_identity``) around every data
+    route, whatever the outcome (``caller`` is None when identification itself failed)."""
+    collection = request.match_info.get("collection", "-")
+    app = request.app
+    app[METRICS].observe(operation, collection, status, seconds, code)
+    if caller is not None:
+        app[CORE].count_request(caller.service, operation)
+    ms = seconds * 1000.0
+    if operation in _SIMPLE:  # by-id routes: no pattern source, one document at most
+        pattern = _plain_pattern(operation, collection)
+        documents = 1 if status < 300 else 0
+    else:
         source = request.get(PATTERN_SOURCE)
         pattern = (
             _plain_pattern(operation, collection)
             if source is None
             else query_pattern(operation, collection, source)
         )
-        recorder = app[STATS]
-        recorder.record(
-            collection,
-            operation,
-            seconds * 1000.0,
-            request.get(DOCUMENTS, 1 if status < 300 else 0),
-            pattern,
-            status < 400,
-            code,
-        )
-        if seconds * 1000.0 >= recorder.slow_threshold_ms and recorder.plan(pattern) is None:
-            statement = context.last_statement.get()
-            if statement is not None:
-                app[CORE].explain_later(
-                    statement, lambda used, text: recorder.note_plan(pattern, used, text)
-                )
+        documents = request.get(DOCUMENTS, 1 if status < 300 else 0)
+    recorder = app[STATS]
+    recorder.record(collection, operation, ms, documents, pattern, status < 400, code)
+    if ms >= recorder.slow_threshold_ms and recorder.plan(pattern) is None:
+        statement = context.last_statement.get()
+        if statement is not None:
+            app[CORE].explain_later(
+                statement, lambda used, text: recorder.note_plan(pattern, used, text)
+            )
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

@@ -477,6 +477,31 @@ def test_upper_case_hashes_are_accepted(tmp_path: Path) -> None:
     assert policies.by_token("tok") is policies.services["svc"]
 
 
+def test_verified_tokens_are_remembered_and_wrong_ones_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(
+        tmp_path,
+        "svc.yaml",
+        f"""
+        service: svc
+        identity: {{tokens: ["{hash_token("tok")}"]}}
+        grants: [{{collections: [a], operations: [read]}}]
+        """,
+    )
+    policies = load_policies(tmp_path)
+    hashed: list[str] = []
+    real = policy_module.hash_token
+    monkeypatch.setattr(policy_module, "hash_token", lambda t: hashed.append(t) or real(t))
+    for _ in range(3):
+        assert policies.by_token("tok") is policies.services["svc"]
+        assert policies.by_token("tok2") is None
+    assert hashed == ["tok", "tok2", "tok2", "tok2"]  # the valid one hashed once
+    fresh = load_policies(tmp_path)  # a reload starts with nothing remembered
+    assert fresh.by_token("tok") is fresh.services["svc"]
+    assert hashed[-1] == "tok"
+
+
 # --------------------------------------------------------------------------- the loader
 
 
