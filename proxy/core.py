@@ -511,10 +511,10 @@ class Core:
 
     # -- observability ------------------------------------------------------------------
 
-    def count_request(self, service: str, operation: str) -> None:
+    def count_request(self, service: str, operation: str, n: int = 1) -> None:
         key = (service, operation)
         if key in self._volume or len(self._volume) < 10_000:
-            self._volume[key] = self._volume.get(key, 0) + 1
+            self._volume[key] = self._volume.get(key, 0) + n
 
     def volume_by_service(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}

@@ -11,7 +11,7 @@ stable codes, and collections beyond ``MAX_COLLECTIONS`` distinct names fold int
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -90,6 +90,26 @@ class Metrics:
         series.total += seconds
         if code is not None:
             self.errors.labels(code).inc()
+
+    def observe_many(
+        self,
+        operation: str,
+        collection: str,
+        status: int,
+        seconds: Sequence[float],
+        code: str | None,
+    ) -> None:
+        """``observe`` for several requests with the same labels and outcome."""
+        key = (operation, collection, status // 100)
+        series = self._series.get(key)
+        if series is None:
+            series = self._new_series(key)
+        counts = series.counts
+        for s in seconds:
+            counts[bisect_left(LATENCY_BUCKETS, s)] += 1
+        series.total += sum(seconds)
+        if code is not None:
+            self.errors.labels(code).inc(len(seconds))
 
     def _new_series(self, key: tuple[str, str, int]) -> _Series:
         operation, collection, klass = key

@@ -316,13 +316,13 @@ class _Window:
         self.patterns: dict[Key, _PatternWindow] = {}
 
 
-def _count_error(errors: dict[str, int], code: str) -> None:
+def _count_error(errors: dict[str, int], code: str, n: int = 1) -> None:
     if code in errors:
-        errors[code] += 1
+        errors[code] += n
     else:
         if not ERROR_CODE_RE.fullmatch(code) or len(errors) >= _MAX_ERROR_CODES - 1:
             code = UNKNOWN_ERROR
-        errors[code] = errors.get(code, 0) + 1
+        errors[code] = errors.get(code, 0) + n
 
 
 def _default_instance() -> str:
@@ -393,6 +393,8 @@ class StatsRecorder:
         self._slow: deque[dict[str, Any]] = deque(maxlen=max_slow)
         self._new_slow: deque[dict[str, Any]] = deque(maxlen=max_slow)
         self._plans: dict[str, tuple[bool | None, str | None]] = {}
+        # a buffer in front of this recorder (the HTTP layer's), emptied before any read
+        self.flush_pending: Callable[[], None] | None = None
 
     # -- hot path ----------------------------------------------------------------------
 
@@ -408,11 +410,34 @@ class StatsRecorder:
     ) -> None:
         """Count one finished operation. Only increments counters (no I/O, no growth
         beyond the bounds); a slow one is also kept in the bounded slow log."""
+        self.record_many(
+            collection, operation, pattern, (duration_ms,), documents, success, error_code
+        )
+
+    def record_many(
+        self,
+        collection: str,
+        operation: str,
+        pattern: str,
+        durations_ms: Sequence[float],
+        documents: int,
+        success: bool,
+        error_code: str | None,
+    ) -> None:
+        """``record`` for several operations of the same key and outcome at once
+        (``documents`` is their sum): the counters are touched once, the buckets once per
+        duration. What a buffered hot path hands over."""
+        n = len(durations_ms)
+        if not n:
+            return
         now = self._clock()
         if now >= self._next_window:
             self._rotate(now)
-        if not 0.0 <= duration_ms < _MAX_DURATION_MS:  # NaN, negative, absurd
-            duration_ms = _MAX_DURATION_MS if duration_ms >= _MAX_DURATION_MS else 0.0
+        cap = _MAX_DURATION_MS
+        durations = [
+            d if 0.0 <= d < cap else (cap if d >= cap else 0.0)  # NaN, negative, absurd
+            for d in durations_ms
+        ]
         if documents < 0:
             documents = 0
         key = (collection, operation, pattern)
@@ -422,38 +447,45 @@ class StatsRecorder:
         pw = self._window.patterns.get(key)
         if pw is None:  # first call of this pattern in this window
             pw = self._enter_window(key)
-        bucket = bisect_left(BUCKET_BOUNDS_MS, duration_ms)
+        sum_ms = sum(durations)
+        max_ms = max(durations)
 
-        delta.calls += 1
-        delta.documents += documents
-        delta.total_ms += duration_ms
-        if duration_ms > delta.max_ms:
-            delta.max_ms = duration_ms
         buckets = delta.buckets
-        buckets[bucket] = buckets.get(bucket, 0) + 1
-        total = delta.total
-        total.calls += 1
-        total.documents += documents
-        total.total_ms += duration_ms
-        pw.calls += 1
-        pw.total_ms += duration_ms
-        if duration_ms > pw.max_ms:
-            pw.max_ms = duration_ms
         op = pw.op
-        op.calls += 1
-        op.total_ms += duration_ms
-        op.buckets[bucket] += 1
-        if duration_ms > op.max_ms:
-            op.max_ms = duration_ms
+        op_buckets = op.buckets
+        for d in durations:
+            bucket = bisect_left(BUCKET_BOUNDS_MS, d)
+            buckets[bucket] = buckets.get(bucket, 0) + 1
+            op_buckets[bucket] += 1
+        delta.calls += n
+        delta.documents += documents
+        delta.total_ms += sum_ms
+        if max_ms > delta.max_ms:
+            delta.max_ms = max_ms
+        total = delta.total
+        total.calls += n
+        total.documents += documents
+        total.total_ms += sum_ms
+        pw.calls += n
+        pw.total_ms += sum_ms
+        if max_ms > pw.max_ms:
+            pw.max_ms = max_ms
+        op.calls += n
+        op.total_ms += sum_ms
+        if max_ms > op.max_ms:
+            op.max_ms = max_ms
 
         if not success:
             code = error_code or UNKNOWN_ERROR
-            _count_error(delta.errors, code)
-            _count_error(total.errors, code)
-            pw.errors += 1
-            op.errors += 1
-        if duration_ms > self.slow_threshold_ms:
-            self._note_slow(now, key, duration_ms, documents, success, error_code)
+            _count_error(delta.errors, code, n)
+            _count_error(total.errors, code, n)
+            pw.errors += n
+            op.errors += n
+        if max_ms > self.slow_threshold_ms:
+            each = documents // n
+            for d in durations:
+                if d > self.slow_threshold_ms:
+                    self._note_slow(now, key, d, each, success, error_code)
 
     def note_plan(self, pattern: str, index_used: bool | None, plan_summary: str) -> None:
         """Remember what the planner said about ``pattern`` (EXPLAIN, sampled by the caller):
@@ -574,6 +606,8 @@ class StatsRecorder:
     @property
     def pattern_count(self) -> int:
         """How many distinct pattern keys are held now ("<other>" ones included)."""
+        if self.flush_pending is not None:
+            self.flush_pending()
         return len(self._registry)
 
     def _recent(self, now: float | None) -> list[_Window]:
@@ -583,6 +617,8 @@ class StatsRecorder:
     def performance(self, now: float | None = None, top: int = 20) -> dict[str, Any]:
         """p50/p95/p99 per (operation, collection) over the recent windows, the ``top``
         patterns by total time, and the slow operations (newest first)."""
+        if self.flush_pending is not None:
+            self.flush_pending()
         recent = self._recent(now)
         return {
             "service": self.service,
@@ -652,6 +688,8 @@ class StatsRecorder:
     def totals(self) -> dict[str, Any]:
         """Lifetime counters: ``{"service", "instance", "collections": {collection:
         {operation: {"calls", "errors", "errors_by_code", "documents", "total_ms"}}}}``."""
+        if self.flush_pending is not None:
+            self.flush_pending()
         collections: dict[str, dict[str, Any]] = {}
         for (collection, operation), t in sorted(self._totals.items()):
             collections.setdefault(collection, {})[operation] = {
@@ -669,6 +707,8 @@ class StatsRecorder:
         """Everything recorded since the previous drain, as a JSON-able batch (format in
         the module of the collector store), and start a new delta. None when nothing
         happened."""
+        if self.flush_pending is not None:
+            self.flush_pending()
         now = self._clock()
         delta, self._delta = self._delta, {}
         slow = [self._with_plan(e) for e in self._new_slow]

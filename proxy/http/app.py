@@ -153,12 +153,13 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
 
 @web.middleware
 async def observed_identity(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``identity`` plus the timing of every data operation (``monitor.finish``: counters
+    """``identity`` plus the timing of every data operation (``monitor.Observer``: counters
     and histogram buckets only, no I/O), whatever the outcome, identification included.
     One middleware, not two: on the hot path every layer costs."""
     operation = monitor.operation_of(request)
     if operation is None:
         return await identity(request, handler)
+    observer = request.app[monitor.OBSERVER]
     started = time.perf_counter()
     caller: Caller | None = None
     code: str | None = None
@@ -179,7 +180,7 @@ async def observed_identity(request: web.Request, handler: Handler) -> web.Strea
         status = exc.status
         raise
     finally:
-        monitor.finish(request, caller, operation, time.perf_counter() - started, status, code)
+        observer.finish(request, caller, operation, time.perf_counter() - started, status, code)
 
 
 READ_PREFERENCES = frozenset({"primary", "secondary", "nearest"})

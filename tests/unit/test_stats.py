@@ -10,6 +10,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.backends.collector_store import parse_batch
 from proxy.stats import (
@@ -379,3 +381,67 @@ def test_record_is_cheap() -> None:
         rec.record("users", "find", 0.5 + (i % 300), 1, patterns[i % 50], i % 13 != 0, "not_found")
     per_call = (time.perf_counter() - started) / 50_000
     assert per_call < 50e-6  # a few microseconds in practice; generous for busy CI machines
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("users", "find", "find users {}"), ("orders", "get", "get orders")]),
+            st.floats(0, 400, allow_nan=False),  # ms, some above the 200 ms slow threshold
+            st.integers(0, 5),  # documents
+            st.sampled_from([None, "not_found", "timeout"]),  # error code (None: success)
+        ),
+        max_size=40,
+    )
+)
+def test_record_many_is_record_per_item(
+    ops: list[tuple[tuple[str, str, str], float, int, str | None]],
+) -> None:
+    """What the buffered hot path hands over in groups ends up exactly as if each
+    operation had been recorded on its own: totals, windows, slow log, collector batch."""
+    one, many = recorder(FakeClock()), recorder(FakeClock())
+    for (coll, op, pattern), ms, docs, code in ops:
+        one.record(coll, op, ms, docs, pattern, code is None, code)
+    groups: dict[tuple[Any, ...], tuple[list[float], list[int]]] = {}
+    for (coll, op, pattern), ms, docs, code in ops:
+        durations, documents = groups.setdefault((coll, op, pattern, code), ([], []))
+        durations.append(ms)
+        documents.append(docs)
+    for (coll, op, pattern, code), (durations, documents) in groups.items():
+        if all(d <= 200 for d in durations):  # slow ones keep their own documents count
+            many.record_many(coll, op, pattern, durations, sum(documents), code is None, code)
+        else:
+            for d, n in zip(durations, documents, strict=True):
+                many.record(coll, op, d, n, pattern, code is None, code)
+
+    def comparable(rec: StatsRecorder) -> Any:
+        def order(slow: list[dict[str, Any]]) -> None:
+            for entry in slow:
+                entry.pop("query_id")
+            slow.sort(key=lambda e: repr(sorted(e.items())))
+
+        perf = rec.performance()
+        order(perf["slow_queries"])
+        batch = rec.drain_batch()
+        if batch is not None:
+            batch.pop("batch_id")
+            order(batch["slow"])
+            batch["patterns"].sort(key=lambda p: (p["collection"], p["pattern"]))
+        return rec.totals(), perf, batch
+
+    a, b = comparable(one), comparable(many)
+    assert _close(a, b)
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal, floats up to summation order."""
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6)
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        return all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        assert len(a) == len(b)
+        return all(_close(x, y) for x, y in zip(a, b, strict=True))
+    assert a == b, (a, b)
+    return True
