@@ -130,10 +130,16 @@ def _begin(request: web.Request) -> tuple[Caller, ConcurrencyLimiter | None]:
     return caller, gate.enter(caller)
 
 
-def _end(response: web.StreamResponse) -> web.StreamResponse:
+async def _end(response: web.StreamResponse) -> web.StreamResponse:
     token = context.write_token.get()
     if token is not None:
         response.headers["X-Consistency-Token"] = token
+    # One event-loop turn before the response is written. A handler that never waited
+    # (a near-cache hit, a refusal) would otherwise write at once, one request at a time;
+    # after the yield the loop first runs every other handler that is ready. Measured on
+    # GET-by-id at 64 connections: 20 % less CPU per request on near-cache hits, 4 % on
+    # coalesced database reads (benchmarks/README.md).
+    await asyncio.sleep(0)
     return response
 
 
@@ -148,7 +154,7 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     finally:
         if cap is not None:
             cap.release()
-    return _end(response)
+    return await _end(response)
 
 
 @web.middleware
@@ -172,7 +178,7 @@ async def observed_identity(request: web.Request, handler: Handler) -> web.Strea
             if cap is not None:
                 cap.release()
         status = response.status
-        return _end(response)
+        return await _end(response)
     except ProxyError as err:
         code, status = err.code, err.status
         raise
@@ -615,14 +621,18 @@ def build_app(config: Config, core: Core, *, observe: bool = True) -> web.Applic
     r = app.router
     r.add_get("/api/db/health", health)
     r.add_post("/api/db/transaction", transaction)
-    r.add_post("/api/db/{collection}/query", query_documents)
+    # Order matters for speed and meaning: the router tries dynamic resources in this
+    # order, so the by-id resource comes early (the hot path matches on the second try),
+    # after only the GET that it would otherwise swallow (".../count"); a POST to
+    # ".../query" passes it (it has no POST) and finds its own resource.
     r.add_get("/api/db/{collection}/count", count_documents)
-    r.add_post("/api/db/{collection}", create)
-    r.add_get("/api/db/{collection}", list_documents)
     r.add_get("/api/db/{collection}/{id}", get_one)
     r.add_put("/api/db/{collection}/{id}", put_one)
     r.add_patch("/api/db/{collection}/{id}", patch_one)
     r.add_delete("/api/db/{collection}/{id}", delete_one)
+    r.add_post("/api/db/{collection}/query", query_documents)
+    r.add_post("/api/db/{collection}", create)
+    r.add_get("/api/db/{collection}", list_documents)
     monitor.install(app, core, config.collector_url)
     return app
 
