@@ -25,7 +25,7 @@ from proxy.config import DATABASE_URL_ENV, Config, DatabaseConfig, load_config, 
 from proxy.core import Core
 from proxy.errors import ConfigError
 from proxy.guard import Gatekeeper
-from proxy.http.app import build_app
+from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
 from proxy.policy import check_directory, load_policies
 
@@ -99,6 +99,7 @@ class ServeOptions:
     watch_interval: float = 2.0
     coalesce: bool = True
     metrics: bool = True
+    fast_path: bool = True
 
 
 def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
@@ -157,6 +158,9 @@ async def serve(
     app = build_app(config, core, observe=opts.metrics)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
+    server = runner.server
+    if server is not None and opts.fast_path:
+        server.request_handler = fast_get(app, server.request_handler, opts.metrics)
     site = web.TCPSite(
         runner, config.server.host, config.server.port, reuse_port=True, backlog=1024
     )
@@ -323,6 +327,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no per-request stats or Prometheus histograms (to measure their cost)",
     )
+    s.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="route GET-by-id through the router like every request (to measure the shortcut)",
+    )
     s.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
     pc = sub.add_parser("policy", help="policy tools")
     pc_sub = pc.add_subparsers(dest="policy_command", required=True)
@@ -361,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.workers,
                 coalesce=args.coalesce,
                 metrics=args.metrics,
+                fast_path=args.fast_path,
             )
             make_core(config, announce=False)  # validate backends and policies before binding
             make_gate(config, opts)

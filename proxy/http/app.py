@@ -32,7 +32,7 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from proxy.guard import Caller
+from proxy.guard import Caller, Gatekeeper
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
@@ -109,10 +109,9 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
 OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})  # liveness and scraping need no token
 
 
-def _begin(request: web.Request) -> tuple[Caller, ConcurrencyLimiter | None]:
+def _begin(request: web.Request, gate: Gatekeeper) -> tuple[Caller, ConcurrencyLimiter | None]:
     """Who is asking (sidecar service, bearer token, or open mode), the request context the
     adapters see, and one of the service's in-flight slots (release it when done)."""
-    gate = request.app[CORE].gate
     headers = request.headers
     caller = gate.identify(headers)
     request[CALLER] = caller
@@ -148,7 +147,13 @@ async def identity(request: web.Request, handler: Handler) -> web.StreamResponse
     """Identify the caller and hold an in-flight slot around the handler (``_begin``)."""
     if request.path in OPEN_PATHS:
         return await handler(request)
-    _, cap = _begin(request)
+    return await _identified(request, handler, request.app[CORE].gate)
+
+
+async def _identified(
+    request: web.Request, handler: Handler, gate: Gatekeeper
+) -> web.StreamResponse:
+    _, cap = _begin(request, gate)
     try:
         response = await handler(request)
     finally:
@@ -165,13 +170,27 @@ async def observed_identity(request: web.Request, handler: Handler) -> web.Strea
     operation = monitor.operation_of(request)
     if operation is None:
         return await identity(request, handler)
-    observer = request.app[monitor.OBSERVER]
+    collection = request.match_info.get("collection", "-")
+    app = request.app
+    return await _observed(
+        request, handler, operation, collection, app[monitor.OBSERVER], app[CORE].gate
+    )
+
+
+async def _observed(
+    request: web.Request,
+    handler: Handler,
+    operation: str,
+    collection: str,
+    observer: monitor.Observer,
+    gate: Gatekeeper,
+) -> web.StreamResponse:
     started = time.perf_counter()
     caller: Caller | None = None
     code: str | None = None
     status = 500
     try:
-        caller, cap = _begin(request)
+        caller, cap = _begin(request, gate)
         try:
             response = await handler(request)
         finally:
@@ -186,7 +205,60 @@ async def observed_identity(request: web.Request, handler: Handler) -> web.Strea
         status = exc.status
         raise
     finally:
-        observer.finish(request, caller, operation, time.perf_counter() - started, status, code)
+        seconds = time.perf_counter() - started
+        observer.finish(request, caller, operation, collection, seconds, status, code)
+
+
+# ---- the by-id fast path ------------------------------------------------------------------
+
+BY_PATH: web.RequestKey[tuple[str, str]] = web.RequestKey("by_path", tuple)
+
+
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> ServerHandler:
+    """The server's request handler with a shortcut for the hottest request there is,
+    ``GET /api/db/{collection}/{id}`` with no query string, no percent-escapes and no
+    transaction: it runs exactly what the router would run for it (``envelope``, the
+    identity middleware, ``get_one``'s core call and response) without the router, the
+    application's handler machinery and the middleware chain, which together cost more
+    than the cached read itself. Anything else goes to ``fallback``, the application.
+    Such a request has no match info, so nothing on this path may use ``request.app``.
+    ``tests/e2e/test_fast_path.py`` holds it to the router's answers."""
+    core = app[CORE]
+    observer = app[monitor.OBSERVER] if observe else None
+
+    async def read(request: web.Request) -> web.StreamResponse:
+        collection, doc_id = request[BY_PATH]
+        caller = request[CALLER]
+        return document_response(await core.get(collection, doc_id, None, None, caller))
+
+    async def pipeline(request: web.Request) -> web.StreamResponse:
+        if observer is None:
+            return await _identified(request, read, core.gate)
+        return await _observed(request, read, "get", request[BY_PATH][0], observer, core.gate)
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        # the application's request factory makes web.Request objects
+        if request.method == "GET" and not request.query_string and type(request) is web.Request:
+            parts = request.raw_path.split("/")
+            if (
+                len(parts) == 5
+                and parts[1] == "api"
+                and parts[2] == "db"
+                and parts[3]
+                and parts[4]
+                and parts[4] != "count"
+                and not parts[0]
+                and "%" not in request.raw_path
+                and "X-Transaction-Id" not in request.headers
+            ):
+                request[BY_PATH] = (parts[3], parts[4])
+                return await envelope(request, pipeline)
+        return await fallback(request)
+
+    return dispatch
 
 
 READ_PREFERENCES = frozenset({"primary", "secondary", "nearest"})

@@ -92,6 +92,7 @@ class Observer:
         request: web.Request,
         caller: Caller | None,
         operation: str,
+        collection: str,
         seconds: float,
         status: int,
         code: str | None,
@@ -99,7 +100,6 @@ class Observer:
         """Count one finished data operation (``caller`` None: identification failed).
         Called by the identity middleware (``app.observed_identity``) around every data
         route, whatever the outcome."""
-        collection = request.match_info.get("collection", "-")
         if operation in _SIMPLE:  # by-id routes: no pattern source, one document at most
             pattern = _plain_pattern(operation, collection)
             documents = 1 if status < 300 else 0
