@@ -76,7 +76,8 @@ VARIANTS: dict[str, str] = {
     "policies": "--policies DIR --service bench (sidecar mode)",
     "token": "--policies DIR, Authorization: Bearer (token mode: one hash per request)",
     "no_metrics": "--no-metrics (no stats recorder, no Prometheus)",
-    "collector_blackholed": "--collector pointing at a socket that accepts and never answers",
+    "collector_blackholed": "--collector pointing at a socket that accepts and never answers "
+    "(pushes every 0.5 s, buffer of 10 batches)",
 }
 
 # (label, variant, reference, metric, bound, kind) — the ratios the issues judge
@@ -349,12 +350,20 @@ def run(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict[str, Any
     cfg = workdir / "sidecar.yaml"
     write_yaml(cfg, sidecar_config(a.db_url, a.pool_size))
     hole = Blackhole() if "collector_blackholed" in names else None
+    # the blackholed sidecar pushes every 0.5 s into a buffer of 10 batches, so that its
+    # buffer overflows (and drops are counted) within the run, not after 200 s
+    pushing = sidecar_config(a.db_url, a.pool_size)
+    pushing["collector_push"] = {"interval_seconds": 0.5, "max_buffered_batches": 10}
+    cfg_push = workdir / "sidecar-push.yaml"
+    write_yaml(cfg_push, pushing)
     args = {
-        "plain": [],
-        "policies": ["--policies", str(poldir), "--service", "bench"],
-        "token": ["--policies", str(poldir)],
-        "no_metrics": ["--no-metrics"],
+        "plain": ["--config", str(cfg)],
+        "policies": ["--config", str(cfg), "--policies", str(poldir), "--service", "bench"],
+        "token": ["--config", str(cfg), "--policies", str(poldir)],
+        "no_metrics": ["--config", str(cfg), "--no-metrics"],
         "collector_blackholed": [
+            "--config",
+            str(cfg_push),
             "--collector",
             f"http://127.0.0.1:{hole.port if hole else 0}",
         ],
@@ -369,7 +378,7 @@ def run(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict[str, Any
         for v in variants:
             port = free_port()
             cmd = [*sidecar_base_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)]
-            cmd += ["--config", str(cfg), *v.args]
+            cmd += v.args
             v.target = start_target(procs, v.name, [("config", cmd)], a.startup_timeout)
         # tables: the first sidecar creates them with one write, then the harness seeds
         st, body = http(

@@ -149,6 +149,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CollectorPush:
+    """How stats batches are pushed to the collector (``collector_url``)."""
+
+    interval_seconds: float = 2.0
+    max_buffered_batches: int = 100  # while the collector is away; the oldest are dropped
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     databases: tuple[DatabaseConfig, ...] = ()
@@ -156,6 +164,7 @@ class Config:
     default_database: str | None = None
     data_dir: str = DEFAULT_DATA_DIR  # home of the embedded store when no database is set
     collector_url: str | None = None
+    collector_push: CollectorPush = field(default_factory=CollectorPush)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def database(self, name: str | None = None) -> DatabaseConfig:
@@ -754,6 +763,7 @@ _TOP_KEYS: Final = (
     "cache",
     "data_dir",
     "collector_url",
+    "collector_push",
     "default_database",
     "databases",
 )
@@ -811,6 +821,24 @@ def _parse_locations(
     return data_dir or file_data_dir or DEFAULT_DATA_DIR, collector
 
 
+def _parse_collector_push(value: object, problems: _Problems) -> CollectorPush:
+    raw = _mapping(value, "collector_push", problems) if value is not None else {}
+    if not raw:
+        return CollectorPush()
+    _check_keys(raw, ("interval_seconds", "max_buffered_batches"), "collector_push", problems)
+    defaults = CollectorPush()
+    interval = _positive_number(
+        raw, "interval_seconds", "collector_push", defaults.interval_seconds, problems
+    )
+    buffered = _int(
+        raw, "max_buffered_batches", "collector_push", defaults.max_buffered_batches, problems
+    )
+    return CollectorPush(
+        interval if interval is not None else defaults.interval_seconds,
+        buffered if buffered is not None else defaults.max_buffered_batches,
+    )
+
+
 def _parse_all_databases(
     raw: Mapping[Any, object],
     secrets: _Secrets,
@@ -857,6 +885,7 @@ def load_config(
     cache = _parse_cache(raw.get("cache"), problems)
     databases, default = _parse_all_databases(raw, secrets, database_url, problems)
     data_dir_value, collector = _parse_locations(raw, data_dir, collector_url, problems)
+    push = _parse_collector_push(raw.get("collector_push"), problems)
     if problems.items:
         raise ConfigError(problems.items)
     return Config(
@@ -866,5 +895,6 @@ def load_config(
         default_database=default,
         data_dir=data_dir_value,
         collector_url=collector,
+        collector_push=push,
         cache=cache,
     )

@@ -705,7 +705,7 @@ def build_app(config: Config, core: Core, *, observe: bool = True) -> web.Applic
     r.add_post("/api/db/{collection}/query", query_documents)
     r.add_post("/api/db/{collection}", create)
     r.add_get("/api/db/{collection}", list_documents)
-    monitor.install(app, core, config.collector_url)
+    monitor.install(app, core, config.collector_url, config.collector_push)
     return app
 
 

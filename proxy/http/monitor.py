@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import context, guard
 from proxy.backends.collector_client import StatsPusher
+from proxy.config import CollectorPush
 from proxy.core import Core
 from proxy.errors import BadRequest
 from proxy.guard import Caller
@@ -261,8 +262,14 @@ def _number(raw: str, name: str, kind: Callable[[str], Any]) -> Any:
         raise BadRequest(f"{name} must be a number", code="invalid_parameter") from None
 
 
-def install(app: web.Application, core: Core, collector_url: str | None) -> None:
+def install(
+    app: web.Application,
+    core: Core,
+    collector_url: str | None,
+    push: CollectorPush | None = None,
+) -> None:
     """Routes, state and the stats pusher of the monitoring side."""
+    push = push or CollectorPush()
     m = Metrics()
     app[METRICS] = m
     app[STATS] = StatsRecorder(
@@ -284,7 +291,7 @@ def install(app: web.Application, core: Core, collector_url: str | None) -> None
     r.add_get("/api/db/connections", connections)
     r.add_get("/api/db/audit", audit)
     if collector_url:
-        app.cleanup_ctx.append(_pusher_ctx(collector_url))
+        app.cleanup_ctx.append(_pusher_ctx(collector_url, push))
 
 
 async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -298,11 +305,17 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
         observer.flush()
 
 
-def _pusher_ctx(url: str) -> Callable[[web.Application], AsyncIterator[None]]:
+def _pusher_ctx(url: str, push: CollectorPush) -> Callable[[web.Application], AsyncIterator[None]]:
     import os
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        pusher = StatsPusher(url, os.environ.get("DBPROXY_COLLECTOR_TOKEN"), app[STATS])
+        pusher = StatsPusher(
+            url,
+            os.environ.get("DBPROXY_COLLECTOR_TOKEN"),
+            app[STATS],
+            interval=push.interval_seconds,
+            max_buffered_batches=push.max_buffered_batches,
+        )
         app[PUSHER] = pusher
         app[METRICS].sources["pusher"] = pusher.counters
         await pusher.start()

@@ -591,3 +591,24 @@ def test_cache_section_timeouts(tmp_path: Path) -> None:
         load_config(bad, environ={})
     assert "cache.ack_timeout_seconds" in str(err.value)
     assert "cache.redis_timeout_seconds" in str(err.value)
+
+
+def test_collector_push_section(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        collector_url: http://collector:8710
+        collector_push: {interval_seconds: 0.5, max_buffered_batches: 10}
+        """,
+    )
+    config = load_config(path, environ={})
+    assert config.collector_push.interval_seconds == 0.5
+    assert config.collector_push.max_buffered_batches == 10
+    assert load_config(environ={}).collector_push.max_buffered_batches == 100
+    bad = write(tmp_path, "collector_push: {interval_seconds: 0, max_buffered_batches: 0, x: 1}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad, environ={})
+    text = str(err.value)
+    assert "collector_push.interval_seconds" in text
+    assert "collector_push.max_buffered_batches" in text
+    assert "collector_push.x" in text
