@@ -157,6 +157,7 @@ async def generate(a: argparse.Namespace) -> dict[str, object]:
         "lag": lag_p,
         "kept_up": kept_up and errors == 0 and st.dropped == 0,
         "cpu_s": ru.ru_utime + ru.ru_stime,
+        **({"latencies_ms": [round(x * 1e3, 4) for x in lat]} if a.raw else {}),
     }
 
 
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain", type=float, default=10.0, help="max seconds after the window")
     p.add_argument("--max-lag-ms", type=float, default=5.0, help="generator send lag p99 tolerated")
     p.add_argument("--header", action="append", default=[])
+    p.add_argument("--raw", action="store_true", help="also print every latency (ms)")
     a = p.parse_args(argv)
     if not (0 < a.rate <= 100_000 and 0 < a.duration <= 3600 and 1 <= a.connections <= 4096):
         p.error("--rate, --duration or --connections out of range")
