@@ -500,6 +500,10 @@ def _ignore_resync() -> None:
     return None
 
 
+def _forget_nothing(keys: Sequence[str] | None) -> None:
+    return None
+
+
 class RedisCache:
     """Entries under ``prefix + key`` and invalidations on ``channel``, in one Redis.
 
@@ -991,7 +995,7 @@ class RedisCache:
                 wait = ping_at + self.probe_timeout - now
             if wait > 0:
                 msg = await asyncio.wait_for(pubsub.get_message(timeout=wait), wait + 0.5)
-                if msg is not None:
+                while msg is not None:
                     last_rx = loop.time()
                     ping_at = None
                     if msg["type"] == "message":
@@ -999,6 +1003,9 @@ class RedisCache:
                             self._on_acks(msg["data"])
                         else:
                             self._dispatch(msg["data"])
+                    # then whatever else has already arrived, without a timer per message:
+                    # under a write burst the subscriber must keep up (writers wait for it)
+                    msg = await pubsub.get_message(timeout=0.0)
                 continue
             if ping_at is not None:
                 raise TimeoutError("no PONG from the cache Redis")
@@ -1082,6 +1089,7 @@ class TwoLevelCache:
 
     __slots__ = (
         "bypasses",
+        "forget",
         "invalidations",
         "misses",
         "near",
@@ -1104,8 +1112,27 @@ class TwoLevelCache:
         self.bypasses = 0  # operations that skipped Redis (and near) because of Redis
         self.refused = 0  # fills refused by Redis (stale version, tombstone, old ticket)
         self.invalidations = 0
+        # told about every key invalidated here or elsewhere (None: every key), before the
+        # invalidation is confirmed: the owner's in-flight fills must not be joined after
+        self.forget: Callable[[Sequence[str] | None], None] = _forget_nothing
         if remote is not None:
             remote.listen(self.on_invalidate, self.on_resync)
+
+    @property
+    def usable(self) -> bool:
+        """False while Redis is not live: both levels are bypassed then."""
+        remote = self.remote
+        return remote is None or remote.live
+
+    def near_hit(self, key: str) -> Hit | None:
+        """The near entry for ``key`` when the cache is usable: no await, no Redis."""
+        remote = self.remote
+        if remote is not None and not remote.live:
+            return None
+        hit = self.near.get(key)
+        if hit is not None:
+            self.near_hits += 1
+        return hit
 
     async def start(self, wait: float | None = None) -> None:
         if self.remote is not None:
@@ -1177,6 +1204,7 @@ class TwoLevelCache:
         """``invalidate`` for several keys (a transaction, a bulk write): one round trip."""
         for key, version in entries:
             self.near.drop(key, version)
+        self.forget([key for key, _ in entries])
         self.invalidations += len(entries)
         if self.remote is None or not entries:
             return
@@ -1190,10 +1218,12 @@ class TwoLevelCache:
         drop = self.near.drop
         for key, version in entries:
             drop(key, version)
+        self.forget([key for key, _ in entries])
 
     def on_resync(self) -> None:
         """Subscriber callback: invalidations may have been missed; forget everything."""
         self.near.clear()
+        self.forget(None)
 
     def stats(self) -> dict[str, int]:
         near = self.near

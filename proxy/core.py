@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -65,6 +65,8 @@ class Core:
         self.gate = gate or Gatekeeper(None)
         self.cache: TwoLevelCache | None = None
         self._tx_writes: dict[int, list[tuple[str, int]]] = {}
+        # cache misses being filled, by key: concurrent misses of one key share one fill
+        self._fills: dict[str, asyncio.Future[WriteResult | None]] = {}
         self._volume: dict[tuple[str, str], int] = {}
         self._last_explain = 0.0
         self._background: set[asyncio.Task[None]] = set()
@@ -384,6 +386,42 @@ class Core:
         ):
             return await (target or self.backend()).get(collection, doc_id)
         key = self._cache_key(collection, doc_id)
+        hit = cache.near_hit(key)  # no await at all for what this process holds
+        if hit is not None:
+            return WriteResult(hit.value, hit.version)
+        if not cache.usable:  # Redis away: no cache, no shared fills (no invalidations)
+            cache.bypasses += 1
+            return await self.backend().get(collection, doc_id)
+        # Concurrent misses of one key share one fill. A fill is forgotten (no longer
+        # joined) as soon as the key is invalidated, here or by another sidecar, before
+        # that write is acknowledged: a read that starts after a write's response never
+        # joins a fill that started before it.
+        fill = self._fills.get(key)
+        if fill is None:  # the first miss does the work (Redis, database, fill) for all
+            fill = self._fills[key] = asyncio.ensure_future(
+                self._fill(cache, key, collection, doc_id, ttl)
+            )
+            fill.add_done_callback(lambda done: self._fill_done(key, done))
+        return await asyncio.shield(fill)
+
+    def _fill_done(self, key: str, done: asyncio.Future[WriteResult | None]) -> None:
+        if self._fills.get(key) is done:
+            del self._fills[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter got it already
+
+    def forget_fills(self, keys: Sequence[str] | None) -> None:
+        """Cache callback: these keys (None: all) were invalidated; start fresh fills."""
+        if keys is None:
+            self._fills.clear()
+            return
+        fills = self._fills
+        for key in keys:
+            fills.pop(key, None)
+
+    async def _fill(
+        self, cache: TwoLevelCache, key: str, collection: str, doc_id: str, ttl: float
+    ) -> WriteResult | None:
         got = await cache.get(key)
         if isinstance(got, Hit):
             return WriteResult(got.value, got.version)

@@ -765,6 +765,7 @@ async def _cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = TwoLevelCache(
         NearCache(settings.near_max_entries, settings.near_max_bytes), remote, ttl_default=60.0
     )
+    cache.forget = core.forget_fills
     await cache.start(wait=1.0)
     core.cache = cache
     try:

@@ -122,3 +122,54 @@ async def test_concurrent_creates_share_a_statement_with_per_item_outcomes(
     by_request = {r["request_id"]: r for r in rows}
     assert set(by_request) == {"", *(f"req-{i}" for i in range(40) if i not in (7, 11))}
     assert by_request["req-5"]["service"] == "svc2" and by_request["req-5"]["ids"] == ["n5"]
+
+
+async def test_cache_misses_share_one_fill_that_a_write_detaches(
+    backend: PostgresBackend,
+) -> None:
+    """Concurrent misses of one cached key cost one Redis lookup, one read and one fill;
+    a write forgets the in-flight fill before it returns, so a read that starts after the
+    write never joins a fill that started before it."""
+    from proxy.cache import NearCache, RedisCache, TwoLevelCache
+    from proxy.config import CacheConfig, CollectionCache
+
+    config = Config(cache=CacheConfig(collections={"c": CollectionCache(True, 60.0)}))
+    core = Core(config, {"main": backend}, "main")
+    tag = uuid.uuid4().hex
+    remote = RedisCache(
+        "redis://127.0.0.1:6379/0", timeout=1.0, prefix=f"test:fill:{tag}:", channel=f"fill:{tag}"
+    )
+    cache = TwoLevelCache(NearCache(1000, 1 << 20), remote, ttl_default=60.0)
+    cache.forget = core.forget_fills
+    await cache.start(wait=5.0)
+    core.cache = cache
+    try:
+        await core.create("c", [{"_id": "k", "n": 0}])
+        await cache.invalidate(core._cache_key("c", "k"), 1)  # nothing cached yet
+        before = backend.endpoints.primary.statements
+        results = await asyncio.gather(*(core.get("c", "k") for _ in range(50)))
+        assert {orjson.loads(r.body)["n"] for r in results} == {0}
+        assert backend.endpoints.primary.statements - before == 1
+        assert cache.misses == 1  # one Redis lookup for the 50 reads
+        assert cache.near.get(core._cache_key("c", "k")) is not None
+
+        # a fill in flight, then a write: the next read must not join the old fill
+        key = core._cache_key("c", "k")
+        cache.near.clear()
+        first = asyncio.ensure_future(core.get("c", "k"))
+        await asyncio.sleep(0)  # the fill has started (its Redis lookup is in flight)
+        assert key in core._fills
+        await core.replace_or_update("c", "k", {"$set": {"n": 1}})
+        assert key not in core._fills  # forgotten by the write's invalidation
+        after = await core.get("c", "k")
+        assert orjson.loads(after.body)["n"] == 1
+        await first  # concurrent with the write: either version is fine
+    finally:
+        await cache.close()
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url("redis://127.0.0.1:6379/0")
+        keys = [k async for k in client.scan_iter(match=f"test:fill:{tag}:*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
