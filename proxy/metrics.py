@@ -150,6 +150,11 @@ class _LiveCollector(Collector):
         yield from _transactions(src.get("transactions", dict)())
         yield from _cache(src.get("cache", dict)())
         yield from _pusher(src.get("pusher", dict)())
+        fast = CounterMetricFamily(
+            "dbproxy_fast_path_requests", "GET-by-id requests served by the shortcut"
+        )
+        fast.add_metric([], src.get("fast_path", dict)().get("requests", 0))
+        yield fast
 
 
 def _pools(connections: dict[str, Any]) -> Iterable[Any]:

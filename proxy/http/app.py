@@ -228,6 +228,8 @@ def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> Se
     ``tests/e2e/test_fast_path.py`` holds it to the router's answers."""
     core = app[CORE]
     observer = app[monitor.OBSERVER] if observe else None
+    taken = [0]  # requests that took the shortcut, for /metrics
+    app[monitor.METRICS].sources["fast_path"] = lambda: {"requests": taken[0]}
 
     async def read(request: web.Request) -> web.StreamResponse:
         collection, doc_id = request[BY_PATH]
@@ -255,6 +257,7 @@ def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> Se
                 and "X-Transaction-Id" not in request.headers
             ):
                 request[BY_PATH] = (parts[3], parts[4])
+                taken[0] += 1
                 return await envelope(request, pipeline)
         return await fallback(request)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Server
 
@@ -32,6 +33,15 @@ async def both(
             kept = {k.lower(): v for k, v in r.headers.items() if k.lower() not in SKIP}
             out.append((r.status, body, kept))
     return out[0], out[1]
+
+
+async def fast_path_count(s: aiohttp.ClientSession, server: Server) -> float:
+    async with s.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "dbproxy_fast_path_requests":
+            return float(fam.samples[0].value)
+    raise AssertionError("no dbproxy_fast_path_requests in /metrics")
 
 
 def corpus(base: str, coll: str) -> list[str]:
@@ -55,12 +65,15 @@ async def test_fast_path_matches_the_router_open(
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{base}/{coll}", json={"_id": "d1", "n": 1}) as r:
             assert r.status == 201
+        taken = await fast_path_count(s, server)
         seen = set()
         for url in corpus(base, coll):
             fast, routed = await both(s, url, {})
             assert fast == routed, url
             seen.add(fast[0])
         assert seen >= {200, 404, 400}
+        # every request without a query string took the shortcut, none of the others
+        assert await fast_path_count(s, server) - taken == len(corpus(base, coll))
     # and the shortcut was taken: the server counted these as "get" operations either way
     assert "Traceback" not in server.output()
 
@@ -97,9 +110,11 @@ async def test_fast_path_matches_the_router_with_policies(
             (f"{base}/invoices/{mine}", {"Authorization": "Bearer wrong"}),  # 401
             (f"{base}/users/u1", billing),  # field rule on users
         ]
+        taken = await fast_path_count(s, server)
         statuses = set()
         for url, headers in cases:
             fast, routed = await both(s, url, headers)
             assert fast == routed, (url, headers, fast, routed)
             statuses.add(fast[0])
         assert statuses >= {200, 401, 403, 404}
+        assert await fast_path_count(s, server) - taken == len(cases)
