@@ -43,6 +43,7 @@ import orjson
 
 from benchmarks import load, procstat, workload
 from benchmarks.pgsetup import create_database, drop_database, seed, with_db
+from benchmarks.run import _raise_interrupt
 from benchmarks.servers import (
     BenchError,
     Processes,
@@ -360,10 +361,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 s, 2 open rounds")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     return p
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict[str, Any]:

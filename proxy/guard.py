@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -441,16 +440,6 @@ class Gatekeeper:
                 retry_after=1,
             )
         return cap
-
-    @contextmanager
-    def in_flight(self, caller: Caller) -> Iterator[None]:
-        """``enter`` as a context manager."""
-        cap = self.enter(caller)
-        try:
-            yield
-        finally:
-            if cap is not None:
-                cap.release()
 
     async def admit(
         self, caller: Caller, operation: str, rows: int = 0, cost_units: int = 1

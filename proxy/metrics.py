@@ -82,14 +82,7 @@ class Metrics:
     def observe(
         self, operation: str, collection: str, status: int, seconds: float, code: str | None
     ) -> None:
-        key = (operation, collection, status // 100)
-        series = self._series.get(key)
-        if series is None:
-            series = self._new_series(key)
-        series.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        series.total += seconds
-        if code is not None:
-            self.errors.labels(code).inc()
+        self.observe_many(operation, collection, status, (seconds,), code)
 
     def observe_many(
         self,
