@@ -83,14 +83,16 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Final, NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, NamedTuple
 
 import orjson
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
+
+from proxy.backends.resp import Pipe, PipeBroken, ReplyError, open_pipe
 
 __all__ = [
     "CacheUnavailable",
@@ -107,7 +109,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 Clock = Callable[[], float]
 """Seconds on a monotonic scale (``time.monotonic`` in production, a fake in tests)."""
@@ -484,12 +485,7 @@ class _AckWait:
 
 InvalidateCallback = Callable[[list[tuple[str, int]]], None]
 ResyncCallback = Callable[[], None]
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Done-callback of an abandoned operation: consume its outcome, silently."""
-    if not task.cancelled():
-        task.exception()
+ScriptRunner = Callable[[str, Sequence[str], Sequence[bytes | int | str]], Awaitable[Any]]
 
 
 def _ignore_invalidate(entries: list[tuple[str, int]]) -> None:
@@ -530,7 +526,7 @@ class RedisCache:
         health_interval: float = 1.0,
         retry_min: float = 0.05,
         retry_max: float = 2.0,
-        max_connections: int = 64,
+        max_in_flight: int = 1024,
         max_pending: int = 10_000,
         ack_timeout: float = 0.05,
     ) -> None:
@@ -544,7 +540,7 @@ class RedisCache:
                 ("health_interval", health_interval),
                 ("retry_min", retry_min),
                 ("retry_max", retry_max),
-                ("max_connections", max_connections),
+                ("max_in_flight", max_in_flight),
                 ("max_pending", max_pending),
             )
             if not value > 0
@@ -563,7 +559,7 @@ class RedisCache:
         self.health_interval = health_interval
         self.retry_min = retry_min
         self.retry_max = retry_max
-        self._max_connections = max_connections
+        self.max_in_flight = max_in_flight
         self.max_pending = max_pending
         self._gen_key = prefix + "@gen"
         self.ack_timeout = ack_timeout
@@ -575,9 +571,10 @@ class RedisCache:
         self._acks_out: dict[str, list[int]] = {}
         self._ack_sender: asyncio.Task[None] | None = None
         self._shas = {script: _sha(script) for script in _SCRIPTS}
-        self._client: aioredis.Redis | None = None
+        self._client: aioredis.Redis | None = None  # the subscriber's replays
         self._sub_client: aioredis.Redis | None = None
-        self._slots = asyncio.Semaphore(max_connections)
+        self._pipe: Pipe | None = None  # every other command: see proxy/backends/resp.py
+        self._opening: asyncio.Future[Pipe] | None = None
         self._state = RemoteState.DOWN
         self._live_event = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
@@ -632,9 +629,9 @@ class RedisCache:
         }
         self._client = aioredis.Redis.from_url(
             self._url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            max_connections=self._max_connections,
+            socket_timeout=self.probe_timeout,
+            socket_connect_timeout=self.probe_timeout,
+            max_connections=2,
             **common,
         )
         self._sub_client = aioredis.Redis.from_url(
@@ -675,6 +672,9 @@ class RedisCache:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(client.aclose(), max(self.probe_timeout, 1.0))
         self._client = self._sub_client = None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()
 
     # -- operations -------------------------------------------------------------------------
 
@@ -723,9 +723,7 @@ class RedisCache:
         waits: list[_AckWait] = []
         try:
             try:
-                await self._bounded(
-                    self._in_slot(self._invalidate_chunks(self._client_(), entries, waits))
-                )
+                await self._invalidate_chunks(self._op, entries, waits)
             except CacheUnavailable:
                 self._remember(entries)
                 raise
@@ -751,54 +749,68 @@ class RedisCache:
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
         try:
-            await self._bounded(self._in_slot(self._flush(self._client_())))
+            await self._op(FLUSH_LUA, (self._gen_key,), (self.channel,))
         except CacheUnavailable:
             self._pending_flush = True
             raise
 
     async def _op(
-        self, script: str, keys: tuple[str, str], args: tuple[bytes | int | str, ...]
+        self,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[bytes | int | str],
+        optional: bool = False,
     ) -> Any:
+        """Run ``script`` on the pipe: within ``timeout`` or ``CacheUnavailable`` (and the
+        cache out of service until the subscriber has resynced). An ``optional`` command
+        (a lookup or a fill) is refused at once when ``max_in_flight`` commands wait."""
         if not self.live:
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
-        if self._slots.locked():  # every connection busy: bypass rather than queue
+        pipe = self._pipe
+        if pipe is None or pipe.broken:
+            pipe = await self._connect()
+        if optional and pipe.in_flight >= self.max_in_flight:
             self.skipped += 1
-            raise CacheUnavailable("cache Redis connections are all busy")
-        return await self._bounded(self._in_slot(self._script(self._client_(), script, keys, args)))
-
-    async def _in_slot(self, aw: Awaitable[T]) -> T:
-        """Run ``aw`` holding a connection slot, for as long as it really runs: an abandoned
-        operation keeps its slot until its clean-up is over."""
-        async with self._slots:
-            return await aw
-
-    async def _bounded(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` for at most ``timeout``; every failure becomes ``CacheUnavailable``
-        and takes the cache out of service until the subscriber has resynced.
-
-        On time-out the operation is cancelled and abandoned, not awaited: ``wait_for``
-        would wait for the clean-up of the cancelled I/O, which under load (or when a
-        cancellation is swallowed inside the driver on Python 3.11) doubled the bound. The
-        cancelled read makes redis-py close that connection, so no reply stays owed on a
-        pooled one."""
-        task = asyncio.ensure_future(coro)
+            raise CacheUnavailable("cache Redis has too many commands in flight")
         try:
-            done, _ = await asyncio.wait((task,), timeout=self._io_deadline)
-        except asyncio.CancelledError:  # the caller gave up: so does the operation
-            task.cancel()
-            task.add_done_callback(_retrieve)
-            raise
-        if not done:
-            task.cancel()
-            task.add_done_callback(_retrieve)
+            reply = await pipe.call(b"EVALSHA", self._shas[script], len(keys), *keys, *args)
+            if type(reply) is ReplyError and str(reply).startswith("NOSCRIPT"):
+                # Redis restarted or its scripts were flushed: EVAL also caches it again
+                reply = await pipe.call(b"EVAL", script, len(keys), *keys, *args)
+        except PipeBroken as exc:
             self._fail()
-            raise CacheUnavailable("cache Redis unavailable (TimeoutError)")
+            raise CacheUnavailable(f"cache Redis unavailable ({exc})") from None
+        if type(reply) is ReplyError:
+            self._fail()
+            raise CacheUnavailable(f"cache Redis refused a script ({str(reply)[:80]})")
+        return reply
+
+    async def _connect(self) -> Pipe:
+        """The pipe, (re)connected within ``timeout``; concurrent callers share one try."""
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = asyncio.ensure_future(
+                open_pipe(self._url, self._io_deadline, self._io_deadline)
+            )
+            opening.add_done_callback(self._opened)
         try:
-            return task.result()
-        except (RedisError, OSError, TimeoutError) as exc:
+            return await asyncio.shield(opening)
+        except PipeBroken as exc:
             self._fail()
-            raise CacheUnavailable(f"cache Redis unavailable ({type(exc).__name__})") from exc
+            raise CacheUnavailable(f"cache Redis unavailable ({exc})") from None
+
+    def _opened(self, opening: asyncio.Future[Pipe]) -> None:
+        self._opening = None
+        if opening.cancelled() or opening.exception() is not None:
+            return
+        pipe = opening.result()
+        if self._closed():
+            pipe.close()
+            return
+        old, self._pipe = self._pipe, pipe
+        if old is not None and old is not pipe:
+            old.close()
 
     def _fail(self) -> None:
         self.failures += 1
@@ -810,22 +822,20 @@ class RedisCache:
             raise RuntimeError("RedisCache used before start() or after close()")
         return self._client
 
-    async def _script(
-        self,
-        client: aioredis.Redis,
-        script: str,
-        keys: Sequence[str],
-        args: Sequence[bytes | int | str],
-    ) -> Any:
-        """EVALSHA; on NOSCRIPT (Redis restarted or flushed) EVAL, which also caches it."""
-        try:
-            return await client.evalsha(self._shas[script], len(keys), *keys, *args)
-        except NoScriptError:
-            return await client.eval(script, len(keys), *keys, *args)
+    def _redis_py(self, client: aioredis.Redis) -> ScriptRunner:
+        """A script runner on redis-py, for the subscriber's replays (``probe_timeout``)."""
+
+        async def run(script: str, keys: Sequence[str], args: Sequence[bytes | int | str]) -> Any:
+            try:
+                return await client.evalsha(self._shas[script], len(keys), *keys, *args)
+            except NoScriptError:  # Redis restarted or flushed: EVAL also caches it
+                return await client.eval(script, len(keys), *keys, *args)
+
+        return run
 
     async def _invalidate_chunks(
         self,
-        client: aioredis.Redis,
+        run: ScriptRunner,
         entries: Sequence[tuple[str, int]],
         waits: list[_AckWait] | None = None,
     ) -> None:
@@ -845,13 +855,10 @@ class RedisCache:
                 wait = _AckWait(seq, loop.create_future())
                 self._waiting[seq] = wait
                 waits.append(wait)
-            receivers = await self._script(client, INVALIDATE_LUA, keys, args)
+            receivers = await run(INVALIDATE_LUA, keys, args)
             if wait is not None:
                 wait.expected = int(receivers)
                 wait.check()
-
-    async def _flush(self, client: aioredis.Redis) -> None:
-        await self._script(client, FLUSH_LUA, (self._gen_key,), (self.channel,))
 
     def _remember(self, entries: Sequence[tuple[str, int]]) -> None:
         if self._pending_flush:
@@ -964,14 +971,15 @@ class RedisCache:
 
     async def _replay(self) -> None:
         """Deliver what failed while Redis was away, before anyone trusts the cache again."""
-        client = self._client_()
+        run = self._redis_py(self._client_())
         if self._pending_flush:
-            await asyncio.wait_for(self._flush(client), self.probe_timeout)
+            flush = run(FLUSH_LUA, (self._gen_key,), (self.channel,))
+            await asyncio.wait_for(flush, self.probe_timeout)
             self._pending_flush = False
             self._pending.clear()
         while self._pending:
             batch = list(self._pending.items())[:_CHUNK]
-            await asyncio.wait_for(self._invalidate_chunks(client, batch), self.probe_timeout)
+            await asyncio.wait_for(self._invalidate_chunks(run, batch), self.probe_timeout)
             for key, version in batch:  # a newer failure for the same key stays pending
                 if self._pending.get(key) == version:
                     del self._pending[key]
@@ -1055,22 +1063,25 @@ class RedisCache:
                 wait.confirm()
 
     async def _send_acks(self) -> None:
-        """Send the queued confirmations: one PUBLISH per writer, in one pipeline. Runs a
+        """Send the queued confirmations: one PUBLISH per writer, all in one write. Runs a
         loop turn after the first one was queued, so a burst of messages shares it."""
         await asyncio.sleep(0)
         while self._acks_out and not self._closed():
             batch, self._acks_out = self._acks_out, {}
-            client = self._client
-            if client is None:
-                return
-            pipe = client.pipeline(transaction=False)
-            for origin, seqs in batch.items():
-                pipe.publish(f"{self.channel}:ack:{origin}", orjson.dumps(seqs))
             try:
-                await asyncio.wait_for(self._in_slot(pipe.execute()), self.timeout)
-            except (RedisError, OSError, TimeoutError) as exc:
+                pipe = self._pipe
+                if pipe is None or pipe.broken:
+                    pipe = await self._connect()
+                channel = self.channel
+                await asyncio.gather(
+                    *[
+                        pipe.call(b"PUBLISH", f"{channel}:ack:{origin}", orjson.dumps(seqs))
+                        for origin, seqs in batch.items()
+                    ]
+                )
+            except (CacheUnavailable, PipeBroken) as exc:
                 self.ack_failures += len(batch)
-                log.debug("cache: confirmations not sent (%s)", type(exc).__name__)
+                log.debug("cache: confirmations not sent (%s)", exc)
 
 
 # ---- both levels --------------------------------------------------------------------------
