@@ -219,8 +219,11 @@ class NearCache:
         self.tombstone_ttl = tombstone_ttl
         self.max_tombstones = max_tombstones
         self._clock = clock
-        # key -> (hit, expires_at, charged size); order = recency (last = most recent)
-        self._data: OrderedDict[str, tuple[Hit, float, int]] = OrderedDict()
+        # key -> (value, version, expires_at, charged size); order = recency (last = most
+        # recent). A plain tuple of bytes and numbers, which the cycle collector stops
+        # tracking the first time it meets one: ten thousand entries would otherwise be
+        # traversed by every full collection (a ~17 ms pause was measured while filling).
+        self._data: OrderedDict[str, tuple[bytes, int, float, int]] = OrderedDict()
         # key -> (version, created_at); order = creation (first = oldest)
         self._tombs: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._floor = float("-inf")  # fills with since <= floor are refused
@@ -252,7 +255,7 @@ class NearCache:
         if entry is None:
             self.misses += 1
             return None
-        hit, expires_at, size = entry
+        value, version, expires_at, size = entry
         if expires_at <= self._clock():
             del self._data[key]
             self._bytes -= size
@@ -261,7 +264,7 @@ class NearCache:
             return None
         self._data.move_to_end(key)
         self.hits += 1
-        return hit
+        return Hit(value, version)
 
     def put(
         self, key: str, value: bytes, version: int, ttl: float, *, since: float | None = None
@@ -284,11 +287,11 @@ class NearCache:
                 self.refused += 1
                 return False
         old = self._data.get(key)
-        if old is not None and old[1] > now:
-            if old[0].version > version:
+        if old is not None and old[2] > now:
+            if old[1] > version:
                 self.refused += 1
                 return False
-            if old[0].version == version:
+            if old[1] == version:
                 self._data.move_to_end(key)
                 return True
         size = self.entry_size(key, value)
@@ -296,8 +299,8 @@ class NearCache:
             self.refused += 1
             return False
         if old is not None:
-            self._bytes -= old[2]
-        self._data[key] = (Hit(value, version), now + ttl, size)
+            self._bytes -= old[3]
+        self._data[key] = (value, version, now + ttl, size)
         self._data.move_to_end(key)
         self._bytes += size
         self._evict()
@@ -309,7 +312,7 @@ class NearCache:
         safe even if a delete-and-recreate reused version numbers)."""
         entry = self._data.pop(key, None)
         if entry is not None:
-            self._bytes -= entry[2]
+            self._bytes -= entry[3]
         if version is None:
             return
         now = self._clock()
@@ -329,7 +332,7 @@ class NearCache:
     def _evict(self) -> None:
         data = self._data
         while len(data) > self.max_entries or self._bytes > self.max_bytes:
-            _, (_, _, size) = data.popitem(last=False)
+            size = data.popitem(last=False)[1][3]
             self._bytes -= size
             self.evictions += 1
 

@@ -3,6 +3,8 @@ TwoLevelCache without Redis, on an injected clock: no sleeping, exact to the tic
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from proxy.cache import ENTRY_OVERHEAD, Hit, Miss, NearCache, TwoLevelCache
@@ -115,6 +117,18 @@ def test_counters(clock: FakeClock) -> None:
     c.get("a")  # expired
     assert (c.hits, c.misses, c.evictions, c.expirations) == (2, 3, 1, 1)
     assert c.entries == 1 and c.bytes == NearCache.entry_size("c", b"3")
+
+
+def test_entries_leave_the_cycle_collectors_sight(clock: FakeClock) -> None:
+    """Full collections must not traverse a filled cache: its entries hold only bytes and
+    numbers, which the collector stops tracking the first time it meets them."""
+    c = near(clock, max_entries=100)
+    for i in range(100):
+        c.put(f"k{i}", b"v" * i, i, 5)
+    gc.collect()
+    untracked = sum(not gc.is_tracked(entry) for entry in c._data.values())
+    assert untracked == 100
+    assert c.get("k7") == Hit(b"v" * 7, 7)
 
 
 def test_bad_bounds_are_all_reported(clock: FakeClock) -> None:
