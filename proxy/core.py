@@ -69,7 +69,7 @@ class Core:
         self._fills: dict[str, asyncio.Future[WriteResult | None]] = {}
         self._volume: dict[tuple[str, str], int] = {}
         self._last_explain = 0.0
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self.limits = config.limits
         self.backends = dict(backends)
         self.default = default
@@ -410,6 +410,11 @@ class Core:
         if not done.cancelled():
             done.exception()  # retrieved: every waiter got it already
 
+    async def settle(self) -> None:
+        """Wait until the background work started so far (cache fills, EXPLAINs) is over."""
+        while self._background:
+            await asyncio.wait(set(self._background))
+
     def forget_fills(self, keys: Sequence[str] | None) -> None:
         """Cache callback: these keys (None: all) were invalidated; start fresh fills."""
         if keys is None:
@@ -427,7 +432,12 @@ class Core:
             return WriteResult(got.value, got.version)
         found = await self.backend().get(collection, doc_id)
         if found is not None:
-            await cache.put(key, found.body, found.version, got, ttl)
+            # The answer does not wait for the fill: under load every await costs a whole
+            # turn of a busy loop. The fill is conditional (its ticket), so landing late is
+            # safe, and Redis runs it before any later lookup sent on the same connection.
+            task = asyncio.ensure_future(cache.put(key, found.body, found.version, got, ttl))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return found
 
     async def _written(

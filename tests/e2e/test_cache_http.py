@@ -186,7 +186,9 @@ async def test_cached_documents_still_pass_the_policy(
                 doc = await get_doc(s, url, headers=admin)
                 assert doc == {"_id": doc_id, "_version": 1, "tenant_id": "t1", "name": "ann"}
             events = await cache_events(s, server)
-            assert events.get("near:hit", 0) >= 2
+            # the first read fills in the background: the second is served by Redis or,
+            # once the fill has landed, by the near cache
+            assert events.get("near:hit", 0) + events.get("redis:hit", 0) >= 2
             doc = await get_doc(s, url, headers=billing_t1)
             assert "password_hash" not in doc
             async with s.get(url, headers=billing_t2) as r:  # another tenant: not found

@@ -151,6 +151,7 @@ async def test_cache_misses_share_one_fill_that_a_write_detaches(
         assert {orjson.loads(r.body)["n"] for r in results} == {0}
         assert backend.endpoints.primary.statements - before == 1
         assert cache.misses == 1  # one Redis lookup for the 50 reads
+        await core.settle()  # the fill lands after the answers
         assert cache.near.get(core._cache_key("c", "k")) is not None
 
         # a fill in flight, then a write: the next read must not join the old fill
