@@ -33,15 +33,16 @@ class PrivateRedis:
         os.kill(self.proc.pid, signal.SIGCONT)
 
 
-def run_private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """Start redis-server, wait for PONG, yield it; always thawed and stopped after."""
+def run_private_redis(tmp_path: Path, *extra: str) -> Iterator[PrivateRedis]:
+    """Start redis-server (with ``extra`` arguments), wait until it answers, yield it;
+    always thawed and stopped after."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not on PATH")
     port = _free_port()
     args = ["--save", "", "--appendonly", "no", "--port", str(port), "--bind", "127.0.0.1"]
     proc = subprocess.Popen(
-        [binary, *args, "--dir", str(tmp_path)],
+        [binary, *args, "--dir", str(tmp_path), *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -52,7 +53,7 @@ def run_private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up (maybe with a password)
                         break
             except OSError:
                 pass
