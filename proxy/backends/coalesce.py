@@ -1,6 +1,10 @@
 """Read coalescing: point reads of one collection that arrive within one event-loop turn
 are answered by ONE query for all their ids, and identical ids share one result
 (single-flight). Bounded: a batch never holds more than ``max_batch`` distinct ids.
+Adaptive: while ``max_in_flight`` batches of a coalescer are running, the next keys wait
+for one of them to finish (or for a full batch), so under load batches grow instead of
+multiplying (a cache miss rarely meets another one in the same turn), and an idle
+coalescer sends at once.
 """
 
 from __future__ import annotations
@@ -18,9 +22,15 @@ FetchMany = Callable[[list[K]], Awaitable[dict[K, V]]]
 class Coalescer(Generic[K, V]):
     """Collects keys for one loop turn, then fetches them with one call."""
 
-    def __init__(self, fetch_many: FetchMany[K, V], max_batch: int = 256) -> None:
+    def __init__(
+        self, fetch_many: FetchMany[K, V], max_batch: int = 256, max_in_flight: int = 2
+    ) -> None:
         self._fetch_many = fetch_many
         self.max_batch = max_batch
+        # While this many batches are running, new keys wait for one of them to finish
+        # (or for a full batch): under load batches grow instead of multiplying, and an
+        # idle coalescer adds no wait at all.
+        self.max_in_flight = max_in_flight
         self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -47,11 +57,19 @@ class Coalescer(Generic[K, V]):
         self._scheduled = False
         if not self._pending:
             return
+        if len(self._tasks) >= self.max_in_flight and len(self._pending) < self.max_batch:
+            return  # a batch that finishes flushes these
         batch, self._pending = self._pending, {}
         self.batches += 1
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._pending and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
         try:
