@@ -770,9 +770,7 @@ class RedisCache:
         if not self.live:
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
-        pipe = self._pipe
-        if pipe is None or pipe.broken:
-            pipe = await self._connect()
+        pipe = await self._connected()
         if optional and pipe.in_flight >= self.max_in_flight:
             self.skipped += 1
             raise CacheUnavailable("cache Redis has too many commands in flight")
@@ -789,8 +787,12 @@ class RedisCache:
             raise CacheUnavailable(f"cache Redis refused a script ({str(reply)[:80]})")
         return reply
 
-    async def _connect(self) -> Pipe:
-        """The pipe, (re)connected within ``timeout``; concurrent callers share one try."""
+    async def _connected(self) -> Pipe:
+        """The pipe, (re)connected within ``timeout`` when it is broken or not yet open;
+        concurrent callers share one try."""
+        pipe = self._pipe
+        if pipe is not None and not pipe.broken:
+            return pipe
         opening = self._opening
         if opening is None:
             opening = self._opening = asyncio.ensure_future(
@@ -1072,9 +1074,7 @@ class RedisCache:
         while self._acks_out and not self._closed():
             batch, self._acks_out = self._acks_out, {}
             try:
-                pipe = self._pipe
-                if pipe is None or pipe.broken:
-                    pipe = await self._connect()
+                pipe = await self._connected()
                 channel = self.channel
                 await asyncio.gather(
                     *[

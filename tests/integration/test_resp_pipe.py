@@ -8,7 +8,7 @@ import asyncio
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,17 @@ def key() -> str:
 
 
 @pytest.fixture
+async def pipe(key: str) -> AsyncIterator[Pipe]:
+    """A pipe to the machine's Redis; closed, and the test's keys deleted, after."""
+    opened = await open_pipe(REDIS_URL, deadline=2.0, connect_timeout=2.0)
+    try:
+        yield opened
+    finally:
+        opened.close()
+        await _cleanup(f"{key}*")
+
+
+@pytest.fixture
 def protected_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     yield from run_private_redis(tmp_path, "--requirepass", "s3cr3t")
 
@@ -45,61 +56,46 @@ async def _cleanup(pattern: str) -> None:
         await client.aclose()
 
 
-async def test_concurrent_commands_get_their_own_replies_in_order(key: str) -> None:
-    pipe = await open_pipe(REDIS_URL, deadline=2.0, connect_timeout=2.0)
-    try:
-        # one loop turn: 300 commands of three kinds, interleaved, written together
-        futures = []
-        for i in range(100):
-            futures.append(pipe.call("SET", f"{key}:{i}", f"v{i}".encode()))
-            futures.append(pipe.call("INCRBY", f"{key}:n", i))
-            futures.append(pipe.call("GET", f"{key}:{i}"))
-        assert pipe.in_flight == 300
-        replies = await asyncio.gather(*futures)
-        for i in range(100):
-            assert replies[3 * i] == b"OK"
-            assert replies[3 * i + 1] == sum(range(i + 1))
-            assert replies[3 * i + 2] == f"v{i}".encode()
-        assert pipe.in_flight == 0
-        assert await pipe.call("GET", f"{key}:missing") is None
-        assert await pipe.call("RPUSH", f"{key}:list", b"a", "b", 3) == 3
-        assert await pipe.call("LRANGE", f"{key}:list", 0, -1) == [b"a", b"b", b"3"]
-    finally:
-        pipe.close()
-        await _cleanup(f"{key}*")
+async def test_concurrent_commands_get_their_own_replies_in_order(pipe: Pipe, key: str) -> None:
+    # one loop turn: 300 commands of three kinds, interleaved, written together
+    futures = []
+    for i in range(100):
+        futures.append(pipe.call("SET", f"{key}:{i}", f"v{i}".encode()))
+        futures.append(pipe.call("INCRBY", f"{key}:n", i))
+        futures.append(pipe.call("GET", f"{key}:{i}"))
+    assert pipe.in_flight == 300
+    replies = await asyncio.gather(*futures)
+    for i in range(100):
+        assert replies[3 * i] == b"OK"
+        assert replies[3 * i + 1] == sum(range(i + 1))
+        assert replies[3 * i + 2] == f"v{i}".encode()
+    assert pipe.in_flight == 0
+    assert await pipe.call("GET", f"{key}:missing") is None
+    assert await pipe.call("RPUSH", f"{key}:list", b"a", "b", 3) == 3
+    assert await pipe.call("LRANGE", f"{key}:list", 0, -1) == [b"a", b"b", b"3"]
 
 
-async def test_an_error_reply_is_its_callers_alone(key: str) -> None:
-    pipe = await open_pipe(REDIS_URL, deadline=2.0, connect_timeout=2.0)
-    try:
-        before = pipe.call("SET", key, b"text")
-        wrong = pipe.call("INCR", key)  # not an integer: an error reply
-        unknown = pipe.call("EVALSHA", "0" * 40, 0)  # NOSCRIPT
-        after = pipe.call("GET", key)
-        assert await before == b"OK"
-        err = await wrong
-        assert isinstance(err, ReplyError) and "not an integer" in str(err)
-        noscript = await unknown
-        assert isinstance(noscript, ReplyError) and str(noscript).startswith("NOSCRIPT")
-        assert await after == b"text"
-        assert not pipe.broken
-    finally:
-        pipe.close()
-        await _cleanup(f"{key}*")
+async def test_an_error_reply_is_its_callers_alone(pipe: Pipe, key: str) -> None:
+    before = pipe.call("SET", key, b"text")
+    wrong = pipe.call("INCR", key)  # not an integer: an error reply
+    unknown = pipe.call("EVALSHA", "0" * 40, 0)  # NOSCRIPT
+    after = pipe.call("GET", key)
+    assert await before == b"OK"
+    err = await wrong
+    assert isinstance(err, ReplyError) and "not an integer" in str(err)
+    noscript = await unknown
+    assert isinstance(noscript, ReplyError) and str(noscript).startswith("NOSCRIPT")
+    assert await after == b"text"
+    assert not pipe.broken
 
 
-async def test_a_caller_that_gives_up_does_not_shift_the_replies(key: str) -> None:
-    pipe = await open_pipe(REDIS_URL, deadline=2.0, connect_timeout=2.0)
-    try:
-        await pipe.call("SET", key, b"mine")
-        abandoned = pipe.call("DEBUG", "SLEEP", "0.05")
-        nxt = pipe.call("GET", key)
-        abandoned.cancel()
-        assert await nxt == b"mine"
-        assert await pipe.call("PING") == b"PONG"
-    finally:
-        pipe.close()
-        await _cleanup(f"{key}*")
+async def test_a_caller_that_gives_up_does_not_shift_the_replies(pipe: Pipe, key: str) -> None:
+    await pipe.call("SET", key, b"mine")
+    abandoned = pipe.call("ECHO", "nobody waits for this")
+    nxt = pipe.call("GET", key)
+    abandoned.cancel()
+    assert await nxt == b"mine"
+    assert await pipe.call("PING") == b"PONG"
 
 
 async def test_a_frozen_redis_breaks_the_pipe_within_its_deadline(
