@@ -683,7 +683,7 @@ class RedisCache:
 
     async def get(self, key: str) -> RemoteHit | Ticket:
         """The entry for ``key``, or on a miss the ticket to present to ``put``."""
-        reply = await self._op(GET_LUA, (self.prefix + key, self._gen_key), ())
+        reply = await self._op(GET_LUA, (self.prefix + key, self._gen_key), (), optional=True)
         try:
             if reply[0] == 1 and type(reply[2]) is bytes:
                 return RemoteHit(reply[2], int(reply[1]), int(reply[3]))
@@ -710,7 +710,7 @@ class RedisCache:
             0 if ticket is None else ticket.gen,
             self._window_ms,
         )
-        reply = await self._op(PUT_LUA, (self.prefix + key, self._gen_key), args)
+        reply = await self._op(PUT_LUA, (self.prefix + key, self._gen_key), args, optional=True)
         return reply in (1, 2)
 
     async def invalidate(self, entries: Sequence[tuple[str, int]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -410,6 +410,12 @@ class Core:
         if not done.cancelled():
             done.exception()  # retrieved: every waiter got it already
 
+    def _spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background, kept alive until done (see ``settle``)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def settle(self) -> None:
         """Wait until the background work started so far (cache fills, EXPLAINs) is over."""
         while self._background:
@@ -435,9 +441,7 @@ class Core:
             # The answer does not wait for the fill: under load every await costs a whole
             # turn of a busy loop. The fill is conditional (its ticket), so landing late is
             # safe, and Redis runs it before any later lookup sent on the same connection.
-            task = asyncio.ensure_future(cache.put(key, found.body, found.version, got, ttl))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._spawn(cache.put(key, found.body, found.version, got, ttl))
         return found
 
     async def _written(
@@ -594,9 +598,7 @@ class Core:
                 return
             note(index_used, summary)
 
-        task = asyncio.create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(run())
         return True
 
     def cache_counters(self) -> dict[str, Any]:
