@@ -108,6 +108,7 @@ def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
     caps: dict[str, Any] = {
         "max_statement_timeout_seconds": config.limits.statement_timeout_seconds,
         "max_rows": config.limits.max_limit,
+        "max_open_transactions": config.limits.max_open_transactions,
     }
     if opts.policies is not None:
         policies = load_policies(opts.policies, **caps)

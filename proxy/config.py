@@ -112,6 +112,7 @@ class Limits:
     max_batch_items: int = 1000
     max_transaction_operations: int = 100
     max_open_transactions: int = 64
+    max_open_transactions_per_service: int = 4  # under a policy, unless it sets its own
     transaction_idle_timeout_seconds: float = 30.0
     transaction_max_lifetime_seconds: float = 300.0
     idempotency_ttl_seconds: float = 86400.0

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy import context, guard
-from proxy.backends.base import Backend, Documents, Transaction, check_collection
+from proxy.backends.base import Backend, Documents, Transaction, TxKind, check_collection
 from proxy.batch import parse_batch, parse_isolation, run_operations
 from proxy.cache import Hit, TwoLevelCache
 from proxy.config import Config
@@ -502,20 +502,38 @@ class Core:
             )
         await self.gate.admit(caller, "transaction")
         entry = await self.transactions.begin(
-            self.backend(), parse_isolation(isolation), caller.service
+            self.backend(),
+            parse_isolation(isolation),
+            caller.service,
+            self.transactions_per_service(caller),
         )
         return entry.id
+
+    def transactions_per_service(self, caller: Caller) -> int | None:
+        """How many interactive transactions the caller's service may hold open (None:
+        no policy, only the sidecar-wide cap)."""
+        if caller.policy is None:
+            return None
+        own = caller.policy.limits.max_open_transactions
+        return own if own is not None else self.limits.max_open_transactions_per_service
 
     async def run_batch(self, body: Any, caller: Caller = OPEN) -> list[Any]:
         """All or nothing: every operation's result, or the first failure (rolled back)."""
         req = parse_batch(body, self.limits.max_transaction_operations)
         await self.gate.admit(caller, "transaction", cost_units=len(req.operations))
         return await self.transact(
-            req.isolation, lambda tx: run_operations(self, req.operations, tx, caller)
+            req.isolation,
+            lambda tx: run_operations(self, req.operations, tx, caller),
+            TxKind.BATCH,
         )
 
-    async def transact(self, isolation: str, work: Callable[[Transaction], Awaitable[T]]) -> T:
-        tx = await self.backend().begin(isolation)
+    async def transact(
+        self,
+        isolation: str,
+        work: Callable[[Transaction], Awaitable[T]],
+        kind: TxKind = TxKind.SINGLE,
+    ) -> T:
+        tx = await self.backend().begin(isolation, kind)
         try:
             result = await work(tx)
             await tx.commit()
@@ -535,6 +553,7 @@ class Core:
         fingerprint: str,
         produce: Callable[[Documents], Awaitable[StoredReply]],
         isolation: str = "read_committed",
+        kind: TxKind = TxKind.SINGLE,
     ) -> tuple[StoredReply, bool]:
         """Run ``produce`` once per key: the reply is stored in the same transaction as the
         write, and a retry with the same key and request gets it back (replayed=True)."""
@@ -552,7 +571,7 @@ class Core:
             await tx.idem_save(key, reply)
             return reply, False
 
-        return await self.transact(isolation, work)
+        return await self.transact(isolation, work, kind)
 
     async def maintain(self) -> None:
         for backend in self.backends.values():

@@ -191,6 +191,7 @@ class Limits:
     statement_timeout_seconds: float | None = None
     max_rows: int | None = None
     redis_failure: str = "fail_open"  # one of REDIS_FAILURE_MODES
+    max_open_transactions: int | None = None  # interactive ones; None: the sidecar's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -803,6 +804,7 @@ _LIMIT_KEYS: Final = (
     "statement_timeout_seconds",
     "max_rows",
     "redis_failure",
+    "max_open_transactions",
 )
 _RATE_KEYS: Final = ("per_second", "per_minute", "burst")
 _MAX_PER_SECOND: Final = 1_000_000.0  # what the limiter can time (1 us emission interval)
@@ -816,6 +818,7 @@ class _Caps:
 
     statement_timeout_seconds: float | None = None
     max_rows: int | None = None
+    max_open_transactions: int | None = None
 
 
 def _rate_per_second(raw: Mapping[Any, object], where: str, problems: _Problems) -> float | None:
@@ -900,6 +903,13 @@ def _parse_caps(raw: Mapping[Any, object], caps: _Caps, problems: _Problems) -> 
                 "limits.max_rows", f"must be <= the global page size limit ({caps.max_rows})"
             )
         values["max_rows"] = max_rows
+    if raw.get("max_open_transactions") is not None:
+        where = "limits.max_open_transactions"
+        cap = caps.max_open_transactions
+        most = _integer(raw["max_open_transactions"], where, problems)
+        if most is not None and cap is not None and most > cap:
+            problems.add(where, f"must be <= the sidecar's max_open_transactions ({cap})")
+        values["max_open_transactions"] = most
     mode = raw.get("redis_failure", "fail_open")
     if mode not in REDIS_FAILURE_MODES:
         shown = _show(mode) if isinstance(mode, str) else _type_name(mode)
@@ -1114,10 +1124,13 @@ def _cross_file(parsed: list[_Parsed], items: list[str]) -> dict[str, ServicePol
 
 
 def _load(
-    directory: str | Path, max_statement_timeout_seconds: float | None, max_rows: int | None
+    directory: str | Path,
+    max_statement_timeout_seconds: float | None,
+    max_rows: int | None,
+    max_open_transactions: int | None = None,
 ) -> tuple[PolicySet | None, list[str]]:
     items: list[str] = []
-    caps = _Caps(max_statement_timeout_seconds, max_rows)
+    caps = _Caps(max_statement_timeout_seconds, max_rows, max_open_transactions)
     parsed = [_parse_file(path, caps, items) for path in _policy_files(Path(directory), items)]
     services = _cross_file(parsed, items)
     if items:
@@ -1130,13 +1143,17 @@ def load_policies(
     *,
     max_statement_timeout_seconds: float | None = None,
     max_rows: int | None = None,
+    max_open_transactions: int | None = None,
 ) -> PolicySet:
     """Load every ``*.yaml``/``*.yml`` policy file of ``directory``.
 
     Raises one ConfigError listing every problem of every file (``<file>: <where>:
     <what>``). The optional keyword arguments are the process-wide ceilings the per-service
-    caps must stay under (the config's statement timeout and maximum page size)."""
-    policies, problems = _load(directory, max_statement_timeout_seconds, max_rows)
+    caps must stay under (the config's statement timeout, maximum page size and open
+    transactions)."""
+    policies, problems = _load(
+        directory, max_statement_timeout_seconds, max_rows, max_open_transactions
+    )
     if policies is None:
         raise ConfigError(problems)
     return policies
@@ -1180,10 +1197,13 @@ def check_directory(
     *,
     max_statement_timeout_seconds: float | None = None,
     max_rows: int | None = None,
+    max_open_transactions: int | None = None,
 ) -> tuple[bool, str]:
     """For ``dbproxy policy check DIR``: (True, a summary) or (False, every problem, one a
     line)."""
-    policies, problems = _load(directory, max_statement_timeout_seconds, max_rows)
+    policies, problems = _load(
+        directory, max_statement_timeout_seconds, max_rows, max_open_transactions
+    )
     if policies is None:
         return False, "\n".join(problems)
     return True, summarize(policies)

@@ -2,8 +2,9 @@
 
 A transaction pins one pooled connection between ``begin`` and ``commit``/``rollback``.
 The registry hands it to one request at a time, rolls it back after an idle timeout or a
-maximum lifetime (one periodic reaper; the clock is injected), caps how many are open,
-and remembers recently ended ids so a late request hears why the id is dead.
+maximum lifetime (one periodic reaper; the clock is injected), caps how many are open (in
+all, and per owner: a service), and remembers recently ended ids so a late request hears
+why the id is dead.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from proxy.backends.base import Backend, Transaction
-from proxy.errors import CommitOutcomeUnknown, Conflict, NotFound, ProxyError, Unavailable
+from proxy.backends.base import Backend, Transaction, TxKind
+from proxy.errors import (
+    CommitOutcomeUnknown,
+    Conflict,
+    NotFound,
+    ProxyError,
+    RateLimited,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class TransactionRegistry:
         self.max_open = max_open
         self.clock = clock
         self._open: dict[str, OpenTransaction] = {}
+        self._owned: dict[str, int] = {}  # open (and starting) transactions per owner
         self._ended: OrderedDict[str, TxState] = OrderedDict()
         self._starting = 0
         # hooks for the core: what to do after a commit (cache invalidation) or an end
@@ -72,7 +81,23 @@ class TransactionRegistry:
 
     # -- life cycle of one transaction ---------------------------------------------------
 
-    async def begin(self, backend: Backend, isolation: str, owner: str) -> OpenTransaction:
+    def owned(self, owner: str) -> int:
+        return self._owned.get(owner, 0)
+
+    async def begin(
+        self, backend: Backend, isolation: str, owner: str, per_owner: int | None = None
+    ) -> OpenTransaction:
+        """Open one for ``owner``: at most ``per_owner`` of its own (429), at most
+        ``max_open`` in all (503), and the backend's transaction share (503)."""
+        held = self._owned.get(owner, 0)
+        if per_owner is not None and held >= per_owner:
+            raise RateLimited(
+                f"this service already has {held} open transactions, its limit; commit or "
+                "roll one back first",
+                code="transaction_limit_exceeded",
+                retry_after=1,
+                details={"limit": per_owner},
+            )
         if len(self._open) + self._starting >= self.max_open:
             raise Unavailable(
                 f"too many open transactions (limit {self.max_open}); retry shortly",
@@ -80,8 +105,12 @@ class TransactionRegistry:
                 retry_after=1,
             )
         self._starting += 1
+        self._owned[owner] = held + 1
         try:
-            tx = await backend.begin(isolation)
+            tx = await backend.begin(isolation, TxKind.INTERACTIVE)
+        except BaseException:
+            self._disown(owner)
+            raise
         finally:
             self._starting -= 1
         now = self.clock()
@@ -160,9 +189,17 @@ class TransactionRegistry:
             self.on_end(entry.tx)
         await entry.tx.rollback()
 
+    def _disown(self, owner: str) -> None:
+        left = self._owned.get(owner, 0) - 1
+        if left > 0:
+            self._owned[owner] = left
+        else:
+            self._owned.pop(owner, None)
+
     def _forget(self, entry: OpenTransaction, state: TxState) -> None:
         entry.state = state
-        self._open.pop(entry.id, None)
+        if self._open.pop(entry.id, None) is not None:
+            self._disown(entry.owner)
         self._ended[entry.id] = state
         while len(self._ended) > self.REMEMBER_ENDED:
             self._ended.popitem(last=False)

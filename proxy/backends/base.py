@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import re
 from typing import Any, Protocol
 
-from proxy.errors import InvalidCollection, ProxyError
+from proxy.errors import InvalidCollection, ProxyError, Unavailable
 from proxy.ops import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
 from proxy.policy import RESERVED_COLLECTIONS
 from proxy.query.ast import Filter
@@ -69,6 +71,64 @@ class Documents(Protocol):
     async def count(self, collection: str, flt: Filter) -> int: ...
 
 
+class TxKind(enum.Enum):
+    """What a transaction is for, which decides what it may hold (see ``TransactionShare``)."""
+
+    INTERACTIVE = "interactive"  # begin/commit over HTTP: may sit idle between requests
+    BATCH = "batch"  # one request, many operations
+    SINGLE = "single"  # one plain write (an idempotent one): counts as a plain request
+
+
+def transaction_share(pool_size: int) -> int:
+    """How many of a pool's connections batches and interactive transactions may hold at
+    once: a quarter (at least one) stays for plain requests; a pool of one keeps none."""
+    reserve = max(1, -(-pool_size // 4))
+    return max(1, pool_size - reserve)
+
+
+class TransactionShare:
+    """The part of a pool that batches and interactive transactions may hold.
+
+    An interactive ``begin`` beyond it is refused at once (the holders may sit idle for
+    their whole idle timeout); a batch waits for a slot up to the pool's acquire timeout.
+    Either way the refusal is 503 ``too_many_transactions`` with Retry-After."""
+
+    def __init__(self, pool_size: int) -> None:
+        self.pool_size = pool_size
+        self.limit = transaction_share(pool_size)
+        self.held = 0
+        self._slots = asyncio.Semaphore(self.limit)
+
+    async def take(self, kind: TxKind, wait: float) -> bool:
+        """Take a slot for ``kind``; False when ``kind`` needs none (nothing to give back)."""
+        if kind is TxKind.SINGLE:
+            return False
+        if not self._slots.locked():
+            await self._slots.acquire()  # free: returns without waiting
+        elif kind is TxKind.INTERACTIVE:
+            raise self._refusal()
+        else:
+            try:
+                await asyncio.wait_for(self._slots.acquire(), wait)
+            except TimeoutError:
+                raise self._refusal() from None
+        self.held += 1
+        return True
+
+    def give(self) -> None:
+        self.held -= 1
+        self._slots.release()
+
+    def _refusal(self) -> Unavailable:
+        return Unavailable(
+            f"transactions hold every connection they may use ({self.limit} of "
+            f"{self.pool_size}; the rest is kept for plain requests); retry shortly",
+            code="too_many_transactions",
+            retry_after=1,
+            details={"limit": self.limit, "pool": self.pool_size},
+        )
+
+
 class Transaction(Documents, Protocol):
     """Document operations inside one open database transaction (one pinned connection)."""
 
@@ -95,6 +155,8 @@ class Backend(Documents, Protocol):
 
     async def health(self) -> dict[str, Any]: ...
 
-    async def begin(self, isolation: str = "read_committed") -> Transaction: ...
+    async def begin(
+        self, isolation: str = "read_committed", kind: TxKind = TxKind.SINGLE
+    ) -> Transaction: ...
 
     async def maintain(self) -> None: ...

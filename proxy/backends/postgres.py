@@ -21,7 +21,7 @@ import asyncpg
 import orjson
 
 from proxy import context
-from proxy.backends.base import check_collection
+from proxy.backends.base import TransactionShare, TxKind, check_collection
 from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.pgpool import Endpoint, EndpointSet
 from proxy.config import DatabaseConfig, Limits
@@ -477,6 +477,7 @@ class PostgresBackend(_Documents):
         self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
         self._inserters: dict[str, Batcher[_Insert, tuple[bool, str | None]]] = {}
         self.endpoints = endpoints or EndpointSet(config, limits)
+        self.transaction_share = TransactionShare(config.pool_settings.max_connections)
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
@@ -875,31 +876,45 @@ class PostgresBackend(_Documents):
 
     # -- transactions ------------------------------------------------------------------
 
-    async def begin(self, isolation: str = "read_committed") -> PostgresTransaction:
-        """Pin a pooled connection and open a transaction on it."""
+    async def begin(
+        self, isolation: str = "read_committed", kind: TxKind = TxKind.SINGLE
+    ) -> PostgresTransaction:
+        """Pin a pooled connection and open a transaction on it; batches and interactive
+        transactions only within the pool's transaction share."""
         if isolation not in ISOLATION_LEVELS:
             raise BadRequest(
                 f"isolation must be one of {', '.join(ISOLATION_LEVELS)}", code="invalid_isolation"
             )
         ep = self.endpoints.choose("transaction", None, None)
+        share = self.transaction_share
+        try:
+            shared = await share.take(kind, self._acquire_timeout)
+        except BaseException:
+            ep.breaker.release()
+            raise
         try:
             conn = await self.endpoints.acquire(ep, self._acquire_timeout)
-        except ProxyError:
+        except BaseException as exc:
+            if shared:
+                share.give()
+            if isinstance(exc, Exception) and not isinstance(exc, ProxyError):
+                raise translate(exc) from None
             raise
-        except Exception as exc:
-            raise translate(exc) from None
         pool = ep.pool
         assert pool is not None
         self.endpoints.record(ep, None)
+        give = share.give if shared else None
         try:
             tx = conn.transaction(isolation=isolation)
             await tx.start()
         except BaseException as exc:
             await pool.release(conn)
+            if give is not None:
+                give()
             if isinstance(exc, Exception):
                 raise translate(exc) from None
             raise
-        return PostgresTransaction(self, pool, conn, tx, isolation)
+        return PostgresTransaction(self, pool, conn, tx, isolation, give)
 
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
@@ -919,6 +934,7 @@ class PostgresTransaction(_Documents):
         conn: asyncpg.Connection,
         tx: Any,
         isolation: str,
+        give_share: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(
             backend.name,
@@ -936,6 +952,7 @@ class PostgresTransaction(_Documents):
         self.isolation = isolation
         self.failed: ProxyError | None = None
         self.closed = False
+        self._give_share = give_share
 
     def backend_pid(self) -> int:
         return int(self._conn.get_server_pid())
@@ -1084,9 +1101,14 @@ class PostgresTransaction(_Documents):
             await self._release()
 
     async def _release(self) -> None:
-        # a lost connection may already be detached from the pool
-        with contextlib.suppress(asyncpg.InterfaceError):
-            await self._pool.release(self._conn)
+        give, self._give_share = self._give_share, None
+        try:
+            # a lost connection may already be detached from the pool
+            with contextlib.suppress(asyncpg.InterfaceError):
+                await self._pool.release(self._conn)
+        finally:
+            if give is not None:
+                give()
 
     async def _rollback_quietly(self) -> None:
         try:

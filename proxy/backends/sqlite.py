@@ -30,7 +30,10 @@ savepoint, or the transaction), and a transaction that changed documents adds a
 are committed or rolled back together.
 
 Timeouts. Work that has not started within the pool's acquire timeout (a busy writer, a
-write gate held by a transaction) is refused with 503 ``pool_exhausted``; a running
+write gate held by a batch) is refused with 503 ``pool_exhausted``; while an interactive
+transaction holds the write gate (from its first write until it ends: SQLite cannot give
+a write lock back earlier), other writes wait at most ``_WRITER_WAIT``, then 503
+``writer_busy``, so nothing queues behind an idle transaction; a running
 statement is interrupted by the progress handler after ``limits.statement_timeout_seconds``
 (504 ``statement_timeout``). A single call of a Python helper (one regex match) cannot be
 interrupted.
@@ -56,7 +59,7 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy import context
-from proxy.backends.base import check_collection
+from proxy.backends.base import TransactionShare, TxKind, check_collection
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
     BadRequest,
@@ -108,6 +111,7 @@ DATA_FILE = "dbproxy.sqlite3"
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 _BATCH_MAX = 64
 _IDLE_TX_CONNECTIONS = 8  # connections kept for the next transaction
+_WRITER_WAIT = 0.25  # seconds a write may wait for a writer an interactive transaction holds
 _PROGRESS_STEPS = 4096  # VM instructions between two looks at the clock
 _NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 _INT64_MAX = 2**63 - 1
@@ -840,6 +844,9 @@ class SqliteBackend(_Documents):
         self._readers_max = max(1, config.pool_settings.max_connections)
         self._writer: _Writer | None = None
         self._tx_slots: asyncio.Semaphore | None = None
+        # batches and interactive transactions leave a quarter of the slots to single writes
+        self.transaction_share = TransactionShare(self._readers_max)
+        self._interactive_writers = 0  # interactive transactions holding or awaiting the gate
         self._open_transactions: weakref.WeakSet[SqliteTransaction] = weakref.WeakSet()
         self._readers: concurrent.futures.ThreadPoolExecutor | None = None
         self._tx_threads: concurrent.futures.ThreadPoolExecutor | None = None
@@ -916,11 +923,18 @@ class SqliteBackend(_Documents):
         }
 
     async def maintain(self) -> None:
-        """Periodic housekeeping: forget expired idempotency keys."""
+        """Periodic housekeeping: forget expired idempotency keys (skipped while a
+        transaction holds the writer: the next round does it)."""
         now = time.time()
-        await self._write(
-            None, lambda conn: conn.execute("DELETE FROM _idempotency WHERE expires_at < ?", (now,))
-        )
+        try:
+            await self._write(
+                None,
+                lambda conn: conn.execute("DELETE FROM _idempotency WHERE expires_at < ?", (now,)),
+            )
+        except Unavailable as err:
+            if err.code != "writer_busy":
+                raise
+            log.debug("housekeeping of %s skipped: a transaction holds the writer", self.name)
 
     async def audit_log(
         self,
@@ -955,7 +969,27 @@ class SqliteBackend(_Documents):
             raise Unavailable("the embedded store is not open", retry_after=1)
         job = fn if collection is None else self._with_table(writer, collection, fn)
         future = writer.submit(job, time.monotonic() + self._acquire_timeout)
-        return await asyncio.wrap_future(future)
+        if not self._interactive_writers:
+            return await asyncio.wrap_future(future)
+        return await self._wait_briefly(future)
+
+    async def _wait_briefly(self, future: concurrent.futures.Future[T]) -> T:
+        """Wait for the writer's answer, but give up on a job not started within
+        ``_WRITER_WAIT`` (an interactive transaction holds the writer): 503 writer_busy."""
+        waiting = asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), _WRITER_WAIT)
+        except TimeoutError:
+            if future.cancel():
+                raise Unavailable(
+                    "an open transaction holds the embedded store's writer; retry shortly",
+                    code="writer_busy",
+                    retry_after=1,
+                ) from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        return await waiting  # it started meanwhile: its outcome is the answer
 
     @staticmethod
     def _with_table(writer: _Writer, collection: str, fn: Job[T]) -> Job[T]:
@@ -1016,8 +1050,11 @@ class SqliteBackend(_Documents):
 
     # -- transactions ------------------------------------------------------------------
 
-    async def begin(self, isolation: str = "read_committed") -> SqliteTransaction:
-        """A transaction on a connection of its own (all levels run as serializable)."""
+    async def begin(
+        self, isolation: str = "read_committed", kind: TxKind = TxKind.SINGLE
+    ) -> SqliteTransaction:
+        """A transaction on a connection of its own (all levels run as serializable);
+        batches and interactive transactions only within the transaction share."""
         if isolation not in ISOLATION_LEVELS:
             raise BadRequest(
                 f"isolation must be one of {', '.join(ISOLATION_LEVELS)}", code="invalid_isolation"
@@ -1025,21 +1062,33 @@ class SqliteBackend(_Documents):
         threads, slots = self._tx_threads, self._tx_slots
         if threads is None or slots is None:
             raise Unavailable("the embedded store is not open", retry_after=1)
+        share = self.transaction_share
+        shared = await share.take(kind, self._acquire_timeout)
+
+        def release() -> None:
+            slots.release()
+            if shared:
+                share.give()
+
         try:
             await asyncio.wait_for(slots.acquire(), self._acquire_timeout)
-        except TimeoutError:
-            raise PoolExhausted(
-                "no database connection became free in time", retry_after=1
-            ) from None
+        except BaseException as exc:
+            if shared:
+                share.give()
+            if isinstance(exc, TimeoutError):
+                raise PoolExhausted(
+                    "no database connection became free in time", retry_after=1
+                ) from None
+            raise
         loop = asyncio.get_running_loop()
         try:
             conn, state = await loop.run_in_executor(threads, self._open_transaction)
         except BaseException as exc:
-            slots.release()
+            release()
             if isinstance(exc, RuntimeError):
                 raise Unavailable("the embedded store is closing", retry_after=1) from None
             raise
-        tx = SqliteTransaction(self, threads, conn, state, isolation, slots.release)
+        tx = SqliteTransaction(self, threads, conn, state, isolation, release, kind)
         self._open_transactions.add(tx)
         return tx
 
@@ -1070,18 +1119,28 @@ class SqliteBackend(_Documents):
                     return
         conn.close()
 
-    async def _borrow_writer(self) -> threading.Event:
+    async def _borrow_writer(self, interactive: bool) -> threading.Event:
         """Wait (without holding a thread) until the writer is lent to the caller; set the
-        returned event to give it back."""
+        returned event to give it back. An interactive borrower is counted until it calls
+        ``_writer_returned``."""
         writer = self._writer
         if writer is None:
             raise Unavailable("the embedded store is not open", retry_after=1)
+        brief = self._interactive_writers > 0
         loan = writer.lend(time.monotonic() + self._acquire_timeout)
+        if interactive:
+            self._interactive_writers += 1
         try:
-            return await asyncio.wrap_future(loan)
-        except asyncio.CancelledError:
-            loan.add_done_callback(_give_back)  # a loan granted after we left goes back at once
+            return await (self._wait_briefly(loan) if brief else asyncio.wrap_future(loan))
+        except BaseException as exc:
+            if interactive:
+                self._interactive_writers -= 1
+            if isinstance(exc, asyncio.CancelledError):
+                loan.add_done_callback(_give_back)  # a loan granted after we left goes back
             raise
+
+    def _writer_returned(self) -> None:
+        self._interactive_writers -= 1
 
 
 class SqliteTransaction(_Documents):
@@ -1099,6 +1158,7 @@ class SqliteTransaction(_Documents):
         state: _ConnState,
         isolation: str,
         release_slot: Callable[[], None],
+        kind: TxKind = TxKind.SINGLE,
     ) -> None:
         super().__init__(backend.name, backend.limits, backend.ids, backend.audit)
         self.isolation = isolation
@@ -1112,6 +1172,8 @@ class SqliteTransaction(_Documents):
         self._loan: threading.Event | None = None  # set it to give the writer back
         self._release_slot: Callable[[], None] | None = release_slot
         self._tables: set[str] = set()
+        self._interactive = kind is TxKind.INTERACTIVE
+        self._counted = False  # among the backend's interactive writers
 
     def _check_usable(self) -> None:
         if self.closed:
@@ -1147,10 +1209,13 @@ class SqliteTransaction(_Documents):
     async def _write(self, collection: str | None, fn: Job[T]) -> T:
         self._check_usable()
         if self._loan is None:  # the first write: borrow the writer until the end
-            self._loan = await self._backend._borrow_writer()
+            self._loan = await self._backend._borrow_writer(self._interactive)
             if self.closed:  # ended while we waited
                 self._loan.set()
+                if self._interactive:
+                    self._backend._writer_returned()
                 self._check_usable()
+            self._counted = self._interactive
 
         def run() -> T:
             if collection is not None and collection not in self._tables:
@@ -1253,6 +1318,9 @@ class SqliteTransaction(_Documents):
         release, self._release_slot = self._release_slot, None
         if release is not None:
             release()
+        if self._counted:
+            self._counted = False
+            self._backend._writer_returned()
 
     def _rollback(self) -> None:
         try:

@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 
 from proxy import context
-from proxy.backends.base import Documents
+from proxy.backends.base import Documents, TxKind
 from proxy.batch import parse_batch, run_operations
 from proxy.cache import NearCache, RedisCache, TwoLevelCache
 from proxy.config import Config
@@ -619,7 +619,9 @@ async def transaction(request: web.Request) -> web.Response:
         payload = orjson.dumps({"committed": True, "results": results})
         return StoredReply(200, payload, {"Content-Type": JSON})
 
-    reply, replayed = await core.idempotent(key, fingerprint(request), produce, req.isolation)
+    reply, replayed = await core.idempotent(
+        key, fingerprint(request), produce, req.isolation, TxKind.BATCH
+    )
     response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
