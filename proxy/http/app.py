@@ -122,6 +122,7 @@ def _begin(request: web.Request, gate: Gatekeeper) -> tuple[Caller, ConcurrencyL
             gate.statement_timeout(caller),
             read_preference(headers.get("X-Read-Preference")),
             consistency_token(headers.get("X-Consistency-Token")),
+            time.monotonic(),
         )
     )
     context.write_token.set(None)
