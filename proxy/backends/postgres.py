@@ -510,6 +510,7 @@ class PostgresBackend(_Documents):
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -696,10 +697,24 @@ class PostgresBackend(_Documents):
             return rows
         finally:
             ep.state.outstanding -= 1
-            if lost:
-                conn.terminate()
             if ep.pool is not None:
-                await ep.pool.release(conn)
+                if lost:  # asyncpg sent a cancel: the release waits for its answer
+                    self._release_later(ep.pool, conn)
+                else:
+                    await ep.pool.release(conn)
+
+    def _release_later(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        """Give back a connection whose statement was cancelled without making the request
+        wait: asyncpg waits (at most the acquire timeout, then closes it) for the server to
+        acknowledge the cancel, which a server that does not answer never does."""
+        task = asyncio.ensure_future(pool.release(conn, timeout=self._acquire_timeout))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled():
+            task.exception()  # a connection that could not be reset was closed: fine
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write on the primary, creating the collection's table on first use; with

@@ -204,3 +204,130 @@ async def test_frozen_postgres_every_request_meets_its_deadline(
             f"{opened[0] - frozen_at:.2f} s, max {max(o.took for o in outcomes):.2f} s, "
             f"recovered {recovered:.2f} s after thaw"
         )
+
+
+# ---- item 10: the service's statement timeout, everywhere; a timeout is never retried ----
+
+CAP = 0.5  # the service's statement timeout (the global one stays 5 s)
+
+
+def _capped_policy(tmp_path: Path, rate: str = "") -> Path:
+    d = tmp_path / "policies"
+    d.mkdir(exist_ok=True)
+    (d / "slow.yaml").write_text(
+        "service: slow\n"
+        "grants:\n"
+        "  - collections: ['*']\n"
+        "    operations: [read, list, count, create, update, delete, transaction]\n"
+        f"limits:\n  statement_timeout_seconds: {CAP}\n{rate}"
+    )
+    return d
+
+
+async def _locked(dsn: str, table: str) -> asyncpg.Connection:
+    """A session holding ACCESS EXCLUSIVE on the table: every statement on it waits."""
+    conn = await asyncpg.connect(dsn)
+    tx = conn.transaction()
+    await tx.start()
+    await conn.execute(f'LOCK TABLE dbproxy."{table}" IN ACCESS EXCLUSIVE MODE')
+    return conn
+
+
+async def _waiters(dsn: str, table: str, stop: asyncio.Event, seen: set[tuple[int, Any]]) -> None:
+    """Every execution that waited on the lock: (backend pid, statement start); the EXPLAIN
+    that dbproxy runs in the background for a slow statement is not one."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        while not stop.is_set():
+            rows = await conn.fetch(
+                "SELECT pid, query_start FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE $1 AND query NOT LIKE 'EXPLAIN%'",
+                f'%."{table}"%',
+            )
+            seen.update((r[0], r[1]) for r in rows)
+            await asyncio.sleep(0.02)
+    finally:
+        await conn.close()
+
+
+async def _slow_service(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> tuple[Server, str, str]:
+    server = launch(
+        "--database", pg_dsn, "--policies", str(_capped_policy(tmp_path)), "--service", "slow"
+    )
+    name = coll()
+    async with aiohttp.ClientSession() as s:
+        st, _, _ = await call(s, "POST", f"{server.url}/api/db/{name}", json={"_id": "a"})
+        assert st == 201
+    return server, f"{server.url}/api/db", name
+
+
+async def test_service_timeout_cuts_a_slow_statement_in_a_batch(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> None:
+    _, url, name = await _slow_service(launch, pg_dsn, tmp_path)
+    holder = await _locked(pg_dsn, name)
+    try:
+        ops = [{"op": "get", "collection": name, "id": "a"}]
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            batch = asyncio.ensure_future(
+                call(s, "POST", f"{url}/transaction", json={"operations": ops})
+            )
+            done, _ = await asyncio.wait({batch}, timeout=3.0)  # the lock is held 3 s
+            await holder.close()
+            st, data, _ = await batch
+            took = time.monotonic() - started
+    finally:
+        await holder.close()
+    assert (st, code_of(data)) == (504, "statement_timeout"), (st, data)
+    assert done and took < CAP + 1.0, took
+
+
+async def test_service_timeout_cuts_a_slow_statement_in_an_interactive_transaction(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> None:
+    _, url, name = await _slow_service(launch, pg_dsn, tmp_path)
+    async with aiohttp.ClientSession() as s:
+        st, began, _ = await call(s, "POST", f"{url}/transaction", json={"action": "begin"})
+        assert st == 201
+        tx = {"X-Transaction-Id": began["transaction_id"]}
+        holder = await _locked(pg_dsn, name)
+        try:
+            started = time.monotonic()
+            read = asyncio.ensure_future(call(s, "GET", f"{url}/{name}/a", headers=tx))
+            done, _ = await asyncio.wait({read}, timeout=3.0)
+            await holder.close()
+            st, data, _ = await read
+            took = time.monotonic() - started
+        finally:
+            await holder.close()
+        assert (st, code_of(data)) == (504, "statement_timeout"), (st, data)
+        assert done and took < CAP + 1.0, took
+        # the statement aborted the transaction, which is over now
+        st, data, _ = await call(s, "GET", f"{url}/{name}/a", headers=tx)
+        assert st == 409 and code_of(data) == "transaction_closed", data
+
+
+async def test_a_timed_out_read_runs_exactly_once(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> None:
+    _, url, name = await _slow_service(launch, pg_dsn, tmp_path)
+    holder = await _locked(pg_dsn, name)
+    stop = asyncio.Event()
+    seen: set[tuple[int, Any]] = set()
+    watcher = asyncio.create_task(_waiters(pg_dsn, name, stop, seen))
+    try:
+        async with aiohttp.ClientSession() as s:
+            started = time.monotonic()
+            st, data, _ = await call(s, "GET", f"{url}/{name}", params={"limit": "5"})
+            took = time.monotonic() - started
+            await asyncio.sleep(1.5)  # time for a retry to show up, had there been one
+    finally:
+        stop.set()
+        await watcher
+        await holder.close()
+    assert (st, code_of(data)) == (504, "statement_timeout"), (st, data)
+    assert len(seen) == 1, seen  # PostgreSQL saw the statement once
+    assert took < CAP + 1.0, took
