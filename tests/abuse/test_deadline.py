@@ -331,3 +331,41 @@ async def test_a_timed_out_read_runs_exactly_once(
     assert (st, code_of(data)) == (504, "statement_timeout"), (st, data)
     assert len(seen) == 1, seen  # PostgreSQL saw the statement once
     assert took < CAP + 1.0, took
+
+
+# ---- item 11: a batch is charged once; a cost over the burst is a 400 that names it -------
+
+
+async def test_batches_are_charged_once_and_impossible_costs_say_so(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> None:
+    rate = "  rate: {per_second: 50, burst: 10}\n"
+    policies = _capped_policy(tmp_path, rate)
+    server = launch("--database", pg_dsn, "--policies", str(policies), "--service", "slow")
+    url = f"{server.url}/api/db"
+    name = coll()
+
+    def batch(n: int) -> dict[str, Any]:
+        return {"operations": [{"op": "create", "collection": name, "document": {}}] * n}
+
+    async with aiohttp.ClientSession() as s:
+        # 8 of a burst of 10: passes (it was charged 16 and refused with 429)
+        st, data, _ = await call(s, "POST", f"{url}/transaction", json=batch(8))
+        assert st == 200 and len(data["results"]) == 8, data
+        await asyncio.sleep(0.3)  # the bucket refills (50 a second)
+        st, data, _ = await call(
+            s, "POST", f"{url}/transaction", json=batch(8), headers={"Idempotency-Key": "k1"}
+        )
+        assert st == 200 and len(data["results"]) == 8, data
+        await asyncio.sleep(0.3)
+        # more than the burst can ever hold: 400 naming the limit, no Retry-After
+        for method, path, body in (
+            ("POST", f"{url}/transaction", batch(11)),
+            ("POST", f"{url}/{name}", [{}] * 11),
+        ):
+            st, data, headers = await call(s, method, path, json=body)
+            assert (st, code_of(data)) == (400, "cost_exceeds_limit"), data
+            assert data["error"]["details"] == {"limit": "rate", "burst": 10, "cost": 11}
+            assert "Retry-After" not in headers
+        st, data, _ = await call(s, "GET", f"{url}/{name}/count")
+        assert st == 200 and data["count"] == 16, data  # nothing of the refused ones
