@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,8 @@ async def test_frozen_postgres_every_request_meets_its_deadline(
         print(
             f"freeze: {len(during)} requests, breaker open after "
             f"{opened[0] - frozen_at:.2f} s, max {max(o.took for o in outcomes):.2f} s, "
-            f"recovered {recovered:.2f} s after thaw"
+            f"recovered {recovered:.2f} s after thaw; "
+            f"{Counter((o.status, o.code) for o in during).most_common()}"
         )
 
 
