@@ -33,6 +33,17 @@ OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "count": (frozenset(), frozenset({"filter"})),
 }
 ISOLATION = ("read_committed", "repeatable_read", "serializable")
+# the gatekeeper's operation each batch operation is charged as (and the rows of a query)
+GATE_OPERATIONS = {
+    "create": "create",
+    "get": "read",
+    "replace": "update",
+    "update": "update",
+    "patch": "update",
+    "delete": "delete",
+    "query": "list",
+    "count": "count",
+}
 FIND_FIELDS = ("filter", "sort", "limit", "skip", "fields", "next")
 
 
@@ -95,6 +106,19 @@ def _check_op(i: int, op: Any) -> None:
     extra = keys - required - optional
     if extra:
         raise bad(f"{name} does not take {', '.join(sorted(extra))}")
+
+
+def charges(ops: list[dict[str, Any]], default_limit: int) -> list[tuple[str, int]]:
+    """What each operation of a (parsed) batch is charged as: (operation, rows)."""
+    out = []
+    for op in ops:
+        rows = 0
+        if op["op"] == "query":
+            limit = op.get("limit")
+            ok = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
+            rows = int(limit) if ok else default_limit  # type: ignore[arg-type]
+        out.append((GATE_OPERATIONS[op["op"]], rows))
+    return out
 
 
 class _Results:

@@ -278,6 +278,12 @@ class CircuitBreaker:
         elif self._state is BreakerState.HALF_OPEN:
             self._transition(BreakerState.OPEN)
 
+    def trip(self) -> None:
+        """The endpoint is known not to answer (a liveness probe timed out): open now,
+        without waiting for requests to fail one by one. Ignored while already open."""
+        if self._state is not BreakerState.OPEN:
+            self._transition(BreakerState.OPEN)
+
     def release(self) -> None:
         """An admitted request ended without a verdict (e.g. cancelled): free its probe slot."""
         if self._state is BreakerState.HALF_OPEN and self._probes_in_flight > 0:

@@ -18,6 +18,9 @@ class RequestContext:
     statement_timeout: float | None = None  # a per-service cap below the global one
     read_preference: str | None = None  # X-Read-Preference: primary | secondary | nearest
     min_lsn: int | None = None  # X-Consistency-Token: read only what has replayed this far
+    # when the request began (time.monotonic()): its database work must end by this plus its
+    # statement timeout (None: no request deadline, each wait gets the whole timeout)
+    started: float | None = None
 
 
 ANONYMOUS = RequestContext()

@@ -13,7 +13,7 @@ import orjson
 
 from proxy import context, guard
 from proxy.backends.base import Backend, Documents, Transaction, TxKind, check_collection
-from proxy.batch import parse_batch, parse_isolation, run_operations
+from proxy.batch import charges, parse_batch, parse_isolation, run_operations
 from proxy.cache import Hit, TwoLevelCache
 from proxy.config import Config
 from proxy.errors import (
@@ -520,12 +520,18 @@ class Core:
     async def run_batch(self, body: Any, caller: Caller = OPEN) -> list[Any]:
         """All or nothing: every operation's result, or the first failure (rolled back)."""
         req = parse_batch(body, self.limits.max_transaction_operations)
-        await self.gate.admit(caller, "transaction", cost_units=len(req.operations))
+        caller = await self.admit_batch(req.operations, caller)
         return await self.transact(
             req.isolation,
             lambda tx: run_operations(self, req.operations, tx, caller),
             TxKind.BATCH,
         )
+
+    async def admit_batch(self, operations: list[dict[str, Any]], caller: Caller) -> Caller:
+        """Charge a batch's rate limits once; its operations then run with the returned
+        (prepaid) caller."""
+        rows = charges(operations, self.limits.default_limit)
+        return await self.gate.admit_batch(caller, rows)
 
     async def transact(
         self,

@@ -152,6 +152,12 @@ class Timeout(ProxyError):
     retryable = True
 
 
+class DatabaseTimeout(Timeout):
+    """The database did not answer within the request's deadline (nothing was written)."""
+
+    code = "database_timeout"
+
+
 class InternalError(ProxyError):
     status = 500
     code = "internal_error"

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from proxy.errors import Forbidden, LimitExceeded, RateLimited, Unauthorized, Unavailable
@@ -42,6 +43,7 @@ class Caller:
     service: str
     policy: ServicePolicy | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    prepaid: bool = False  # the rate limits were charged already (the operations of a batch)
 
 
 OPEN = Caller("anonymous")
@@ -445,27 +447,56 @@ class Gatekeeper:
         self, caller: Caller, operation: str, rows: int = 0, cost_units: int = 1
     ) -> None:
         """Charge the service's buckets (``cost_units`` items of the operation, e.g. a bulk
-        create); 429 with RateLimit headers when over."""
-        lim = self._limits.get(caller.service) if caller.policy else None
+        create); 429 with RateLimit headers when over; 400 ``cost_exceeds_limit`` when the
+        request costs more than a bucket holds (no wait would ever admit it)."""
+        lim = self._limits.get(caller.service) if caller.policy and not caller.prepaid else None
         if lim is None:
             return
         op_rate = lim.operations.get(operation)
+        units = float(cost_units)
+        cost = self.cost(caller, operation, rows) * cost_units if lim.rate is not None else 0.0
+        if lim.rate is not None and not lim.rate.fits(cost):
+            raise _too_costly("rate", lim.rate, cost)
+        if op_rate is not None and not op_rate.fits(units):
+            raise _too_costly(f"operations.{operation}", op_rate, units)
         if self.remote is None:  # decided here and now: no awaits on the hot path
             local = self.local
-            if lim.rate is not None:
-                cost = self.cost(caller, operation, rows) * cost_units
-                if not local.take(lim.key, lim.rate, cost):
-                    self._refuse(local.check(lim.key, lim.rate, cost))
+            if lim.rate is not None and not local.take(lim.key, lim.rate, cost):
+                self._refuse(local.check(lim.key, lim.rate, cost))
             if op_rate is not None:
                 key = lim.op_keys[operation]
-                if not local.take(key, op_rate, float(cost_units)):
-                    self._refuse(local.check(key, op_rate, float(cost_units)))
+                if not local.take(key, op_rate, units):
+                    self._refuse(local.check(key, op_rate, units))
             return
         if lim.rate is not None:
-            cost = self.cost(caller, operation, rows) * cost_units
             await self._charge(lim, lim.key, lim.rate, cost)
         if op_rate is not None:
-            await self._charge(lim, lim.op_keys[operation], op_rate, float(cost_units))
+            await self._charge(lim, lim.op_keys[operation], op_rate, units)
+
+    async def admit_batch(self, caller: Caller, operations: Sequence[tuple[str, int]]) -> Caller:
+        """Charge a batch once, before any work: the ``rate`` bucket takes the sum of what
+        each operation ((operation, rows) pairs) would cost alone, the ``transaction``
+        bucket one token per operation, and each operation's own bucket one per use.
+        Returns the caller to run the operations with: prepaid, so never charged again."""
+        lim = self._limits.get(caller.service) if caller.policy and not caller.prepaid else None
+        if lim is None:
+            return caller
+        charges: list[tuple[str, Rate, float, str]] = []
+        if lim.rate is not None:
+            cost = sum(self.cost(caller, op, rows) for op, rows in operations)
+            charges.append((lim.key, lim.rate, cost, "rate"))
+        counts = Counter(op for op, _ in operations)
+        counts["transaction"] = len(operations)
+        for op, n in counts.items():
+            rate = lim.operations.get(op)
+            if rate is not None:
+                charges.append((lim.op_keys[op], rate, float(n), f"operations.{op}"))
+        for _, rate, cost, where in charges:
+            if not rate.fits(cost):
+                raise _too_costly(where, rate, cost)
+        for key, rate, cost, _ in charges:
+            await self._charge(lim, key, rate, cost)
+        return replace(caller, prepaid=True)
 
     def _refuse(self, decision: Decision) -> None:
         if decision.allowed:  # cannot happen: a refused take changes no state
@@ -494,6 +525,15 @@ class Gatekeeper:
                     retry_after=1,
                 ) from None
             return self.local.check(key, rate, cost)  # fail open: still bounded locally
+
+
+def _too_costly(where: str, rate: Rate, cost: float) -> LimitExceeded:
+    return LimitExceeded(
+        f"this request costs {cost:g} tokens of the {where} limit, whose burst is "
+        f"{rate.burst}: it can never be admitted; send it in smaller parts",
+        code="cost_exceeds_limit",
+        details={"limit": where, "burst": rate.burst, "cost": cost},
+    )
 
 
 def check_row_limit(gate: Gatekeeper, caller: Caller, limit: int) -> None:

@@ -89,6 +89,11 @@ class Rate:
         """Time for an empty bucket to fill up: ``burst`` emission intervals."""
         return self.interval_us * self.burst
 
+    def fits(self, cost: float) -> bool:
+        """Can a request of ``cost`` tokens ever be admitted (does it fit in a full bucket)?
+        One that does not is refused by the GCRA step forever, whatever the wait."""
+        return self.increment_us(cost) <= self.window_us
+
     def increment_us(self, cost: float) -> int:
         """How far a request of ``cost`` tokens moves the TAT (rounded up: never undercharge)."""
         if cost == 1:

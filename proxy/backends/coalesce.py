@@ -10,6 +10,7 @@ coalescer sends at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -32,6 +33,10 @@ class Coalescer(Generic[K, V]):
         # idle coalescer adds no wait at all.
         self.max_in_flight = max_in_flight
         self._pending: dict[K, list[asyncio.Future[V | None]]] = {}
+        # the context of the pending batch's first caller: its batch runs in it (wherever
+        # the flush comes from), so a batch held back behind running ones still ends by
+        # that caller's deadline, not by a fresh one or by a finished batch's
+        self._pending_context: contextvars.Context | None = None
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.batches = 0  # fetch calls made
@@ -41,6 +46,8 @@ class Coalescer(Generic[K, V]):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[V | None] = loop.create_future()
         waiters = self._pending.get(key)
+        if not self._pending:
+            self._pending_context = contextvars.copy_context()
         if waiters is None:
             self._pending[key] = [fut]
         else:
@@ -60,8 +67,9 @@ class Coalescer(Generic[K, V]):
         if len(self._tasks) >= self.max_in_flight and len(self._pending) < self.max_batch:
             return  # a batch that finishes flushes these
         batch, self._pending = self._pending, {}
+        ctx, self._pending_context = self._pending_context, None
         self.batches += 1
-        task = asyncio.get_running_loop().create_task(self._run(batch))
+        task = asyncio.get_running_loop().create_task(self._run(batch), context=ctx)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

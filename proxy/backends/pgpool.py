@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.breaker import BreakerSettings, CircuitBreaker
+from proxy.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import PoolExhausted, ProxyError, Unavailable
 from proxy.routing import EndpointState, Role, Router, format_lsn, parse_lsn
@@ -75,6 +75,12 @@ class Endpoint:
         self.state = EndpointState(name, role, breaker)
         self.waiting = 0
         self.statements = 0  # statements run here (reads and writes), for /connections
+        self.last_answer = 0.0  # when the server last answered anything (monotonic)
+        self.probe: asyncpg.Connection | None = None  # the watchdog's own connection
+
+    def stalled(self, now: float, after: float) -> bool:
+        """Work is waiting on this server and it has answered nothing for ``after`` s."""
+        return (self.state.outstanding > 0 or self.waiting > 0) and now - self.last_answer > after
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -122,10 +128,22 @@ class EndpointSet:
         health_interval: float = 1.0,
         max_waiting: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        stall_seconds: float = 0.5,
+        probe_timeout: float = 1.0,
+        watch_interval: float = 0.25,
     ) -> None:
         self.config = config
         self.limits = limits
         self.health_interval = health_interval
+        # the watchdog: when work has waited on an endpoint for ``stall_seconds`` without
+        # any answer, a ``SELECT 1`` on a connection of its own must answer within
+        # ``probe_timeout``, else the breaker opens at once (a frozen server is found in
+        # about stall + interval + probe = 1.75 s, long before requests time out)
+        self.stall_seconds = stall_seconds
+        self.probe_timeout = probe_timeout
+        self.watch_interval = watch_interval
+        self._clock = clock
+        self._watchdog: asyncio.Task[None] | None = None
         ps = config.pool_settings
         self.max_waiting = max_waiting if max_waiting is not None else ps.max_connections * 50
         settings = breaker or BreakerSettings()
@@ -188,14 +206,62 @@ class EndpointSet:
             self._monitor = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.cancel()
-            await asyncio.gather(self._monitor, return_exceptions=True)
-            self._monitor = None
+        for task in (self._monitor, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._monitor = self._watchdog = None
         for ep in self.endpoints:
+            if ep.probe is not None:
+                ep.probe.terminate()
+                ep.probe = None
             if ep.pool is not None:
                 await ep.pool.close()
                 ep.pool = None
+
+    # -- the watchdog: a server that stopped answering --------------------------------
+
+    def start_watchdog(self) -> None:
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch_stalls())
+
+    async def _watch_stalls(self) -> None:
+        while True:
+            await asyncio.sleep(self.watch_interval)
+            now = self._clock()
+            stalled = [
+                ep
+                for ep in self.endpoints
+                if ep.pool is not None and ep.stalled(now, self.stall_seconds)
+            ]
+            if stalled:
+                try:
+                    await asyncio.gather(*(self.probe(ep) for ep in stalled))
+                except Exception:
+                    log.exception("endpoint watchdog failed")
+
+    async def probe(self, ep: Endpoint) -> bool:
+        """Does the server answer a ``SELECT 1`` in time? If not, its breaker opens now."""
+        try:
+            async with asyncio.timeout(self.probe_timeout):
+                if ep.probe is None or ep.probe.is_closed():
+                    ep.probe = await asyncpg.connect(
+                        ep.dsn, server_settings={"application_name": "dbproxy-probe"}
+                    )
+                await ep.probe.fetchval("SELECT 1")
+        except (TimeoutError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError):
+            if ep.probe is not None:
+                ep.probe.terminate()
+                ep.probe = None
+            if ep.breaker.state is not BreakerState.OPEN:
+                log.warning("endpoint %s does not answer; opening its breaker", ep.name)
+            ep.state.last_error = "unresponsive"
+            ep.breaker.trip()
+            return False
+        except asyncpg.PostgresError:  # it answered (full, starting up...): alive
+            pass
+        ep.last_answer = self._clock()
+        return True
 
     # -- choosing and using an endpoint ---------------------------------------------------
 
@@ -226,7 +292,7 @@ class EndpointSet:
         could_connect = pool.get_idle_size() > 0 or pool.get_size() < pool.get_max_size()
         ep.waiting += 1
         try:
-            conn: asyncpg.Connection = await pool.acquire(timeout=wait)
+            conn: asyncpg.Connection = await pool.acquire(timeout=max(wait, 0.001))
             return conn
         except TimeoutError as exc:
             if could_connect:
@@ -235,6 +301,12 @@ class EndpointSet:
                     "the database did not accept a connection in time", retry_after=1
                 ) from None
             ep.breaker.release()
+            if ep.breaker.state is not BreakerState.CLOSED or ep.stalled(
+                self._clock(), self.stall_seconds
+            ):  # the connections are stuck on a server that does not answer
+                raise Unavailable(
+                    "the database is not answering", retry_after=max(1.0, ep.breaker.retry_after())
+                ) from None
             raise PoolExhausted(
                 "no database connection became free in time", retry_after=1
             ) from None
@@ -248,6 +320,7 @@ class EndpointSet:
         """Feed one outcome to the endpoint's breaker (only sickness counts as failure)."""
         if exc is None or (isinstance(exc, ProxyError) and exc.status < 500):
             ep.breaker.record_success()
+            ep.last_answer = self._clock()
             if ms is not None:
                 self.router.record_latency(ep.state, ms)
         elif isinstance(exc, BREAKER_ERRORS) or _server_trouble(exc):
@@ -255,6 +328,7 @@ class EndpointSet:
             ep.state.last_error = type(exc).__name__
         else:
             ep.breaker.record_success()  # the server answered: it is alive
+            ep.last_answer = self._clock()
 
     # -- replication lag ----------------------------------------------------------------
 

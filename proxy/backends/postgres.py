@@ -30,6 +30,7 @@ from proxy.errors import (
     BadRequest,
     CommitOutcomeUnknown,
     Conflict,
+    DatabaseTimeout,
     DuplicateId,
     InternalError,
     InvalidQuery,
@@ -79,6 +80,10 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.CrashShutdownError,
 )
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
+# how long past a request's deadline the client still waits for the server: long enough for
+# PostgreSQL's own statement_timeout (same length, counted from the statement's start) to
+# cancel the statement first when the server is alive, so a frozen server costs only this
+GRACE_SECONDS = 0.5
 # an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _Insert = tuple[str, str, str, str]  # _id, document JSON, service, request id
@@ -98,12 +103,31 @@ CREATE INDEX IF NOT EXISTS _audit_at ON {schema}._audit (at);
 """
 
 
+def budget(limits: Limits) -> tuple[float, bool]:
+    """Seconds left for the current request's database work (its deadline is its start plus
+    its statement timeout), and whether that timeout is the global one, so running out of
+    it means the server did not answer (False: a per-service cap below it ran out)."""
+    ctx = context.current.get()
+    cap = ctx.statement_timeout
+    hard = cap is None or cap >= limits.statement_timeout_seconds
+    limit = limits.statement_timeout_seconds if hard or cap is None else cap
+    if ctx.started is None:
+        return limit, hard
+    return ctx.started + limit - time.monotonic(), hard
+
+
+def _no_answer() -> DatabaseTimeout:
+    return DatabaseTimeout("the database did not answer within the request's deadline")
+
+
 def translate(exc: BaseException) -> ProxyError:
     """Map a driver exception to a client-facing error (retryable or not)."""
     if isinstance(exc, ProxyError):
         return exc
-    if isinstance(exc, asyncpg.exceptions.QueryCanceledError | asyncio.TimeoutError):
+    if isinstance(exc, asyncpg.exceptions.QueryCanceledError):
         return Timeout("the statement took longer than the configured timeout")
+    if isinstance(exc, asyncio.TimeoutError):  # the client gave up: the server never answered
+        return _no_answer()
     if isinstance(
         exc, asyncpg.exceptions.SerializationError | asyncpg.exceptions.DeadlockDetectedError
     ):
@@ -207,12 +231,18 @@ class _Documents:
             self._table_names[collection] = table
         return table
 
+    def _wait(self) -> float:
+        """How long the next wait on the database may last (the deadline plus the grace)."""
+        left, _ = budget(self.limits)
+        return left + GRACE_SECONDS
+
     async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
         if collection in self._known_tables:
             return
         table = self._table(collection)
         index = "gin_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
-        async with conn.transaction():
+        # bounded as a whole: a frozen server must not hold the request (nor the ROLLBACK)
+        async with asyncio.timeout(max(self._wait(), 0.001)), conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
             )
@@ -481,6 +511,7 @@ class PostgresBackend(_Documents):
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
+        self._releasing: set[asyncio.Future[None]] = set()
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -511,6 +542,7 @@ class PostgresBackend(_Documents):
             self._last_error = err.code
             self._reconnect_task = asyncio.create_task(self._reconnect())
         await self.endpoints.start_replicas()
+        self.endpoints.start_watchdog()
 
     async def _open(self) -> None:
         ps = self.config.pool_settings
@@ -558,7 +590,7 @@ class PostgresBackend(_Documents):
         if self.pool is None:
             return {"status": "down", "error": self._last_error or "not_connected"}
         try:
-            async with self._conn() as conn:
+            async with self._conn(wait=2.0) as conn:
                 await conn.fetchval("SELECT 1", timeout=2.0)
         except Exception as exc:
             err = translate(exc)
@@ -582,13 +614,17 @@ class PostgresBackend(_Documents):
         return out
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        """A primary connection for housekeeping and monitoring queries."""
+    async def _conn(self, wait: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A primary connection for housekeeping and monitoring queries (and DDL). One
+        that timed out is closed, not returned: waiting for the server to acknowledge the
+        cancel would hang on a server that does not answer."""
         pool = self.pool
         if pool is None:
             raise Unavailable("the database pool is not open", retry_after=1)
         try:
-            conn = await pool.acquire(timeout=self._acquire_timeout)
+            conn = await pool.acquire(
+                timeout=max(wait, 0.001) if wait is not None else self._acquire_timeout
+            )
         except TimeoutError:
             raise PoolExhausted(
                 "no database connection became free in time", retry_after=1
@@ -597,30 +633,62 @@ class PostgresBackend(_Documents):
             raise translate(exc) from None
         try:
             yield conn
+        except (TimeoutError, asyncio.CancelledError):
+            conn.terminate()
+            raise
         finally:
             await pool.release(conn)  # asyncpg shields the release from cancellation
 
     def _timeout(self) -> tuple[float, bool]:
-        """This statement's client-side timeout, and whether running into it means the
-        server is unresponsive (a per-service cap below the global one is the client's)."""
-        cap = context.current.get().statement_timeout
-        if cap is not None and cap < self.limits.statement_timeout_seconds:
-            return cap, False
-        return self._command_timeout, True
+        """This statement's client-side timeout (what is left of the request's deadline;
+        with the grace when it is the global timeout, so the server's own cancel comes
+        first), and whether running into it means the server is unresponsive (a
+        per-service cap below the global one is the client's own)."""
+        left, hard = budget(self.limits)
+        return (left + GRACE_SECONDS if hard else left), hard
 
-    async def _run_on(self, ep: Endpoint, sql: str, args: tuple[Any, ...]) -> list[asyncpg.Record]:
-        """One statement on one endpoint, its outcome fed to the endpoint's breaker."""
+    @staticmethod
+    def _timed_out(hard: bool, sent: bool, write: bool) -> ProxyError:
+        if write and sent:  # an autocommit statement is its own COMMIT
+            return CommitOutcomeUnknown(
+                "the database did not answer in time; the write may or may not have been applied"
+            )
+        if hard:
+            return _no_answer()
+        return Timeout("the statement took longer than the service's statement timeout")
+
+    async def _run_on(
+        self, ep: Endpoint, sql: str, args: tuple[Any, ...], write: bool = False
+    ) -> list[asyncpg.Record]:
+        """One statement on one endpoint, its outcome fed to the endpoint's breaker; every
+        wait ends by the request's deadline. A timed-out statement is never retried here
+        and its connection is closed (its state is unknown)."""
         eps = self.endpoints
-        conn = await eps.acquire(ep, self._acquire_timeout)
+        timeout, hard = self._timeout()
+        if timeout <= 0:
+            ep.breaker.release()
+            raise self._timed_out(hard, False, write)
+        conn = await eps.acquire(ep, min(self._acquire_timeout, timeout))
         timeout, hard = self._timeout()
         context.last_statement.set((sql, args))
         ep.statements += 1
         ep.state.outstanding += 1
         started = time.perf_counter()
+        lost = False
         try:
+            if timeout <= 0:
+                eps.record(ep, None)
+                raise self._timed_out(hard, False, write)
             rows: list[asyncpg.Record] = await conn.fetch(sql, *args, timeout=timeout)
         except TimeoutError as exc:
+            lost = True
             eps.record(ep, exc if hard else None)
+            raise self._timed_out(hard, True, write) from None
+        except asyncio.CancelledError:
+            lost = True
+            ep.breaker.release()
+            raise
+        except ProxyError:
             raise
         except BaseException as exc:
             eps.record(ep, exc)
@@ -631,23 +699,39 @@ class PostgresBackend(_Documents):
         finally:
             ep.state.outstanding -= 1
             if ep.pool is not None:
-                await ep.pool.release(conn)
+                if lost:  # asyncpg sent a cancel: the release waits for its answer
+                    self._release_later(ep.pool, conn)
+                else:
+                    await ep.pool.release(conn)
+
+    def _release_later(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+        """Give back a connection whose statement was cancelled without making the request
+        wait: asyncpg waits (at most the acquire timeout, then closes it) for the server to
+        acknowledge the cancel, which a server that does not answer never does."""
+        task = asyncio.ensure_future(pool.release(conn, timeout=self._acquire_timeout))
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Future[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled():
+            task.exception()  # a connection that could not be reset was closed: fine
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write on the primary, creating the collection's table on first use; with
         replicas, note the WAL position for the response's consistency token."""
         try:
             if collection not in self._known_tables:
-                async with self._conn() as conn:
+                async with self._conn(self._wait()) as conn:
                     await self._ensure_table(conn, collection)
             ep = self.endpoints.choose("write", None, None)
             try:
-                rows = await self._run_on(ep, sql, args)
+                rows = await self._run_on(ep, sql, args, write=True)
             except asyncpg.exceptions.UndefinedTableError:
                 self._known_tables.discard(collection)  # dropped behind our back
-                async with self._conn() as conn:
+                async with self._conn(self._wait()) as conn:
                     await self._ensure_table(conn, collection)
-                rows = await self._run_on(ep, sql, args)
+                rows = await self._run_on(ep, sql, args, write=True)
             if self.endpoints.replicas:
                 await self._note_write_position()
             return rows
@@ -655,8 +739,10 @@ class PostgresBackend(_Documents):
             raise translate(exc) from None
 
     async def _note_write_position(self) -> None:
-        async with self._conn() as conn:
-            lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        async with self._conn(self._wait()) as conn:
+            lsn = await conn.fetchval(
+                "SELECT pg_current_wal_lsn()::text", timeout=max(self._wait(), 0.001)
+            )
         context.write_token.set(lsn)
 
     async def _read(
@@ -672,6 +758,8 @@ class PostgresBackend(_Documents):
                     return await self._run_on(ep, sql, args)
                 except asyncpg.exceptions.UndefinedTableError:
                     return None
+                except TimeoutError:  # an OSError, but never retried: it may run again
+                    raise
                 except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError):
                     if attempt == 1:
                         raise
@@ -886,14 +974,18 @@ class PostgresBackend(_Documents):
                 f"isolation must be one of {', '.join(ISOLATION_LEVELS)}", code="invalid_isolation"
             )
         ep = self.endpoints.choose("transaction", None, None)
+        wait = self._wait()
+        if wait <= 0:
+            ep.breaker.release()
+            raise _no_answer()
         share = self.transaction_share
         try:
-            shared = await share.take(kind, self._acquire_timeout)
+            shared = await share.take(kind, min(self._acquire_timeout, wait))
         except BaseException:
             ep.breaker.release()
             raise
         try:
-            conn = await self.endpoints.acquire(ep, self._acquire_timeout)
+            conn = await self.endpoints.acquire(ep, min(self._acquire_timeout, self._wait()))
         except BaseException as exc:
             if shared:
                 share.give()
@@ -904,17 +996,28 @@ class PostgresBackend(_Documents):
         assert pool is not None
         self.endpoints.record(ep, None)
         give = share.give if shared else None
+        cap = context.current.get().statement_timeout
         try:
             tx = conn.transaction(isolation=isolation)
-            await tx.start()
+            async with asyncio.timeout(max(self._wait(), 0.001)):
+                await tx.start()
+                if cap is not None and cap < self.limits.statement_timeout_seconds:
+                    # the service's own statement timeout, enforced by the server for
+                    # every statement of this transaction (batch or interactive)
+                    await conn.execute(
+                        "SELECT set_config('statement_timeout', $1, true)",
+                        str(max(1, int(cap * 1000))),
+                    )
         except BaseException as exc:
+            if isinstance(exc, TimeoutError | asyncio.CancelledError):
+                conn.terminate()
             await pool.release(conn)
             if give is not None:
                 give()
             if isinstance(exc, Exception):
                 raise translate(exc) from None
             raise
-        return PostgresTransaction(self, pool, conn, tx, isolation, give)
+        return PostgresTransaction(self, pool, conn, tx, isolation, give, ep)
 
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
@@ -935,6 +1038,7 @@ class PostgresTransaction(_Documents):
         tx: Any,
         isolation: str,
         give_share: Callable[[], None] | None = None,
+        ep: Endpoint | None = None,
     ) -> None:
         super().__init__(
             backend.name,
@@ -949,6 +1053,7 @@ class PostgresTransaction(_Documents):
         self._pool = pool
         self._conn = conn
         self._tx = tx
+        self._ep = ep
         self.isolation = isolation
         self.failed: ProxyError | None = None
         self.closed = False
@@ -968,7 +1073,13 @@ class PostgresTransaction(_Documents):
 
     def _fail(self, exc: BaseException) -> ProxyError:
         err = translate(exc)
-        if isinstance(exc, _CONNECTION_ERRORS):
+        if isinstance(exc, TimeoutError):  # no answer: the connection's state is unknown
+            self._conn.terminate()  # the server rolls the transaction back on its own
+            err = DatabaseTimeout(
+                "the database did not answer within the request's deadline; the "
+                "transaction was rolled back"
+            )
+        elif isinstance(exc, _CONNECTION_ERRORS):
             err = Conflict(
                 "the transaction's database connection was lost; it was rolled back",
                 code="transaction_aborted",
@@ -976,15 +1087,30 @@ class PostgresTransaction(_Documents):
         self.failed = err
         return err
 
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        """One statement on the pinned connection, ending by the request's deadline (the
+        service's statement timeout is the server's, set at begin)."""
+        timeout = self._wait()
+        if timeout <= 0:
+            raise TimeoutError
+        ep = self._ep
+        if ep is None:
+            rows: list[asyncpg.Record] = await self._conn.fetch(sql, *args, timeout=timeout)
+            return rows
+        ep.state.outstanding += 1  # seen by the watchdog: a frozen server is found
+        try:
+            rows = await self._conn.fetch(sql, *args, timeout=timeout)
+        finally:
+            ep.state.outstanding -= 1
+        ep.last_answer = time.monotonic()
+        return rows
+
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._check_usable()
         self.wrote = True
         try:
             await self._ensure_table(self._conn, collection)
-            rows: list[asyncpg.Record] = await self._conn.fetch(
-                sql, *args, timeout=self._command_timeout
-            )
-            return rows
+            return await self._fetch(sql, *args)
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -992,16 +1118,13 @@ class PostgresTransaction(_Documents):
         self._check_usable()
         try:
             if collection not in self._known_tables:
-                exists = await self._conn.fetchval(
+                found = await self._fetch(
                     "SELECT to_regclass($1) IS NOT NULL", self._table(collection)
                 )
-                if not exists:
+                if not found[0][0]:
                     return None
                 self._known_tables.add(collection)
-            rows: list[asyncpg.Record] = await self._conn.fetch(
-                sql, *args, timeout=self._command_timeout
-            )
-            return rows
+            return await self._fetch(sql, *args)
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -1047,10 +1170,7 @@ class PostgresTransaction(_Documents):
     async def _run(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._check_usable()
         try:
-            rows: list[asyncpg.Record] = await self._conn.fetch(
-                sql, *args, timeout=self._command_timeout
-            )
-            return rows
+            return await self._fetch(sql, *args)
         except Exception as exc:
             raise self._fail(exc) from None
 
@@ -1075,7 +1195,14 @@ class PostgresTransaction(_Documents):
 
     async def _commit_and_release(self) -> None:
         try:
-            await self._tx.commit()
+            async with asyncio.timeout(max(self._wait(), GRACE_SECONDS)):
+                await self._tx.commit()
+        except TimeoutError:  # COMMIT was sent and never answered
+            self._conn.terminate()
+            raise CommitOutcomeUnknown(
+                "the database did not answer the COMMIT in time; the transaction may or may "
+                "not have been applied"
+            ) from None
         except _CONNECTION_ERRORS:
             raise CommitOutcomeUnknown(
                 "the connection was lost while committing; the transaction may or may not "
@@ -1113,7 +1240,8 @@ class PostgresTransaction(_Documents):
     async def _rollback_quietly(self) -> None:
         try:
             if not self._conn.is_closed() and self._conn.is_in_transaction():
-                await self._tx.rollback()
+                async with asyncio.timeout(GRACE_SECONDS):  # else the server rolls back
+                    await self._tx.rollback()
         except Exception:  # the connection is gone: the server rolls back on its own
             with contextlib.suppress(Exception):
                 self._conn.terminate()

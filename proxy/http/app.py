@@ -122,6 +122,7 @@ def _begin(request: web.Request, gate: Gatekeeper) -> tuple[Caller, ConcurrencyL
             gate.statement_timeout(caller),
             read_preference(headers.get("X-Read-Preference")),
             consistency_token(headers.get("X-Consistency-Token")),
+            time.monotonic(),
         )
     )
     context.write_token.set(None)
@@ -611,8 +612,7 @@ async def transaction(request: web.Request) -> web.Response:
         return json_response({"committed": True, "results": results})
     req = parse_batch(body, core.limits.max_transaction_operations)
 
-    caller = caller_of(request)
-    await core.gate.admit(caller, "transaction", cost_units=len(req.operations))
+    caller = await core.admit_batch(req.operations, caller_of(request))
 
     async def produce(tx: Documents) -> StoredReply:
         results = await run_operations(core, req.operations, tx, caller)
