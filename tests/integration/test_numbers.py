@@ -33,7 +33,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 @pytest.fixture(params=KINDS)
 async def core(request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path) -> AsyncIterator[Core]:
     async with open_core(request.param, pg_dsn, Limits(), str(tmp_path)) as c:
-        c.pg_dsn = pg_dsn  # type: ignore[attr-defined]  # for store_raw
         yield c
 
 
@@ -60,11 +59,11 @@ async def refused(coro: Any) -> BadRequest:
     return info.value
 
 
-async def store_raw(core: Core, collection: str, doc_id: str, text: str) -> None:
+async def store_raw(core: Core, pg_dsn: str, collection: str, doc_id: str, text: str) -> None:
     """Put a document's JSON text into the store directly, around dbproxy (older data)."""
     backend = core.backend()
     if isinstance(backend, PostgresBackend):
-        conn = await asyncpg.connect(core.pg_dsn)  # type: ignore[attr-defined]
+        conn = await asyncpg.connect(pg_dsn)
         try:
             await conn.execute(
                 f'UPDATE "{backend.schema}"."{collection}" SET doc = $1::jsonb WHERE _id = $2',
@@ -173,10 +172,10 @@ LEGACY = (
 )
 
 
-async def test_stored_out_of_range_numbers_stay_readable(core: Core) -> None:
+async def test_stored_out_of_range_numbers_stay_readable(core: Core, pg_dsn: str) -> None:
     await core.create("profile_x", {"_id": "L", "user_id": "u"})
     await core.create("profile_x", {"_id": "N", "user_id": "n", "settings": {"inf": 1, "ok": 6}})
-    await store_raw(core, "profile_x", "L", LEGACY)
+    await store_raw(core, pg_dsn, "profile_x", "L", LEGACY)
     raw = (await core.get("profile_x", "L")).body  # the stored JSON text, untouched
     stored = loose(raw)["settings"]
     assert stored["inf"] == math.inf and stored["neg"] == -math.inf and stored["u64"] == 2**63
@@ -238,9 +237,11 @@ async def test_stored_out_of_range_numbers_stay_readable(core: Core) -> None:
     assert (await core.get("profile_x", "L")).version == 2
 
 
-async def test_batches_read_stored_out_of_range_numbers_and_cannot_copy_them(core: Core) -> None:
+async def test_batches_read_stored_out_of_range_numbers_and_cannot_copy_them(
+    core: Core, pg_dsn: str
+) -> None:
     await core.create("c", {"_id": "L", "v": 1})
-    await store_raw(core, "c", "L", '{"_id": "L", "_version": 1, "v": 1e999, "w": 7}')
+    await store_raw(core, pg_dsn, "c", "L", '{"_id": "L", "_version": 1, "v": 1e999, "w": 7}')
     results = await core.run_batch(
         {
             "operations": [
