@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from proxy import numbers
 from proxy.backends.base import Documents
 from proxy.errors import BadRequest, LimitExceeded, ProxyError
 from proxy.guard import OPEN, Caller
@@ -150,7 +151,7 @@ class _Results:
             raise BadRequest(
                 f"operation {at}: operation {index} returned no document", code="invalid_reference"
             )
-        doc = self._parsed.setdefault(index, orjson.loads(raw))
+        doc = self._parsed.setdefault(index, numbers.loads_stored(raw))
         assert path is not None
         for seg in path.split("."):
             if not isinstance(doc, dict) or seg not in doc:

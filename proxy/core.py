@@ -9,9 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-import orjson
-
-from proxy import context, guard
+from proxy import context, guard, numbers
 from proxy.backends.base import Backend, Documents, Transaction, TxKind, check_collection
 from proxy.batch import charges, parse_batch, parse_isolation, run_operations
 from proxy.cache import Hit, TwoLevelCache
@@ -262,7 +260,7 @@ class Core:
         if fields:
             paths = parse_fields(fields, self.limits)
             assert paths is not None
-            body = orjson.dumps(project(orjson.loads(found.body), paths))
+            body = numbers.dumps_stored(project(numbers.loads_stored(found.body), paths))
             return WriteResult(body, found.version)
         return found
 
@@ -304,15 +302,16 @@ class Core:
             page = await docs.find(collection, FindSpec(filter=And((by_id, rows)), limit=1))
             found = WriteResult(page.items[0], 0) if page.items else None
             if found is not None:
-                found = WriteResult(found.body, int(orjson.loads(found.body)["_version"]))
+                version = numbers.loads_stored(found.body)["_version"]
+                found = WriteResult(found.body, int(version))
         if found is None:
             raise NotFound("no document with this _id", details={"_id": doc_id})
         if not paths and guard.readable_rule(caller, collection) is None:
             return found  # nothing to hide: send the stored JSON text as it is
-        doc = guard.visible(caller, collection, orjson.loads(found.body))
+        doc = guard.visible(caller, collection, numbers.loads_stored(found.body))
         if paths:
             doc = project(doc, paths)
-        return WriteResult(orjson.dumps(doc), found.version)
+        return WriteResult(numbers.dumps_stored(doc), found.version)
 
     def find_spec(self, raw: Mapping[str, Any], *, from_url: bool) -> FindSpec:
         return build_find_spec(raw, self.limits, from_url=from_url)
@@ -342,8 +341,8 @@ class Core:
         fields = spec.fields
         items = []
         for raw in page.items:
-            doc = guard.visible(caller, collection, orjson.loads(raw))
-            items.append(orjson.dumps(project(doc, fields) if fields else doc))
+            doc = guard.visible(caller, collection, numbers.loads_stored(raw))
+            items.append(numbers.dumps_stored(project(doc, fields) if fields else doc))
         return Page(items, page.next)
 
     async def count(
@@ -471,8 +470,8 @@ class Core:
     def _visible(self, caller: Caller, collection: str, result: WriteResult) -> WriteResult:
         if guard.readable_rule(caller, collection) is None:
             return result
-        doc = guard.visible(caller, collection, orjson.loads(result.body))
-        return WriteResult(orjson.dumps(doc), result.version, result.created)
+        doc = guard.visible(caller, collection, numbers.loads_stored(result.body))
+        return WriteResult(numbers.dumps_stored(doc), result.version, result.created)
 
     def _check_write(
         self, collection: str, doc_id: str, operation: str, caller: Caller, target: Documents | None

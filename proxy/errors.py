@@ -75,6 +75,13 @@ class LimitExceeded(BadRequest):
     code = "limit_exceeded"
 
 
+class NumberOutOfRange(BadRequest):
+    """A number dbproxy cannot store unchanged: an integer outside signed 64 bits, a number
+    beyond double range, or an update whose result would be one."""
+
+    code = "number_out_of_range"
+
+
 class UnsupportedByBackend(BadRequest):
     code = "unsupported_by_backend"
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 
+from proxy import numbers
 from proxy.config import Limits
 from proxy.errors import BadRequest, InvalidJson, LimitExceeded
 from proxy.query.ast import MATCH_ALL, Filter, Path, SortKey, Update
@@ -112,11 +113,15 @@ def parse_json_text(text: str | bytes, limits: Limits, what: str) -> Any:
     try:
         value = orjson.loads(text)
     except orjson.JSONDecodeError:
+        out_of_range = numbers.decode_failure(text)
+        if out_of_range is not None:
+            raise out_of_range from None
         raise InvalidJson(f"{what} is not valid JSON") from None
     if not json_depth_ok(value, limits.max_json_depth):
         raise LimitExceeded(
             f"{what} is nested deeper than {limits.max_json_depth} levels", code="too_deep"
         )
+    numbers.check_request_text(text)  # orjson reads an integer past 64 bits as a float
     return value
 
 

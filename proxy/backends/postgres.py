@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from proxy import context
+from proxy import context, numbers
 from proxy.backends.base import TransactionShare, TxKind, check_collection
 from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.pgpool import Endpoint, EndpointSet
@@ -36,6 +36,7 @@ from proxy.errors import (
     InvalidQuery,
     LimitExceeded,
     NotFound,
+    NumberOutOfRange,
     PoolExhausted,
     PreconditionFailed,
     ProxyError,
@@ -145,8 +146,25 @@ def translate(exc: BaseException) -> ProxyError:
     return InternalError("unexpected error while talking to the database")
 
 
+def _dumps(value: dict[str, Any]) -> bytes:
+    """A document or patch as JSON text for jsonb; numbers outside the range are refused."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        out_of_range = numbers.encode_failure(value)
+        if out_of_range is not None:
+            raise out_of_range from None
+        raise InvalidQuery(
+            "the document has a value JSON cannot carry", code="invalid_value"
+        ) from None
+    numbers.check_dumped(value, text)
+    return text
+
+
 def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
     state = getattr(exc, "sqlstate", "") or ""
+    if state == "DP002":  # raised by dbproxy_number inside the update statement
+        return NumberOutOfRange(getattr(exc, "message", "") or "a number is out of range")
     if state == "DP001":
         return InvalidQuery(
             f"the update does not fit the stored document: {getattr(exc, 'message', '')}",
@@ -265,12 +283,7 @@ class _Documents:
         if doc_id is None:
             doc_id = self.ids.new()
         body = {"_id": doc_id, **doc, "_version": 1}
-        try:
-            text = orjson.dumps(body)
-        except orjson.JSONEncodeError:
-            raise InvalidQuery(
-                "the document has a value JSON cannot carry", code="invalid_value"
-            ) from None
+        text = _dumps(body)
         if b"\\u0000" in text and _NUL_ESCAPE.search(text):  # jsonb refuses NUL: say so now
             raise InvalidQuery("strings may not contain the NUL character", code="invalid_value")
         return doc_id, text
@@ -390,12 +403,12 @@ class _Documents:
 
     def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
         if isinstance(change, Replace):
-            ph = params.add(orjson.dumps(change.doc).decode(), "jsonb")
+            ph = params.add(_dumps(change.doc).decode(), "jsonb")
             return ph
         if isinstance(change, Modify):
             return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
         assert isinstance(change, MergePatch)
-        ph = params.add(orjson.dumps(change.patch).decode(), "jsonb")
+        ph = params.add(_dumps(change.patch).decode(), "jsonb")
         return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
 
     async def _explain_miss(

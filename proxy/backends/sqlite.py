@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from proxy import context
+from proxy import context, numbers
 from proxy.backends.base import TransactionShare, TxKind, check_collection
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
@@ -88,7 +88,6 @@ from proxy.ops import (
     StoredReply,
     WriteResult,
 )
-from proxy.query import cursor as cursors
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
 from proxy.query.sqlite import (
@@ -97,8 +96,8 @@ from proxy.query.sqlite import (
     Params,
     UpdateCompiler,
     after_cursor,
-    cursor_tag,
     decode_cursor,
+    encode_cursor,
     sort_exprs,
 )
 
@@ -585,9 +584,13 @@ class _Documents:
         try:
             body = orjson.dumps(value)
         except orjson.JSONEncodeError:
+            out_of_range = numbers.encode_failure(value)
+            if out_of_range is not None:
+                raise out_of_range from None
             raise InvalidQuery(
                 "the document has a value JSON cannot carry", code="invalid_value"
             ) from None
+        numbers.check_dumped(value, body)  # orjson writes inf as null, accepts 2**63..2**64
         if b"\\u0000" in body:
             dialect.json_text(value)  # refuses a real NUL (PostgreSQL's jsonb cannot hold it)
         return body
@@ -722,11 +725,11 @@ class _Documents:
     @staticmethod
     def _new_doc_sql(change: Change, params: Params, names: Names, doc_id: str, base: str) -> str:
         if isinstance(change, Replace):
-            return params.add(dialect.json_text({"_id": doc_id, **change.doc}))
+            return params.add(_Documents._dump({"_id": doc_id, **change.doc}).decode())
         if isinstance(change, Modify):
             return UpdateCompiler(params, names).document_expr(change.update, base)
         assert isinstance(change, MergePatch)
-        return f"json_patch({base}, {params.add(dialect.json_text(change.patch))})"
+        return f"json_patch({base}, {params.add(_Documents._dump(change.patch).decode())})"
 
     @staticmethod
     def _explain_miss(
@@ -805,7 +808,7 @@ class _Documents:
         nxt = None
         if more:
             last = rows[-1]
-            nxt = cursors.encode(cursor_tag(spec.sort), [last[i + 1] for i in range(len(exprs))])
+            nxt = encode_cursor(spec.sort, [last[i + 1] for i in range(len(exprs))])
         return Page([r[0] for r in rows], nxt)
 
     async def count(self, collection: str, flt: Filter) -> int:

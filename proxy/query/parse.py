@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy import numbers
 from proxy.config import Limits
 from proxy.errors import ForbiddenOperator, InvalidQuery, LimitExceeded
 from proxy.query.ast import (
@@ -180,6 +181,8 @@ def _check_literal(value: Any, limits: Limits, where: str) -> None:
     elif isinstance(value, list):
         for v in value:
             _check_literal(v, limits, where)
+    else:
+        numbers.check_number(value)
 
 
 def _parse_operators(
@@ -247,6 +250,7 @@ def _parse_cmp(op: str, arg: Any, at: str) -> Pred:
         )
     if isinstance(arg, float) and arg != arg:
         raise InvalidQuery(f"NaN is not a valid value (at {at})")
+    numbers.check_number(arg)
     return Cmp(op, arg)
 
 
@@ -446,6 +450,7 @@ def _parse_update_op(op: str, path: Path, value: Any, limits: Limits) -> UpdateO
     if op in ("inc", "mul"):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidQuery(f"${op} needs a number for {path.dotted!r}", code="invalid_update")
+        numbers.check_number(value)
         return UpdateOp(op, path, value)
     if op in ("push", "addToSet"):
         if isinstance(value, dict) and any(k.startswith("$") for k in value):
@@ -458,10 +463,12 @@ def _parse_update_op(op: str, path: Path, value: Any, limits: Limits) -> UpdateO
             items = (value,)
         if len(items) > limits.max_in_items:
             raise LimitExceeded(f"${op} $each too long", code="in_list_too_long")
+        numbers.check_value(items)
         return UpdateOp(op, path, items)
     if op == "pull":
         if isinstance(value, dict) and _is_operator_object(value, path.dotted):
             return UpdateOp(op, path, _parse_operators(value, limits, _Budget(limits), path.dotted))
+        numbers.check_value(value)
         return UpdateOp(op, path, value)
     if op == "rename":
         if not isinstance(value, str):
@@ -475,4 +482,5 @@ def _parse_update_op(op: str, path: Path, value: Any, limits: Limits) -> UpdateO
         return UpdateOp(op, path, None)
     if op in ("min", "max") and isinstance(value, float) and value != value:
         raise InvalidQuery("NaN is not a valid value", code="invalid_update")
+    numbers.check_value(value)  # $set, $min, $max: what they may store
     return UpdateOp(op, path, value)

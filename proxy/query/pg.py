@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from proxy.numbers import DOUBLE_MAX_EXACT, INT64_MAX, INT64_MIN
 from proxy.query.ast import (
     Cmp,
     ElemMatch,
@@ -292,6 +293,24 @@ class UpdateCompiler:
             f"ELSE {d} #- {full} END)"
         )
 
+    def _arith(self, op: UpdateOp, cur: str) -> str:
+        """``$inc``/``$mul``: numeric arithmetic, the result range-checked by
+        ``dbproxy_number`` in the same statement (SQLSTATE DP002 when it leaves the range).
+        The result is an integer (signed 64 bits) when the operand is one and the stored
+        value is integral and within 64 bits; otherwise a double (finite)."""
+        n = self.p.add(jsonb(op.value), "jsonb")
+        sign = "+" if op.op == "inc" else "*"
+        missing = n if op.op == "inc" else f"to_jsonb(0 * ({n})::numeric)"
+        int_operand = self.p.add(isinstance(op.value, int), "boolean")
+        what = self.p.add(f"${op.op} on {op.path.dotted!r}", "text")
+        c = f"({cur})::numeric"
+        as_int = f"({int_operand} AND scale({c}) = 0 AND {c} BETWEEN {INT64_MIN} AND {INT64_MAX})"
+        result = f"{self.schema}.dbproxy_number({c} {sign} ({n})::numeric, {as_int}, {what})"
+        return (
+            f"(CASE WHEN {cur} IS NULL THEN {missing} WHEN jsonb_typeof({cur}) = 'number' "
+            f"THEN {result} ELSE {self.fail}('${op.op} needs a numeric field') END)"
+        )
+
     def _op(self, op: UpdateOp, d: str) -> str:
         if op.op == "set":
             return self._set(d, op.path, self.p.add(jsonb(op.value), "jsonb"))
@@ -303,15 +322,7 @@ class UpdateCompiler:
             return f"(CASE WHEN ({d} #> {src}) IS NULL THEN {d} ELSE {moved} END)"
         cur = f"({d} #> {self._path(op.path)})"
         if op.op in ("inc", "mul"):
-            n = self.p.add(jsonb(op.value), "jsonb")
-            sign = "+" if op.op == "inc" else "*"
-            missing = n if op.op == "inc" else f"to_jsonb(0 * ({n})::numeric)"
-            new = (
-                f"(CASE WHEN {cur} IS NULL THEN {missing} WHEN jsonb_typeof({cur}) = 'number' "
-                f"THEN to_jsonb(({cur})::numeric {sign} ({n})::numeric) "
-                f"ELSE {self.fail}('${op.op} needs a numeric field') END)"
-            )
-            return self._set(d, op.path, new)
+            return self._set(d, op.path, self._arith(op, cur))
         if op.op in ("min", "max"):
             v = self.p.add(jsonb(op.value), "jsonb")
             cmp = "<" if op.op == "min" else ">"
@@ -353,11 +364,26 @@ class UpdateCompiler:
         raise TypeError(f"unknown update op {op.op}")
 
 
-HELPER_FUNCTIONS = """
+_HELPERS = """
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_fail(msg text) RETURNS jsonb
 LANGUAGE plpgsql VOLATILE AS $f$
 BEGIN
   RAISE EXCEPTION USING ERRCODE = 'DP001', MESSAGE = msg;
+END $f$;
+
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_number(r numeric, as_int boolean, what text)
+RETURNS jsonb LANGUAGE plpgsql VOLATILE AS $f$
+BEGIN
+  IF as_int THEN
+    IF r < {int64_min} OR r > {int64_max} THEN
+      RAISE EXCEPTION USING ERRCODE = 'DP002',
+        MESSAGE = what || ' gives an integer outside signed 64 bits ({int64_min} to {int64_max})';
+    END IF;
+  ELSIF abs(r) > {double_max} THEN
+    RAISE EXCEPTION USING ERRCODE = 'DP002',
+      MESSAGE = what || ' gives a number beyond the range of a double';
+  END IF;
+  RETURN to_jsonb(r);
 END $f$;
 
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_rank(x jsonb) RETURNS int
@@ -392,3 +418,9 @@ BEGIN
   RETURN result;
 END $f$;
 """
+# the range dbproxy_number enforces, written into the function's text (format keeps {schema})
+HELPER_FUNCTIONS = (
+    _HELPERS.replace("{int64_min}", str(INT64_MIN))
+    .replace("{int64_max}", str(INT64_MAX))
+    .replace("{double_max}", str(DOUBLE_MAX_EXACT))
+)

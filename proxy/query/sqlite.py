@@ -52,7 +52,8 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import InvalidQuery, UnsupportedByBackend
+from proxy import numbers
+from proxy.errors import InvalidQuery, NumberOutOfRange, UnsupportedByBackend
 from proxy.query import cursor as cursors
 from proxy.query.ast import (
     Cmp,
@@ -237,14 +238,20 @@ def compare_json_sql(a: str | None, b: str | None) -> int | None:
 
 
 def arith(op: str, current: str, operand: str) -> str:
-    """``$inc``/``$mul`` on two JSON numbers, with JSON's (IEEE double / integer) rules."""
+    """``$inc``/``$mul`` on two JSON numbers, with JSON's (IEEE double / integer) rules: a
+    result outside signed 64 bits or beyond double range is refused (number_out_of_range)."""
     a, b = loads(current), loads(operand)
     result = a + b if op == "inc" else a * b
-    if isinstance(result, float) and not math.isfinite(result):
-        raise InvalidQuery(
-            f"${op} overflows the range of a JSON number", code="update_type_mismatch"
-        )
-    return str(result) if isinstance(result, int) else orjson.dumps(result).decode()
+    if isinstance(result, int):
+        if not numbers.INT64_MIN <= result <= numbers.INT64_MAX:
+            raise NumberOutOfRange(
+                f"${op} gives an integer outside signed 64 bits "
+                f"({numbers.INT64_MIN} to {numbers.INT64_MAX})"
+            )
+        return str(result)
+    if not math.isfinite(result):
+        raise NumberOutOfRange(f"${op} gives a number beyond the range of a double")
+    return orjson.dumps(result).decode()
 
 
 @functools.lru_cache(maxsize=512)
@@ -592,12 +599,23 @@ def cursor_tag(keys: Sequence[SortKey]) -> str:
     return cursors.sort_tag("sqlite:" + repr(tuple(keys)))
 
 
+def encode_cursor(keys: Sequence[SortKey], values: Sequence[Any]) -> str:
+    """A ``next`` cursor. A stored infinity (a number past double range written around
+    dbproxy) travels as ``{"inf": 1}`` or ``{"inf": -1}``: JSON has no infinity."""
+    safe = [
+        {"inf": 1 if v > 0 else -1} if isinstance(v, float) and math.isinf(v) else v for v in values
+    ]
+    return cursors.encode(cursor_tag(keys), safe)
+
+
 def decode_cursor(token: Any, keys: Sequence[SortKey]) -> list[Any]:
     """The sort-key values of a ``next`` cursor, type-checked for this dialect."""
     kinds: list[type] = [int, object, object] * len(keys) + [str]
     values = cursors.decode(token, cursor_tag(keys), kinds)
     for i in range(len(keys)):
         scalar, container = values[3 * i + 1], values[3 * i + 2]
+        if scalar in ({"inf": 1}, {"inf": -1}):
+            scalar = values[3 * i + 1] = math.inf * scalar["inf"]
         scalar_ok = scalar is None or (
             isinstance(scalar, int | float | str) and not isinstance(scalar, bool)
         )
