@@ -89,24 +89,25 @@ KEEP_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_keep(
   stored jsonb, body jsonb, open_paths text[], partial_paths text[], prefix text
 ) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $f$
-DECLARE k text; v jsonb; p text; result jsonb := body;
+DECLARE k text; v jsonb; result jsonb;
 BEGIN
   IF stored IS NULL OR jsonb_typeof(stored) <> 'object' THEN RETURN body; END IF;
-  FOR k, v IN SELECT * FROM jsonb_each(stored) LOOP
-    p := prefix || k;
-    IF (prefix = '' AND k IN ('_id', '_version')) OR p = ANY(open_paths) THEN CONTINUE; END IF;
-    IF p = ANY(partial_paths) THEN
-      IF NOT body ? k THEN
-        IF jsonb_typeof(v) = 'object' THEN
-          v := {schema}.dbproxy_keep(v, '{{}}'::jsonb, open_paths, partial_paths, p || '.');
-        END IF;
-        result := result || jsonb_build_object(k, v);
-      ELSIF jsonb_typeof(v) = 'object' AND jsonb_typeof(body -> k) = 'object' THEN
-        result := result || jsonb_build_object(
-          k, {schema}.dbproxy_keep(v, body -> k, open_paths, partial_paths, p || '.'));
+  SELECT body || coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) INTO result
+    FROM jsonb_each(stored) e
+   WHERE NOT (prefix = '' AND e.key IN ('_id', '_version')) AND NOT (body ? e.key)
+     AND NOT ((prefix || e.key) = ANY(open_paths) OR (prefix || e.key) = ANY(partial_paths));
+  FOR k, v IN SELECT e.key, e.value FROM jsonb_each(stored) e
+   WHERE NOT (prefix = '' AND e.key IN ('_id', '_version'))
+     AND (prefix || e.key) = ANY(partial_paths) AND NOT ((prefix || e.key) = ANY(open_paths))
+  LOOP
+    IF NOT (body ? k) THEN
+      IF jsonb_typeof(v) = 'object' THEN
+        v := {schema}.dbproxy_keep(v, '{{}}'::jsonb, open_paths, partial_paths, prefix || k || '.');
       END IF;
-    ELSIF NOT body ? k THEN
       result := result || jsonb_build_object(k, v);
+    ELSIF jsonb_typeof(v) = 'object' AND jsonb_typeof(body -> k) = 'object' THEN
+      result := result || jsonb_build_object(
+        k, {schema}.dbproxy_keep(v, body -> k, open_paths, partial_paths, prefix || k || '.'));
     END IF;
   END LOOP;
   RETURN result;

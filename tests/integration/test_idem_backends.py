@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Limits
@@ -54,17 +54,18 @@ def env(request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any) -> I
         runner.close()
 
 
-KEYS = st.sampled_from(["a", "b", "c", "d"])
+KEYS = st.sampled_from(["a", "b", "c", "d", "a.b", "_id"])
 LEAVES = st.one_of(st.integers(-5, 5), st.text("xy", max_size=2), st.none(), st.booleans())
 VALUES = st.recursive(
     LEAVES,
     lambda inner: st.one_of(st.dictionaries(KEYS, inner, max_size=3), st.lists(inner, max_size=2)),
     max_leaves=8,
 )
-DOCS = st.dictionaries(KEYS, VALUES, max_size=4)
-PATHS = st.lists(KEYS, min_size=1, max_size=3).map(".".join)
+DOCS = st.dictionaries(st.sampled_from(["a", "b", "c", "d", "a.b"]), VALUES, max_size=4)
+PATHS = st.lists(st.sampled_from(["a", "b", "c", "_id"]), min_size=1, max_size=3).map(".".join)
 
 
+@settings(max_examples=80)  # two statements per example, on each backend
 @given(stored=DOCS, body=DOCS, listed=st.lists(PATHS, max_size=4))
 def test_replacement_keeps_what_keep_protects(
     env: Env, stored: dict[str, Any], body: dict[str, Any], listed: list[str]
