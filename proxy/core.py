@@ -553,6 +553,7 @@ class Core:
                 "Idempotency-Key must be 1-255 printable characters", code="invalid_idempotency_key"
             )
         for collection, operation in grants:
+            check_collection(collection)
             guard.authorize(caller, collection, operation)
         scoped = f"{caller.service}:{key}"  # service names hold no ':'
         ttl = self.limits.idempotency_ttl_seconds
