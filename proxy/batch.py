@@ -33,6 +33,17 @@ OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "query": (frozenset(), frozenset({"filter", "sort", "limit", "skip", "fields", "next"})),
     "count": (frozenset(), frozenset({"filter"})),
 }
+# op -> the operation a policy must grant on its collection
+GRANTS = {
+    "create": "create",
+    "get": "read",
+    "replace": "update",
+    "update": "update",
+    "patch": "update",
+    "delete": "delete",
+    "query": "list",
+    "count": "count",
+}
 ISOLATION = ("read_committed", "repeatable_read", "serializable")
 # the gatekeeper's operation each batch operation is charged as (and the rows of a query)
 GATE_OPERATIONS = {
@@ -74,6 +85,17 @@ def parse_batch(body: Any, max_ops: int) -> BatchRequest:
     for i, op in enumerate(ops):
         _check_op(i, op)
     return BatchRequest(ops, isolation)
+
+
+def grants_of(ops: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Every (collection, operation) grant a checked batch needs, transaction included."""
+    out: list[tuple[str, str]] = []
+    for op in ops:
+        collection = op["collection"]
+        out += [(collection, GRANTS[op["op"]]), (collection, "transaction")]
+        if op.get("upsert") is True:
+            out.append((collection, "create"))
+    return out
 
 
 def parse_isolation(raw: Any) -> str:

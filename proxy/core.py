@@ -170,7 +170,8 @@ class Core:
                 guard.check_row_update(caller, collection, update, upsert)
             change = Modify(update)
         else:
-            change = Replace(self._replacement(body, doc_id, collection, caller))
+            doc = self._replacement(body, doc_id, collection, caller)
+            change = Replace(doc, guard.keep_spec(caller, collection))
         await self.gate.admit(caller, "update")
         result = await (target or self.backend()).change(
             collection,
@@ -559,24 +560,40 @@ class Core:
         produce: Callable[[Documents], Awaitable[StoredReply]],
         isolation: str = "read_committed",
         kind: TxKind = TxKind.SINGLE,
+        *,
+        caller: Caller = OPEN,
+        grants: Sequence[tuple[str, str]] = (),
+        charge: tuple[str, int] | None = None,
     ) -> tuple[StoredReply, bool]:
         """Run ``produce`` once per key: the reply is stored in the same transaction as the
-        write, and a retry with the same key and request gets it back (replayed=True)."""
+        write, and a retry with the same key and request gets it back (replayed=True).
+
+        Keys belong to the caller's service. Before any replay the policy is asked again:
+        ``grants`` (collection, operation) must all still hold, and a replay is charged
+        ``charge`` (operation, units) like the request it repeats. The fingerprint carries
+        the policy's digest, so a reply made under another policy is never sent back."""
         if not key or len(key) > 255 or not key.isprintable():
             raise BadRequest(
                 "Idempotency-Key must be 1-255 printable characters", code="invalid_idempotency_key"
             )
+        for collection, operation in grants:
+            check_collection(collection)
+            guard.authorize(caller, collection, operation)
+        scoped = f"{caller.service}:{key}"  # service names hold no ':'
         ttl = self.limits.idempotency_ttl_seconds
 
         async def work(tx: Transaction) -> tuple[StoredReply, bool]:
-            prior = await tx.idem_claim(key, fingerprint, ttl)
+            prior = await tx.idem_claim(scoped, fingerprint, ttl)
             if prior is not None:
                 return prior, True
             reply = await produce(tx)
-            await tx.idem_save(key, reply)
+            await tx.idem_save(scoped, reply)
             return reply, False
 
-        return await self.transact(isolation, work, kind)
+        reply, replayed = await self.transact(isolation, work, kind)
+        if replayed and charge is not None:
+            await self.gate.admit(caller, charge[0], cost_units=charge[1])
+        return reply, replayed
 
     async def maintain(self) -> None:
         for backend in self.backends.values():

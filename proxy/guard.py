@@ -7,6 +7,7 @@ so its policy) once, at identification, and is judged by that one policy to the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -16,7 +17,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from proxy.errors import Forbidden, LimitExceeded, RateLimited, Unauthorized, Unavailable
-from proxy.policy import FieldRule, PolicySet, ServicePolicy, load_policies
+from proxy.ops import AuditScope, Keep
+from proxy.policy import (
+    SERVICE_WIDE_PATTERN,
+    FieldRule,
+    PolicySet,
+    ServicePolicy,
+    is_glob,
+    load_policies,
+)
 from proxy.query.ast import (
     And,
     ElemMatch,
@@ -288,6 +297,44 @@ def _check_tree(doc: Mapping[str, Any], rule: FieldRule, prefix: str) -> None:
             _check_tree(value, rule, path + ".")
             continue
         raise _not_writable(path)
+
+
+def audit_scope(caller: Caller) -> AuditScope | None:
+    """The audit log a caller may read: changes to the collections it is granted ``read``
+    on (None: all of it, when read is granted on every collection or nothing enforces)."""
+    policy = caller.policy
+    if policy is None:
+        return None
+    patterns = {p for g in policy.grants if "read" in g.operations for p in g.collections}
+    if SERVICE_WIDE_PATTERN in patterns:
+        return None
+    names = tuple(sorted(p for p in patterns if not is_glob(p)))
+    return AuditScope(names, tuple(sorted(p for p in patterns if is_glob(p))), caller.service)
+
+
+def keep_spec(caller: Caller, collection: str) -> Keep | None:
+    """What a full replacement by this caller must keep of the stored document: every
+    field it may not write or may not read (None: it may write and read everything)."""
+    policy = caller.policy
+    if policy is None:
+        return None
+    rule = policy.field_rule(collection)
+    if rule is None or (rule.readable is None and rule.writable is None):
+        return None
+    return _keep_of(rule)
+
+
+@functools.lru_cache(maxsize=1024)
+def _keep_of(rule: FieldRule) -> Keep:
+    """A field rule's open paths (listed as writable and readable, by either list) and
+    the paths above any listed one (replacement descends into those)."""
+    open_paths = {p for p in rule.writable or () if rule.can_read(p)}
+    open_paths |= {p for p in rule.readable or () if rule.can_write(p)}
+    partial: set[str] = set()
+    for path in (*(rule.writable or ()), *(rule.readable or ())):
+        parts = path.split(".")
+        partial.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return Keep(frozenset(open_paths), frozenset(partial - open_paths))
 
 
 def check_update_writable(caller: Caller, collection: str, update: Update) -> None:

@@ -10,7 +10,7 @@ import orjson
 
 from proxy import numbers
 from proxy.config import Limits
-from proxy.errors import BadRequest, InvalidJson, LimitExceeded
+from proxy.errors import BadRequest, Conflict, InvalidJson, LimitExceeded, Unprocessable
 from proxy.query.ast import MATCH_ALL, Filter, Path, SortKey, Update
 from proxy.query.parse import parse_fields, parse_filter, parse_sort
 
@@ -60,8 +60,56 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditScope:
+    """The audit records a caller may see: changes to the collections named or matched
+    by a glob (``*``, ``?``, ``[...]``, ``[!...]``), and its own service's commit rows."""
+
+    names: tuple[str, ...]
+    globs: tuple[str, ...]
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """What a full replacement must keep of the stored document: everything but the
+    ``open`` paths (the caller may read and write them, so the body decides them),
+    descending into the ``partial`` ones (something below them is open)."""
+
+    open: frozenset[str]
+    partial: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Replace:
     doc: dict[str, Any]
+    keep: Keep | None = None  # None: the body is the whole new document
+
+
+def keep_protected(
+    stored: Any, body: dict[str, Any], keep: Keep, prefix: str = ""
+) -> dict[str, Any]:
+    """``body`` plus every part of ``stored`` that ``keep`` protects (top-level ``_id`` and
+    ``_version`` aside: the backend sets them). The embedded store's twin of PostgreSQL's
+    ``dbproxy_keep``: the two must agree."""
+    if not isinstance(stored, dict):
+        return body
+    out = dict(body)
+    for key, value in stored.items():
+        path = prefix + key
+        if (not prefix and key in ("_id", "_version")) or path in keep.open:
+            continue
+        if path in keep.partial:
+            if key not in body:
+                out[key] = (
+                    keep_protected(value, {}, keep, path + ".")
+                    if isinstance(value, dict)
+                    else value
+                )
+            elif isinstance(value, dict) and isinstance(body[key], dict):
+                out[key] = keep_protected(value, body[key], keep, path + ".")
+        elif key not in body:
+            out[key] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +126,24 @@ Change = Replace | Modify | MergePatch
 
 
 MAX_ID_LENGTH = 512
+
+
+def check_fingerprint(stored: str, presented: str) -> None:
+    """An idempotency key's stored fingerprint against a retry's: ``<request>/<policy>``.
+    The same request under a policy that changed since is 409, any other difference 422."""
+    if stored == presented:
+        return
+    request, _, _ = stored.partition("/")
+    if request == presented.partition("/")[0]:
+        raise Conflict(
+            "this Idempotency-Key was used under a policy that has changed since; the "
+            "original request took effect: read the current state instead of retrying",
+            code="idempotency_policy_changed",
+        )
+    raise Unprocessable(
+        "this Idempotency-Key was used with a different request",
+        code="idempotency_key_reused",
+    )
 
 
 def check_id(value: Any) -> str:

@@ -309,9 +309,18 @@ class ServicePolicy:
     limits: Limits = field(default_factory=Limits)
     description: str = ""
     _tables: _Tables = field(init=False, repr=False, compare=False)
+    # What decides what this service may see and do, hashed (grants, field and row rules;
+    # not limits): equal in every process that loaded the same policy. Idempotent
+    # replays are answered only under the digest their reply was made under.
+    digest: str = field(init=False, repr=False, compare=False)
+    # The request headers the row rules take values from (lower case, sorted).
+    row_headers: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_tables", _Tables(self.grants, self.fields, self.rows))
+        object.__setattr__(self, "digest", _policy_digest(self))
+        headers = {r.header.lower() for rules in self.rows.values() for r in rules if r.header}
+        object.__setattr__(self, "row_headers", tuple(sorted(headers)))
 
     def allowed(self, collection: str, operation: str) -> bool:
         """True if some grant gives ``operation`` on ``collection``."""
@@ -337,6 +346,25 @@ class ServicePolicy:
     def field_rule(self, collection: str) -> FieldRule | None:
         """The field rule for ``collection``; None when every field is open."""
         return self._tables.entry(collection).fields
+
+
+def _policy_digest(policy: ServicePolicy) -> str:
+    """A stable hash of what decides visibility: the reprs of strings, numbers, booleans
+    and None, in file order, with every set sorted (no hash-seed dependence)."""
+
+    def names(values: frozenset[str] | None) -> tuple[str, ...] | None:
+        return None if values is None else tuple(sorted(values))
+
+    canon = (
+        policy.service,
+        tuple((g.collections, names(g.operations)) for g in policy.grants),
+        tuple((k, names(r.readable), names(r.writable)) for k, r in policy.fields.items()),
+        tuple(
+            (k, tuple((r.field, type(r.value).__name__, r.value, r.header) for r in rules))
+            for k, rules in policy.rows.items()
+        ),
+    )
+    return hashlib.sha256(repr(canon).encode()).hexdigest()[:32]
 
 
 VERIFIED_TOKENS = 1024  # distinct valid tokens remembered per policy set

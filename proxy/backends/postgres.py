@@ -42,10 +42,10 @@ from proxy.errors import (
     ProxyError,
     Timeout,
     Unavailable,
-    Unprocessable,
 )
 from proxy.ids import IdGenerator
 from proxy.ops import (
+    AuditScope,
     Change,
     FindSpec,
     ItemResult,
@@ -55,6 +55,7 @@ from proxy.ops import (
     Replace,
     StoredReply,
     WriteResult,
+    check_fingerprint,
 )
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
@@ -89,6 +90,35 @@ GRACE_SECONDS = 0.5
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _Insert = tuple[str, str, str, str]  # _id, document JSON, service, request id
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
+# A full replacement keeping what the caller may not write: proxy.ops.keep_protected's twin.
+KEEP_FUNCTION = """
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_keep(
+  stored jsonb, body jsonb, open_paths text[], partial_paths text[], prefix text
+) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $f$
+DECLARE k text; v jsonb; result jsonb;
+BEGIN
+  IF stored IS NULL OR jsonb_typeof(stored) <> 'object' THEN RETURN body; END IF;
+  SELECT body || coalesce(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) INTO result
+    FROM jsonb_each(stored) e
+   WHERE NOT (prefix = '' AND e.key IN ('_id', '_version')) AND NOT (body ? e.key)
+     AND NOT ((prefix || e.key) = ANY(open_paths) OR (prefix || e.key) = ANY(partial_paths));
+  FOR k, v IN SELECT e.key, e.value FROM jsonb_each(stored) e
+   WHERE NOT (prefix = '' AND e.key IN ('_id', '_version'))
+     AND (prefix || e.key) = ANY(partial_paths) AND NOT ((prefix || e.key) = ANY(open_paths))
+  LOOP
+    IF NOT (body ? k) THEN
+      IF jsonb_typeof(v) = 'object' THEN
+        v := {schema}.dbproxy_keep(v, '{{}}'::jsonb, open_paths, partial_paths, prefix || k || '.');
+      END IF;
+      result := result || jsonb_build_object(k, v);
+    ELSIF jsonb_typeof(v) = 'object' AND jsonb_typeof(body -> k) = 'object' THEN
+      result := result || jsonb_build_object(
+        k, {schema}.dbproxy_keep(v, body -> k, open_paths, partial_paths, prefix || k || '.'));
+    END IF;
+  END LOOP;
+  RETURN result;
+END $f$;
+"""
 AUDIT_DDL = """
 CREATE TABLE IF NOT EXISTS {schema}._audit (
   id bigserial PRIMARY KEY,
@@ -187,6 +217,13 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
         return Unavailable("the database is overloaded or shutting down", retry_after=1)
     log.error("unexpected database error sqlstate=%s type=%s", state, type(exc).__name__)
     return InternalError("unexpected database error")
+
+
+def _glob_to_posix(glob: str) -> str:
+    """A policy glob (name characters, ``*``, ``?``, ``[...]``, ``[!...]``) as an anchored
+    POSIX regex (the policy loader allows nothing else in a glob)."""
+    out = glob.replace("*", ".*").replace("?", ".").replace("[!", "[^")
+    return f"^{out}$"
 
 
 class _Documents:
@@ -386,8 +423,8 @@ class _Documents:
         sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection)
         rows = await self._write(collection, sql, *params.values)
         if not rows:
-            if upsert and if_match is None:  # the row exists, outside the caller's rows
-                raise DuplicateId("a document with this _id exists", details={"_id": doc_id})
+            if upsert and if_match is None:  # the row exists, outside the caller's rows:
+                raise NotFound("no document with this _id", details={"_id": doc_id})  # as PUT
             await self._explain_miss(collection, doc_id, if_match, guard)
         row = rows[0]
         return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
@@ -404,7 +441,12 @@ class _Documents:
     def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
         if isinstance(change, Replace):
             ph = params.add(_dumps(change.doc).decode(), "jsonb")
-            return ph
+            if change.keep is None:
+                return ph
+            # kept fields come from the row this statement writes over: no read-modify-write
+            keep_open = params.add(sorted(change.keep.open), "text[]")
+            partial = params.add(sorted(change.keep.partial), "text[]")
+            return f"{self._schema_ident}.dbproxy_keep({base}, {ph}, {keep_open}, {partial}, '')"
         if isinstance(change, Modify):
             return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
         assert isinstance(change, MergePatch)
@@ -566,6 +608,7 @@ class PostgresBackend(_Documents):
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema_ident}")
                 await conn.execute(HELPER_FUNCTIONS.format(schema=self._schema_ident))
+                await conn.execute(KEEP_FUNCTION.format(schema=self._schema_ident))
                 await conn.execute(AUDIT_DDL.format(schema=self._schema_ident))
                 await conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._schema_ident}._idempotency ("
@@ -945,6 +988,7 @@ class PostgresBackend(_Documents):
     async def audit_log(
         self,
         *,
+        scope: AuditScope | None = None,
         service: str | None = None,
         collection: str | None = None,
         since: float | None = None,
@@ -959,11 +1003,18 @@ class PostgresBackend(_Documents):
             "WHERE ($1::text IS NULL OR service = $1) AND ($2::text IS NULL OR collection = $2) "
             "AND ($3::float8 IS NULL OR at >= to_timestamp($3)) "
             "AND ($4::float8 IS NULL OR at < to_timestamp($4)) "
-            "AND ($5::bigint IS NULL OR id > $5) ORDER BY id LIMIT $6"
+            "AND ($5::bigint IS NULL OR id > $5) "
+            "AND ($7::bool OR collection = ANY($8::text[]) "
+            'OR collection COLLATE "C" ~ ANY($9::text[]) '
+            "OR (collection = '*' AND service = $10)) "
+            "ORDER BY id LIMIT $6"
         )
+        s = scope or AuditScope((), (), "")
+        regexes = [_glob_to_posix(g) for g in s.globs]
+        args = (service, collection, since, until, after_id, limit, scope is None, s.names)
         async with self._conn() as conn:
             try:
-                rows = await conn.fetch(sql, service, collection, since, until, after_id, limit)
+                rows = await conn.fetch(sql, *args, regexes, s.service)
             except Exception as exc:
                 raise translate(exc) from None
         return [dict(r) for r in rows]
@@ -1163,11 +1214,7 @@ class PostgresTransaction(_Documents):
             f"SELECT fingerprint, status, headers::text, body FROM {table} WHERE key = $1", key
         )
         fp, status, headers, body = rows[0]
-        if fp != fingerprint:
-            raise Unprocessable(
-                "this Idempotency-Key was used with a different request",
-                code="idempotency_key_reused",
-            )
+        check_fingerprint(fp, fingerprint)
         return StoredReply(int(status), bytes(body), orjson.loads(headers))
 
     async def idem_save(self, key: str, reply: StoredReply) -> None:

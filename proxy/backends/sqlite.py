@@ -74,19 +74,22 @@ from proxy.errors import (
     ProxyError,
     Timeout,
     Unavailable,
-    Unprocessable,
 )
 from proxy.ids import IdGenerator
 from proxy.ops import (
+    AuditScope,
     Change,
     FindSpec,
     ItemResult,
+    Keep,
     MergePatch,
     Modify,
     Page,
     Replace,
     StoredReply,
     WriteResult,
+    check_fingerprint,
+    keep_protected,
 )
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
@@ -135,7 +138,10 @@ _AUDIT_SELECT = (
     "SELECT id, at, service, operation, collection, ids, request_id, outcome FROM _audit "
     "WHERE (?1 IS NULL OR service = ?1) AND (?2 IS NULL OR collection = ?2) "
     "AND (?3 IS NULL OR at >= ?3) AND (?4 IS NULL OR at < ?4) "
-    "AND (?5 IS NULL OR id > ?5) ORDER BY id LIMIT ?6"
+    "AND (?5 IS NULL OR id > ?5) "
+    "AND (?7 OR collection IN (SELECT value FROM json_each(?8)) "
+    "OR EXISTS (SELECT 1 FROM json_each(?9) g WHERE collection GLOB g.value) "
+    "OR (collection = '*' AND service = ?10)) ORDER BY id LIMIT ?6"
 )
 _AUDIT_COLUMNS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
@@ -222,6 +228,21 @@ def _fail(code: str, message: str) -> None:
     raise InvalidQuery(f"the update does not fit the stored document: {message}", code=code)
 
 
+_FN_KEEP = "dbp_keep"  # (stored json, body json, Keep as json) -> the replacement
+
+
+def _keep_text(keep: Keep) -> str:
+    return orjson.dumps([sorted(keep.open), sorted(keep.partial)]).decode()
+
+
+def _keep(stored: str | bytes, body: str | bytes, spec: str) -> str:
+    """A full replacement that keeps what the caller may not write (``keep_protected``)."""
+    open_paths, partial = orjson.loads(spec)
+    keep = Keep(frozenset(open_paths), frozenset(partial))
+    merged = keep_protected(dialect.loads(stored), dialect.loads(body), keep)
+    return dialect.json_text(merged)
+
+
 def _connect(path: str, state: _ConnState, *, writes: bool, busy_ms: int) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, cached_statements=512
@@ -235,6 +256,7 @@ def _connect(path: str, state: _ConnState, *, writes: bool, busy_ms: int) -> sql
         ):
             conn.create_function(name, n_args, _guarded(state, fn), deterministic=True)
         conn.create_function(dialect.FN_FAIL, 2, _guarded(state, _fail))  # never constant-folded
+        conn.create_function(_FN_KEEP, 3, _guarded(state, _keep), deterministic=True)
         conn.create_collation(dialect.COLLATION, dialect.compare_json)
         conn.set_progress_handler(lambda: time.monotonic() > state.deadline, _PROGRESS_STEPS)
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
@@ -692,8 +714,8 @@ class _Documents:
         def run(conn: sqlite3.Connection) -> WriteResult:
             row = conn.execute(sql, values).fetchone()
             if row is None:
-                if inserting:  # the row exists, outside the caller's rows
-                    raise DuplicateId("a document with this _id exists", details={"_id": doc_id})
+                if inserting:  # the row exists, outside the caller's rows: as a plain
+                    raise NotFound("no document with this _id", details={"_id": doc_id})
                 self._explain_miss(conn, visible, doc_id, if_match)
             return WriteResult(row[0], row[1], created=inserting and row[1] == 1)
 
@@ -725,7 +747,11 @@ class _Documents:
     @staticmethod
     def _new_doc_sql(change: Change, params: Params, names: Names, doc_id: str, base: str) -> str:
         if isinstance(change, Replace):
-            return params.add(_Documents._dump({"_id": doc_id, **change.doc}).decode())
+            body = params.add(_Documents._dump({"_id": doc_id, **change.doc}).decode())
+            if change.keep is None:
+                return body
+            # kept fields come from the row this statement writes over: no read-modify-write
+            return f"{_FN_KEEP}({base}, {body}, {params.add(_keep_text(change.keep))})"
         if isinstance(change, Modify):
             return UpdateCompiler(params, names).document_expr(change.update, base)
         assert isinstance(change, MergePatch)
@@ -942,6 +968,7 @@ class SqliteBackend(_Documents):
     async def audit_log(
         self,
         *,
+        scope: AuditScope | None = None,
         service: str | None = None,
         collection: str | None = None,
         since: float | None = None,
@@ -950,7 +977,11 @@ class SqliteBackend(_Documents):
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Audit records, oldest first, filtered; times are Unix seconds."""
-        args = (service, collection, since, until, after_id, limit)
+        s = scope or AuditScope((), (), "")
+        globs = orjson.dumps([g.replace("[!", "[^") for g in s.globs]).decode()
+        names = orjson.dumps(s.names).decode()
+        args: tuple[Any, ...] = (service, collection, since, until, after_id, limit)
+        args += (scope is None, names, globs, s.service)
 
         def run(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(_AUDIT_SELECT, args).fetchall()
@@ -1259,11 +1290,7 @@ class SqliteTransaction(_Documents):
         if row is None:
             return None
         fp, status, headers, body = row
-        if fp != fingerprint:
-            raise Unprocessable(
-                "this Idempotency-Key was used with a different request",
-                code="idempotency_key_reused",
-            )
+        check_fingerprint(fp, fingerprint)
         return StoredReply(int(status), bytes(body), orjson.loads(headers))
 
     async def idem_save(self, key: str, reply: StoredReply) -> None:

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy import context
 from proxy.backends.base import Documents, TxKind
-from proxy.batch import parse_batch, run_operations
+from proxy.batch import grants_of, parse_batch, run_operations
 from proxy.cache import NearCache, RedisCache, TwoLevelCache
 from proxy.config import Config
 from proxy.context import RequestContext
@@ -377,9 +377,20 @@ def owner(request: web.Request) -> str:
 Operation = Callable[[Documents | None], Awaitable[web.Response]]
 
 
-async def execute(request: web.Request, op: Operation, *, write: bool) -> web.Response:
+Grants = tuple[tuple[str, str], ...]
+
+
+async def execute(
+    request: web.Request,
+    op: Operation,
+    *,
+    write: bool,
+    grants: Grants = (),
+    charge: tuple[str, int] | None = None,
+) -> web.Response:
     """Run ``op`` inside the caller's transaction (X-Transaction-Id), or once per
-    Idempotency-Key (writes), or plainly."""
+    Idempotency-Key (writes; ``grants`` and ``charge`` judge a replay, see
+    ``Core.idempotent``), or plainly."""
     core = request.app[CORE]
     tx_id = request.headers.get("X-Transaction-Id")
     key = request.headers.get("Idempotency-Key") if write else None
@@ -400,7 +411,14 @@ async def execute(request: web.Request, op: Operation, *, write: bool) -> web.Re
         headers = {h: response.headers[h] for h in REPLAYED_HEADERS if h in response.headers}
         return StoredReply(response.status, response.body, headers)
 
-    reply, replayed = await core.idempotent(key, fingerprint(request), produce)
+    reply, replayed = await core.idempotent(
+        key,
+        fingerprint(request),
+        produce,
+        caller=caller_of(request),
+        grants=grants,
+        charge=charge,
+    )
     response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
@@ -411,17 +429,27 @@ REPLAYED_HEADERS = ("ETag", "Content-Type")
 
 
 def fingerprint(request: web.Request) -> str:
+    """``<request>/<policy>``: a hash of who asks and what (service, method, path, the
+    conditional headers, the values of the headers the row rules read, the body), and
+    the digest of the policy judging it. See ``ops.check_fingerprint``."""
+    caller = caller_of(request)
+    headers = request.headers
     h = hashlib.sha256()
-    for part in (
-        owner(request),
+    parts = [
+        caller.service,
         request.method,
         request.path_qs,
-        request.headers.get("If-Match", ""),
-    ):
-        h.update(part.encode())
+        headers.get("If-Match", ""),
+        headers.get("If-None-Match", ""),
+    ]
+    policy = caller.policy
+    if policy is not None:
+        parts += [f"{name}={headers.get(name, '')}" for name in policy.row_headers]
+    for part in parts:
+        h.update(part.encode("utf-8", "surrogateescape"))
         h.update(b"\x00")
     h.update(request.get(RAW_BODY, b""))
-    return h.hexdigest()
+    return f"{h.hexdigest()}/{policy.digest if policy is not None else '-'}"
 
 
 async def create(request: web.Request) -> web.Response:
@@ -438,7 +466,9 @@ async def create(request: web.Request) -> web.Response:
             return bulk_response(result)
         return document_response(result, 201)
 
-    return await execute(request, op, write=True)
+    units = len(body) if isinstance(body, list) else 1
+    grants = ((collection, "create"),)
+    return await execute(request, op, write=True, grants=grants, charge=("create", units))
 
 
 async def get_one(request: web.Request) -> web.Response:
@@ -475,7 +505,8 @@ async def put_one(request: web.Request) -> web.Response:
         )
         return document_response(result, 201 if result.created else 200)
 
-    return await execute(request, op, write=True)
+    grants = ((m["collection"], "update"),) + (((m["collection"], "create"),) if upsert else ())
+    return await execute(request, op, write=True, grants=grants, charge=("update", 1))
 
 
 def if_none_match(request: web.Request) -> bool:
@@ -509,7 +540,8 @@ async def _create_only(request: web.Request, body: Any) -> web.Response:
         assert isinstance(result, WriteResult)
         return document_response(result, 201)
 
-    return await execute(request, op, write=True)
+    grants = ((m["collection"], "create"),)
+    return await execute(request, op, write=True, grants=grants, charge=("create", 1))
 
 
 async def patch_one(request: web.Request) -> web.Response:
@@ -529,7 +561,8 @@ async def patch_one(request: web.Request) -> web.Response:
         )
         return document_response(result)
 
-    return await execute(request, op, write=True)
+    grants = ((m["collection"], "update"),)
+    return await execute(request, op, write=True, grants=grants, charge=("update", 1))
 
 
 async def delete_one(request: web.Request) -> web.Response:
@@ -543,7 +576,8 @@ async def delete_one(request: web.Request) -> web.Response:
         )
         return json_response({"deleted": True, "_id": m["id"], "_version": version})
 
-    return await execute(request, op, write=True)
+    grants = ((m["collection"], "delete"),)
+    return await execute(request, op, write=True, grants=grants, charge=("delete", 1))
 
 
 async def list_documents(request: web.Request) -> web.Response:
@@ -619,8 +653,14 @@ async def transaction(request: web.Request) -> web.Response:
         payload = orjson.dumps({"committed": True, "results": results})
         return StoredReply(200, payload, {"Content-Type": JSON})
 
-    reply, replayed = await core.idempotent(
-        key, fingerprint(request), produce, req.isolation, TxKind.BATCH
+    reply, replayed = await core.idempotent(  # charged above, replay or not
+        key,
+        fingerprint(request),
+        produce,
+        req.isolation,
+        TxKind.BATCH,
+        caller=caller,
+        grants=tuple(grants_of(req.operations)),
     )
     response = web.Response(body=reply.body, status=reply.status, headers=reply.headers)
     if replayed:

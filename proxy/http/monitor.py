@@ -243,9 +243,15 @@ async def audit(request: web.Request) -> web.Response:
     limit = _number(q.get("limit", "100"), "limit", int)
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be 1-1000", code="invalid_parameter")
+    caller = caller_of(request)
+    scope = guard.audit_scope(caller)
+    collection = q.get("collection")
+    if scope is not None and collection is not None and collection != "*":
+        guard.authorize(caller, collection, "read")  # decided by the policy alone
     rows = await backend.audit_log(
+        scope=scope,
         service=q.get("service"),
-        collection=q.get("collection"),
+        collection=collection,
         since=_number(q["since"], "since", float) if "since" in q else None,
         until=_number(q["until"], "until", float) if "until" in q else None,
         after_id=_number(q["after"], "after", int) if "after" in q else None,
