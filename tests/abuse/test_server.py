@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -188,20 +189,25 @@ async def test_connections_beyond_the_cap_get_503_and_health_still_answers(
     for _ in range(cap):  # keep-alive connections the sidecar has accepted and served
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"GET /api/db/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        held.append(writer)
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
-        await reader.readexactly(int(split_response(head)[1]["content-length"]))
-        held.append((reader, writer))
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        assert length is not None
+        await reader.readexactly(int(length.group(1)))
     url = f"{server.url}/api/db/{coll()}/nope"
     timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(timeout=timeout) as s:
-        st, body, headers = await call(s, "GET", url)
-        assert st == 503 and body["error"]["code"] == "too_many_connections", body
-        assert int(headers["Retry-After"]) >= 1 and body["error"]["request_id"]
-    status, seconds = await timed_get(f"{server.url}/api/db/health")
-    assert status == 200 and seconds < 5
-    for _, writer in held:
-        writer.close()
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            st, body, headers = await call(s, "GET", url)
+            assert st == 503 and body["error"]["code"] == "too_many_connections", body
+            assert int(headers["Retry-After"]) >= 1 and body["error"]["request_id"]
+        status, seconds = await timed_get(f"{server.url}/api/db/health")
+        assert status == 200 and seconds < 5
+    finally:
+        for writer in held:
+            writer.close()
+            await writer.wait_closed()
     deadline = time.monotonic() + 15
     while True:  # once they are gone, requests are served again
         async with aiohttp.ClientSession(timeout=timeout) as s:
