@@ -8,7 +8,7 @@ import errno
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -19,6 +19,7 @@ from proxy.errors import ProxyError, RequestTimeout, TooManyConnections
 from proxy.http.app import JSON, new_request_id
 
 HEALTH_PATH = "/api/db/health"
+HEALTH_LINE = b"GET " + HEALTH_PATH.encode() + b" "  # how a health check's request begins
 OVERFLOW_HEADER_TIMEOUT = 2.0  # seconds an over-cap connection gets to send its headers
 REFUSE_LINGER = 1.0  # seconds a refused connection is kept to read and drop the request
 
@@ -157,27 +158,56 @@ class GuardedHandler(RequestHandler):
 
 
 class Refused(asyncio.Protocol):
-    """A connection past the cap and its reserve: 503 at once, the request read and
-    dropped (so closing does not reset the answer away), closed after a short linger."""
+    """A connection past the cap and its reserve: read the first bytes of its request
+    (for at most REFUSE_LINGER); a health check is handed to a real handler, anything
+    else gets 503 and is closed after a short linger (reading and dropping what comes,
+    so that closing does not reset the answer away)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self, gate: ConnectionGate) -> None:
+        self._gate = gate
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._head = b""
+        self._answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._timer = self._gate.loop.call_later(REFUSE_LINGER, self._refuse)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._head += data
+        if self._head.startswith(HEALTH_LINE):
+            self._hand_over()
+        elif len(self._head) >= len(HEALTH_LINE) or not HEALTH_LINE.startswith(self._head):
+            self._refuse()
+
+    def _hand_over(self) -> None:
+        transport = self._transport
+        assert transport is not None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._answered = True
+        handler = self._gate.handler(overflow=True)
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        handler.data_received(self._head)
+
+    def _refuse(self) -> None:
+        transport = self._transport
+        if self._answered or transport is None:
+            return
+        self._answered = True
+        self._gate.refused += 1
         transport.write(error_bytes(too_many()))
         if transport.can_write_eof():
             transport.write_eof()
-        self._timer = self._loop.call_later(REFUSE_LINGER, transport.close)
-
-    def data_received(self, data: bytes) -> None:
-        pass
+        self._timer = self._gate.loop.call_later(REFUSE_LINGER, transport.close)
 
     def eof_received(self) -> bool:
         if self._transport is not None:
+            self._refuse()
             self._transport.close()
         return False
 
@@ -194,19 +224,21 @@ class ConnectionGate:
     def __init__(self, server: web.Server, guard: Guard) -> None:
         self._server = server
         self._guard = guard
-        self._loop = asyncio.get_running_loop()
-        self.refused = 0  # connections answered 503 (both tiers), for /metrics
+        self.loop = asyncio.get_running_loop()
+        self.refused = 0  # requests and connections answered 503, for /metrics
         self._answer = self._overflow_answer
         self._kwargs = {**server._kwargs, "keepalive_timeout": guard.idle_timeout}
 
     def __call__(self) -> asyncio.BaseProtocol:
-        server, guard = self._server, self._guard
-        count = len(server._connections)
+        guard = self._guard
+        count = len(self._server._connections)
         if count >= guard.max_connections + guard.reserve:
-            self.refused += 1
-            return Refused(self._loop)
-        handler = GuardedHandler(server, guard, loop=self._loop, **self._kwargs)
-        if count >= guard.max_connections:
+            return Refused(self)
+        return self.handler(overflow=count >= guard.max_connections)
+
+    def handler(self, *, overflow: bool) -> GuardedHandler:
+        handler = GuardedHandler(self._server, self._guard, loop=self.loop, **self._kwargs)
+        if overflow:
             handler.overflow(self._answer)
         return handler
 

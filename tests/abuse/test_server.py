@@ -218,6 +218,36 @@ async def test_connections_beyond_the_cap_get_503_and_health_still_answers(
     assert st == 404
 
 
+async def test_past_the_cap_and_its_reserve_503_at_the_door_but_health_answers(
+    launch: Callable[..., Server],
+) -> None:
+    cap, reserve = 16, 64  # the reserve: max(64, cap // 8)
+    server = launch("--max-connections", str(cap))
+    host, port = host_port(server)
+    held = []
+    try:
+        for i in range(cap + reserve):  # all of them begin a request and stall
+            reader, writer = await asyncio.open_connection(host, port)
+            held.append(writer)
+            writer.write(b"GET /api/db/health HTTP/1.1\r\n")
+            if i == cap - 1:
+                await asyncio.sleep(0.3)  # the first ones are in, the next overflow
+        await asyncio.sleep(0.3)
+        reader, writer = await asyncio.open_connection(host, port)
+        held.append(writer)
+        writer.write(f"GET /api/db/{coll()}/x HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = await asyncio.wait_for(read_until_closed(reader), 10)
+        status, headers, body = split_response(data)
+        assert status == 503 and body["error"]["code"] == "too_many_connections", body
+        assert headers["retry-after"] == "1" and headers["connection"] == "close"
+        status, seconds = await timed_get(f"{server.url}/api/db/health")  # still answered
+        assert status == 200 and seconds < 5
+    finally:
+        for writer in held:
+            writer.close()
+            await writer.wait_closed()
+
+
 # ---- item 15: a second serve on a busy port --------------------------------------------
 
 
