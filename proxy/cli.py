@@ -7,12 +7,15 @@ import asyncio
 import gc
 import ipaddress
 import logging
+import math
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 from aiohttp import web
@@ -25,8 +28,10 @@ from proxy.config import DATABASE_URL_ENV, Config, DatabaseConfig, load_config, 
 from proxy.core import Core
 from proxy.errors import ConfigError
 from proxy.guard import Gatekeeper
+from proxy.http import monitor
 from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.http.server import AddressInUse, ConnectionGate, Guard, bind, inherited
 from proxy.policy import check_directory, load_policies
 
 log = logging.getLogger("dbproxy")
@@ -100,6 +105,7 @@ class ServeOptions:
     coalesce: bool = True
     metrics: bool = True
     fast_path: bool = True
+    listen_fds: tuple[int, ...] = ()  # a --workers child: the sockets its parent bound
 
 
 def make_gate(config: Config, opts: ServeOptions) -> Gatekeeper:
@@ -137,10 +143,46 @@ def _loopback(host: str) -> bool:
         return False
 
 
+FD_HEADROOM: Final = 256  # descriptors beyond client connections: pools, files, Redis
+
+
+def connection_guard(config: Config) -> Guard:
+    """The server settings as a Guard, the cap lowered (with a warning) when even the
+    raised file-descriptor limit cannot hold it: refusing beats running out of them."""
+    s = config.server
+    guard = Guard(
+        s.max_connections, s.header_timeout_seconds, s.body_timeout_seconds, s.idle_timeout_seconds
+    )
+    wanted = guard.max_connections + guard.reserve + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < wanted:
+        top = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+            soft = top
+        except (ValueError, OSError):
+            pass
+    if soft < wanted:
+        cap = max(16, (soft - FD_HEADROOM) * 8 // 9)
+        log.warning(
+            "max_connections %d does not fit the file-descriptor limit %d: using %d",
+            guard.max_connections,
+            soft,
+            cap,
+        )
+        guard = replace(guard, max_connections=cap)
+    return guard
+
+
 async def serve(
-    config: Config, opts: ServeOptions | None = None, shutdown_timeout: float = 10.0
+    config: Config,
+    opts: ServeOptions | None = None,
+    shutdown_timeout: float = 10.0,
+    sockets: Sequence[socket.socket] | None = None,
 ) -> None:
     opts = opts or ServeOptions()
+    if sockets is None:
+        sockets = bind(config.server.host, config.server.port)
     core = make_core(config)
     core.gate = make_gate(config, opts)
     for backend in core.backends.values():
@@ -160,12 +202,16 @@ async def serve(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     server = runner.server
-    if server is not None and opts.fast_path:
+    assert server is not None
+    if opts.fast_path:
         server.request_handler = fast_get(app, server.request_handler, opts.metrics)
-    site = web.TCPSite(
-        runner, config.server.host, config.server.port, reuse_port=True, backlog=1024
-    )
-    await site.start()
+    loop = asyncio.get_running_loop()
+    gate = ConnectionGate(server, connection_guard(config))
+    app[monitor.METRICS].sources["clients"] = lambda: {
+        "open": len(server.connections),
+        "refused": gate.refused,
+    }
+    listeners = [await loop.create_server(gate, sock=sock, backlog=1024) for sock in sockets]
     tune_gc()
     log.info(
         "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
@@ -175,7 +221,6 @@ async def serve(
         opts.policies or "off",
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, core.gate.reload)
@@ -186,7 +231,9 @@ async def serve(
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
-        await runner.cleanup()  # stops accepting, waits for handlers, closes pools
+        for listener in listeners:  # stop accepting
+            listener.close()
+        await runner.cleanup()  # waits for handlers, closes pools
         if limiter is not None:
             await limiter.close()
     log.info("stopped")
@@ -234,15 +281,21 @@ async def _watch_policies(gate: Gatekeeper, interval: float) -> None:
 
 
 def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> int:
-    """``--workers N``: N processes share the port with SO_REUSEPORT, each with its own
-    pools; the parent forwards signals and waits."""
-    child_args = [a for a in argv]
-    i = child_args.index("--workers")
-    del child_args[i : i + 2]
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args])
-        for _ in range(opts.workers)
-    ]
+    """``--workers N``: the parent binds the listening sockets (exclusively, so no other
+    process can join the port) and N processes inherit them and accept from them, each
+    with its own pools; the parent forwards signals and waits."""
+    child_args = _without_workers(argv)
+    sockets = bind(config.server.host, config.server.port)
+    fds = [sock.fileno() for sock in sockets]
+    child_args += ["--listen-fds", ",".join(map(str, fds))]
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args], pass_fds=fds)
+            for _ in range(opts.workers)
+        ]
+    finally:
+        for sock in sockets:  # the children hold them now
+            sock.close()
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:
@@ -253,6 +306,45 @@ def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> in
         signal.signal(sig, forward)
     codes = [p.wait() for p in procs]
     return max(codes, default=0)
+
+
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            args.append(arg)
+    return args
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds (got {value!r})")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value, 10)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value!r})")
+    return number
+
+
+def _fd_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(fd) for fd in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be comma-separated descriptors") from None
 
 
 async def run_collector(settings: CollectorSettings, shutdown_timeout: float = 10.0) -> None:
@@ -291,6 +383,27 @@ def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
     )
 
 
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    """``--log-level``: one of LOG_LEVELS, in any case."""
+    if value.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(LOG_LEVELS)} (got {value[:40]!r})"
+        )
+    return value.upper()
+
+
+def _add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"),
+        help=f"{', '.join(LOG_LEVELS)} (default info, or env DBPROXY_LOG_LEVEL)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbproxy", description="Database access sidecar")
     sub = p.add_subparsers(dest="command", required=True)
@@ -317,6 +430,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
     s.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        help="client connections accepted; past it, 503 too_many_connections (health is "
+        "still answered) (default 4096)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds from a request's first byte to its last header, else 408 (default 10)",
+    )
+    s.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds from a request's headers to its body's last byte, else 408 (default 30)",
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds a keep-alive connection may wait for its next request (default 60)",
+    )
+    s.add_argument("--listen-fds", type=_fd_list, default=(), help=argparse.SUPPRESS)
+    s.add_argument(
         "--no-coalesce",
         dest="coalesce",
         action="store_false",
@@ -334,7 +473,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="route GET-by-id through the router like every request (to measure the shortcut)",
     )
-    s.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
+    _add_log_level(s)
     pc = sub.add_parser("policy", help="policy tools")
     pc_sub = pc.add_subparsers(dest="policy_command", required=True)
     chk = pc_sub.add_parser("check", help="validate a policy directory")
@@ -344,8 +483,26 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8710, help="listen port (default 8710)")
     c.add_argument("--database", default=None, help="PostgreSQL URL where rollups persist")
     c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
-    c.add_argument("--log-level", default=os.environ.get("DBPROXY_LOG_LEVEL", "INFO"))
+    _add_log_level(c)
     return p
+
+
+_SERVER_FLAGS: Final = {
+    "max_connections": "max_connections",
+    "header_timeout": "header_timeout_seconds",
+    "body_timeout": "body_timeout_seconds",
+    "idle_timeout": "idle_timeout_seconds",
+}
+
+
+def _with_server_flags(config: Config, args: argparse.Namespace) -> Config:
+    """The server settings of the file, overridden by the flags given."""
+    given = {
+        field: getattr(args, flag)
+        for flag, field in _SERVER_FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    return replace(config, server=replace(config.server, **given)) if given else config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -364,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 data_dir=args.data_dir,
                 collector_url=args.collector,
             )
+            config = _with_server_flags(config, args)
             opts = ServeOptions(
                 args.policies,
                 args.service,
@@ -373,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 coalesce=args.coalesce,
                 metrics=args.metrics,
                 fast_path=args.fast_path,
+                listen_fds=args.listen_fds,
             )
             make_core(config, announce=False)  # validate backends and policies before binding
             make_gate(config, opts)
@@ -382,12 +541,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.workers < 1:
             print("dbproxy: --workers must be at least 1", file=sys.stderr)
             return 2
-        if opts.workers > 1:
-            return serve_workers(config, opts, list(argv if argv is not None else sys.argv[1:]))
+        try:
+            if opts.workers > 1:
+                args_list = list(argv if argv is not None else sys.argv[1:])
+                return serve_workers(config, opts, args_list)
+            if opts.listen_fds:
+                sockets = inherited(list(opts.listen_fds))
+            else:
+                sockets = bind(config.server.host, config.server.port)
+        except AddressInUse as err:
+            print(f"dbproxy: {err.strerror}", file=sys.stderr)
+            return 1
+        except OSError as err:
+            print(f"dbproxy: cannot listen on {config.server.host}: {err}", file=sys.stderr)
+            return 1
         import uvloop
 
         try:
-            uvloop.run(serve(config, opts))
+            uvloop.run(serve(config, opts, sockets=sockets))
         except OSError as err:
             print(f"dbproxy: cannot start: {err}", file=sys.stderr)
             return 1

@@ -47,6 +47,11 @@ _SCHEMES: Final[Mapping[str, tuple[str, ...]]] = {
     "sqlite": ("sqlite",),
 }
 _TYPE_BY_SCHEME: Final = {s: t for t, schemes in _SCHEMES.items() for s in schemes}
+# The types this build has a backend for: an unknown URL scheme (--database,
+# $DBPROXY_DATABASE_URL) is answered with exactly their schemes (the others fail later,
+# with "has no backend in this build").
+URL_DATABASE_TYPES: Final = ("postgresql", "sqlite")
+_URL_TYPE_BY_SCHEME: Final = {s: t for s, t in _TYPE_BY_SCHEME.items() if t in URL_DATABASE_TYPES}
 
 _COLLECTION_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 _NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,62}")
@@ -147,6 +152,11 @@ class CacheConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8700
+    # client connections: past the cap, health is still answered and the rest get 503
+    max_connections: int = 4096
+    header_timeout_seconds: float = 10.0  # from a request's first byte to its last header
+    body_timeout_seconds: float = 30.0  # from the last header to the body's last byte
+    idle_timeout_seconds: float = 60.0  # a keep-alive connection with no request is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -488,10 +498,15 @@ def _parse_server(
     value: object, problems: _Problems, host: str | None, port: int | None
 ) -> ServerConfig:
     raw = _mapping(value, "server", problems) or {}
-    _check_keys(raw, ("host", "port"), "server", problems)
+    _check_keys(raw, [f.name for f in fields(ServerConfig)], "server", problems)
     defaults = ServerConfig()
     file_host = _str(raw, "host", "server", defaults.host, problems)
     file_port = _int(raw, "port", "server", defaults.port, problems, high=_MAX_PORT)
+    cap = _int(raw, "max_connections", "server", defaults.max_connections, problems)
+    timeouts = {
+        name: _positive_number(raw, name, "server", getattr(defaults, name), problems)
+        for name in ("header_timeout_seconds", "body_timeout_seconds", "idle_timeout_seconds")
+    }
     if host is not None and not host:
         problems.add("host", "must be a non-empty string")
         host = None
@@ -500,6 +515,8 @@ def _parse_server(
     return ServerConfig(
         host=host or file_host or defaults.host,
         port=port or file_port or defaults.port,
+        max_connections=cap or defaults.max_connections,
+        **{k: v for k, v in timeouts.items() if v is not None},
     )
 
 
@@ -738,7 +755,7 @@ def _url_database(url: str, source: str, problems: _Problems) -> DatabaseConfig 
     match = _SCHEME_RE.match(url)
     db_type = _TYPE_BY_SCHEME.get(match.group(1).lower()) if match else None
     if db_type is None:
-        expected = ", ".join(f"{s}://" for s in _TYPE_BY_SCHEME)
+        expected = ", ".join(f"{s}://" for s in _URL_TYPE_BY_SCHEME)
         problems.add(source, f"unsupported or missing URL scheme (expected one of {expected})")
         return None
     return DatabaseConfig(name=URL_DATABASE_NAME, type=db_type, connection_string=url)

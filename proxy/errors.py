@@ -125,6 +125,13 @@ class PayloadTooLarge(ProxyError):
     code = "payload_too_large"
 
 
+class RequestTimeout(ProxyError):
+    """The client did not send its request's headers or body in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class UnsupportedMediaType(ProxyError):
     status = 415
     code = "unsupported_media_type"
@@ -151,6 +158,12 @@ class Unavailable(ProxyError):
 
 class PoolExhausted(Unavailable):
     code = "pool_exhausted"
+
+
+class TooManyConnections(Unavailable):
+    """The sidecar holds as many client connections as it is configured to."""
+
+    code = "too_many_connections"
 
 
 class Timeout(ProxyError):

@@ -148,6 +148,15 @@ class _LiveCollector(Collector):
         )
         fast.add_metric([], src.get("fast_path", dict)().get("requests", 0))
         yield fast
+        clients = src.get("clients", dict)()
+        open_ = GaugeMetricFamily("dbproxy_client_connections", "Open client connections")
+        open_.add_metric([], clients.get("open", 0))
+        refused = CounterMetricFamily(
+            "dbproxy_client_connections_refused",
+            "Requests and connections answered 503 too_many_connections (the cap)",
+        )
+        refused.add_metric([], clients.get("refused", 0))
+        yield from (open_, refused)
 
 
 def _pools(connections: dict[str, Any]) -> Iterable[Any]:

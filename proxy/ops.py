@@ -220,9 +220,12 @@ def build_find_spec(raw: Mapping[str, Any], limits: Limits, *, from_url: bool) -
     cursor = raw.get("next")
     if cursor is not None and not isinstance(cursor, str):
         raise BadRequest("next must be the cursor string of a previous page", code="invalid_cursor")
+    sort = raw.get("sort")
+    if from_url and isinstance(sort, str) and sort.lstrip()[:1] in ("{", "["):
+        sort = parse_json_text(sort, limits, "sort")  # the /query body's object (or list) form
     return FindSpec(
         filter=parse_filter(flt, limits),
-        sort=parse_sort(raw.get("sort"), limits),
+        sort=parse_sort(sort, limits),
         limit=limits.default_limit
         if limit is None
         else _int_param(limit, "limit", 1, limits.max_limit, "limit_too_large"),

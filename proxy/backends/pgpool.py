@@ -74,6 +74,7 @@ class Endpoint:
         self.pool: asyncpg.Pool | None = None
         self.state = EndpointState(name, role, breaker)
         self.waiting = 0
+        self.down_reason: str | None = None  # why the pool is not open, safe to show
         self.statements = 0  # statements run here (reads and writes), for /connections
         self.last_answer = 0.0  # when the server last answered anything (monotonic)
         self.probe: asyncpg.Connection | None = None  # the watchdog's own connection
@@ -284,7 +285,7 @@ class EndpointSet:
         pool = ep.pool
         if pool is None:
             ep.breaker.release()
-            raise Unavailable("the database pool is not open", retry_after=1)
+            raise Unavailable(ep.down_reason or "the database pool is not open", retry_after=1)
         if ep.waiting >= self.max_waiting:
             ep.breaker.release()
             raise PoolExhausted("too many requests waiting for a connection", retry_after=1)

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -191,6 +192,21 @@ def _dumps(value: dict[str, Any]) -> bytes:
     return text
 
 
+MISSING_RETRY_AFTER = 5.0  # seconds: a missing database is a configuration problem
+
+
+def dsn_database(dsn: str) -> str | None:
+    """The database a ``postgresql://`` URL names (path, or ``dbname``/``database``), for
+    messages; None when it names none (then libpq's default, the user name, applies)."""
+    parts = urlsplit(dsn)
+    name = unquote(parts.path.lstrip("/"))
+    if not name:
+        query = parse_qs(parts.query)
+        name = (query.get("dbname") or query.get("database") or [""])[0]
+    name = name[:63]
+    return name if name and name.isprintable() else None
+
+
 def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
     state = getattr(exc, "sqlstate", "") or ""
     if state == "DP002":  # raised by dbproxy_number inside the update statement
@@ -215,6 +231,8 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
         return LimitExceeded("the request is too complex for the database", code="too_complex")
     if state.startswith("53") or state.startswith("57P"):
         return Unavailable("the database is overloaded or shutting down", retry_after=1)
+    if state == "3D000":
+        return Unavailable("the database does not exist", retry_after=MISSING_RETRY_AFTER)
     log.error("unexpected database error sqlstate=%s type=%s", state, type(exc).__name__)
     return InternalError("unexpected database error")
 
@@ -592,9 +610,8 @@ class PostgresBackend(_Documents):
                 "database %s (%s) not ready: %s; retrying in the background",
                 self.name,
                 self.config.redacted_dsn(),
-                err.code,
+                err.message,
             )
-            self._last_error = err.code
             self._reconnect_task = asyncio.create_task(self._reconnect())
         await self.endpoints.start_replicas()
         self.endpoints.start_watchdog()
@@ -618,19 +635,33 @@ class PostgresBackend(_Documents):
         except Exception as exc:
             if pool is not None:
                 pool.terminate()
-            raise translate(exc) from None
+            err = translate(exc)
+            if getattr(exc, "sqlstate", None) == "3D000":
+                name = dsn_database(self.config.connection_string)
+                what = f"database {name}" if name else "the configured database"
+                err = Unavailable(f"{what} does not exist", retry_after=MISSING_RETRY_AFTER)
+            self._down(err)
+            raise err from None
         self.pool = pool
         self._last_error = None
+        self.endpoints.primary.down_reason = None
+
+    def _down(self, err: ProxyError) -> None:
+        """Remember why the primary's pool is not open: health and requests say so."""
+        self._last_error = err.code
+        self.endpoints.primary.down_reason = err.message
 
     async def _reconnect(self) -> None:
         delay = 0.5
         while self.pool is None:
             await asyncio.sleep(delay)
+            before = self.endpoints.primary.down_reason
             try:
                 await self._open()
                 log.info("database %s is reachable now", self.name)
             except ProxyError as err:
-                self._last_error = err.code
+                if err.message != before:  # once per reason, not once per attempt
+                    log.warning("database %s not ready: %s", self.name, err.message)
                 delay = min(delay * 2, 15.0)
 
     async def close(self) -> None:
@@ -644,7 +675,10 @@ class PostgresBackend(_Documents):
         """Ready when the primary answers; replicas only degrade."""
         started = time.perf_counter()
         if self.pool is None:
-            return {"status": "down", "error": self._last_error or "not_connected"}
+            gone: dict[str, Any] = {"status": "down", "error": self._last_error or "not_connected"}
+            if self.endpoints.primary.down_reason:
+                gone["message"] = self.endpoints.primary.down_reason
+            return gone
         try:
             async with self._conn(wait=2.0) as conn:
                 await conn.fetchval("SELECT 1", timeout=2.0)
@@ -676,7 +710,10 @@ class PostgresBackend(_Documents):
         cancel would hang on a server that does not answer."""
         pool = self.pool
         if pool is None:
-            raise Unavailable("the database pool is not open", retry_after=1)
+            raise Unavailable(
+                self.endpoints.primary.down_reason or "the database pool is not open",
+                retry_after=1,
+            )
         try:
             conn = await pool.acquire(
                 timeout=max(wait, 0.001) if wait is not None else self._acquire_timeout

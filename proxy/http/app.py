@@ -686,15 +686,33 @@ async def _transaction_action(
         )
     if action in ("commit", "rollback"):
         _only(body, {"action", "transaction_id"})
-        ended = body.get("transaction_id")
-        if not isinstance(ended, str):
-            raise BadRequest("transaction_id is required", code="invalid_transaction")
+        ended = _ended_transaction(request, body)
         if action == "commit":
             await core.transactions.commit(ended, owner(request))
             return json_response({"transaction_id": ended, "status": "committed"})
         await core.transactions.rollback(ended, owner(request))
         return json_response({"transaction_id": ended, "status": "rolled-back"})
     raise BadRequest("action must be begin, commit or rollback", code="invalid_action")
+
+
+def _ended_transaction(request: web.Request, body: dict[str, Any]) -> str:
+    """The transaction a commit/rollback ends: the body's ``transaction_id`` or the
+    ``X-Transaction-Id`` header (both may be given when they agree)."""
+    named, header = body.get("transaction_id"), request.headers.get("X-Transaction-Id")
+    if named is not None and not isinstance(named, str):
+        raise BadRequest("transaction_id must be a string", code="invalid_transaction")
+    if named is not None and header is not None and named != header:
+        raise BadRequest(
+            "transaction_id and the X-Transaction-Id header name different transactions",
+            code="transaction_id_mismatch",
+        )
+    ended = named if named is not None else header
+    if not ended:
+        raise BadRequest(
+            "transaction_id (or the X-Transaction-Id header) is required",
+            code="invalid_transaction",
+        )
+    return ended
 
 
 def _only(body: dict[str, Any], allowed: set[str]) -> None:

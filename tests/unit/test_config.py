@@ -319,7 +319,7 @@ def test_missing_file_and_bad_flags_reported_together(tmp_path: Path) -> None:
         f"{missing}: config file not found",
         "port: must be between 1 and 65535 (got 0)",
         "database_url: unsupported or missing URL scheme (expected one of postgresql://, "
-        "postgres://, mongodb://, mongodb+srv://, redis://, rediss://, sqlite://)",
+        "postgres://, sqlite://)",
     ]
 
 
