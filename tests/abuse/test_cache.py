@@ -359,5 +359,5 @@ async def test_cpu_load_serves_nothing_stale(tmp_path: Path, pg_dsn: str, redis:
                 proc.wait()
     report("cpu load", got, events)
     assert got.errors == []
-    assert got.pairs > 100
+    assert got.pairs > 20  # a starved machine: few, but enough to have raced
     assert got.stale == []
