@@ -246,9 +246,9 @@ async def test_frozen_redis_serves_nothing_stale(tmp_path: Path, pg_dsn: str, re
             await asyncio.sleep(0.5)
             for _ in range(2):
                 redis.signal(signal.SIGSTOP)
-                await asyncio.sleep(1.2)
+                await asyncio.sleep(0.9)
                 redis.signal(signal.SIGCONT)
-                await asyncio.sleep(1.3)
+                await asyncio.sleep(1.0)
 
         got, events = await run_pairs(a, b, coll, fault, one_way=True)
     report("frozen", got, events)
@@ -268,7 +268,7 @@ async def test_killed_redis_serves_nothing_stale(tmp_path: Path, pg_dsn: str, re
                 redis.kill()
                 await asyncio.sleep(0.6)
                 await asyncio.to_thread(redis.start)
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(1.0)
 
         got, events = await run_pairs(a, b, coll, fault, one_way=True)
     report("killed", got, events)
@@ -291,9 +291,11 @@ async def test_slow_redis_serves_nothing_stale(tmp_path: Path, pg_dsn: str, redi
 
             async def fault() -> None:
                 await asyncio.sleep(0.5)
-                for latency in (0.01, 0.03, 0.08, 0.0):
+                # around the cache's 50 ms timeout (a round trip is twice the latency,
+                # more when the proxy queues), then far beyond it, then none
+                for latency in (0.01, 0.02, 0.025, 0.03, 0.08, 0.0, 0.02, 0.0):
                     proxy.latency = latency
-                    await asyncio.sleep(0.9)
+                    await asyncio.sleep(0.5)
 
             got, events = await run_pairs(a, b, coll, fault)
     finally:
@@ -322,9 +324,9 @@ async def test_stalled_subscription_serves_nothing_stale(
                 await asyncio.sleep(0.5)
                 for _ in range(2):
                     proxy.stall_subscriptions = True
-                    await asyncio.sleep(1.0)
-                    proxy.stall_subscriptions = False
                     await asyncio.sleep(0.8)
+                    proxy.stall_subscriptions = False
+                    await asyncio.sleep(0.6)
 
             got, events = await run_pairs(a, b, coll, fault)
     finally:
@@ -349,7 +351,7 @@ async def test_cpu_load_serves_nothing_stale(tmp_path: Path, pg_dsn: str, redis:
             await asyncio.sleep(0.3)
             for _ in range(3 * (os.cpu_count() or 2)):
                 busy.append(subprocess.Popen([sys.executable, "-c", BUSY]))
-            await asyncio.sleep(6.0)
+            await asyncio.sleep(5.0)
 
         try:
             got, events = await run_pairs(a, b, coll, fault)
