@@ -41,29 +41,26 @@ that key; and a sidecar that has *received* the invalidation never
 serves one from its near cache (the entry was dropped on receipt and the near tombstone
 plus the age rule refuse stale near fills, exactly as in Redis).
 
-4. *Acknowledged broadcast.* Receipt is not left to chance: every invalidation message
-   carries the writer's node id and a sequence number, the script returns how many
-   subscribers PUBLISH reached, and every subscriber (the writer's own included) confirms
-   each message once its near cache has dropped the keys (other nodes by one PUBLISH on
-   the writer's ``<channel>:ack:<node>`` channel, batched per loop turn). ``invalidate``
-   returns only when all of them have confirmed, so the write's response is never
-   followed by a stale near hit on any sidecar that is subscribed; only a sidecar that
-   does not confirm within ``ack_timeout`` (frozen, or its subscription in trouble) is
-   left behind, and that is counted (``ack_timeouts``). A sidecar that is not subscribed
-   at all is not live and serves nothing from its near cache.
+4. *Acknowledged broadcast and leases.* Every invalidation message carries the writer's
+   node id and a sequence number; the script returns how many subscribers PUBLISH reached,
+   and each of them confirms once its near cache has dropped the keys. A sidecar serves
+   near hits only under a *lease*: a probe token it publishes to itself every
+   ``probe_every`` and receives back on its subscription (behind every invalidation Redis
+   ran before the probe) extends the lease to send time + ``ack_timeout``. So a write that
+   did not collect every confirmation within ``ack_timeout`` of Redis running its script
+   can answer: every copy it did not hear from has lost its lease. A write whose script
+   Redis did not take (timeout, lost connection) is tried even while the cache is not
+   live, and then waits ``ack_timeout`` more before answering (kept for replay).
+5. *The fence.* Every script first compares Redis ``TIME`` with a heartbeat key every
+   script refreshes; a gap longer than the pipe's deadline (Redis was frozen or restarted)
+   voids every entry and ticket (new generation) and broadcasts "forget everything"
+   before doing anything else, so invalidations a frozen Redis never ran cannot come back.
 
 Outages: any failed Redis operation, or a subscriber that loses its connection or gets no
-PONG, makes ``RedisCache`` not live: from then on both levels are bypassed (the near cache
-cannot hear invalidations any more) and the subscriber reconnects in the background.
-Invalidations that could not be delivered are kept (bounded; on overflow they collapse
-into one flush of everything, done by bumping a generation number that every entry and
-every ticket carries) and are replayed first when Redis answers again; then ``on_resync``
-clears the near cache (invalidations may have been missed while disconnected), and only
-then is the cache live again. The replay cannot be instantaneous: a sidecar that reaches
-Redis before the writer's replay may read the old entry from Redis until it lands. A
-sidecar that only serves near hits notices a frozen Redis through the subscriber's PING
-(``health_interval + probe_timeout``, 1.5 s by default); until then it is one that has not
-received the invalidations Redis could not carry.
+PONG, makes ``RedisCache`` not live: both levels are bypassed and the subscriber
+reconnects, replays what could not be delivered (bounded; on overflow one flush of
+everything) and clears the near cache before it is live again. The argument, and what it
+assumes, is in docs/cache-coherence.md.
 
 Assumptions: versions never go backwards for a key (a delete invalidates with the deleted
 version + 1); fills come from reads that see every committed write (the primary, or a
