@@ -41,29 +41,26 @@ that key; and a sidecar that has *received* the invalidation never
 serves one from its near cache (the entry was dropped on receipt and the near tombstone
 plus the age rule refuse stale near fills, exactly as in Redis).
 
-4. *Acknowledged broadcast.* Receipt is not left to chance: every invalidation message
-   carries the writer's node id and a sequence number, the script returns how many
-   subscribers PUBLISH reached, and every subscriber (the writer's own included) confirms
-   each message once its near cache has dropped the keys (other nodes by one PUBLISH on
-   the writer's ``<channel>:ack:<node>`` channel, batched per loop turn). ``invalidate``
-   returns only when all of them have confirmed, so the write's response is never
-   followed by a stale near hit on any sidecar that is subscribed; only a sidecar that
-   does not confirm within ``ack_timeout`` (frozen, or its subscription in trouble) is
-   left behind, and that is counted (``ack_timeouts``). A sidecar that is not subscribed
-   at all is not live and serves nothing from its near cache.
+4. *Acknowledged broadcast and leases.* Every invalidation message carries the writer's
+   node id and a sequence number; the script returns how many subscribers PUBLISH reached,
+   and each of them confirms once its near cache has dropped the keys. A sidecar serves
+   near hits only under a *lease*: a probe token it publishes to itself every
+   ``probe_every`` and receives back on its subscription (behind every invalidation Redis
+   ran before the probe) extends the lease to send time + ``ack_timeout``. So a write that
+   did not collect every confirmation within ``ack_timeout`` of Redis running its script
+   can answer: every copy it did not hear from has lost its lease. A write whose script
+   Redis did not take (timeout, lost connection) is tried even while the cache is not
+   live, and then waits ``ack_timeout`` more before answering (kept for replay).
+5. *The fence.* Every script first compares Redis ``TIME`` with a heartbeat key every
+   script refreshes; a gap longer than the pipe's deadline (Redis was frozen or restarted)
+   voids every entry and ticket (new generation) and broadcasts "forget everything"
+   before doing anything else, so invalidations a frozen Redis never ran cannot come back.
 
 Outages: any failed Redis operation, or a subscriber that loses its connection or gets no
-PONG, makes ``RedisCache`` not live: from then on both levels are bypassed (the near cache
-cannot hear invalidations any more) and the subscriber reconnects in the background.
-Invalidations that could not be delivered are kept (bounded; on overflow they collapse
-into one flush of everything, done by bumping a generation number that every entry and
-every ticket carries) and are replayed first when Redis answers again; then ``on_resync``
-clears the near cache (invalidations may have been missed while disconnected), and only
-then is the cache live again. The replay cannot be instantaneous: a sidecar that reaches
-Redis before the writer's replay may read the old entry from Redis until it lands. A
-sidecar that only serves near hits notices a frozen Redis through the subscriber's PING
-(``health_interval + probe_timeout``, 1.5 s by default); until then it is one that has not
-received the invalidations Redis could not carry.
+PONG, makes ``RedisCache`` not live: both levels are bypassed and the subscriber
+reconnects, replays what could not be delivered (bounded; on overflow one flush of
+everything) and clears the near cache before it is live again. The argument, and what it
+assumes, is in docs/cache-coherence.md.
 
 Assumptions: versions never go backwards for a key (a delete invalidates with the deleted
 version + 1); fills come from reads that see every committed write (the primary, or a
@@ -358,18 +355,34 @@ class NearCache:
 
 # ---- level 2: Redis ---------------------------------------------------------------------
 
-_TIME_MS: Final = """
+# Every script starts with the fence. KEYS[1] the generation, KEYS[2] the heartbeat (Redis
+# TIME in ms of the last script run); ARGV[1] the channel, ARGV[2] the longest gap in ms.
+# A gap longer than that (Redis frozen, or restarted with persisted entries), or no
+# heartbeat, voids every entry and ticket (a new generation, above any earlier one) and
+# tells every sidecar to forget its near cache, BEFORE this script does its own work. With
+# no generation either (a new or emptied Redis) there is nothing to void, but the new
+# generation is still above any ticket an earlier instance handed out (see
+# docs/cache-coherence.md).
+_FENCE: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local gen = tonumber(redis.call('GET', KEYS[2]) or '0')
+local had = redis.call('GET', KEYS[1])
+local gen = tonumber(had or '0')
+local hb = tonumber(redis.call('GET', KEYS[2]))
+if not hb or now - hb > tonumber(ARGV[2]) then
+  gen = math.max(gen + 1, now)
+  redis.call('SET', KEYS[1], string.format('%.0f', gen))
+  if had then redis.call('PUBLISH', ARGV[1], '*') end
+end
+if not hb or now > hb then redis.call('SET', KEYS[2], string.format('%.0f', now)) end
 """
 
-# KEYS[1] the entry, KEYS[2] the generation. A hit: {1, version, value, ms left}; a miss:
-# {0, now_ms, gen} (the fill ticket). An entry from an older generation is a miss.
+# KEYS[3] the entry. A hit: {1, version, value, ms left}; a miss: {0, now_ms, gen} (the
+# fill ticket). An entry from an older generation is a miss.
 GET_LUA: Final = (
-    _TIME_MS
+    _FENCE
     + """
-local e = redis.call('HMGET', KEYS[1], 'v', 'd', 'x', 'g')
+local e = redis.call('HMGET', KEYS[3], 'v', 'd', 'x', 'g')
 if e[1] and e[2] and tonumber(e[4]) == gen then
   local left = tonumber(e[3]) - now
   if left > 0 then return {1, e[1], e[2], left} end
@@ -378,17 +391,17 @@ return {0, now, gen}
 """
 )
 
-# KEYS[1] the entry, KEYS[2] the generation; ARGV: version, value, ttl_ms, ticket_ms ('' for
-# none), ticket_gen, window_ms. Returns 1 stored, 2 this version is already there, 0 refused.
+# KEYS[3] the entry; ARGV[3..8]: version, value, ttl_ms, ticket_ms ('' for none), ticket_gen,
+# window_ms. Returns 1 stored, 2 this version is already there, 0 refused.
 PUT_LUA: Final = (
-    _TIME_MS
+    _FENCE
     + """
-local version = tonumber(ARGV[1])
-if ARGV[4] ~= '' then
-  if tonumber(ARGV[5]) ~= gen then return 0 end
-  if now - tonumber(ARGV[4]) >= tonumber(ARGV[6]) then return 0 end
+local version = tonumber(ARGV[3])
+if ARGV[6] ~= '' then
+  if tonumber(ARGV[7]) ~= gen then return 0 end
+  if now - tonumber(ARGV[6]) >= tonumber(ARGV[8]) then return 0 end
 end
-local e = redis.call('HMGET', KEYS[1], 'v', 'x', 'g', 't')
+local e = redis.call('HMGET', KEYS[3], 'v', 'x', 'g', 't')
 local floor = tonumber(e[4])
 if floor and floor > version then return 0 end
 if e[1] and tonumber(e[3]) == gen and tonumber(e[2]) > now then
@@ -396,41 +409,56 @@ if e[1] and tonumber(e[3]) == gen and tonumber(e[2]) > now then
   if have > version then return 0 end
   if have == version then return 2 end
 end
-local ttl = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
 local keep = ttl
 if floor then
-  local left = redis.call('PTTL', KEYS[1])
+  local left = redis.call('PTTL', KEYS[3])
   if left > keep then keep = left end
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[1], 'd', ARGV[2], 'x', string.format('%.0f', now + ttl),
+redis.call('HSET', KEYS[3], 'v', ARGV[3], 'd', ARGV[4], 'x', string.format('%.0f', now + ttl),
            'g', string.format('%.0f', gen))
-redis.call('PEXPIRE', KEYS[1], keep)
+redis.call('PEXPIRE', KEYS[3], keep)
 return 1
 """
 )
 
-# KEYS: the entries; ARGV[1] channel, ARGV[2] payload, ARGV[3] tombstone life in ms,
-# ARGV[3+i] the written version of KEYS[i]. Deletes, leaves tombstones, publishes: atomic.
-INVALIDATE_LUA: Final = """
-local life = tonumber(ARGV[3])
-for i = 1, #KEYS do
-  local v = tonumber(ARGV[3 + i])
+# KEYS[3..] the entries; ARGV[3] payload, ARGV[4] tombstone life in ms, ARGV[4+i] the
+# written version of KEYS[2+i]. Deletes, leaves tombstones, publishes: atomic.
+INVALIDATE_LUA: Final = (
+    _FENCE
+    + """
+local life = tonumber(ARGV[4])
+for i = 3, #KEYS do
+  local v = tonumber(ARGV[2 + i])
   local floor = tonumber(redis.call('HGET', KEYS[i], 't'))
   if floor and floor > v then v = floor end
   redis.call('DEL', KEYS[i])
   redis.call('HSET', KEYS[i], 't', string.format('%.0f', v))
   redis.call('PEXPIRE', KEYS[i], life)
 end
-return redis.call('PUBLISH', ARGV[1], ARGV[2])
+return redis.call('PUBLISH', ARGV[1], ARGV[3])
 """
+)
 
-# KEYS[1] the generation; ARGV[1] channel. Voids every entry and every outstanding ticket.
-FLUSH_LUA: Final = """
+# Voids every entry and every outstanding ticket.
+FLUSH_LUA: Final = (
+    _FENCE
+    + """
 redis.call('INCR', KEYS[1])
 return redis.call('PUBLISH', ARGV[1], '*')
 """
+)
 
-_SCRIPTS: Final = (GET_LUA, PUT_LUA, INVALIDATE_LUA, FLUSH_LUA)
+# ARGV[3] the prober's own channel, ARGV[4] its token: the fence, then the token comes back
+# on the subscription, behind every invalidation Redis ran before it (the lease).
+PROBE_LUA: Final = (
+    _FENCE
+    + """
+return redis.call('PUBLISH', ARGV[3], ARGV[4])
+"""
+)
+
+_SCRIPTS: Final = (GET_LUA, PUT_LUA, INVALIDATE_LUA, FLUSH_LUA, PROBE_LUA)
 
 
 def _sha(script: str) -> str:
@@ -532,6 +560,7 @@ class RedisCache:
         max_in_flight: int = 1024,
         max_pending: int = 10_000,
         ack_timeout: float = 0.05,
+        clock: Clock = time.monotonic,
     ) -> None:
         problems = [
             f"{name} must be > 0, got {value!r}"
@@ -564,8 +593,19 @@ class RedisCache:
         self.retry_max = retry_max
         self.max_in_flight = max_in_flight
         self.max_pending = max_pending
-        self._gen_key = prefix + "@gen"
         self.ack_timeout = ack_timeout
+        self._clock = clock
+        # The lease: near hits are served only while ``clock() < lease_until``. A probe
+        # token sent at ``t`` and received back on the subscription (behind every
+        # invalidation Redis ran before it) extends it to ``t + lease``; a write that
+        # cannot collect every confirmation waits until such leases have run out.
+        self.lease = ack_timeout
+        self.lease_until = float("-inf")
+        self._epoch = 0  # bumped on every state change: older tokens renew nothing
+        self._gap_ms = max(1, int(self._io_deadline * 1000))  # the fence's longest gap
+        self.probe_every = min(self.lease / 4, self._gap_ms / 3000)
+        self._keys = (self.prefix + "@gen", self.prefix + "@hb")
+        self._fence_args = (channel, self._gap_ms)
         self.node = secrets.token_hex(8)  # names this process in invalidations and acks
         self._ack_channel = f"{channel}:ack:{self.node}"
         self._ack_channel_b = self._ack_channel.encode()
@@ -580,6 +620,7 @@ class RedisCache:
         self._opening: asyncio.Future[Pipe] | None = None
         self._state = RemoteState.DOWN
         self._live_event = asyncio.Event()
+        self._leased = asyncio.Event()  # set by the first renewal of each live period
         self._supervisor: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pending: dict[str, int] = {}
@@ -594,6 +635,8 @@ class RedisCache:
         self.bad_messages = 0  # undecodable messages (each treated as a flush of everything)
         self.ack_timeouts = 0  # invalidations not confirmed by every subscriber in time
         self.ack_failures = 0  # confirmations this process could not send
+        self.unconfirmed = 0  # invalidations Redis may not have run (waited out the lease)
+        self.flushes = 0  # "forget everything" messages received (fences, flushes, resyncs)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -648,10 +691,16 @@ class RedisCache:
         await self.wait_live(self.probe_timeout if wait is None else wait)
 
     async def wait_live(self, within: float) -> bool:
-        """Wait up to ``within`` seconds for the cache to be live; tell whether it is."""
+        """Wait up to ``within`` seconds for the cache to be live, and its first lease (so
+        that the near cache answers); tell whether it is live."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + within
         if not self.live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._live_event.wait(), within)
+        if self.live:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._leased.wait(), max(0.0, until - loop.time()))
         return self.live
 
     async def close(self) -> None:
@@ -683,7 +732,7 @@ class RedisCache:
 
     async def get(self, key: str) -> RemoteHit | Ticket:
         """The entry for ``key``, or on a miss the ticket to present to ``put``."""
-        reply = await self._op(GET_LUA, (self.prefix + key, self._gen_key), (), optional=True)
+        reply = await self._op(GET_LUA, (*self._keys, self.prefix + key), (), optional=True)
         try:
             if reply[0] == 1 and type(reply[2]) is bytes:
                 return RemoteHit(reply[2], int(reply[1]), int(reply[3]))
@@ -710,40 +759,73 @@ class RedisCache:
             0 if ticket is None else ticket.gen,
             self._window_ms,
         )
-        reply = await self._op(PUT_LUA, (self.prefix + key, self._gen_key), args, optional=True)
+        reply = await self._op(PUT_LUA, (*self._keys, self.prefix + key), args, optional=True)
         return reply in (1, 2)
 
     async def invalidate(self, entries: Sequence[tuple[str, int]]) -> None:
         """Delete ``[(key, written_version), ...]`` in Redis, leave tombstones and publish
-        them, in one round trip per 256 keys. On failure the entries are kept for replay
-        once Redis answers again, and ``CacheUnavailable`` is raised."""
+        them, in one round trip per 256 keys, then wait for every subscriber's confirmation
+        (at most ``ack_timeout``; whoever did not confirm by then has lost its lease). Tried
+        even while the cache is not live, and once more on a new connection when the first
+        try failed at once; when that fails, the entries are kept for replay, the call
+        returns only once every lease that could predate it has run out, and raises
+        ``CacheUnavailable``."""
         if not entries:
             return
-        if not self.live:
-            self._remember(entries)
-            self.skipped += 1
-            raise CacheUnavailable("cache Redis is not live")
+        if self._closed():
+            raise CacheUnavailable("cache Redis is closed")
         waits: list[_AckWait] = []
         try:
+            started = self._clock()
             try:
-                await self._invalidate_chunks(self._op, entries, waits)
+                await self._invalidate_chunks(self._deliver, entries, waits)
             except CacheUnavailable:
-                self._remember(entries)
-                raise
-            await self._confirmed(waits)
+                gave_up = self._clock()
+                self._drop(waits)
+                try:
+                    if gave_up - started > self.timeout / 2:  # Redis slow or frozen
+                        raise
+                    # a connection that broke at once is not yet a lost invalidation
+                    await self._invalidate_chunks(self._deliver, entries, waits)
+                except CacheUnavailable:
+                    self._remember(entries)
+                    self.unconfirmed += 1
+                    await self._sleep_until(gave_up + self.lease)
+                    raise
+            await self._confirmed(waits, self._clock())
         finally:
-            for wait in waits:
-                wait.future.cancel()
-                self._waiting.pop(wait.seq, None)
+            self._drop(waits)
 
-    async def _confirmed(self, waits: list[_AckWait]) -> None:
-        """Wait until every subscriber PUBLISH reached has confirmed (or ``ack_timeout``)."""
+    async def _deliver(
+        self, script: str, keys: Sequence[str], args: Sequence[bytes | int | str]
+    ) -> Any:
+        return await self._op(script, keys, args, live_only=False)
+
+    def _drop(self, waits: list[_AckWait]) -> None:
+        for wait in waits:
+            wait.future.cancel()
+            self._waiting.pop(wait.seq, None)
+        waits.clear()
+
+    async def _confirmed(self, waits: list[_AckWait], ran: float) -> None:
+        """Wait until every subscriber PUBLISH reached has confirmed, or until ``ran``
+        (a clock reading taken after Redis ran the invalidations) + ``ack_timeout``: by
+        then every lease renewed before they ran has expired."""
         pending = [w.future for w in waits if not w.future.done()]
         if not pending:
             return
-        _, late = await asyncio.wait(pending, timeout=self.ack_timeout)
+        until = ran + self.ack_timeout
+        _, late = await asyncio.wait(pending, timeout=max(0.0, until - self._clock()))
         if late:
             self.ack_timeouts += 1
+            await self._sleep_until(until)
+
+    async def _sleep_until(self, until: float) -> None:
+        """Sleep until ``clock() >= until`` (a loop timer may fire a little early)."""
+        left = until - self._clock()
+        while left > 0:
+            await asyncio.sleep(left)
+            left = until - self._clock()
 
     async def flush(self) -> None:
         """Invalidate every entry of every sidecar sharing this prefix (one round trip)."""
@@ -752,7 +834,7 @@ class RedisCache:
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
         try:
-            await self._op(FLUSH_LUA, (self._gen_key,), (self.channel,))
+            await self._op(FLUSH_LUA, self._keys, ())
         except CacheUnavailable:
             self._pending_flush = True
             raise
@@ -763,13 +845,16 @@ class RedisCache:
         keys: Sequence[str],
         args: Sequence[bytes | int | str],
         optional: bool = False,
+        live_only: bool = True,
     ) -> Any:
         """Run ``script`` on the pipe: within ``timeout`` or ``CacheUnavailable`` (and the
         cache out of service until the subscriber has resynced). An ``optional`` command
-        (a lookup or a fill) is refused at once when ``max_in_flight`` commands wait."""
-        if not self.live:
+        (a lookup or a fill) is refused at once when ``max_in_flight`` commands wait;
+        ``live_only=False`` (an invalidation) tries even while the cache is not live."""
+        if live_only and not self.live:
             self.skipped += 1
             raise CacheUnavailable("cache Redis is not live")
+        args = (*self._fence_args, *args)
         pipe = await self._connected()
         if optional and pipe.in_flight >= self.max_in_flight:
             self.skipped += 1
@@ -831,6 +916,7 @@ class RedisCache:
         """A script runner on redis-py, for the subscriber's replays (``probe_timeout``)."""
 
         async def run(script: str, keys: Sequence[str], args: Sequence[bytes | int | str]) -> Any:
+            args = (*self._fence_args, *args)
             try:
                 return await client.evalsha(self._shas[script], len(keys), *keys, *args)
             except NoScriptError:  # Redis restarted or flushed: EVAL also caches it
@@ -852,8 +938,8 @@ class RedisCache:
             self._seq += 1
             seq = self._seq
             payload = orjson.dumps({"o": self.node, "s": seq, "e": chunk})
-            keys = [self.prefix + key for key, _ in chunk]
-            args: list[bytes | int | str] = [self.channel, payload, self._tombstone_ms]
+            keys = [*self._keys, *(self.prefix + key for key, _ in chunk)]
+            args: list[bytes | int | str] = [payload, self._tombstone_ms]
             args.extend(version for _, version in chunk)
             wait = None
             if waits is not None:
@@ -887,6 +973,9 @@ class RedisCache:
         if (self._state, new) not in _TRANSITIONS:
             raise RuntimeError(f"cache: illegal transition {self._state.value} -> {new.value}")
         self._state = new
+        self._epoch += 1
+        self.lease_until = float("-inf")
+        self._leased.clear()
         if new is RemoteState.LIVE:
             self._live_event.set()
         else:
@@ -913,6 +1002,7 @@ class RedisCache:
         while not self._closed():
             pubsub: Any = None
             listener: asyncio.Task[None] | None = None
+            prober: asyncio.Task[None] | None = None
             try:
                 pubsub = await self._subscribe()
                 if self._closed():
@@ -927,17 +1017,20 @@ class RedisCache:
                 log.info("cache Redis live (subscribed to the invalidation channel)")
                 delay = self.retry_min
                 listener = self._listener = asyncio.create_task(self._listen(pubsub))
-                await asyncio.wait({listener})
-                if not listener.cancelled():
-                    listener.result()  # re-raises what ended it
+                prober = asyncio.create_task(self._probe(), name="cache-prober")
+                await asyncio.wait({listener, prober}, return_when=asyncio.FIRST_COMPLETED)
+                for done in (listener, prober):
+                    if done.done() and not done.cancelled():
+                        done.result()  # re-raises what ended it
             except (RedisError, OSError, TimeoutError, CacheUnavailable) as exc:
                 log.debug("cache subscriber: %s", type(exc).__name__)
             except Exception:
                 log.exception("cache subscriber: unexpected error; reconnecting")
             finally:
-                if listener is not None and not listener.done():
-                    listener.cancel()
-                    await asyncio.wait({listener})
+                for task in (listener, prober):
+                    if task is not None and not task.done():
+                        task.cancel()
+                        await asyncio.wait({task})
                 self._listener = None
                 if not self._closed():
                     self._go_down("subscriber disconnected")
@@ -978,7 +1071,7 @@ class RedisCache:
         """Deliver what failed while Redis was away, before anyone trusts the cache again."""
         run = self._redis_py(self._client_())
         if self._pending_flush:
-            flush = run(FLUSH_LUA, (self._gen_key,), (self.channel,))
+            flush = run(FLUSH_LUA, self._keys, ())
             await asyncio.wait_for(flush, self.probe_timeout)
             self._pending_flush = False
             self._pending.clear()
@@ -991,6 +1084,30 @@ class RedisCache:
             if self._pending_flush:  # overflowed while replaying
                 await self._replay()
                 return
+
+    async def _probe(self) -> None:
+        """While live, every ``probe_every``: run the fence and publish a token to our own
+        channel; its return on the subscription renews the lease (``_on_probe``)."""
+        epoch = self._epoch
+        while self._state is RemoteState.LIVE and self._epoch == epoch:
+            sent = self._clock()
+            token = f"p{epoch} {sent!r}"
+            # a failure takes the cache down (this loop ends); a skip is just a skip
+            with contextlib.suppress(CacheUnavailable):
+                await self._op(PROBE_LUA, self._keys, (self._ack_channel, token), optional=True)
+            await asyncio.sleep(max(0.0, sent + self.probe_every - self._clock()))
+
+    def _on_probe(self, data: bytes) -> None:
+        try:
+            epoch, sent = data[1:].split(b" ", 1)
+            until = float(sent) + self.lease
+            current = int(epoch) == self._epoch
+        except ValueError:
+            self.bad_messages += 1
+            return
+        if current and self._state is RemoteState.LIVE and until > self.lease_until:
+            self.lease_until = until
+            self._leased.set()
 
     async def _listen(self, pubsub: Any) -> None:
         """Hand every message to the owner; PING after ``health_interval`` of silence and
@@ -1013,7 +1130,10 @@ class RedisCache:
                     ping_at = None
                     if msg["type"] == "message":
                         if msg["channel"] == self._ack_channel_b:
-                            self._on_acks(msg["data"])
+                            if msg["data"][:1] == b"p":
+                                self._on_probe(msg["data"])
+                            else:
+                                self._on_acks(msg["data"])
                         else:
                             self._dispatch(msg["data"])
                     # then whatever else has already arrived, without a timer per message:
@@ -1028,6 +1148,7 @@ class RedisCache:
     def _dispatch(self, data: bytes) -> None:
         self.messages += 1
         if data == _FLUSH_ALL:
+            self.flushes += 1
             self._on_resync()
             return
         try:
@@ -1102,6 +1223,7 @@ class TwoLevelCache:
     """
 
     __slots__ = (
+        "_clock",
         "bypasses",
         "forget",
         "invalidations",
@@ -1112,6 +1234,7 @@ class TwoLevelCache:
         "remote",
         "remote_hits",
         "ttl_default",
+        "unleased",
     )
 
     def __init__(self, near: NearCache, remote: RedisCache | None, ttl_default: float) -> None:
@@ -1119,6 +1242,7 @@ class TwoLevelCache:
             raise ValueError(f"ttl_default must be > 0, got {ttl_default!r}")
         self.near = near
         self.remote = remote
+        self._clock = near.clock  # the remote's lease is on the same clock (time.monotonic)
         self.ttl_default = ttl_default
         self.near_hits = 0
         self.remote_hits = 0
@@ -1126,6 +1250,7 @@ class TwoLevelCache:
         self.bypasses = 0  # operations that skipped Redis (and near) because of Redis
         self.refused = 0  # fills refused by Redis (stale version, tombstone, old ticket)
         self.invalidations = 0
+        self.unleased = 0  # near lookups skipped: live, but the lease had run out
         # told about every key invalidated here or elsewhere (None: every key), before the
         # invalidation is confirmed: the owner's in-flight fills must not be joined after
         self.forget: Callable[[Sequence[str] | None], None] = _forget_nothing
@@ -1138,10 +1263,24 @@ class TwoLevelCache:
         remote = self.remote
         return remote is None or remote.live
 
-    def near_hit(self, key: str) -> Hit | None:
-        """The near entry for ``key`` when the cache is usable: no await, no Redis."""
+    def leased(self) -> bool:
+        """True when the near cache may answer: no Redis, or Redis live and this process
+        has heard every invalidation Redis ran up to ``lease`` seconds ago (not live: the
+        lease is void). A fill in flight may be joined only then."""
         remote = self.remote
-        if remote is not None and not remote.live:
+        if remote is None or remote.lease_until > self._clock():
+            return True
+        if remote.live:
+            self.unleased += 1
+        return False
+
+    def near_hit(self, key: str) -> Hit | None:
+        """The near entry for ``key`` when the near cache may answer (``leased``): no
+        await, no Redis."""
+        remote = self.remote
+        if remote is not None and remote.lease_until <= self._clock():
+            if remote.live:
+                self.unleased += 1
             return None
         hit = self.near.get(key)
         if hit is not None:
@@ -1174,10 +1313,11 @@ class TwoLevelCache:
         if not remote.live:
             self.bypasses += 1
             return Miss(since, None)
-        hit = near.get(key)
-        if hit is not None:
-            self.near_hits += 1
-            return hit
+        if self.leased():
+            hit = near.get(key)
+            if hit is not None:
+                self.near_hits += 1
+                return hit
         try:
             got = await remote.get(key)
         except CacheUnavailable:
@@ -1262,5 +1402,8 @@ class TwoLevelCache:
                 remote_pending=remote.pending,
                 remote_live=int(remote.live),
                 remote_ack_timeouts=remote.ack_timeouts,
+                remote_unconfirmed=remote.unconfirmed,
+                remote_flushes=remote.flushes,
+                unleased=self.unleased,
             )
         return out

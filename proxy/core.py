@@ -395,9 +395,10 @@ class Core:
         # Concurrent misses of one key share one fill. A fill is forgotten (no longer
         # joined) as soon as the key is invalidated, here or by another sidecar, before
         # that write is acknowledged: a read that starts after a write's response never
-        # joins a fill that started before it.
+        # joins a fill that started before it. Without a lease, this process cannot tell
+        # whether it has heard that invalidation yet: then it does not join.
         fill = self._fills.get(key)
-        if fill is None:  # the first miss does the work (Redis, database, fill) for all
+        if fill is None or not cache.leased():  # the first miss does the work for all
             fill = self._fills[key] = asyncio.ensure_future(
                 self._fill(cache, key, collection, doc_id, ttl)
             )
@@ -655,6 +656,9 @@ class Core:
             "near:evict": st["evictions"],
             "any:invalidate": st["invalidations"],
             "redis:ack_timeout": st.get("remote_ack_timeouts", 0),
+            "redis:unconfirmed": st.get("remote_unconfirmed", 0),
+            "redis:flush": st.get("remote_flushes", 0),
+            "near:unleased": st.get("unleased", 0),
         }
 
     # -- health ----------------------------------------------------------------------

@@ -51,6 +51,7 @@ class Pipe(asyncio.Protocol):
         self._out: list[bytes] = []
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._overdue: asyncio.Future[Any] | None = None  # found late once, given one turn
         self._broken: PipeBroken | None = None
 
     @property
@@ -94,15 +95,21 @@ class Pipe(asyncio.Protocol):
     def _check(self) -> None:
         """Fires at the oldest waiting command's deadline (or earlier): break if that
         command is still unanswered, else wait for the next oldest's deadline. Commands
-        are answered in order, so the oldest one is the only one to watch."""
+        are answered in order, so the oldest one is the only one to watch. A command found
+        late is given one more loop turn first: after a stall of this process, timers run
+        before the loop reads its sockets, and the reply may be waiting there already."""
         self._timer = None
         if self._broken is not None or not self._waiting:
             return
-        due = self._waiting[0][1]
-        if due <= self._loop.time():
-            self._break(PipeBroken(f"no reply from the cache Redis within {self.deadline}s"))
-        else:
+        future, due = self._waiting[0]
+        if due > self._loop.time():
             self._timer = self._loop.call_at(due, self._check)
+        elif self._overdue is not future:
+            self._overdue = future
+            self._send()  # in case the stall came before this turn's write
+            self._timer = self._loop.call_later(0.001, self._check)
+        else:
+            self._break(PipeBroken(f"no reply from the cache Redis within {self.deadline}s"))
 
     def _break(self, why: PipeBroken) -> None:
         if self._broken is not None:

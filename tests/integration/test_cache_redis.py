@@ -503,6 +503,7 @@ def test_coherence_across_two_processes(names: Names) -> None:
 
 TIMEOUT = 0.02
 BOUND = 2 * TIMEOUT  # asserted per operation while Redis is frozen
+ACK_TIMEOUT = 0.02  # the lease: an invalidation Redis cannot take waits it out (issue 13)
 
 
 async def _timed(aw: Any) -> tuple[float, Any]:
@@ -517,6 +518,7 @@ async def test_frozen_redis_bypasses_within_the_timeout_then_resyncs(
     rc = RedisCache(
         private_redis.url,
         timeout=TIMEOUT,
+        ack_timeout=ACK_TIMEOUT,
         probe_timeout=0.2,
         health_interval=0.2,
         retry_min=0.05,
@@ -571,7 +573,7 @@ async def test_frozen_redis_bypasses_within_the_timeout_then_resyncs(
             first_wall = time.perf_counter() - t_frozen
             errors.extend(r for r in first if isinstance(r, BaseException))
             # 2. then the traffic goes on, for a while
-            for round_ in range(30):
+            for round_ in range(8):
                 for i in range(20, 30):
                     try:
                         m = await op("get", cache.get(f"k{i}"))
@@ -599,7 +601,10 @@ async def test_frozen_redis_bypasses_within_the_timeout_then_resyncs(
             f"Redis failures {rc.failures}, refused at once {rc.skipped}"
         )
         assert not errors, errors
-        assert all(t < BOUND for ts in times.values() for t in ts), worst
+        assert all(t < BOUND for kind in ("get", "put") for t in times[kind]), worst
+        # an invalidation Redis did not take waits out the lease of every other sidecar
+        # before it gives up (issue 13): it may not answer sooner
+        assert all(ACK_TIMEOUT < t < 3 * BOUND for t in times["invalidate"]), worst
         # every get and invalidate bypassed, and the 10 puts that had a ticket; the puts
         # after a bypassed get have none and are skipped without a word
         assert cache.bypasses == len(times["get"]) + len(times["invalidate"]) + 10
@@ -609,7 +614,11 @@ async def test_frozen_redis_bypasses_within_the_timeout_then_resyncs(
         # Thawed: the subscriber reconnects, replays the 11 invalidations, clears near.
         assert await rc.wait_live(5.0)
         # near still held what it had (20 minus the 10 invalidated here) when it resynced
-        assert len(resyncs) == 2 and resyncs[1] == 10
+        assert resyncs[1] == 10
+        # and once more for the fence (issue 13): the first script after the thaw saw the gap
+        # in Redis's heartbeat and voided every entry and ticket
+        # (unless a script left in Redis's buffers ran first, before this subscription)
+        assert len(resyncs) in (2, 3) and rc.flushes == len(resyncs) - 2
         assert cache.near.entries == 0 and rc.pending == 0
         # the replayed tombstones refuse the fills that were in flight across the outage
         assert not await rc.put("k0", b"v1", 1, 60)
@@ -658,7 +667,8 @@ async def test_subscriber_alone_notices_a_frozen_redis(private_redis: PrivateRed
         print(f"\nsubscriber noticed the freeze after {noticed * 1000:.0f} ms")
         assert noticed < 0.5
         assert await rc.wait_live(5.0)
-        assert rc.resyncs == 2 and cache.near.entries == 0 and rc.failures == 0
+        # (the prober's probe is the operation that failed: rc.failures == 1)
+        assert rc.resyncs == 2 and cache.near.entries == 0
     finally:
         await cache.close()
 
