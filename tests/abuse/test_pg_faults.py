@@ -117,9 +117,9 @@ async def stream_through(server: Server, collection: str, fault: Any) -> Run:
         tasks = [asyncio.create_task(writer(session, url, run, stop)) for _ in range(WRITERS)]
         tasks += [asyncio.create_task(reader(session, url, run, stop)) for _ in range(READERS)]
         try:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.7)
             await fault()
-            await asyncio.sleep(1.5)  # and some more writes on the healed database
+            await asyncio.sleep(1.0)  # and some more writes on the healed database
         finally:
             stop.set()
             await asyncio.gather(*tasks)
