@@ -343,34 +343,31 @@ class Fuzzer:
             self._conn.close()
 
 
-def known_holes() -> list[Request]:
-    """The inputs the adversarial review of issue 13 found (items 6 and 12), sent first."""
+def known_holes(home: str, number: str) -> list[Request]:
+    """The inputs the adversarial review of issue 13 found (items 6 and 12), sent first, to a
+    collection ``home`` the caller may use, ``number`` a field it may write."""
     j = {"Content-Type": "application/json"}
+    coll, doc1, doc2 = f"/api/db/{home}", f"/api/db/{home}/seed1", f"/api/db/{home}/seed2"
 
     def query(flt: Any) -> Request:
-        return Request("POST", "/api/db/fz/query", {}, j, {"filter": flt})
+        return Request("POST", f"{coll}/query", {}, j, {"filter": flt})
 
     return [
         query({"name": {"$options": None}}),
         query({"name": {"$not": {"$options": None}}}),
         query({"a": {"$elemMatch": {"$options": None}}}),
-        Request("PUT", "/api/db/fz/seed1", {}, j, {"$pull": {"tags": {"$options": None}}}),
+        Request("PUT", doc1, {}, j, {"$pull": {"tags": {"$options": None}}}),
         query({"a." + "9" * 5000: 1}),
-        Request("GET", "/api/db/fz/seed1", {"fields": "a." + "9" * 5000}, {}, None),
+        Request("GET", doc1, {"fields": "a." + "9" * 5000}, {}, None),
         query({"tags": {"$size": 1099511627776}}),
-        Request(
-            "PUT",
-            "/api/db/fz/seed1",
-            {},
-            {**j, "If-Match": '"9223372036854775813"'},
-            {"$set": {"x": 1}},
-        ),
-        *(Request("GET", "/api/db/fz/seed2", {}, {}, None) for _ in range(4)),
-        *(Request("PUT", "/api/db/fz/seed2", {}, j, {"$inc": {"n": 1e308}}) for _ in range(2)),
-        Request("GET", "/api/db/fz/seed2", {"fields": "n"}, {}, None),
-        Request("GET", "/api/db/fz", {"fields": "n"}, {}, None),
-        Request("GET", "/api/db/fz/" + "x" * 20000, {}, {}, None),
-        Request("GET", "/api/db/fz", {}, {"X-Big": "y" * 20000}, None),
+        Request("PUT", doc1, {}, {**j, "If-Match": '"9223372036854775813"'}, {"$set": {number: 1}}),
+        *(Request("GET", doc2, {}, {}, None) for _ in range(4)),
+        *(Request("PUT", doc2, {}, j, {"$inc": {number: 1e308}}) for _ in range(2)),
+        Request("GET", doc2, {"fields": number}, {}, None),
+        Request("GET", coll, {"fields": number}, {}, None),
+        Request("GET", coll, {}, {}, None),
+        Request("GET", f"{coll}/" + "x" * 20000, {}, {}, None),
+        Request("GET", coll, {}, {"X-Big": "y" * 20000}, None),
     ]
 
 
@@ -383,16 +380,27 @@ def transaction_of(data: bytes) -> str | None:
     return tid if isinstance(tid, str) else None
 
 
-def fuzz(server: Server, base_headers: dict[str, str]) -> Fuzzer:
-    """Seed a few documents, then send the random requests; returns what was found."""
+def fuzz(server: Server, base_headers: dict[str, str], home: str, number: str) -> Fuzzer:
+    """Seed a few documents, send the known holes, then the random requests; returns what
+    was found."""
     fuzzer = Fuzzer(server, base_headers)
     seed_headers = {"X-Tenant-Id": "t1", "Content-Type": "application/json"}
+    shapes = [  # the first a policy lets the caller write is stored
+        {"name": "s", "tenant_id": "t1", "region": "eu", "a": [{"b": 1}], "tags": ["x"], "n": 1},
+        {"tenant_id": "t1", "amount": 1, "status": "open"},
+        {"name": "s", "tenant_id": "t1", "age": 1, "tags": ["x"]},
+    ]
     for coll in ("fz", "invoices", "users", "sessions", "payments_eu", "orders"):
         for sid in SEED_IDS:
-            doc = {"_id": sid, "name": sid, "tenant_id": "t1", "region": "eu", "a": [{"b": 1}]}
-            fuzzer.send(Request("POST", f"/api/db/{coll}", {}, seed_headers, doc))
+            for shape in shapes:
+                doc = {"_id": sid, **shape}
+                status, _, _ = fuzzer.send(
+                    Request("POST", f"/api/db/{coll}", {}, seed_headers, doc)
+                )
+                if status != 403:
+                    break
 
-    for req in known_holes():
+    for req in known_holes(home, number):
         fuzzer.send(req)
 
     @settings(
@@ -408,9 +416,11 @@ def fuzz(server: Server, base_headers: dict[str, str]) -> Fuzzer:
         for req in batch:
             if use_transaction and opened:
                 req.headers["X-Transaction-Id"] = opened[-1]
-            _, data, _ = fuzzer.send(req)
-            if (tid := transaction_of(data)) is not None:
-                opened.append(tid)
+            status, data, _ = fuzzer.send(req)
+            if req.path == "/api/db/transaction" and status == 201:
+                tid = transaction_of(data)
+                if tid is not None and tid.isascii() and tid.isprintable():
+                    opened.append(tid)
         for tid in opened:  # never leave a begun transaction holding a connection
             fuzzer.send(
                 Request(
@@ -460,12 +470,18 @@ def fuzz_dsn() -> Iterator[str]:
         asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-CONFIGS = {
-    "postgresql-open": ([], {}),
-    "postgresql-sidecar-billing": (["--service", "billing"], {"X-Tenant-Id": "t1"}),
-    "embedded-open": ([], {}),
-    "embedded-sidecar-users": (["--service", "users"], {}),
-    "postgresql-token": ([], {"Authorization": "Bearer billing-dev-token", "X-Tenant-Id": "t1"}),
+BILLING = {"Authorization": "Bearer billing-dev-token", "X-Tenant-Id": "t1"}
+CONFIGS: dict[str, tuple[list[str], dict[str, str], str, str]] = {  # args, headers, home, number
+    "postgresql-open": ([], {}, "fz", "n"),
+    "postgresql-sidecar-billing": (
+        ["--service", "billing"],
+        {"X-Tenant-Id": "t1"},
+        "invoices",
+        "amount",
+    ),
+    "embedded-open": ([], {}, "fz", "n"),
+    "embedded-sidecar-users": (["--service", "users"], {}, "users", "age"),
+    "postgresql-token": ([], BILLING, "invoices", "amount"),
 }
 
 
@@ -479,7 +495,7 @@ CONFIGS = {
 def test_random_requests_never_answer_5xx(
     config: str, launch: Callable[..., Server], fuzz_dsn: str, tmp_path: Path
 ) -> None:
-    extra, base_headers = CONFIGS[config]
+    extra, base_headers, home, number = CONFIGS[config]
     args = list(extra)
     if config.startswith("postgresql"):
         args += ["--database", fuzz_dsn]
@@ -490,6 +506,6 @@ def test_random_requests_never_answer_5xx(
         shutil.copytree(POLICIES, policies)
         args += ["--policies", str(policies)]
     server = launch(*args, env={"DBPROXY_LOG_LEVEL": "WARNING"})
-    fuzzer = fuzz(server, base_headers)
+    fuzzer = fuzz(server, base_headers, home, number)
     assert fuzzer.sent >= EXAMPLES
     assert fuzzer.problems == [], report(fuzzer)
