@@ -43,10 +43,17 @@ def free_port() -> int:
 class PgCluster:
     """One private server; ``settings`` are extra postgresql.conf lines (name -> value)."""
 
-    def __init__(self, settings: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: dict[str, str] | None = None,
+        port: int | None = None,
+        *,
+        prefix: str = "dbproxy-pg-",
+        base_dir: str | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.settings = dict(settings or {})
-        self.root = Path(tempfile.mkdtemp(prefix="dbproxy-pg-", dir=_base_dir()))
+        self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=base_dir or _base_dir()))
         self.data_dir = self.root / "data"
         self.log_file = self.root / "server.log"
         self._frozen = False

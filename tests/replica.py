@@ -1,28 +1,17 @@
-"""A real streaming replica of the machine's PostgreSQL for integration tests: made with
-``pg_basebackup -R`` into a temporary directory, served on its own port, stopped, restarted
-and paused on demand, and removed without leaving processes, files or slots behind.
+"""A private primary and a real streaming replica of it for integration tests: the primary is
+a cluster of its own (``initdb`` in a temporary directory, its own port, trust auth,
+``wal_level = replica``, a replication line in ITS pg_hba.conf); the replica is made with
+``pg_basebackup -R`` from it, served on its own port, stopped, restarted and paused on demand.
+Both are removed afterwards (processes, files; the replica's slot lives on the private primary).
 
-What it needs from the primary (127.0.0.1:5432, user postgres, trust): ``wal_level`` replica
-or logical, two free WAL senders and one free replication slot (PostgreSQL's defaults give
-10 of each), and a pg_hba.conf line that lets postgres open a *replication* connection from
-127.0.0.1 (``host all all ...`` does not cover replication). When that line is missing the
-helper appends exactly
+Nothing here connects to, reads the configuration of, or changes the machine's PostgreSQL:
+tests must never change the machine's services (issue 13, item 13).
 
-    host    replication     postgres        127.0.0.1/32            trust
-
-to the primary's hba file (``SHOW hba_file``) and calls ``pg_reload_conf()``; it first
-probes with a real replication connection, so when access already works it changes nothing.
-It never changes settings that need a restart of the primary; it says what is missing.
-
-Files live in a fresh directory ``dbproxy-replica-<pid>-<random>`` under /dev/shm when that
-is a tmpfs with room (base backups there are several times faster than on disk), else under
-/tmp; ``$DBPROXY_REPLICA_DIR`` overrides. The replica's server runs as the ``postgres`` OS
-user (via ``runuser`` when we are root).
-
-Each replica owns a physical replication slot on the primary, so it can be stopped while
-the primary keeps writing and still catch up after ``restart()``; ``destroy()`` drops the
-slot, and ``start()`` first sweeps what a killed test process left behind (directories and
-slots named after a process id that no longer exists).
+Files live in fresh directories ``dbproxy-replica-<pid>-...`` under /dev/shm when that is a
+tmpfs with room, else under /tmp; ``$DBPROXY_REPLICA_DIR`` overrides. Servers run as the
+``postgres`` OS user (via ``runuser`` when we are root). ``start_primary()`` and
+``Replica.start()`` first sweep what a killed test process left behind (directories named
+after a process id that no longer exists, and their servers).
 
 Methods block (they run ``pg_ctl``/``psql``); from async tests wrap slow ones
 (``start``, ``stop``, ``restart``) in ``asyncio.to_thread`` when other tasks must keep running.
@@ -40,24 +29,32 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
 from proxy.routing import format_lsn, parse_lsn
+from tests.pgcluster import PgCluster
 
 PG_BIN = Path(os.environ.get("DBPROXY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PRIMARY_HOST = "127.0.0.1"
-PRIMARY_PORT = 5432
 SUPERUSER = "postgres"
 OS_USER = "postgres"
 DIR_PREFIX = "dbproxy-replica-"
 SLOT_PREFIX = "dbproxy_replica_"
-HBA_LINE = f"host    replication     {SUPERUSER}        127.0.0.1/32            trust"
-HBA_COMMENT = "# added by dbproxy tests/replica.py: replication connections for a test replica"
 SHM_MIN_FREE = 2 * 1024**3  # a replica is the primary's size plus WAL; leave room for others
 _SWEPT_DIRS = ("/dev/shm", "/tmp")
-_NEEDED_BINARIES = ("pg_basebackup", "pg_ctl", "psql", "postgres")
+_NEEDED_BINARIES = ("initdb", "pg_basebackup", "pg_ctl", "psql", "postgres")
+PRIMARY_SETTINGS = {  # what a primary needs to feed streaming replicas (and a slot each)
+    "wal_level": "replica",
+    "max_wal_senders": "10",
+    "max_replication_slots": "10",
+}
+PRIMARY_HBA = (  # the private primary's own pg_hba.conf: trust, replication included
+    "local all all trust\n"
+    "host all all 127.0.0.1/32 trust\n"
+    "host replication all 127.0.0.1/32 trust\n"
+)
 _COPIED_SETTINGS = (  # a hot standby refuses to start with less than the primary has
     "max_connections",
     "max_worker_processes",
@@ -112,13 +109,14 @@ def _free_port() -> int:
 
 
 class Replica:
-    """One streaming replica. ``start()`` builds it the first time, ``destroy()`` removes it."""
+    """One streaming replica of the private primary at ``primary_port`` (see
+    ``start_primary``). ``start()`` builds it the first time, ``destroy()`` removes it."""
 
     def __init__(
         self,
         *,
+        primary_port: int,
         primary_host: str = PRIMARY_HOST,
-        primary_port: int = PRIMARY_PORT,
         user: str = SUPERUSER,
         pg_bin: Path = PG_BIN,
         base_dir: str | None = None,
@@ -327,9 +325,9 @@ class Replica:
     # ------------------------------------------------------------------ building
 
     def _create(self) -> None:
-        sweep_leftovers(self)
+        sweep_leftovers(self.base_dir, self.pg_bin)
         self._check_primary()
-        ensure_replication_access(self)
+        check_replication_access(self)
         self.root = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-", dir=self.base_dir))
         if not self._atexit_registered:
             atexit.register(self.destroy)
@@ -529,7 +527,41 @@ def _slot_literal(slot: str) -> str:
     return slot
 
 
-# ---------------------------------------------------------------------- primary access
+# ---------------------------------------------------------------------- the private primary
+
+
+def start_primary(base_dir: str | None = None, pg_bin: Path = PG_BIN) -> PgCluster:
+    """A private cluster that can feed streaming replicas, started; ``destroy()`` removes it."""
+    base = base_dir if base_dir is not None else default_base_dir()
+    sweep_leftovers(base, pg_bin)
+    cluster = PgCluster(
+        PRIMARY_SETTINGS, prefix=f"{DIR_PREFIX}{os.getpid()}-primary-", base_dir=base
+    )
+    try:
+        cluster.init()
+        (cluster.data_dir / "pg_hba.conf").write_text(PRIMARY_HBA, encoding="utf-8")
+        cluster.start()
+    except BaseException:
+        cluster.destroy()
+        raise
+    atexit.register(cluster.destroy)  # also when the test process ends without teardown
+    return cluster
+
+
+@contextlib.contextmanager
+def replicated_pair(base_dir: str | None = None) -> Iterator[tuple[PgCluster, Replica]]:
+    """A private primary and a running, caught-up streaming replica of it; both removed after."""
+    primary = start_primary(base_dir)
+    try:
+        replica = Replica(primary_port=primary.port, base_dir=base_dir)
+        try:
+            replica.start()
+            yield primary, replica
+        finally:
+            replica.destroy()
+    finally:
+        primary.destroy()
+        atexit.unregister(primary.destroy)
 
 
 def _replication_probe(replica: Replica) -> str | None:
@@ -544,77 +576,32 @@ def _replication_probe(replica: Replica) -> str | None:
     return None if result.returncode == 0 else result.stderr.strip()
 
 
-def ensure_replication_access(replica: Replica, timeout: float = 5.0) -> bool:
-    """Make sure the primary accepts replication connections from 127.0.0.1 for postgres.
-
-    Idempotent: probes first and changes nothing when access works. Otherwise appends
-    ``HBA_LINE`` to the primary's hba file if no equivalent rule is in it, then reloads the
-    configuration and probes until it works. Returns True if it changed the primary."""
+def check_replication_access(replica: Replica) -> None:
+    """Raise ReplicaError unless the primary accepts a replication connection (it never
+    changes the primary's configuration: a private primary has the line from the start)."""
     problem = _replication_probe(replica)
-    if problem is None:
-        return False
-    if "no pg_hba.conf entry" not in problem:
+    if problem is not None:
         raise ReplicaError(f"replication connection to the primary failed: {problem}")
-    hba_file = Path(replica.query_primary("SHOW hba_file"))
-    has_rule = replica.query_primary(
-        "SELECT count(*) FROM pg_hba_file_rules WHERE type = 'host'"
-        " AND 'replication' = ANY(database)"
-        f" AND ('{replica.user}' = ANY(user_name) OR 'all' = ANY(user_name))"
-        " AND address = '127.0.0.1' AND netmask = '255.255.255.255'"
-        " AND auth_method = 'trust' AND error IS NULL"
-    )
-    changed = False
-    if has_rule == "0":
-        try:
-            text = hba_file.read_text(encoding="utf-8")
-            with open(hba_file, "a", encoding="utf-8") as hba:
-                hba.write(
-                    ("" if text.endswith("\n") or not text else "\n")
-                    + f"{HBA_COMMENT}\n{HBA_LINE}\n"
-                )
-        except OSError as exc:
-            raise ReplicaError(
-                f"the primary refuses replication connections and {hba_file} is not writable "
-                f"({exc.strerror}); add this line to it and reload PostgreSQL:\n  {HBA_LINE}"
-            ) from exc
-        changed = True
-    replica.query_primary("SELECT pg_reload_conf()")
-    deadline = time.monotonic() + timeout
-    while (problem := _replication_probe(replica)) is not None:
-        if time.monotonic() > deadline:
-            raise ReplicaError(
-                f"still no replication access after adding/reloading {hba_file} "
-                f"(an earlier line may reject it): {problem}"
-            )
-        time.sleep(0.02)
-    return changed
 
 
-def sweep_leftovers(replica: Replica) -> None:
-    """Remove replicas (servers, directories, slots) of test processes that no longer exist."""
-    bases = {Path(replica.base_dir), *(Path(d) for d in _SWEPT_DIRS)}
+def sweep_leftovers(base_dir: str, pg_bin: Path = PG_BIN) -> None:
+    """Remove primaries and replicas (servers, directories) of test processes that are gone."""
+    bases = {Path(base_dir), *(Path(d) for d in _SWEPT_DIRS)}
     for path in (p for base in bases for p in base.glob(f"{DIR_PREFIX}*")):
         match = re.match(rf"{re.escape(DIR_PREFIX)}(\d+)-", path.name)
         if match is None or _pid_alive(int(match.group(1))) or not path.is_dir():
             continue
         if (path / "data" / "postmaster.pid").exists():
-            replica._run(
-                replica._as_owner(
-                    replica._bin("pg_ctl"),
-                    "stop",
-                    "-m",
-                    "immediate",
-                    "-w",
-                    "-D",
-                    str(path / "data"),
-                )
-            )
+            argv = [
+                str(pg_bin / "pg_ctl"),
+                "stop",
+                "-m",
+                "immediate",
+                "-w",
+                "-D",
+                str(path / "data"),
+            ]
+            if os.geteuid() == 0:
+                argv = ["runuser", "-u", OS_USER, "--", *argv]
+            Replica._run(argv)
         shutil.rmtree(path, ignore_errors=True)
-    stale = replica.query_primary(
-        f"SELECT slot_name FROM pg_replication_slots WHERE slot_name LIKE '{SLOT_PREFIX}%'"
-    )
-    for slot in stale.split():
-        match = re.fullmatch(rf"{SLOT_PREFIX}(\d+)_[0-9a-f]+", slot)
-        if match is not None and not _pid_alive(int(match.group(1))):
-            with contextlib.suppress(ReplicaError):
-                replica._drop_slot(slot)

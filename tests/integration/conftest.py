@@ -1,27 +1,45 @@
-"""Integration fixtures: a real streaming replica of the machine's PostgreSQL."""
+"""Integration fixtures: a private PostgreSQL primary and a real streaming replica of it
+(never the machine's server: tests must not change the machine's services)."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.replica import Replica, binaries_missing
+from tests.pgcluster import PgCluster
+from tests.replica import Replica, binaries_missing, replicated_pair
 
 
 @pytest.fixture(scope="session")
-def replica_node() -> Iterator[Replica]:
-    """One streaming replica of 127.0.0.1:5432 for the session (a base backup costs seconds),
-    destroyed at the end (server stopped, slot dropped, files removed), also on failure."""
+def replication() -> Iterator[tuple[PgCluster, Replica]]:
+    """One private primary and one streaming replica of it for the session (initdb and a base
+    backup cost seconds), both destroyed at the end (servers stopped, files removed), also on
+    failure."""
     missing = binaries_missing()
     if missing is not None:
         pytest.skip(f"no streaming replica: {missing}")
-    node = Replica()
-    try:
-        node.start()
-        yield node
-    finally:
-        node.destroy()
+    with replicated_pair() as pair:
+        yield pair
+
+
+@pytest.fixture(scope="session")
+def primary_node(replication: tuple[PgCluster, Replica]) -> PgCluster:
+    return replication[0]
+
+
+@pytest.fixture(scope="session")
+def replica_node(replication: tuple[PgCluster, Replica]) -> Replica:
+    return replication[1]
+
+
+@pytest.fixture(scope="session")
+def primary_dsn(replica_node: Replica) -> str:
+    """DSN of a fresh database on the private primary (the replica streams it too)."""
+    name = f"dbproxy_test_{uuid.uuid4().hex[:10]}"
+    replica_node.query_primary(f'CREATE DATABASE "{name}"')
+    return replica_node.primary_dsn.rpartition("/")[0] + f"/{name}"
 
 
 @pytest.fixture(scope="module")

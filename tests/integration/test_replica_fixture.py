@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from proxy.routing import format_lsn, parse_lsn
+from tests.pgcluster import PgCluster
 from tests.replica import DIR_PREFIX, Replica
 
 pytestmark = pytest.mark.integration
@@ -21,18 +22,19 @@ def database_of(dsn: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def table(replica: Replica, pg_dsn: str) -> str:
+def table(replica: Replica, primary_dsn: str) -> str:
     """A table on the primary, in the session's test database, already on the replica."""
     replica.query_primary(
-        "CREATE TABLE replica_fixture (id int PRIMARY KEY, note text NOT NULL)", database_of(pg_dsn)
+        "CREATE TABLE replica_fixture (id int PRIMARY KEY, note text NOT NULL)",
+        database_of(primary_dsn),
     )
     replica.wait_caught_up()
     return "replica_fixture"
 
 
 @pytest.fixture
-async def primary(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(pg_dsn)
+async def primary(primary_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(primary_dsn)
     try:
         yield conn
     finally:
@@ -40,8 +42,8 @@ async def primary(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def standby(replica: Replica, pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(replica.dsn_for(database_of(pg_dsn)))
+async def standby(replica: Replica, primary_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(replica.dsn_for(database_of(primary_dsn)))
     try:
         yield conn
     finally:
@@ -96,12 +98,12 @@ async def test_paused_replay_hides_new_rows_until_resumed(
 
 
 async def test_stop_and_restart_catch_up_on_writes_made_meanwhile(
-    replica: Replica, table: str, pg_dsn: str, primary: asyncpg.Connection
+    replica: Replica, table: str, primary_dsn: str, primary: asyncpg.Connection
 ) -> None:
     replica.stop()
     assert not replica.running()
     with pytest.raises(OSError):
-        await asyncpg.connect(replica.dsn_for(database_of(pg_dsn)), timeout=2)
+        await asyncpg.connect(replica.dsn_for(database_of(primary_dsn)), timeout=2)
     await primary.execute(f"INSERT INTO {table} VALUES (3, 'while down')")
     await primary.execute("SELECT pg_switch_wal()")  # the slot must keep the old segment
     written = await current_lsn(primary)
@@ -109,7 +111,7 @@ async def test_stop_and_restart_catch_up_on_writes_made_meanwhile(
     replica.restart()
     assert replica.port == port and replica.running()
     assert replica.replayed_lsn() >= written
-    conn = await asyncpg.connect(replica.dsn_for(database_of(pg_dsn)))
+    conn = await asyncpg.connect(replica.dsn_for(database_of(primary_dsn)))
     try:
         assert await conn.fetchval(f"SELECT note FROM {table} WHERE id = 3") == "while down"
     finally:
@@ -128,8 +130,8 @@ def test_reset_brings_back_a_paused_or_stopped_replica(replica: Replica) -> None
     assert replica.running() and not replica.replay_paused()
 
 
-def test_destroy_leaves_nothing_behind() -> None:
-    node = Replica()
+def test_destroy_leaves_nothing_behind(primary_node: PgCluster) -> None:
+    node = Replica(primary_port=primary_node.port)
     node.start()
     root, slot = node.root, node.slot
     assert root is not None and (root / "data" / "postmaster.pid").exists()

@@ -1,5 +1,5 @@
 """Read replicas, consistency tokens, circuit breakers and pool behaviour under faults,
-against the machine's real PostgreSQL primary and a real streaming replica."""
+against a private PostgreSQL primary and a real streaming replica of it."""
 
 from __future__ import annotations
 
@@ -78,8 +78,10 @@ async def wait_for(predicate: Any, timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-async def routed(pg_dsn: str, replica: Replica) -> AsyncIterator[tuple[PostgresBackend, Replica]]:
-    backend = await open_backend(pg_dsn, [("127.0.0.1", replica.port)])
+async def routed(
+    primary_dsn: str, replica: Replica
+) -> AsyncIterator[tuple[PostgresBackend, Replica]]:
+    backend = await open_backend(primary_dsn, [("127.0.0.1", replica.port)])
     rep = backend.endpoints.replicas[0]
     await wait_for(lambda: rep.state.replayed_lsn is not None)
     try:
@@ -186,18 +188,18 @@ async def test_replica_stopped_under_load_then_back(
         await asyncio.sleep(0.05)
 
 
-async def test_terminated_idle_connections_are_replaced_without_errors(pg_dsn: str) -> None:
-    backend = await open_backend(pg_dsn, [], pool=PoolSettings(4, 4, 2))
+async def test_terminated_idle_connections_are_replaced_without_errors(primary_dsn: str) -> None:
+    backend = await open_backend(primary_dsn, [], pool=PoolSettings(4, 4, 2))
     try:
         core = core_of(backend)
         await core.create("c", {"_id": "a"})
         await asyncio.gather(*(core.count("c", None) for _ in range(8)))  # fill the pool
-        admin = await asyncpg.connect(pg_dsn)
+        admin = await asyncpg.connect(primary_dsn)
         try:
             killed = await admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE application_name = 'dbproxy' AND datname = $1 AND state = 'idle'",
-                db_name(pg_dsn),
+                db_name(primary_dsn),
             )
         finally:
             await admin.close()
@@ -214,10 +216,11 @@ async def test_terminated_idle_connections_are_replaced_without_errors(pg_dsn: s
         await drop(backend)
 
 
-async def test_hung_primary_fails_fast_then_recovers(pg_dsn: str) -> None:
-    proxy = FaultProxy("127.0.0.1", 5432)
+async def test_hung_primary_fails_fast_then_recovers(primary_dsn: str) -> None:
+    primary_port = int(primary_dsn.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = FaultProxy("127.0.0.1", primary_port)
     await proxy.start()
-    dsn = pg_dsn.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    dsn = primary_dsn.replace(f"127.0.0.1:{primary_port}", f"127.0.0.1:{proxy.port}")
     limits = Limits(statement_timeout_seconds=0.3)  # client gives up at 1.3 s
     slow_reopen = BreakerSettings(
         consecutive_failures=3,
@@ -263,8 +266,8 @@ async def test_hung_primary_fails_fast_then_recovers(pg_dsn: str) -> None:
         await proxy.stop()
 
 
-async def test_pool_saturation_is_bounded_and_recovers(pg_dsn: str) -> None:
-    backend = await open_backend(pg_dsn, [], pool=PoolSettings(2, 2, 0.3))
+async def test_pool_saturation_is_bounded_and_recovers(primary_dsn: str) -> None:
+    backend = await open_backend(primary_dsn, [], pool=PoolSettings(2, 2, 0.3))
     try:
         core = core_of(backend)
         await core.create("slow", {"_id": "seed"})
