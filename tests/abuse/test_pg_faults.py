@@ -229,28 +229,14 @@ def test_every_request_is_answered_within_its_deadline_across_kills(killed: Run)
     assert (killed.hung, killed.slow) == ([], []), killed.summary()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 item 9: with PostgreSQL frozen, requests answer after 11-22 s or hang",
-)
 def test_every_request_is_answered_within_its_deadline_while_frozen(frozen: Run) -> None:
     assert (frozen.hung, frozen.slow[:10]) == ([], []), frozen.summary()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 item 12: a PostgreSQL crash gives a few 500s (InternalClientError), and "
-    "plain idempotent creates answer 409 transaction_aborted",
-)
 def test_a_crash_answers_only_clear_retryable_errors(killed: Run) -> None:
     assert killed.unclear == [], killed.summary()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 item 9: a frozen PostgreSQL answers misleading codes (504 statement_timeout; "
-    "409 transaction_aborted to plain idempotent creates)",
-)
 def test_a_freeze_answers_that_the_database_is_not_answering(frozen: Run) -> None:
     assert frozen.unclear == [], frozen.summary()
     codes = {code for (status, code) in frozen.statuses if status >= 500}

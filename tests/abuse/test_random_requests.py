@@ -485,12 +485,6 @@ CONFIGS: dict[str, tuple[list[str], dict[str, str], str, str]] = {  # args, head
 }
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 items 12 and 6: 500s from input ({'$options': null}, a 5,000-digit path "
-    "segment, a number beyond double range read back with fields=), HTTP parser errors "
-    "answered in plain text",
-)
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_random_requests_never_answer_5xx(
     config: str, launch: Callable[..., Server], fuzz_dsn: str, tmp_path: Path

@@ -215,11 +215,6 @@ def test_slow_queries_of_one_service_leave_the_other_its_latency(setup: Setup) -
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 13 item 2: one service's open transactions take the whole pool; the others "
-    "get 503 pool_exhausted",
-)
 def test_open_transactions_of_one_service_leave_the_other_its_connections(setup: Setup) -> None:
     before, during, opened = asyncio.run(baseline_and_flood(setup.server, open_transactions))
     assert opened >= 1
