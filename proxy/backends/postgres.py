@@ -1118,7 +1118,7 @@ class PostgresBackend(_Documents):
             if isinstance(exc, Exception):
                 raise translate(exc) from None
             raise
-        return PostgresTransaction(self, pool, conn, tx, isolation, give, ep)
+        return PostgresTransaction(self, pool, conn, tx, isolation, give, ep, kind)
 
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
@@ -1140,6 +1140,7 @@ class PostgresTransaction(_Documents):
         isolation: str,
         give_share: Callable[[], None] | None = None,
         ep: Endpoint | None = None,
+        kind: TxKind = TxKind.INTERACTIVE,
     ) -> None:
         super().__init__(
             backend.name,
@@ -1155,6 +1156,7 @@ class PostgresTransaction(_Documents):
         self._conn = conn
         self._tx = tx
         self._ep = ep
+        self._kind = kind
         self.isolation = isolation
         self.failed: ProxyError | None = None
         self.closed = False
@@ -1180,10 +1182,15 @@ class PostgresTransaction(_Documents):
                 "the database did not answer within the request's deadline; the "
                 "transaction was rolled back"
             )
-        elif isinstance(exc, _CONNECTION_ERRORS):
+        elif isinstance(exc, _CONNECTION_ERRORS) and self._kind is TxKind.INTERACTIVE:
             err = Conflict(
                 "the transaction's database connection was lost; it was rolled back",
                 code="transaction_aborted",
+            )
+        elif isinstance(exc, _CONNECTION_ERRORS):  # a batch or one write: retry it whole
+            err = Unavailable(
+                "the database connection was lost before COMMIT; nothing was written",
+                retry_after=1,
             )
         self.failed = err
         return err
