@@ -268,7 +268,6 @@ class _Documents:
         self.audit = audit
         self._table_names: dict[str, str] = {}
         self._get_sql: dict[str, str] = {}
-        self._command_timeout = limits.statement_timeout_seconds + 1.0
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         raise NotImplementedError
