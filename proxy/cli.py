@@ -27,6 +27,7 @@ from proxy.errors import ConfigError
 from proxy.guard import Gatekeeper
 from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.http.parse_errors import use_envelope_errors
 from proxy.policy import check_directory, load_policies
 
 log = logging.getLogger("dbproxy")
@@ -159,6 +160,8 @@ async def serve(
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     server = runner.server
+    if server is not None:
+        use_envelope_errors(server)  # parser errors (huge URL or header) in the envelope too
     if server is not None and opts.fast_path:
         server.request_handler = fast_get(app, server.request_handler, opts.metrics)
     site = web.TCPSite(

@@ -23,7 +23,7 @@ import orjson
 from proxy import context
 from proxy.backends.base import check_collection
 from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
-from proxy.backends.pgpool import Endpoint, EndpointSet
+from proxy.backends.pgpool import CONNECTION_ERRORS, Endpoint, EndpointSet, release
 from proxy.config import DatabaseConfig, Limits
 from proxy.context import RequestContext
 from proxy.errors import (
@@ -69,15 +69,8 @@ from proxy.query.pg import (
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
+_CONNECTION_ERRORS = CONNECTION_ERRORS  # the one list, in proxy.backends.pgpool
+_REFUSALS = frozenset({"array_index_too_large"})  # codes dbproxy_refuse() may raise
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
 # an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
@@ -123,6 +116,8 @@ def translate(exc: BaseException) -> ProxyError:
 
 def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
     state = getattr(exc, "sqlstate", "") or ""
+    if state == "DP002" and getattr(exc, "detail", None) in _REFUSALS:
+        return InvalidQuery(getattr(exc, "message", "") or "refused", code=exc.detail)
     if state == "DP001":
         return InvalidQuery(
             f"the update does not fit the stored document: {getattr(exc, 'message', '')}",
@@ -597,7 +592,7 @@ class PostgresBackend(_Documents):
         try:
             yield conn
         finally:
-            await pool.release(conn)  # asyncpg shields the release from cancellation
+            await release(pool, conn)  # asyncpg shields the release from cancellation
 
     def _timeout(self) -> tuple[float, bool]:
         """This statement's client-side timeout, and whether running into it means the
@@ -630,7 +625,7 @@ class PostgresBackend(_Documents):
         finally:
             ep.state.outstanding -= 1
             if ep.pool is not None:
-                await ep.pool.release(conn)
+                await release(ep.pool, conn)
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write on the primary, creating the collection's table on first use; with
@@ -895,7 +890,7 @@ class PostgresBackend(_Documents):
             tx = conn.transaction(isolation=isolation)
             await tx.start()
         except BaseException as exc:
-            await pool.release(conn)
+            await release(pool, conn)
             if isinstance(exc, Exception):
                 raise translate(exc) from None
             raise
@@ -1084,9 +1079,7 @@ class PostgresTransaction(_Documents):
             await self._release()
 
     async def _release(self) -> None:
-        # a lost connection may already be detached from the pool
-        with contextlib.suppress(asyncpg.InterfaceError):
-            await self._pool.release(self._conn)
+        await release(self._pool, self._conn)  # rolled back or closed: never pooled unclean
 
     async def _rollback_quietly(self) -> None:
         try:
