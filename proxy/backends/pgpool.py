@@ -45,15 +45,16 @@ BREAKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutEr
 
 async def release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
     """Give a connection back, whatever happened on it: one still inside a transaction is
-    rolled back first, and one that cannot be made clean is closed, never pooled again."""
+    rolled back first, and one that cannot be made clean is closed, never pooled again.
+    Never raises: a broken connection is asyncpg's to replace, not the request's error."""
     try:
         if not conn.is_closed() and conn.is_in_transaction():
             await conn.execute("ROLLBACK")
-        await pool.release(conn)
     except Exception:
-        conn.terminate()  # broken or unclean: the pool opens a new one; the server rolls back
-        with contextlib.suppress(*CONNECTION_ERRORS):
-            await pool.release(conn)
+        with contextlib.suppress(Exception):
+            conn.terminate()  # unclean: the pool opens a new one; the server rolls back
+    with contextlib.suppress(Exception):  # asyncpg terminates a connection it cannot reset
+        await pool.release(conn)
 
 
 def replica_dsn(primary: str, host: str, port: int) -> str:
