@@ -17,7 +17,7 @@ from proxy import numbers
 from proxy.backends.base import Documents
 from proxy.errors import BadRequest, LimitExceeded, ProxyError
 from proxy.guard import OPEN, Caller
-from proxy.ops import ItemResult, WriteResult
+from proxy.ops import MAX_VERSION, ItemResult, WriteResult
 
 if TYPE_CHECKING:
     from proxy.core import Core
@@ -291,7 +291,7 @@ def _if_match(op: dict[str, Any]) -> int | None:
     value = op.get("if_match")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VERSION:
         raise BadRequest("if_match must be a version number", code="invalid_if_match")
     return value
 

@@ -126,6 +126,7 @@ Change = Replace | Modify | MergePatch
 
 
 MAX_ID_LENGTH = 512
+MAX_VERSION = 2**63 - 1  # _version is a 64-bit integer (If-Match beyond it is 400)
 
 
 def check_fingerprint(stored: str, presented: str) -> None:

@@ -133,7 +133,7 @@ TYPE_ALIASES: dict[str, str] = {
 _REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
 _RANKS = {"null": 1, "number": 2, "string": 3, "object": 4, "array": 5, "bool": 6}
 #: MongoDB refuses to pad an array by more than this many nulls.
-_MAX_PADDING = 1_500_000
+_MAX_PADDING = 10_000  # the highest index an update may pad an array to
 
 
 # --------------------------------------------------------------------------------------
@@ -707,8 +707,8 @@ def _put(parent: Json, seg: str, value: Json) -> None:
     if not (isinstance(parent, list) and _is_index(seg)):
         raise UpdateTypeError(f"cannot create field {seg!r} in {parent!r}")
     i = int(seg)
-    if i - len(parent) > _MAX_PADDING:
-        raise UpdateTypeError("cannot pad an array by that many nulls")
+    if i > len(parent) and i > _MAX_PADDING:
+        raise UpdateTypeError("an update may extend an array up to index 10000 only")
     while len(parent) <= i:
         parent.append(None)
     parent[i] = value

@@ -9,6 +9,7 @@ banned from reads: when every replica is out, reads fall back to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,17 +25,36 @@ from proxy.routing import EndpointState, Role, Router, format_lsn, parse_lsn
 
 log = logging.getLogger(__name__)
 
-# errors that say "this endpoint is sick" (trip its breaker); everything else is the client's
-BREAKER_ERRORS: tuple[type[BaseException], ...] = (
+# The one list of driver errors that mean "the connection or the server is broken": they
+# trip the endpoint's breaker and answer 503 (retryable); everything else is the client's.
+# InternalClientError covers what asyncpg raises when a server dies under it mid-protocol
+# (and its subclass OutdatedSchemaCacheError).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
-    TimeoutError,
+    asyncio.IncompleteReadError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
 )
+BREAKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+
+
+async def release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    """Give a connection back, whatever happened on it: one still inside a transaction is
+    rolled back first, and one that cannot be made clean is closed, never pooled again.
+    Never raises: a broken connection is asyncpg's to replace, not the request's error."""
+    try:
+        if not conn.is_closed() and conn.is_in_transaction():
+            await conn.execute("ROLLBACK")
+    except Exception:
+        with contextlib.suppress(Exception):
+            conn.terminate()  # unclean: the pool opens a new one; the server rolls back
+    with contextlib.suppress(Exception):  # asyncpg terminates a connection it cannot reset
+        await pool.release(conn)
 
 
 def replica_dsn(primary: str, host: str, port: int) -> str:
@@ -412,4 +432,12 @@ def now_ms() -> float:
     return time.perf_counter() * 1000.0
 
 
-__all__ = ["BREAKER_ERRORS", "Endpoint", "EndpointSet", "format_lsn", "parse_lsn", "replica_dsn"]
+__all__ = [
+    "BREAKER_ERRORS",
+    "CONNECTION_ERRORS",
+    "Endpoint",
+    "EndpointSet",
+    "format_lsn",
+    "parse_lsn",
+    "replica_dsn",
+]

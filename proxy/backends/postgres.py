@@ -24,7 +24,7 @@ import orjson
 from proxy import context, numbers
 from proxy.backends.base import TransactionShare, TxKind, check_collection
 from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
-from proxy.backends.pgpool import Endpoint, EndpointSet
+from proxy.backends.pgpool import CONNECTION_ERRORS, Endpoint, EndpointSet, release
 from proxy.config import DatabaseConfig, Limits
 from proxy.context import RequestContext
 from proxy.errors import (
@@ -73,15 +73,8 @@ from proxy.query.pg import (
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
+_CONNECTION_ERRORS = CONNECTION_ERRORS  # the one list, in proxy.backends.pgpool
+_REFUSALS = frozenset({"array_index_too_large"})  # codes dbproxy_refuse() may raise
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
 # how long past a request's deadline the client still waits for the server: long enough for
 # PostgreSQL's own statement_timeout (same length, counted from the statement's start) to
@@ -211,6 +204,8 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
     state = getattr(exc, "sqlstate", "") or ""
     if state == "DP002":  # raised by dbproxy_number inside the update statement
         return NumberOutOfRange(getattr(exc, "message", "") or "a number is out of range")
+    if state == "DP003" and getattr(exc, "detail", None) in _REFUSALS:  # dbproxy_refuse
+        return InvalidQuery(getattr(exc, "message", "") or "refused", code=exc.detail)
     if state == "DP001":
         return InvalidQuery(
             f"the update does not fit the stored document: {getattr(exc, 'message', '')}",
@@ -729,7 +724,7 @@ class PostgresBackend(_Documents):
             conn.terminate()
             raise
         finally:
-            await pool.release(conn)  # asyncpg shields the release from cancellation
+            await release(pool, conn)  # asyncpg shields the release from cancellation
 
     def _timeout(self) -> tuple[float, bool]:
         """This statement's client-side timeout (what is left of the request's deadline;
@@ -794,7 +789,7 @@ class PostgresBackend(_Documents):
                 if lost:  # asyncpg sent a cancel: the release waits for its answer
                     self._release_later(ep.pool, conn)
                 else:
-                    await ep.pool.release(conn)
+                    await release(ep.pool, conn)
 
     def _release_later(self, pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
         """Give back a connection whose statement was cancelled without making the request
@@ -1111,7 +1106,7 @@ class PostgresBackend(_Documents):
         except BaseException as exc:
             if isinstance(exc, TimeoutError | asyncio.CancelledError):
                 conn.terminate()
-            await pool.release(conn)
+            await release(pool, conn)
             if give is not None:
                 give()
             if isinstance(exc, Exception):
@@ -1333,9 +1328,7 @@ class PostgresTransaction(_Documents):
     async def _release(self) -> None:
         give, self._give_share = self._give_share, None
         try:
-            # a lost connection may already be detached from the pool
-            with contextlib.suppress(asyncpg.InterfaceError):
-                await self._pool.release(self._conn)
+            await release(self._pool, self._conn)  # rolled back or closed: never unclean
         finally:
             if give is not None:
                 give()

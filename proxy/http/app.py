@@ -35,7 +35,14 @@ from proxy.errors import (
 from proxy.guard import Caller, Gatekeeper
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
-from proxy.ops import FindSpec, ItemResult, StoredReply, WriteResult, parse_json_text
+from proxy.ops import (
+    MAX_VERSION,
+    FindSpec,
+    ItemResult,
+    StoredReply,
+    WriteResult,
+    parse_json_text,
+)
 from proxy.query.parse import is_update_document
 from proxy.ratelimit import ConcurrencyLimiter
 from proxy.routing import parse_lsn
@@ -315,8 +322,11 @@ def if_match(request: web.Request) -> int | None:
     if raw is None or raw.strip() == "*":
         return None
     value = raw.strip()
-    if value.startswith('"') and value.endswith('"') and value[1:-1].isdigit():
-        return int(value[1:-1])
+    digits = value[1:-1]
+    # a version is a 64-bit integer: anything longer is refused before int() and any I/O
+    quoted = value.startswith('"') and value.endswith('"') and len(digits) <= 19
+    if quoted and digits.isascii() and digits.isdigit() and int(digits) <= MAX_VERSION:
+        return int(digits)
     raise BadRequest('If-Match must be an ETag like "3"', code="invalid_if_match")
 
 

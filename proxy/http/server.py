@@ -13,10 +13,10 @@ from typing import Any, cast
 import orjson
 from aiohttp import web
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
 
 from proxy.errors import ProxyError, RequestTimeout, TooManyConnections
 from proxy.http.app import JSON, new_request_id
+from proxy.http.parse_errors import EnvelopeRequestHandler
 
 HEALTH_PATH = "/api/db/health"
 HEALTH_LINE = b"GET " + HEALTH_PATH.encode() + b" "  # how a health check's request begins
@@ -68,13 +68,14 @@ def too_many() -> TooManyConnections:
     )
 
 
-class GuardedHandler(RequestHandler):
-    """aiohttp's connection protocol plus two timers, armed only when needed: headers that
-    do not complete within ``header_timeout`` of their first byte (408, closed), and a body
-    that does not complete within ``body_timeout`` of its headers (the handler's read
-    raises 408 ``body_timeout``; the connection closes after the answer). Idle keep-alive
-    connections are aiohttp's ``keepalive_timeout`` (``idle_timeout``). A request that
-    arrives whole in one read, the usual case, arms nothing."""
+class GuardedHandler(EnvelopeRequestHandler):
+    """aiohttp's connection protocol (parser errors in the envelope) plus two timers, armed
+    only when needed: headers that do not complete within ``header_timeout`` of their first
+    byte (408, closed), and a body that does not complete within ``body_timeout`` of its
+    headers (the handler's read raises 408 ``body_timeout``; the connection closes after the
+    answer). Idle keep-alive connections are aiohttp's ``keepalive_timeout``
+    (``idle_timeout``). A request that arrives whole in one read, the usual case, arms
+    nothing."""
 
     __slots__ = ("_body", "_body_timer", "_guard", "_header_timeout", "_header_timer")
 

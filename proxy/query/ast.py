@@ -12,6 +12,12 @@ from typing import Any, TypeAlias
 Json: TypeAlias = Any
 
 
+# An update may extend an array (padding it with nulls) up to this index, no further: the
+# same on every backend, 400 ``array_index_too_large`` beyond it.
+MAX_ARRAY_INDEX = 10_000
+INT32_MAX = 2**31 - 1  # numeric segments past this index no array; bound clamped to it
+
+
 def is_index(segment: str) -> bool:
     """A numeric path segment: ASCII digits only (``"²".isdigit()`` is true too)."""
     return segment.isascii() and segment.isdigit()

@@ -11,6 +11,9 @@ import orjson
 
 from proxy.errors import InvalidQuery
 
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
 
 def sort_tag(sort_repr: str) -> str:
     """A short fingerprint of the sort spec, so a cursor can't be replayed on another sort."""
@@ -37,6 +40,10 @@ def decode(token: Any, tag: str, kinds: list[type]) -> list[Any]:
     if not isinstance(values, list) or len(values) != len(kinds):
         raise bad
     for v, kind in zip(values, kinds, strict=True):
+        if isinstance(v, int) and not _INT32[0] <= v <= _INT32[1] and kind is int:
+            raise bad  # an int kind is a type rank: a bound parameter of 32 bits
+        if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
+            raise bad
         if kind is object:
             continue
         if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):

@@ -11,6 +11,7 @@ from typing import Any
 from proxy import numbers
 from proxy.config import Limits
 from proxy.errors import ForbiddenOperator, InvalidQuery, LimitExceeded
+from proxy.query import regex
 from proxy.query.ast import (
     MATCH_ALL,
     And,
@@ -52,6 +53,8 @@ TYPE_NAMES = {
     "boolean": "bool",
 }
 REGEX_OPTIONS = frozenset("imsx")
+MAX_SEGMENT_CHARS = 256  # a field name in a path; also keeps int() of a numeric one cheap
+MAX_SIZE = 2**31 - 1  # $size: no array is longer
 UPDATE_OPERATORS = frozenset(
     {"$set", "$unset", "$inc", "$mul", "$min", "$max", "$push", "$pull", "$addToSet", "$rename"}
 )
@@ -91,6 +94,12 @@ def parse_path(raw: Any, limits: Limits, *, allow_id: bool = True) -> Path:
     for seg in segments:
         if not seg:
             raise InvalidQuery(f"field path {raw[:80]!r} has an empty segment")
+        if len(seg) > MAX_SEGMENT_CHARS:
+            raise LimitExceeded(
+                f"field path {raw[:80]!r}: a field name is longer than {MAX_SEGMENT_CHARS} "
+                "characters",
+                code="field_name_too_long",
+            )
         if seg.startswith("$"):
             raise InvalidQuery(
                 f"field path {raw[:80]!r} has a segment starting with '$'",
@@ -189,8 +198,7 @@ def _parse_operators(
     ops: dict[str, Any], limits: Limits, budget: _Budget, where: str
 ) -> tuple[Pred, ...]:
     preds: list[Pred] = []
-    options = ops.get("$options")
-    if options is not None and "$regex" not in ops:
+    if "$options" in ops and "$regex" not in ops:
         raise InvalidQuery(f"$options without $regex (at {where})")
     for op, arg in ops.items():
         at = f"{where}.{op}"
@@ -231,6 +239,10 @@ def _parse_operator(
             arg = int(arg)
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
             raise InvalidQuery(f"$size needs a non-negative integer (at {at})")
+        if arg > MAX_SIZE:
+            raise InvalidQuery(
+                f"$size may be at most {MAX_SIZE} (at {at})", code="invalid_operator_value"
+            )
         return Size(arg)
     if op == "$elemMatch":
         return _parse_elem_match(arg, limits, budget, at)
@@ -299,7 +311,12 @@ def _parse_regex(pattern: Any, options: Any, limits: Limits, at: str) -> Pred:
         raise InvalidQuery(f"$options may only contain i, m, s, x (at {at})")
     if "\x00" in pattern:
         raise InvalidQuery(f"$regex contains a NUL character (at {at})")
-    return Regex(pattern, "".join(sorted(set(options))))
+    if "x" in options:  # extended syntax is stripped here, the same for every backend
+        pattern = regex.strip_extended(pattern)
+        options = options.replace("x", "")
+    flags = "".join(sorted(set(options)))
+    regex.compile_regex(pattern, flags)  # unsupported_regex / invalid_regex before any I/O
+    return Regex(pattern, flags)
 
 
 def _parse_all(arg: Any, limits: Limits, at: str) -> list[Pred]:

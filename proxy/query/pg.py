@@ -15,6 +15,8 @@ import orjson
 
 from proxy.numbers import DOUBLE_MAX_EXACT, INT64_MAX, INT64_MIN
 from proxy.query.ast import (
+    INT32_MAX,
+    MAX_ARRAY_INDEX,
     Cmp,
     ElemMatch,
     Filter,
@@ -106,7 +108,7 @@ class FilterCompiler(FilterWalker[str]):
             f"WHERE jsonb_typeof(w.v) IS DISTINCT FROM 'array'"
         ]
         if is_index(seg):
-            idx = self.p.add(int(seg), "int")
+            idx = self.p.add(min(int(seg), INT32_MAX), "int")
             branches.append(f"SELECT w.v -> {idx} WHERE jsonb_typeof(w.v) = 'array'")
         else:
             branches.append(
@@ -266,11 +268,16 @@ class UpdateCompiler:
             inner = self._set_rec(child, keys[1:], value_sql, segs[1:], depth + 1)
         target = x
         if is_index(segs[0]):
-            idx = self.p.add(int(segs[0]), "int")
+            idx = self.p.add(min(int(segs[0]), INT32_MAX), "int")
+            too_far = (
+                f"{self.schema}.dbproxy_refuse('array_index_too_large', "
+                f"'an update may extend an array up to index {MAX_ARRAY_INDEX}')"
+            )
             target = (
                 f"(CASE WHEN jsonb_typeof({x}) = 'array' AND jsonb_array_length({x}) < {idx} "
-                f"THEN {x} || (SELECT jsonb_agg('null'::jsonb) FROM generate_series(1, {idx} - "
-                f"jsonb_array_length({x}))) ELSE {x} END)"
+                f"THEN CASE WHEN {idx} > {MAX_ARRAY_INDEX} THEN {too_far} ELSE "
+                f"{x} || (SELECT jsonb_agg('null'::jsonb) FROM generate_series(1, {idx} - "
+                f"jsonb_array_length({x}))) END ELSE {x} END)"
             )
         checked = (
             f"CASE WHEN jsonb_typeof({x}) IN ('object', 'array') THEN {target} "
@@ -384,6 +391,12 @@ BEGIN
       MESSAGE = what || ' gives a number beyond the range of a double';
   END IF;
   RETURN to_jsonb(r);
+END $f$;
+
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_refuse(code text, msg text) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE AS $f$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'DP003', MESSAGE = msg, DETAIL = code;
 END $f$;
 
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_rank(x jsonb) RETURNS int

@@ -23,8 +23,9 @@ How the language maps onto SQLite:
 * Object and array equality goes through ``dbp_canon`` (canonical JSON: sorted keys,
   ``1.0`` == ``1``); container sort order is the ``dbp_json`` collation (the reference
   value order: by type bracket, arrays element-wise, objects by sorted keys). Regular
-  expressions are Python's ``re`` via ``dbp_regexp``. The backend registers these
-  deterministic functions on every connection (see ``proxy.backends.sqlite``).
+  expressions are RE2 (linear time, ``proxy.query.regex``) via ``dbp_regexp``. The
+  backend registers these deterministic functions on every connection (see
+  ``proxy.backends.sqlite``).
 * Updates compile to ONE ``UPDATE`` statement: each operator is a few CTEs that walk the
   path top-down (container, JSON path of the segment, current child) and rebuild it
   bottom-up with ``json_set``/``json_remove``, creating missing objects and padding
@@ -55,7 +56,9 @@ import orjson
 from proxy import numbers
 from proxy.errors import InvalidQuery, NumberOutOfRange, UnsupportedByBackend
 from proxy.query import cursor as cursors
+from proxy.query import regex
 from proxy.query.ast import (
+    MAX_ARRAY_INDEX,
     Cmp,
     ElemMatch,
     Eq,
@@ -85,7 +88,7 @@ FN_FAIL = "dbp_fail"  # (code, message) -> raises; not deterministic
 COLLATION = "dbp_json"  # container order for ORDER BY and keyset comparisons
 
 BARRIER = "LIMIT -1 OFFSET 0"  # keeps SQLite from flattening a CTE into its user
-MAX_PADDING = 1_500_000  # MongoDB refuses to pad an array by more nulls than this
+MAX_PADDING = MAX_ARRAY_INDEX  # an update pads an array with nulls up to this index only
 _INDEX_CLAMP = 10**15  # larger indexes behave alike: past the end of any real array
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -105,7 +108,6 @@ RANK_SQL = (
 )
 _SCALAR_TYPES = "('integer', 'real', 'text', 'true', 'false')"
 _CMP_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
-_REGEX_FLAGS = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
 _NOT_ADDRESSABLE = re.compile(r'["\\\x00-\x1f]')
 
 # A JSON value inside SQL: (type expression, value expression).
@@ -254,19 +256,8 @@ def arith(op: str, current: str, operand: str) -> str:
     return orjson.dumps(result).decode()
 
 
-@functools.lru_cache(maxsize=512)
-def compile_regex(pattern: str, options: str) -> re.Pattern[str]:
-    flags = 0
-    for ch in options:
-        flags |= _REGEX_FLAGS[ch]
-    try:
-        return re.compile(pattern, flags)
-    except (re.error, OverflowError, RecursionError):
-        raise InvalidQuery("invalid regular expression", code="invalid_regex") from None
-
-
-def regex_search(pattern: str, options: str, value: str) -> bool:
-    return compile_regex(pattern, options).search(value) is not None
+compile_regex = regex.compile_regex  # RE2, compiled once per (pattern, options)
+regex_search = regex.search
 
 
 # ---- parameters and names -------------------------------------------------------------
@@ -700,11 +691,16 @@ class UpdateCompiler:
                         f"CASE WHEN json_array_length(k.c) = 0 THEN '[' || substr({nulls}, 2) "
                         f"|| ']' ELSE substr(k.c, 1, length(k.c) - 1) || {nulls} || ']' END"
                     )
-                    container = (
-                        f"CASE WHEN k.t = 'array' AND {gap} >= 0 AND {gap} <= {MAX_PADDING} "
-                        f"THEN {padded} ELSE k.c END"
+                    too_far = (
+                        f"{FN_FAIL}('array_index_too_large', "
+                        f"'an update may extend an array up to index {MAX_ARRAY_INDEX}')"
                     )
-                    in_array = f"CASE WHEN {gap} <= {MAX_PADDING} THEN {idx} END"
+                    container = (
+                        f"CASE WHEN k.t = 'array' AND {gap} >= 0 THEN CASE WHEN {gap} > 0 "
+                        f"AND {n} > {MAX_ARRAY_INDEX} THEN {too_far} ELSE {padded} END "
+                        "ELSE k.c END"
+                    )
+                    in_array = idx
                 else:
                     container = "k.c"
                     in_array = f"CASE WHEN {gap} < 0 THEN {idx} END"

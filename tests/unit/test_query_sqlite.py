@@ -251,7 +251,7 @@ def test_array_index_updates_pad_with_nulls(db: tuple[sqlite3.Connection, _Failu
     assert got["arr"] == [2, None, None, "x"] and got["o"] == {}
     with pytest.raises(InvalidQuery) as info:
         updated(db, {"$set": {f"arr.{q.MAX_PADDING + 10}": 1}})
-    assert info.value.code == "update_type_mismatch"
+    assert info.value.code == "array_index_too_large"
 
 
 def test_float_results_keep_every_digit(db: tuple[sqlite3.Connection, _Failure]) -> None:
