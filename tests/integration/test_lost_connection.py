@@ -39,7 +39,7 @@ async def test_idempotent_write_on_a_lost_connection_is_unavailable(
         with pytest.raises(Unavailable) as caught:
             await core.idempotent("k1", "fp", produce)
         assert caught.value.status == 503 and caught.value.retryable
-        assert await core.backend().count("lost", None) == 1  # nothing was written
+        assert await core.count("lost", None) == 1  # nothing was written
 
 
 async def test_interactive_transaction_on_a_lost_connection_is_aborted(
