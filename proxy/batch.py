@@ -33,7 +33,7 @@ OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "query": (frozenset(), frozenset({"filter", "sort", "limit", "skip", "fields", "next"})),
     "count": (frozenset(), frozenset({"filter"})),
 }
-# op -> the operation a policy must grant on its collection
+# op -> the operation a policy must grant on its collection (and the gatekeeper charges)
 GRANTS = {
     "create": "create",
     "get": "read",
@@ -45,17 +45,6 @@ GRANTS = {
     "count": "count",
 }
 ISOLATION = ("read_committed", "repeatable_read", "serializable")
-# the gatekeeper's operation each batch operation is charged as (and the rows of a query)
-GATE_OPERATIONS = {
-    "create": "create",
-    "get": "read",
-    "replace": "update",
-    "update": "update",
-    "patch": "update",
-    "delete": "delete",
-    "query": "list",
-    "count": "count",
-}
 FIND_FIELDS = ("filter", "sort", "limit", "skip", "fields", "next")
 
 
@@ -140,7 +129,7 @@ def charges(ops: list[dict[str, Any]], default_limit: int) -> list[tuple[str, in
             limit = op.get("limit")
             ok = isinstance(limit, int) and not isinstance(limit, bool) and limit > 0
             rows = int(limit) if ok else default_limit  # type: ignore[arg-type]
-        out.append((GATE_OPERATIONS[op["op"]], rows))
+        out.append((GRANTS[op["op"]], rows))
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from proxy.errors import NumberOutOfRange
+from proxy.errors import InvalidQuery, NumberOutOfRange
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -211,3 +211,19 @@ def dumps_stored(value: Any) -> bytes:
     """orjson.dumps for (parts of) stored documents: an ``Unrepresentable`` number is written
     as it was stored."""
     return orjson.dumps(value, default=_render)
+
+
+def dumps_document(value: dict[str, Any]) -> bytes:
+    """A document, replacement or patch as JSON text for a backend: numbers outside the
+    range are refused (orjson writes inf as null and accepts 2**63..2**64)."""
+    try:
+        text = orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        out_of_range = encode_failure(value)
+        if out_of_range is not None:
+            raise out_of_range from None
+        raise InvalidQuery(
+            "the document has a value JSON cannot carry", code="invalid_value"
+        ) from None
+    check_dumped(value, text)
+    return text

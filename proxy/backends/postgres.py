@@ -170,19 +170,7 @@ def translate(exc: BaseException) -> ProxyError:
     return InternalError("unexpected error while talking to the database")
 
 
-def _dumps(value: dict[str, Any]) -> bytes:
-    """A document or patch as JSON text for jsonb; numbers outside the range are refused."""
-    try:
-        text = orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        out_of_range = numbers.encode_failure(value)
-        if out_of_range is not None:
-            raise out_of_range from None
-        raise InvalidQuery(
-            "the document has a value JSON cannot carry", code="invalid_value"
-        ) from None
-    numbers.check_dumped(value, text)
-    return text
+_dumps = numbers.dumps_document
 
 
 MISSING_RETRY_AFTER = 5.0  # seconds: a missing database is a configuration problem

@@ -603,16 +603,7 @@ class _Documents:
 
     @staticmethod
     def _dump(value: dict[str, Any]) -> bytes:
-        try:
-            body = orjson.dumps(value)
-        except orjson.JSONEncodeError:
-            out_of_range = numbers.encode_failure(value)
-            if out_of_range is not None:
-                raise out_of_range from None
-            raise InvalidQuery(
-                "the document has a value JSON cannot carry", code="invalid_value"
-            ) from None
-        numbers.check_dumped(value, body)  # orjson writes inf as null, accepts 2**63..2**64
+        body = numbers.dumps_document(value)
         if b"\\u0000" in body:
             dialect.json_text(value)  # refuses a real NUL (PostgreSQL's jsonb cannot hold it)
         return body
