@@ -531,6 +531,15 @@ def _forget_nothing(keys: Sequence[str] | None) -> None:
     return None
 
 
+def _require_positive(**values: float) -> None:
+    """ValueError naming every setting that is not > 0 (in the order given)."""
+    problems = [
+        f"{name} must be > 0, got {value!r}" for name, value in values.items() if not value > 0
+    ]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class RedisCache:
     """Entries under ``prefix + key`` and invalidations on ``channel``, in one Redis.
 
@@ -562,23 +571,17 @@ class RedisCache:
         ack_timeout: float = 0.05,
         clock: Clock = time.monotonic,
     ) -> None:
-        problems = [
-            f"{name} must be > 0, got {value!r}"
-            for name, value in (
-                ("timeout", timeout),
-                ("ack_timeout", ack_timeout),
-                ("fill_window", fill_window),
-                ("probe_timeout", probe_timeout),
-                ("health_interval", health_interval),
-                ("retry_min", retry_min),
-                ("retry_max", retry_max),
-                ("max_in_flight", max_in_flight),
-                ("max_pending", max_pending),
-            )
-            if not value > 0
-        ]
-        if problems:
-            raise ValueError("; ".join(problems))
+        _require_positive(
+            timeout=timeout,
+            ack_timeout=ack_timeout,
+            fill_window=fill_window,
+            probe_timeout=probe_timeout,
+            health_interval=health_interval,
+            retry_min=retry_min,
+            retry_max=retry_max,
+            max_in_flight=max_in_flight,
+            max_pending=max_pending,
+        )
         self._url = url  # may hold a password: never logged, never put in a message
         self.timeout = timeout
         self._io_deadline = timeout - min(_CLEANUP_SLACK, timeout / 10)
@@ -595,24 +598,36 @@ class RedisCache:
         self.max_pending = max_pending
         self.ack_timeout = ack_timeout
         self._clock = clock
-        # The lease: near hits are served only while ``clock() < lease_until``. A probe
-        # token sent at ``t`` and received back on the subscription (behind every
-        # invalidation Redis ran before it) extends it to ``t + lease``; a write that
-        # cannot collect every confirmation waits until such leases have run out.
-        self.lease = ack_timeout
+        self._init_lease()
+        self._init_acks()
+        self._init_connections()
+        self._init_counters()
+
+    def _init_lease(self) -> None:
+        """The lease: near hits are served only while ``clock() < lease_until``. A probe
+        token sent at ``t`` and received back on the subscription (behind every
+        invalidation Redis ran before it) extends it to ``t + lease``; a write that
+        cannot collect every confirmation waits until such leases have run out."""
+        self.lease = self.ack_timeout
         self.lease_until = float("-inf")
         self._epoch = 0  # bumped on every state change: older tokens renew nothing
         self._gap_ms = max(1, int(self._io_deadline * 1000))  # the fence's longest gap
         self.probe_every = min(self.lease / 4, self._gap_ms / 3000)
         self._keys = (self.prefix + "@gen", self.prefix + "@hb")
-        self._fence_args = (channel, self._gap_ms)
+        self._fence_args = (self.channel, self._gap_ms)
+
+    def _init_acks(self) -> None:
+        """This process's name, its confirmation channel, and the invalidations in flight."""
         self.node = secrets.token_hex(8)  # names this process in invalidations and acks
-        self._ack_channel = f"{channel}:ack:{self.node}"
+        self._ack_channel = f"{self.channel}:ack:{self.node}"
         self._ack_channel_b = self._ack_channel.encode()
         self._seq = 0
         self._waiting: dict[int, _AckWait] = {}
         self._acks_out: dict[str, list[int]] = {}
         self._ack_sender: asyncio.Task[None] | None = None
+
+    def _init_connections(self) -> None:
+        """The clients, the subscriber's tasks and state, and what it must replay."""
         self._shas = {script: _sha(script) for script in _SCRIPTS}
         self._client: aioredis.Redis | None = None  # the subscriber's replays
         self._sub_client: aioredis.Redis | None = None
@@ -627,6 +642,8 @@ class RedisCache:
         self._pending_flush = False
         self._on_invalidate: InvalidateCallback = _ignore_invalidate
         self._on_resync: ResyncCallback = _ignore_resync
+
+    def _init_counters(self) -> None:
         self.failures = 0  # operations that tried Redis and failed or timed out
         self.skipped = 0  # operations refused at once: not live, or every connection busy
         self.resyncs = 0  # times the subscriber (re)connected and called on_resync

@@ -24,7 +24,14 @@ from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.redis import RedisLimiter
 from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
-from proxy.config import DATABASE_URL_ENV, Config, DatabaseConfig, load_config, redact_dsn
+from proxy.config import (
+    DATABASE_URL_ENV,
+    Config,
+    DatabaseConfig,
+    ServerConfig,
+    load_config,
+    redact_dsn,
+)
 from proxy.core import Core
 from proxy.errors import ConfigError
 from proxy.guard import Gatekeeper
@@ -146,10 +153,9 @@ def _loopback(host: str) -> bool:
 FD_HEADROOM: Final = 256  # descriptors beyond client connections: pools, files, Redis
 
 
-def connection_guard(config: Config) -> Guard:
+def connection_guard(s: ServerConfig) -> Guard:
     """The server settings as a Guard, the cap lowered (with a warning) when even the
     raised file-descriptor limit cannot hold it: refusing beats running out of them."""
-    s = config.server
     guard = Guard(
         s.max_connections, s.header_timeout_seconds, s.body_timeout_seconds, s.idle_timeout_seconds
     )
@@ -205,13 +211,11 @@ async def serve(
     assert server is not None
     if opts.fast_path:
         server.request_handler = fast_get(app, server.request_handler, opts.metrics)
-    loop = asyncio.get_running_loop()
-    gate = ConnectionGate(server, connection_guard(config))
+    gate, listeners = await listen(server, config.server, sockets)
     app[monitor.METRICS].sources["clients"] = lambda: {
         "open": len(server.connections),
         "refused": gate.refused,
     }
-    listeners = [await loop.create_server(gate, sock=sock, backlog=1024) for sock in sockets]
     tune_gc()
     log.info(
         "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
@@ -221,6 +225,7 @@ async def serve(
         opts.policies or "off",
     )
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, core.gate.reload)
@@ -237,6 +242,29 @@ async def serve(
         if limiter is not None:
             await limiter.close()
     log.info("stopped")
+
+
+async def listen(
+    server: web.Server, settings: ServerConfig, sockets: Sequence[socket.socket]
+) -> tuple[ConnectionGate, list[asyncio.Server]]:
+    """Accept on ``sockets`` through the connection guard (cap, header/body/idle timeouts,
+    parser errors in the envelope): what ``serve`` and ``collector`` both listen with."""
+    loop = asyncio.get_running_loop()
+    gate = ConnectionGate(server, connection_guard(settings))
+    listeners = [await loop.create_server(gate, sock=sock, backlog=1024) for sock in sockets]
+    return gate, listeners
+
+
+def bind_or_say_why(host: str, port: int, fds: Sequence[int] = ()) -> list[socket.socket] | None:
+    """The listening sockets (inherited from a ``--workers`` parent, else bound
+    exclusively); None, with the reason on stderr, when the port cannot be had."""
+    try:
+        return inherited(list(fds)) if fds else bind(host, port)
+    except AddressInUse as err:
+        print(f"dbproxy: {err.strerror}", file=sys.stderr)
+    except OSError as err:
+        print(f"dbproxy: cannot listen on {host}: {err}", file=sys.stderr)
+    return None
 
 
 GC_THRESHOLDS: Final = (50_000, 20, 20)
@@ -347,13 +375,25 @@ def _fd_list(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError("must be comma-separated descriptors") from None
 
 
-async def run_collector(settings: CollectorSettings, shutdown_timeout: float = 10.0) -> None:
-    """``dbproxy collector``: serve until SIGTERM/SIGINT, then finish in-flight pushes."""
+async def run_collector(
+    settings: CollectorSettings,
+    shutdown_timeout: float = 10.0,
+    server_settings: ServerConfig | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+) -> None:
+    """``dbproxy collector``: serve until SIGTERM/SIGINT, then finish in-flight pushes.
+    Connections are guarded like ``serve``'s (``server_settings``: the cap and timeouts;
+    default those of ``serve``)."""
+    if server_settings is None:
+        server_settings = ServerConfig(host=settings.host, port=settings.port)
+    if sockets is None:
+        sockets = bind(settings.host, settings.port)
     runner = web.AppRunner(
         build_collector_app(settings), access_log=None, shutdown_timeout=shutdown_timeout
     )
     await runner.setup()
-    await web.TCPSite(runner, settings.host, settings.port, backlog=1024).start()
+    assert runner.server is not None
+    _, listeners = await listen(runner.server, server_settings, sockets)
     log.info(
         "dbproxy collector listening on http://%s:%d (database: %s, push token: %s)",
         settings.host,
@@ -369,6 +409,8 @@ async def run_collector(settings: CollectorSettings, shutdown_timeout: float = 1
         await stop.wait()
         log.info("collector shutting down")
     finally:
+        for listener in listeners:  # stop accepting
+            listener.close()
         await runner.cleanup()
     log.info("stopped")
 
@@ -404,6 +446,35 @@ def _add_log_level(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_server_flags(p: argparse.ArgumentParser) -> None:
+    """The connection cap and the slow-client timeouts (``serve`` and ``collector``)."""
+    p.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        help="client connections accepted; past it, 503 too_many_connections (health is "
+        "still answered) (default 4096)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds from a request's first byte to its last header, else 408 (default 10)",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds from a request's headers to its body's last byte, else 408 (default 30)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=None,
+        help="seconds a keep-alive connection may wait for its next request (default 60)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dbproxy", description="Database access sidecar")
     sub = p.add_subparsers(dest="command", required=True)
@@ -429,31 +500,7 @@ def _parser() -> argparse.ArgumentParser:
         "fail mode decides (default 0.05)",
     )
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
-    s.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=None,
-        help="client connections accepted; past it, 503 too_many_connections (health is "
-        "still answered) (default 4096)",
-    )
-    s.add_argument(
-        "--header-timeout",
-        type=_positive_float,
-        default=None,
-        help="seconds from a request's first byte to its last header, else 408 (default 10)",
-    )
-    s.add_argument(
-        "--body-timeout",
-        type=_positive_float,
-        default=None,
-        help="seconds from a request's headers to its body's last byte, else 408 (default 30)",
-    )
-    s.add_argument(
-        "--idle-timeout",
-        type=_positive_float,
-        default=None,
-        help="seconds a keep-alive connection may wait for its next request (default 60)",
-    )
+    _add_server_flags(s)
     s.add_argument("--listen-fds", type=_fd_list, default=(), help=argparse.SUPPRESS)
     s.add_argument(
         "--no-coalesce",
@@ -483,6 +530,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8710, help="listen port (default 8710)")
     c.add_argument("--database", default=None, help="PostgreSQL URL where rollups persist")
     c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
+    _add_server_flags(c)
     _add_log_level(c)
     return p
 
@@ -495,14 +543,20 @@ _SERVER_FLAGS: Final = {
 }
 
 
-def _with_server_flags(config: Config, args: argparse.Namespace) -> Config:
-    """The server settings of the file, overridden by the flags given."""
+def _server_flags(server: ServerConfig, args: argparse.Namespace) -> ServerConfig:
+    """``server`` overridden by the connection flags given."""
     given = {
         field: getattr(args, flag)
         for flag, field in _SERVER_FLAGS.items()
         if getattr(args, flag) is not None
     }
-    return replace(config, server=replace(config.server, **given)) if given else config
+    return replace(server, **given) if given else server
+
+
+def _with_server_flags(config: Config, args: argparse.Namespace) -> Config:
+    """The server settings of the file, overridden by the flags given."""
+    server = _server_flags(config.server, args)
+    return config if server is config.server else replace(config, server=server)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -541,19 +595,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.workers < 1:
             print("dbproxy: --workers must be at least 1", file=sys.stderr)
             return 2
-        try:
-            if opts.workers > 1:
+        if opts.workers > 1:
+            try:
                 args_list = list(argv if argv is not None else sys.argv[1:])
                 return serve_workers(config, opts, args_list)
-            if opts.listen_fds:
-                sockets = inherited(list(opts.listen_fds))
-            else:
-                sockets = bind(config.server.host, config.server.port)
-        except AddressInUse as err:
-            print(f"dbproxy: {err.strerror}", file=sys.stderr)
-            return 1
-        except OSError as err:
-            print(f"dbproxy: cannot listen on {config.server.host}: {err}", file=sys.stderr)
+            except AddressInUse as err:
+                print(f"dbproxy: {err.strerror}", file=sys.stderr)
+                return 1
+            except OSError as err:
+                print(f"dbproxy: cannot listen on {config.server.host}: {err}", file=sys.stderr)
+                return 1
+        sockets = bind_or_say_why(config.server.host, config.server.port, opts.listen_fds)
+        if sockets is None:
             return 1
         import uvloop
 
@@ -570,18 +623,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(report, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     if args.command == "collector":
-        try:
-            settings = _collector_settings(args)
-        except ConfigError as err:
-            print(f"dbproxy: {err}", file=sys.stderr)
-            return 2
-        import uvloop
+        return _main_collector(args)
+    return 0
 
-        try:
-            uvloop.run(run_collector(settings))
-        except OSError as err:
-            print(f"dbproxy: cannot start: {err}", file=sys.stderr)
-            return 1
+
+def _main_collector(args: argparse.Namespace) -> int:
+    """``dbproxy collector``: listens like ``serve`` (exclusive bind, guarded connections)."""
+    try:
+        settings = _collector_settings(args)
+    except ConfigError as err:
+        print(f"dbproxy: {err}", file=sys.stderr)
+        return 2
+    server = _server_flags(ServerConfig(host=settings.host, port=settings.port), args)
+    sockets = bind_or_say_why(settings.host, settings.port)
+    if sockets is None:
+        return 1
+    import uvloop
+
+    try:
+        uvloop.run(run_collector(settings, server_settings=server, sockets=sockets))
+    except OSError as err:
+        print(f"dbproxy: cannot start: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
