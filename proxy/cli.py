@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import ipaddress
 import logging
 import math
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -38,7 +36,7 @@ from proxy.guard import Gatekeeper
 from proxy.http import monitor
 from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
-from proxy.http.server import AddressInUse, ConnectionGate, Guard, bind, inherited
+from proxy.http.server import AddressInUse, bind, inherited, listen, tune_gc
 from proxy.policy import check_directory, load_policies
 
 log = logging.getLogger("dbproxy")
@@ -150,36 +148,6 @@ def _loopback(host: str) -> bool:
         return False
 
 
-FD_HEADROOM: Final = 256  # descriptors beyond client connections: pools, files, Redis
-
-
-def connection_guard(s: ServerConfig) -> Guard:
-    """The server settings as a Guard, the cap lowered (with a warning) when even the
-    raised file-descriptor limit cannot hold it: refusing beats running out of them."""
-    guard = Guard(
-        s.max_connections, s.header_timeout_seconds, s.body_timeout_seconds, s.idle_timeout_seconds
-    )
-    wanted = guard.max_connections + guard.reserve + FD_HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        top = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
-            soft = top
-        except (ValueError, OSError):
-            pass
-    if soft < wanted:
-        cap = max(16, (soft - FD_HEADROOM) * 8 // 9)
-        log.warning(
-            "max_connections %d does not fit the file-descriptor limit %d: using %d",
-            guard.max_connections,
-            soft,
-            cap,
-        )
-        guard = replace(guard, max_connections=cap)
-    return guard
-
-
 async def serve(
     config: Config,
     opts: ServeOptions | None = None,
@@ -244,17 +212,6 @@ async def serve(
     log.info("stopped")
 
 
-async def listen(
-    server: web.Server, settings: ServerConfig, sockets: Sequence[socket.socket]
-) -> tuple[ConnectionGate, list[asyncio.Server]]:
-    """Accept on ``sockets`` through the connection guard (cap, header/body/idle timeouts,
-    parser errors in the envelope): what ``serve`` and ``collector`` both listen with."""
-    loop = asyncio.get_running_loop()
-    gate = ConnectionGate(server, connection_guard(settings))
-    listeners = [await loop.create_server(gate, sock=sock, backlog=1024) for sock in sockets]
-    return gate, listeners
-
-
 def bind_or_say_why(host: str, port: int, fds: Sequence[int] = ()) -> list[socket.socket] | None:
     """The listening sockets (inherited from a ``--workers`` parent, else bound
     exclusively); None, with the reason on stderr, when the port cannot be had."""
@@ -265,22 +222,6 @@ def bind_or_say_why(host: str, port: int, fds: Sequence[int] = ()) -> list[socke
     except OSError as err:
         print(f"dbproxy: cannot listen on {host}: {err}", file=sys.stderr)
     return None
-
-
-GC_THRESHOLDS: Final = (50_000, 20, 20)
-
-
-def tune_gc() -> None:
-    """Once started: everything allocated so far (modules, pools, compiled policies) is
-    moved out of the cycle collector's sight (``gc.freeze``), and young objects are
-    collected every 50,000 net allocations instead of 700. A request allocates dozens of
-    short-lived objects that reference counting frees anyway; with the default threshold
-    the collector ran a few hundred times a second, re-scanning the same survivors. The
-    benchmark measured about 7 % less CPU per GET-by-id; cyclic garbage waits a little
-    longer, which costs at most a few MB."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _policy_stamp(directory: str) -> tuple[tuple[str, int, int], ...]:
