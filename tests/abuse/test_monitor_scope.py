@@ -127,3 +127,9 @@ async def test_each_service_sees_only_what_it_may_read(
         status, perf, _ = await _get(s, f"{server.url}/api/db/performance?top=1", "alpha")
         assert status == 200 and len(perf["top_patterns"]) == 1
         assert perf["top_patterns"][0]["collection"] in mine["alpha"]
+        # no parameter widens the view: these endpoints take no collection parameter, and
+        # one passed anyway changes nothing
+        for path in ("performance", "stats"):
+            url = f"{server.url}/api/db/{path}?collection=b{tag}_x&top=200"
+            status, _, text = await _get(s, url, "alpha")
+            assert status == 200 and f"b{tag}" not in text
