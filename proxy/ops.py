@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,13 @@ class AuditScope:
     names: tuple[str, ...]
     globs: tuple[str, ...]
     service: str
+
+    def covers(self, collection: str) -> bool:
+        """True if ``collection`` is named or matched by a glob (the monitoring views'
+        filter; the same matching as the audit log's SQL ``GLOB``)."""
+        return collection in self.names or any(
+            fnmatch.fnmatchcase(collection, g) for g in self.globs
+        )
 
 
 @dataclass(frozen=True, slots=True)

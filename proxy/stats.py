@@ -614,27 +614,41 @@ class StatsRecorder:
         index = int((self._clock() if now is None else now) // self.window_seconds)
         return [w for i, w in self._ring if index - self.windows < i <= index]
 
-    def performance(self, now: float | None = None, top: int = 20) -> dict[str, Any]:
+    def performance(
+        self,
+        now: float | None = None,
+        top: int = 20,
+        *,
+        visible: Callable[[str], bool] | None = None,
+    ) -> dict[str, Any]:
         """p50/p95/p99 per (operation, collection) over the recent windows, the ``top``
-        patterns by total time, and the slow operations (newest first)."""
+        patterns by total time, and the slow operations (newest first). ``visible``: only
+        the collections it accepts (the ranking is of those alone; None: every one)."""
         if self.flush_pending is not None:
             self.flush_pending()
         recent = self._recent(now)
+        slow: Sequence[dict[str, Any]] = self._slow
+        if visible is not None:
+            slow = [e for e in slow if visible(e["collection"])]
         return {
             "service": self.service,
             "instance": self.instance,
             "window_seconds": self.window_seconds,
             "windows": self.windows,
             "slow_threshold_ms": self.slow_threshold_ms,
-            "operations": self._operations_view(recent),
-            "top_patterns": self._patterns_view(recent, top),
-            "slow_queries": [self._with_plan(e) for e in reversed(self._slow)],
+            "operations": self._operations_view(recent, visible),
+            "top_patterns": self._patterns_view(recent, top, visible),
+            "slow_queries": [self._with_plan(e) for e in reversed(slow)],
         }
 
-    def _operations_view(self, recent: list[_Window]) -> list[dict[str, Any]]:
+    def _operations_view(
+        self, recent: list[_Window], visible: Callable[[str], bool] | None
+    ) -> list[dict[str, Any]]:
         merged: dict[Pair, _OpWindow] = {}
         for window in recent:
             for pair, op in window.ops.items():
+                if visible is not None and not visible(pair[0]):
+                    continue
                 into = merged.get(pair)
                 if into is None:
                     into = merged[pair] = _OpWindow()
@@ -654,10 +668,14 @@ class StatsRecorder:
         rows.sort(key=lambda r: (-r["total_ms"], r["collection"], r["operation"]))
         return rows
 
-    def _patterns_view(self, recent: list[_Window], top: int) -> list[dict[str, Any]]:
+    def _patterns_view(
+        self, recent: list[_Window], top: int, visible: Callable[[str], bool] | None
+    ) -> list[dict[str, Any]]:
         merged: dict[Key, _PatternWindow] = {}
         for window in recent:
             for key, pw in window.patterns.items():
+                if visible is not None and not visible(key[0]):
+                    continue
                 into = merged.get(key)
                 if into is None:
                     into = merged[key] = _PatternWindow(_OpWindow())
@@ -685,13 +703,16 @@ class StatsRecorder:
             )
         return rows
 
-    def totals(self) -> dict[str, Any]:
+    def totals(self, *, visible: Callable[[str], bool] | None = None) -> dict[str, Any]:
         """Lifetime counters: ``{"service", "instance", "collections": {collection:
-        {operation: {"calls", "errors", "errors_by_code", "documents", "total_ms"}}}}``."""
+        {operation: {"calls", "errors", "errors_by_code", "documents", "total_ms"}}}}``
+        (``visible``: only the collections it accepts; None: every one)."""
         if self.flush_pending is not None:
             self.flush_pending()
         collections: dict[str, dict[str, Any]] = {}
         for (collection, operation), t in sorted(self._totals.items()):
+            if visible is not None and not visible(collection):
+                continue
             collections.setdefault(collection, {})[operation] = {
                 "calls": t.calls,
                 "errors": sum(t.errors.values()),

@@ -21,7 +21,7 @@ from proxy.errors import BadRequest
 from proxy.guard import Caller
 from proxy.http.keys import CORE, caller_of
 from proxy.metrics import Metrics
-from proxy.stats import StatsRecorder, query_pattern
+from proxy.stats import OTHER, StatsRecorder, query_pattern
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +194,16 @@ def _monitor(request: web.Request) -> Core:
     return request.app[CORE]
 
 
+def _visible(caller: Caller) -> Callable[[str], bool] | None:
+    """Which collections a monitoring caller may see in the stats views: those it may
+    read, as for the audit log (None: all, when it reads ``"*"`` or nothing enforces).
+    ``"<other>"``, where names past the bounds fold, mixes anyone's: shown to "*" only."""
+    scope = guard.audit_scope(caller)
+    if scope is None:
+        return None
+    return lambda collection: collection != OTHER and scope.covers(collection)
+
+
 async def metrics(request: web.Request) -> web.Response:
     request.app[OBSERVER].flush()
     body = generate_latest(request.app[METRICS].registry)
@@ -202,16 +212,24 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def stats(request: web.Request) -> web.Response:
     core = _monitor(request)
+    caller = caller_of(request)
+    visible = _visible(caller)
     request.app[OBSERVER].flush()
     databases = {}
     for name, backend in core.backends.items():
         describe = getattr(backend, "describe_collections", None)
-        databases[name] = await describe() if describe is not None else {}
+        tables = await describe() if describe is not None else {}
+        if visible is not None:
+            tables = {table: about for table, about in tables.items() if visible(table)}
+        databases[name] = tables
+    services = core.volume_by_service()
+    if visible is not None:  # a scoped caller sees its own service's volume only
+        services = {k: v for k, v in services.items() if k == caller.service}
     return _json(
         {
             "databases": databases,
-            "requests": request.app[STATS].totals(),
-            "services": core.volume_by_service(),
+            "requests": request.app[STATS].totals(visible=visible),
+            "services": services,
         }
     )
 
@@ -221,7 +239,8 @@ async def performance(request: web.Request) -> web.Response:
     top = request.query.get("top", "20")
     if not top.isdigit() or not 1 <= int(top) <= 200:
         raise BadRequest("top must be 1-200", code="invalid_parameter")
-    return _json(request.app[STATS].performance(top=int(top)))
+    visible = _visible(caller_of(request))
+    return _json(request.app[STATS].performance(top=int(top), visible=visible))
 
 
 async def connections(request: web.Request) -> web.Response:
