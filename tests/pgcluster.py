@@ -24,9 +24,11 @@ class ClusterError(RuntimeError):
     """The cluster could not be made, started or stopped; the message says why."""
 
 
-def binaries_missing(pg_bin: Path = PG_BIN) -> str | None:
-    """Why a private cluster cannot be made here (None: it can)."""
-    missing = [n for n in ("initdb", "pg_ctl", "postgres") if not (pg_bin / n).is_file()]
+def binaries_missing(
+    pg_bin: Path = PG_BIN, needed: tuple[str, ...] = ("initdb", "pg_ctl", "postgres")
+) -> str | None:
+    """Why a private cluster (or whatever needs ``needed``) cannot be made here (None: it can)."""
+    missing = [n for n in needed if not (pg_bin / n).is_file()]
     if missing:
         return f"PostgreSQL binaries missing under {pg_bin}: {', '.join(missing)}"
     if os.geteuid() == 0 and shutil.which("runuser") is None:

@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -34,7 +33,8 @@ from pathlib import Path
 from types import TracebackType
 
 from proxy.routing import format_lsn, parse_lsn
-from tests.pgcluster import PgCluster
+from tests.pgcluster import PgCluster, free_port
+from tests.pgcluster import binaries_missing as cluster_binaries_missing
 
 PG_BIN = Path(os.environ.get("DBPROXY_PG_BIN", "/usr/lib/postgresql/15/bin"))
 PRIMARY_HOST = "127.0.0.1"
@@ -70,12 +70,7 @@ class ReplicaError(RuntimeError):
 
 def binaries_missing(pg_bin: Path = PG_BIN) -> str | None:
     """Why a replica cannot be made on this machine (None: the binaries are there)."""
-    missing = [name for name in _NEEDED_BINARIES if not (pg_bin / name).is_file()]
-    if missing:
-        return f"PostgreSQL binaries missing under {pg_bin}: {', '.join(missing)}"
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root but runuser (util-linux) is not installed"
-    return None
+    return cluster_binaries_missing(pg_bin, _NEEDED_BINARIES)
 
 
 def default_base_dir() -> str:
@@ -99,13 +94,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Replica:
@@ -424,7 +412,7 @@ logging_collector = off
 
     def _start_server(self, deadline: float) -> None:
         if not self.port:
-            self.port = _free_port()
+            self.port = free_port()
         for attempt in range(3):
             self.log_file.unlink(missing_ok=True)
             result = self._pg_ctl(
@@ -442,7 +430,7 @@ logging_collector = off
                 return
             log = self._log_tail()
             if "could not bind" in log and attempt < 2:  # lost a race for the port
-                self.port = _free_port()
+                self.port = free_port()
                 continue
             with contextlib.suppress(ReplicaError):
                 self._pg_ctl("stop", "-m", "immediate", "-w", check=False)
