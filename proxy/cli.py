@@ -20,7 +20,7 @@ from aiohttp import web
 
 from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
-from proxy.backends.redis import RedisLimiter
+from proxy.backends.redis.limiter import RedisLimiter
 from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
 from proxy.config import (
     DATABASE_URL_ENV,
@@ -30,13 +30,13 @@ from proxy.config import (
     load_config,
     redact_dsn,
 )
-from proxy.core import Core
 from proxy.errors import ConfigError
-from proxy.guard import Gatekeeper
 from proxy.http import monitor
 from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
 from proxy.http.server import AddressInUse, bind, inherited, listen, tune_gc
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Gatekeeper
 from proxy.policy import check_directory, load_policies
 
 log = logging.getLogger("dbproxy")

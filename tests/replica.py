@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
-from proxy.routing import format_lsn, parse_lsn
+from proxy.resilience.routing import format_lsn, parse_lsn
 from tests.pgcluster import PgCluster, free_port
 from tests.pgcluster import binaries_missing as cluster_binaries_missing
 

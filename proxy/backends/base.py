@@ -8,9 +8,9 @@ import re
 from typing import Any, Protocol
 
 from proxy.errors import InvalidCollection, ProxyError, Unavailable
-from proxy.ops import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
 from proxy.policy import RESERVED_COLLECTIONS
 from proxy.query.ast import Filter
+from proxy.query.spec import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 RESERVED = RESERVED_COLLECTIONS  # endpoint names under /api/db/: never collections

@@ -33,7 +33,7 @@ import orjson
 
 from proxy.backends.postgres import translate
 from proxy.errors import BadRequest, ProxyError, Unavailable
-from proxy.stats import (
+from proxy.observe.stats import (
     BATCH_VERSION,
     COLLECTION_RE,
     ERROR_CODE_RE,

@@ -16,11 +16,9 @@ from aiohttp import web
 
 from proxy import context
 from proxy.backends.base import Documents, TxKind
-from proxy.batch import grants_of, parse_batch, run_operations
 from proxy.cache import NearCache, RedisCache, TwoLevelCache
 from proxy.config import Config
 from proxy.context import RequestContext
-from proxy.core import Core
 from proxy.errors import (
     BadRequest,
     DuplicateId,
@@ -32,10 +30,13 @@ from proxy.errors import (
     ProxyError,
     UnsupportedMediaType,
 )
-from proxy.guard import Caller, Gatekeeper
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
-from proxy.ops import (
+from proxy.pipeline.batch import grants_of, parse_batch, run_operations
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller, Gatekeeper
+from proxy.query.parse import is_update_document
+from proxy.query.spec import (
     MAX_VERSION,
     FindSpec,
     ItemResult,
@@ -43,9 +44,8 @@ from proxy.ops import (
     WriteResult,
     parse_json_text,
 )
-from proxy.query.parse import is_update_document
-from proxy.ratelimit import ConcurrencyLimiter
-from proxy.routing import parse_lsn
+from proxy.resilience.ratelimit import ConcurrencyLimiter
+from proxy.resilience.routing import parse_lsn
 
 log = logging.getLogger(__name__)
 

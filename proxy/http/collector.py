@@ -16,7 +16,6 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy.backends.collector_client import BATCHES_PATH
 from proxy.backends.collector_store import CollectorStore, parse_batch
 from proxy.errors import (
     BadRequest,
@@ -26,7 +25,8 @@ from proxy.errors import (
     Unauthorized,
 )
 from proxy.http.app import envelope, json_response
-from proxy.stats import SERVICE_RE
+from proxy.observe.pusher import BATCHES_PATH
+from proxy.observe.stats import SERVICE_RE
 
 __all__ = [
     "METRICS",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.core import Core
-from proxy.guard import OPEN, Caller
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import OPEN, Caller
 
 CORE: web.AppKey[Core] = web.AppKey("core", Core)
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)

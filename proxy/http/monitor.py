@@ -13,15 +13,16 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy import context, guard
-from proxy.backends.collector_client import StatsPusher
+from proxy import context
 from proxy.config import CollectorPush
-from proxy.core import Core
 from proxy.errors import BadRequest
-from proxy.guard import Caller
 from proxy.http.keys import CORE, caller_of
-from proxy.metrics import Metrics
-from proxy.stats import OTHER, StatsRecorder, query_pattern
+from proxy.observe.metrics import Metrics
+from proxy.observe.pusher import StatsPusher
+from proxy.observe.stats import OTHER, StatsRecorder, query_pattern
+from proxy.pipeline import gate as guard
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import pytest
 
 from proxy.backends.postgres import PostgresBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
-from proxy.core import Core
 from proxy.errors import NotFound
-from proxy.guard import Caller, Gatekeeper
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import load_policies
 
 pytestmark = pytest.mark.integration

@@ -25,9 +25,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.backends.collector_client import BATCHES_PATH, StatsPusher
 from proxy.http.collector import CollectorSettings, build_collector_app
-from proxy.stats import NUM_BUCKETS, StatsRecorder, percentile
+from proxy.observe.pusher import BATCHES_PATH, StatsPusher
+from proxy.observe.stats import NUM_BUCKETS, StatsRecorder, percentile
 from tests.conftest import PG_ADMIN_DSN
 
 pytestmark = [

@@ -10,7 +10,6 @@ import orjson
 import pytest
 
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import (
     BadRequest,
     DuplicateId,
@@ -21,7 +20,8 @@ from proxy.errors import (
     NotFound,
     PreconditionFailed,
 )
-from proxy.ops import ItemResult, WriteResult
+from proxy.pipeline.documents import Core
+from proxy.query.spec import ItemResult, WriteResult
 from tests.backends import KINDS, backend_namespace, core_over, open_core
 
 pytestmark = pytest.mark.integration

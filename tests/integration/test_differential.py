@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import InvalidQuery, NotFound
+from proxy.pipeline.documents import Core
 from tests import reference, strategies
 from tests.backends import KINDS, open_core
 

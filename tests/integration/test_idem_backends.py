@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import Conflict, NotFound
-from proxy.guard import Caller, Gatekeeper
-from proxy.ops import AuditScope, Keep, Replace, StoredReply, keep_protected
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import FieldRule, Grant, PolicySet, RowRule, ServicePolicy
+from proxy.query.spec import AuditScope, Keep, Replace, StoredReply, keep_protected
 from tests.backends import KINDS, open_core
 
 pytestmark = pytest.mark.integration

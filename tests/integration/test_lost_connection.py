@@ -10,7 +10,7 @@ from proxy.backends.base import Documents, TxKind
 from proxy.backends.postgres import PostgresTransaction
 from proxy.config import Limits
 from proxy.errors import Conflict, Unavailable
-from proxy.ops import StoredReply
+from proxy.query.spec import StoredReply
 from tests.backends import open_core
 
 pytestmark = pytest.mark.integration

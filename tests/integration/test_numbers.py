@@ -18,11 +18,11 @@ import pytest
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.sqlite import SqliteBackend, table_name
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import BadRequest
-from proxy.guard import Caller, Gatekeeper
-from proxy.ops import ItemResult, WriteResult
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import load_policies
+from proxy.query.spec import ItemResult, WriteResult
 from tests.backends import KINDS, open_core
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from proxy.backends import pgpool
+from proxy.backends.postgres import pool as pgpool
 from proxy.backends.postgres import translate
 
 pytestmark = pytest.mark.integration

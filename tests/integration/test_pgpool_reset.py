@@ -8,7 +8,7 @@ import logging
 import asyncpg
 import pytest
 
-from proxy.backends.pgpool import EndpointSet
+from proxy.backends.postgres.pool import EndpointSet
 from proxy.config import DatabaseConfig, Limits, PoolSettings
 
 

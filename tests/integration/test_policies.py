@@ -12,9 +12,9 @@ import orjson
 import pytest
 
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import Forbidden, NotFound, RateLimited
-from proxy.guard import OPEN, Caller, Gatekeeper
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy import PolicySet, load_policies
 from tests.backends import KINDS, open_core
 

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.backends.redis import GCRA_LUA, RedisLimiter, RedisUnavailable
-from proxy.ratelimit import Rate, gcra_us
+from proxy.backends.redis.limiter import GCRA_LUA, RedisLimiter, RedisUnavailable
+from proxy.resilience.ratelimit import Rate, gcra_us
 from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -133,8 +133,8 @@ async def test_cost_above_burst_is_denied_by_the_script_too(limiter: RedisLimite
 _HAMMER = textwrap.dedent(
     """
     import asyncio, sys, time
-    from proxy.backends.redis import RedisLimiter
-    from proxy.ratelimit import Rate
+    from proxy.backends.redis.limiter import RedisLimiter
+    from proxy.resilience.ratelimit import Rate
 
     url, prefix, go, attempts = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 

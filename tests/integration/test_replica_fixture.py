@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from proxy.routing import format_lsn, parse_lsn
+from proxy.resilience.routing import format_lsn, parse_lsn
 from tests.pgcluster import PgCluster
 from tests.replica import DIR_PREFIX, Replica
 

@@ -14,14 +14,14 @@ import orjson
 import pytest
 
 from proxy import context
-from proxy.backends.pgpool import EndpointSet
 from proxy.backends.postgres import PostgresBackend
-from proxy.breaker import BreakerSettings
+from proxy.backends.postgres.pool import EndpointSet
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings, ReplicaConfig
 from proxy.context import RequestContext
-from proxy.core import Core
 from proxy.errors import NotFound, PoolExhausted, ProxyError, Unavailable
-from proxy.routing import parse_lsn
+from proxy.pipeline.documents import Core
+from proxy.resilience.breaker import BreakerSettings
+from proxy.resilience.routing import parse_lsn
 from tests.faultproxy import FaultProxy
 from tests.replica import Replica
 

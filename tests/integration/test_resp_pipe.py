@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.backends.resp import Pipe, PipeBroken, ReplyError, open_pipe
+from proxy.backends.redis.resp import Pipe, PipeBroken, ReplyError, open_pipe
 from tests.conftest import REDIS_URL
 from tests.redis_server import PrivateRedis, run_private_redis
 

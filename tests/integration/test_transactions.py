@@ -16,10 +16,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError, Unavailable, Unprocessable
-from proxy.guard import Caller
-from proxy.ops import StoredReply
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller
+from proxy.query.spec import StoredReply
 from tests.backends import KINDS, open_core
 
 pytestmark = pytest.mark.integration

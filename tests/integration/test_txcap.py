@@ -17,11 +17,11 @@ import pytest
 from proxy.backends.base import TxKind
 from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Limits
-from proxy.core import Core
 from proxy.errors import ProxyError, RateLimited, Unavailable
-from proxy.guard import Caller
-from proxy.ops import StoredReply
+from proxy.pipeline.documents import Core
+from proxy.pipeline.gate import Caller
 from proxy.policy import load_policies
+from proxy.query.spec import StoredReply
 from tests.backends import KINDS, open_core
 
 pytestmark = pytest.mark.integration

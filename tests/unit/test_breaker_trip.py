@@ -3,7 +3,7 @@ item 9), on a fake clock."""
 
 from __future__ import annotations
 
-from proxy.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from proxy.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
 
 
 class FakeClock:

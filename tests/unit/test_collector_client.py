@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.backends.collector_client import BATCHES_PATH, StatsPusher
-from proxy.stats import StatsRecorder
+from proxy.observe.pusher import BATCHES_PATH, StatsPusher
+from proxy.observe.stats import StatsRecorder
 
 
 def free_port() -> int:

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from proxy.batch import grants_of
 from proxy.errors import Conflict, Unprocessable
-from proxy.guard import Caller, audit_scope, keep_spec
-from proxy.ops import AuditScope, Keep, check_fingerprint, keep_protected
+from proxy.pipeline.batch import grants_of
+from proxy.pipeline.gate import Caller, audit_scope, keep_spec
 from proxy.policy import FieldRule, Grant, Limits, RateSpec, RowRule, ServicePolicy
+from proxy.query.spec import AuditScope, Keep, check_fingerprint, keep_protected
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 

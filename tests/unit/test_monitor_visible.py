@@ -4,11 +4,11 @@ the audit scope's (names, ``*``, ``?``, ``[...]``, ``[!...]``)."""
 
 from __future__ import annotations
 
-from proxy import guard
-from proxy.guard import Caller
 from proxy.http import monitor
+from proxy.observe.stats import OTHER, StatsRecorder
+from proxy.pipeline import gate as guard
+from proxy.pipeline.gate import Caller
 from proxy.policy import Grant, ServicePolicy
-from proxy.stats import OTHER, StatsRecorder
 
 
 def _caller(*patterns: str) -> Caller:

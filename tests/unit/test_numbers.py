@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from proxy.config import Limits
 from proxy.errors import BadRequest, InvalidJson, ProxyError
-from proxy.ops import parse_json_text
 from proxy.query import sqlite as q
 from proxy.query.parse import parse_filter, parse_update
+from proxy.query.spec import parse_json_text
 from tests import strategies
 
 L = Limits()

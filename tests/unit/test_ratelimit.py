@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.ratelimit import ConcurrencyLimiter, Decision, LocalLimiter, Rate, gcra, gcra_us
+from proxy.resilience.ratelimit import (
+    ConcurrencyLimiter,
+    Decision,
+    LocalLimiter,
+    Rate,
+    gcra,
+    gcra_us,
+)
 
 PER_MINUTE_20 = Rate(20 / 60, 20)
 

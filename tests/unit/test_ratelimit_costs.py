@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import LimitExceeded, RateLimited
-from proxy.guard import Gatekeeper
+from proxy.pipeline.gate import Gatekeeper
 from proxy.policy import load_policies
-from proxy.ratelimit import Rate
+from proxy.resilience.ratelimit import Rate
 
 
 class FakeClock:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from proxy.breaker import BreakerSettings, BreakerState, CircuitBreaker
-from proxy.routing import (
+from proxy.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from proxy.resilience.routing import (
     ANALYTICS_KINDS,
     KINDS,
     READ_KINDS,

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.backends.collector_store import parse_batch
-from proxy.stats import (
+from proxy.observe.stats import (
     BUCKET_BOUNDS_MS,
     NUM_BUCKETS,
     OTHER,

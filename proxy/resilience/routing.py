@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from proxy.breaker import CircuitBreaker
+from proxy.resilience.breaker import CircuitBreaker
 
 __all__ = [
     "ANALYTICS_KINDS",

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from proxy.breaker import BreakerSettings, BreakerState, CircuitBreaker
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import PoolExhausted, ProxyError, Unavailable
-from proxy.routing import EndpointState, Role, Router, format_lsn, parse_lsn
+from proxy.resilience.breaker import BreakerSettings, BreakerState, CircuitBreaker
+from proxy.resilience.routing import EndpointState, Role, Router, format_lsn, parse_lsn
 
 log = logging.getLogger(__name__)
 

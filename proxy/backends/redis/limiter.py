@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from proxy.ratelimit import Decision, Rate
+from proxy.resilience.ratelimit import Decision, Rate
 
 __all__ = ["GCRA_LUA", "RedisLimiter", "RedisUnavailable"]
 

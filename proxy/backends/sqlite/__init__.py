@@ -76,7 +76,9 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.ids import IdGenerator
-from proxy.ops import (
+from proxy.query import sqlite as dialect
+from proxy.query.ast import Filter
+from proxy.query.spec import (
     AuditScope,
     Change,
     FindSpec,
@@ -91,8 +93,6 @@ from proxy.ops import (
     check_fingerprint,
     keep_protected,
 )
-from proxy.query import sqlite as dialect
-from proxy.query.ast import Filter
 from proxy.query.sqlite import (
     FilterCompiler,
     Names,

@@ -89,7 +89,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
-from proxy.backends.resp import Pipe, PipeBroken, ReplyError, open_pipe
+from proxy.backends.redis.resp import Pipe, PipeBroken, ReplyError, open_pipe
 
 __all__ = [
     "CacheUnavailable",

@@ -10,7 +10,7 @@ The arithmetic runs on whole microseconds held in IEEE doubles (exact below 2**5
 for 285 years of microseconds), so boundaries are exact: with 20 per minute, the 20th
 request at one instant passes and the 21st is told to retry in exactly 3.0 s. The same
 operations, in the same order, are what the Redis Lua script of
-``proxy.backends.redis`` runs, so a local and a global decision are the same function of
+``proxy.backends.redis.limiter`` runs, so a local and a global decision are the same function of
 (TAT, now, rate, cost); ``gcra_us`` is the reference both are tested against.
 
 No I/O here; the clock is injected (monotonic seconds).

@@ -16,11 +16,11 @@ import orjson
 from proxy import numbers
 from proxy.backends.base import Documents
 from proxy.errors import BadRequest, LimitExceeded, ProxyError
-from proxy.guard import OPEN, Caller
-from proxy.ops import MAX_VERSION, ItemResult, WriteResult
+from proxy.pipeline.gate import OPEN, Caller
+from proxy.query.spec import MAX_VERSION, ItemResult, WriteResult
 
 if TYPE_CHECKING:
-    from proxy.core import Core
+    from proxy.pipeline.documents import Core
 
 OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # op: (required fields, optional fields) besides "op" and "collection"

@@ -18,7 +18,7 @@ from typing import Any, Final
 import aiohttp
 import orjson
 
-from proxy.stats import StatsRecorder
+from proxy.observe.stats import StatsRecorder
 
 __all__ = ["BATCHES_PATH", "StatsPusher"]
 

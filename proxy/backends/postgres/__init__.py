@@ -23,8 +23,8 @@ import orjson
 
 from proxy import context, numbers
 from proxy.backends.base import TransactionShare, TxKind, check_collection
-from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
-from proxy.backends.pgpool import CONNECTION_ERRORS, Endpoint, EndpointSet, release
+from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
+from proxy.backends.postgres.pool import CONNECTION_ERRORS, Endpoint, EndpointSet, release
 from proxy.config import DatabaseConfig, Limits
 from proxy.context import RequestContext
 from proxy.errors import (
@@ -45,19 +45,6 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.ids import IdGenerator
-from proxy.ops import (
-    AuditScope,
-    Change,
-    FindSpec,
-    ItemResult,
-    MergePatch,
-    Modify,
-    Page,
-    Replace,
-    StoredReply,
-    WriteResult,
-    check_fingerprint,
-)
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
 from proxy.query.pg import (
@@ -70,10 +57,23 @@ from proxy.query.pg import (
     order_by,
     sort_exprs,
 )
+from proxy.query.spec import (
+    AuditScope,
+    Change,
+    FindSpec,
+    ItemResult,
+    MergePatch,
+    Modify,
+    Page,
+    Replace,
+    StoredReply,
+    WriteResult,
+    check_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = CONNECTION_ERRORS  # the one list, in proxy.backends.pgpool
+_CONNECTION_ERRORS = CONNECTION_ERRORS  # the one list, in proxy.backends.postgres.pool
 _REFUSALS = frozenset({"array_index_too_large"})  # codes dbproxy_refuse() may raise
 _CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
 # how long past a request's deadline the client still waits for the server: long enough for

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from proxy.errors import Forbidden, LimitExceeded, RateLimited, Unauthorized, Unavailable
-from proxy.ops import AuditScope, Keep
 from proxy.policy import (
     SERVICE_WIDE_PATTERN,
     FieldRule,
@@ -40,7 +39,8 @@ from proxy.query.ast import (
     SortKey,
     Update,
 )
-from proxy.ratelimit import ConcurrencyLimiter, Decision, LocalLimiter, Rate
+from proxy.query.spec import AuditScope, Keep
+from proxy.resilience.ratelimit import ConcurrencyLimiter, Decision, LocalLimiter, Rate
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from proxy import context, guard, numbers
+from proxy import context, numbers
 from proxy.backends.base import Backend, Documents, Transaction, TxKind, check_collection
-from proxy.batch import charges, parse_batch, parse_isolation, run_operations
 from proxy.cache import Hit, TwoLevelCache
 from proxy.config import Config
 from proxy.errors import (
@@ -22,8 +21,14 @@ from proxy.errors import (
     NotFound,
     ProxyError,
 )
-from proxy.guard import OPEN, Caller, Gatekeeper
-from proxy.ops import (
+from proxy.pipeline import gate as guard
+from proxy.pipeline.batch import charges, parse_batch, parse_isolation, run_operations
+from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
+from proxy.pipeline.transactions import TransactionRegistry
+from proxy.query.ast import And, Eq, FieldCond, Path
+from proxy.query.parse import is_update_document, parse_fields, parse_filter, parse_update
+from proxy.query.project import project
+from proxy.query.spec import (
     Change,
     FindSpec,
     ItemResult,
@@ -36,10 +41,6 @@ from proxy.ops import (
     build_find_spec,
     check_id,
 )
-from proxy.query.ast import And, Eq, FieldCond, Path
-from proxy.query.parse import is_update_document, parse_fields, parse_filter, parse_update
-from proxy.query.project import project
-from proxy.transactions import TransactionRegistry
 
 T = TypeVar("T")
 PlanNote = Callable[[bool, str], None]

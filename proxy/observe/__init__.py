@@ -1,0 +1,1 @@
+"""Observability: query statistics, Prometheus metrics, the push to the collector."""

@@ -1,0 +1,1 @@
+"""The operation pipeline: one sequence for every operation. Knows no HTTP."""

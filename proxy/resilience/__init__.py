@@ -1,0 +1,1 @@
+"""Resilience: circuit breakers, rate limits and replica routing; pure, clock injected."""
