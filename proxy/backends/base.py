@@ -5,12 +5,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from proxy.errors import InvalidCollection, ProxyError, Unavailable
+from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
 from proxy.query.ast import Filter
-from proxy.query.spec import Change, FindSpec, ItemResult, Page, StoredReply, WriteResult
+from proxy.query.spec import (
+    AuditScope,
+    Change,
+    FindSpec,
+    ItemResult,
+    Page,
+    StoredReply,
+    WriteResult,
+)
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 RESERVED = RESERVED_COLLECTIONS  # endpoint names under /api/db/: never collections
@@ -144,10 +153,24 @@ class Transaction(Documents, Protocol):
     async def idem_save(self, key: str, reply: StoredReply) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do beyond the document contract: declared by each backend class
+    and asked by the pipeline, never probed with ``hasattr``."""
+
+    explain: bool = False  # ``explain``: the plan of a slow statement
+    describe_collections: bool = False  # ``describe_collections``: sizes for /api/db/stats
+    audit_log: bool = False  # ``audit_log``: the writes' audit trail
+    endpoints: bool = False  # ``connections`` lists pools, roles and breakers
+    coalesce: bool = False  # concurrent point reads share one statement
+
+
 class Backend(Documents, Protocol):
-    """A configured database: lifecycle, health, and transactions."""
+    """A configured database: lifecycle, health, transactions, and what it declares it can
+    do (``capabilities``; a method whose capability is False must not be called)."""
 
     name: str
+    capabilities: Capabilities
 
     async def start(self) -> None: ...
 
@@ -160,3 +183,39 @@ class Backend(Documents, Protocol):
     ) -> Transaction: ...
 
     async def maintain(self) -> None: ...
+
+    def connections(self) -> dict[str, Any]: ...
+
+    async def describe_collections(self) -> dict[str, Any]: ...
+
+    async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]: ...
+
+    async def audit_log(
+        self,
+        *,
+        scope: AuditScope | None = None,
+        service: str | None = None,
+        collection: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after_id: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]: ...
+
+
+class Unsupported:
+    """What a backend without an optional capability answers (its flag is False, so the
+    pipeline never calls these; they exist so every backend meets ``Backend``)."""
+
+    def connections(self) -> dict[str, Any]:
+        return {"endpoints": []}
+
+    async def describe_collections(self) -> dict[str, Any]:
+        return {}
+
+    async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]:
+        raise Unsupported.refusal("explain")
+
+    @staticmethod
+    def refusal(what: str) -> ProxyError:
+        return BadRequest(f"this database does not support {what}", code="unsupported_by_backend")

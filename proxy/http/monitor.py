@@ -218,8 +218,8 @@ async def stats(request: web.Request) -> web.Response:
     request.app[OBSERVER].flush()
     databases = {}
     for name, backend in core.backends.items():
-        describe = getattr(backend, "describe_collections", None)
-        tables = await describe() if describe is not None else {}
+        described = backend.capabilities.describe_collections
+        tables = await backend.describe_collections() if described else {}
         if visible is not None:
             tables = {table: about for table, about in tables.items() if visible(table)}
         databases[name] = tables
@@ -257,8 +257,8 @@ async def audit(request: web.Request) -> web.Response:
         raise BadRequest(
             f"unknown parameter(s): {', '.join(sorted(unknown))}", code="unknown_parameter"
         )
-    backend: Any = core.backend()
-    if not hasattr(backend, "audit_log"):
+    backend = core.backend()
+    if not backend.capabilities.audit_log:
         raise BadRequest("this database keeps no audit log", code="unsupported_by_backend")
     limit = _number(q.get("limit", "100"), "limit", int)
     if not 1 <= limit <= 1000:

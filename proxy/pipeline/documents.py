@@ -620,16 +620,15 @@ class Core:
     def connections(self) -> dict[str, Any]:
         out = {}
         for name, backend in self.backends.items():
-            describe = getattr(backend, "connections", None)
-            out[name] = describe() if describe is not None else {"endpoints": []}
+            out[name] = backend.connections()
         return out
 
     def explain_later(self, statement: tuple[str, tuple[Any, ...]], note: PlanNote) -> bool:
         """Look at a slow statement's plan in the background: at most one EXPLAIN per
         second, never on the request's own time."""
         now = time.monotonic()
-        backend: Any = self.backend()
-        if now - self._last_explain < 1.0 or not hasattr(backend, "explain"):
+        backend = self.backend()
+        if now - self._last_explain < 1.0 or not backend.capabilities.explain:
             return False
         self._last_explain = now
 

@@ -22,7 +22,7 @@ import asyncpg
 import orjson
 
 from proxy import context, numbers
-from proxy.backends.base import TransactionShare, TxKind, check_collection
+from proxy.backends.base import Capabilities, TransactionShare, TxKind, check_collection
 from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, Endpoint, EndpointSet, release
 from proxy.config import DatabaseConfig, Limits
@@ -544,6 +544,10 @@ class PostgresBackend(_Documents):
 
     Statements go to the endpoint the router picks: writes and transactions to the primary,
     reads by preference (and consistency token) to a replica or the primary."""
+
+    capabilities = Capabilities(
+        explain=True, describe_collections=True, audit_log=True, endpoints=True, coalesce=True
+    )
 
     def __init__(
         self,

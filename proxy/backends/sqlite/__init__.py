@@ -59,7 +59,13 @@ from typing import Any, TypeVar
 import orjson
 
 from proxy import context, numbers
-from proxy.backends.base import TransactionShare, TxKind, check_collection
+from proxy.backends.base import (
+    Capabilities,
+    TransactionShare,
+    TxKind,
+    Unsupported,
+    check_collection,
+)
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import (
     BadRequest,
@@ -843,8 +849,10 @@ class _Documents:
 # ---- the backend ------------------------------------------------------------------------
 
 
-class SqliteBackend(_Documents):
+class SqliteBackend(Unsupported, _Documents):
     """Documents in ``"c_<collection>"``: _id TEXT PK, doc TEXT (JSON), _version, timestamps."""
+
+    capabilities = Capabilities(audit_log=True)
 
     def __init__(
         self,
