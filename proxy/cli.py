@@ -35,7 +35,7 @@ from proxy.http import monitor
 from proxy.http.app import build_app, fast_get
 from proxy.http.collector import CollectorSettings, build_collector_app
 from proxy.http.server import AddressInUse, bind, inherited, listen, tune_gc
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
 from proxy.policy import check_directory, load_policies
 

@@ -13,7 +13,7 @@ from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 
 KINDS = ["postgresql", "sqlite"]
 

@@ -33,7 +33,7 @@ from proxy.errors import (
 from proxy.http import monitor
 from proxy.http.keys import CALLER, CONFIG, CORE, RAW_BODY, REQUEST_ID, caller_of
 from proxy.pipeline.batch import grants_of, parse_batch, run_operations
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.query.parse import is_update_document
 from proxy.query.spec import (

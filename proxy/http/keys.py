@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import OPEN, Caller
 
 CORE: web.AppKey[Core] = web.AppKey("core", Core)

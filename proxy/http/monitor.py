@@ -21,7 +21,7 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.pusher import StatsPusher
 from proxy.observe.stats import OTHER, StatsRecorder, query_pattern
 from proxy.pipeline import gate as guard
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,11 @@
-"""Batch transactions: a list of operations run all-or-nothing in one database transaction.
-
-Each operation is checked for shape before the transaction begins; references such as
-``{"$ref": 0}`` (the ``_id`` of operation 0's document) or ``{"$ref": [0, "a.b"]}`` (a
-field of it) are resolved as the batch runs, from earlier operations only.
-"""
+"""The batch planner and runner: a list of operations checked before any work, then run in
+order on one transaction, resolving ``$ref``s to earlier results (docs/transactions.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -17,10 +13,76 @@ from proxy import numbers
 from proxy.backends.base import Documents
 from proxy.errors import BadRequest, LimitExceeded, ProxyError
 from proxy.pipeline.gate import OPEN, Caller
-from proxy.query.spec import MAX_VERSION, ItemResult, WriteResult
+from proxy.query.spec import MAX_VERSION, FindSpec, ItemResult, Page, WriteResult
 
-if TYPE_CHECKING:
-    from proxy.pipeline.documents import Core
+
+class BatchTarget(Protocol):
+    """The document operations a batch runs (the pipeline's, so each is judged alike)."""
+
+    async def create(
+        self, collection: str, body: Any, target: Documents | None = None, caller: Caller = OPEN
+    ) -> WriteResult | list[ItemResult]: ...
+
+    async def get(
+        self,
+        collection: str,
+        doc_id: str,
+        fields: Any = None,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> WriteResult: ...
+
+    async def replace_or_update(
+        self,
+        collection: str,
+        doc_id: str,
+        body: Any,
+        *,
+        upsert: bool = False,
+        if_match: int | None = None,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> WriteResult: ...
+
+    async def merge_patch(
+        self,
+        collection: str,
+        doc_id: str,
+        body: Any,
+        *,
+        if_match: int | None = None,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> WriteResult: ...
+
+    async def delete(
+        self,
+        collection: str,
+        doc_id: str,
+        *,
+        if_match: int | None = None,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> int: ...
+
+    def find_spec(self, raw: Mapping[str, Any], *, from_url: bool) -> FindSpec: ...
+
+    async def find(
+        self,
+        collection: str,
+        spec: FindSpec,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> Page: ...
+
+    async def count(
+        self,
+        collection: str,
+        raw_filter: Any,
+        target: Documents | None = None,
+        caller: Caller = OPEN,
+    ) -> int: ...
+
 
 OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # op: (required fields, optional fields) besides "op" and "collection"
@@ -175,7 +237,7 @@ class _Results:
 
 
 async def run_operations(
-    core: Core, ops: list[dict[str, Any]], tx: Documents, caller: Caller = OPEN
+    core: BatchTarget, ops: list[dict[str, Any]], tx: Documents, caller: Caller = OPEN
 ) -> list[Any]:
     """Run the operations in order on ``tx``; the first failure raises, naming its index."""
     results = _Results()
@@ -198,13 +260,13 @@ def _doc_reply(result: WriteResult, status: int = 200) -> tuple[dict[str, Any], 
 
 
 Runner = Callable[
-    ["Core", dict[str, Any], Documents, Caller],
+    [BatchTarget, dict[str, Any], Documents, Caller],
     Awaitable[tuple[dict[str, Any], bytes | None]],
 ]
 
 
 async def _create(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], bytes]:
     if not isinstance(op["document"], dict):
         raise BadRequest("document must be an object", code="invalid_document")
@@ -214,14 +276,14 @@ async def _create(
 
 
 async def _get(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], bytes]:
     result = await core.get(op["collection"], op["id"], op.get("fields"), tx, caller)
     return _doc_reply(result)
 
 
 async def _replace(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], bytes]:
     body = op.get("document", op.get("update"))
     if op["op"] == "update" and not (
@@ -243,7 +305,7 @@ async def _replace(
 
 
 async def _patch(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], bytes]:
     result = await core.merge_patch(
         op["collection"], op["id"], op["patch"], if_match=_if_match(op), target=tx, caller=caller
@@ -252,7 +314,7 @@ async def _patch(
 
 
 async def _delete(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], None]:
     version = await core.delete(
         op["collection"], op["id"], if_match=_if_match(op), target=tx, caller=caller
@@ -261,7 +323,7 @@ async def _delete(
 
 
 async def _query(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], None]:
     spec = core.find_spec({k: op[k] for k in FIND_FIELDS if k in op}, from_url=False)
     page = await core.find(op["collection"], spec, tx, caller)
@@ -270,7 +332,7 @@ async def _query(
 
 
 async def _count(
-    core: Core, op: dict[str, Any], tx: Documents, caller: Caller
+    core: BatchTarget, op: dict[str, Any], tx: Documents, caller: Caller
 ) -> tuple[dict[str, Any], None]:
     n = await core.count(op["collection"], op.get("filter"), tx, caller)
     return {"status": 200, "count": n}, None

@@ -62,6 +62,8 @@ class TransactionRegistry:
         max_lifetime: float,
         max_open: int,
         clock: Callable[[], float] = time.monotonic,
+        on_commit: Callable[[Transaction], Awaitable[None]] | None = None,
+        on_end: Callable[[Transaction], None] | None = None,
     ) -> None:
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
@@ -71,9 +73,9 @@ class TransactionRegistry:
         self._owned: dict[str, int] = {}  # open (and starting) transactions per owner
         self._ended: OrderedDict[str, TxState] = OrderedDict()
         self._starting = 0
-        # hooks for the core: what to do after a commit (cache invalidation) or an end
-        self.on_commit: Callable[[Transaction], Awaitable[None]] | None = None
-        self.on_end: Callable[[Transaction], None] | None = None
+        # what to do after a commit (cache invalidation) or any other end
+        self.on_commit = on_commit
+        self.on_end = on_end
         self.counters = {"begun": 0, "committed": 0, "rolled_back": 0, "aborted": 0, "expired": 0}
 
     def __len__(self) -> int:

@@ -12,7 +12,7 @@ import pytest
 from proxy.backends.postgres import PostgresBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
 from proxy.errors import NotFound
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import load_policies
 

@@ -20,7 +20,7 @@ from proxy.errors import (
     NotFound,
     PreconditionFailed,
 )
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.query.spec import ItemResult, WriteResult
 from tests.backends import KINDS, backend_namespace, core_over, open_core
 

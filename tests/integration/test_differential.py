@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Limits
 from proxy.errors import InvalidQuery, NotFound
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from tests import reference, strategies
 from tests.backends import KINDS, open_core
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Limits
 from proxy.errors import Conflict, NotFound
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import FieldRule, Grant, PolicySet, RowRule, ServicePolicy
 from proxy.query.spec import AuditScope, Keep, Replace, StoredReply, keep_protected

@@ -19,7 +19,7 @@ from proxy.backends.postgres import PostgresBackend
 from proxy.backends.sqlite import SqliteBackend, table_name
 from proxy.config import Limits
 from proxy.errors import BadRequest
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import load_policies
 from proxy.query.spec import ItemResult, WriteResult

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Limits
 from proxy.errors import Forbidden, NotFound, RateLimited
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy import PolicySet, load_policies
 from tests.backends import KINDS, open_core

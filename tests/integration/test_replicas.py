@@ -19,7 +19,7 @@ from proxy.backends.postgres.pool import EndpointSet
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings, ReplicaConfig
 from proxy.context import RequestContext
 from proxy.errors import NotFound, PoolExhausted, ProxyError, Unavailable
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.resilience.breaker import BreakerSettings
 from proxy.resilience.routing import parse_lsn
 from tests.faultproxy import FaultProxy

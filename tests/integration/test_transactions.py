@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from proxy.config import Limits
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError, Unavailable, Unprocessable
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
 from proxy.query.spec import StoredReply
 from tests.backends import KINDS, open_core

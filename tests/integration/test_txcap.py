@@ -18,7 +18,7 @@ from proxy.backends.base import TxKind
 from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Limits
 from proxy.errors import ProxyError, RateLimited, Unavailable
-from proxy.pipeline.documents import Core
+from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
 from proxy.policy import load_policies
 from proxy.query.spec import StoredReply
