@@ -73,6 +73,10 @@ class Core(DocumentOps, AtomicOps):
     def cache(self, cache: TwoLevelCache | None) -> None:  # TEMPORARY until wiring lands
         self.reads.cache = cache
 
+    @property
+    def _fills(self) -> dict[str, Any]:  # the fills in flight, by key (tests look)
+        return self.reads.fills.pending
+
     def _cache_key(self, collection: str, doc_id: str) -> str:
         return self.reads.key(collection, doc_id)
 
