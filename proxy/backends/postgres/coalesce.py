@@ -1,11 +1,5 @@
-"""Read coalescing: point reads of one collection that arrive within one event-loop turn
-are answered by ONE query for all their ids, and identical ids share one result
-(single-flight). Bounded: a batch never holds more than ``max_batch`` distinct ids.
-Adaptive: while ``max_in_flight`` batches of a coalescer are running, the next keys wait
-for one of them to finish (or for a full batch), so under load batches grow instead of
-multiplying (a cache miss rarely meets another one in the same turn), and an idle
-coalescer sends at once.
-"""
+"""Read coalescing and write batching: keys arriving within one event-loop turn are answered
+by one call, bounded and adaptive under load (docs/postgres.md)."""
 
 from __future__ import annotations
 

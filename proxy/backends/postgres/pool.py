@@ -1,10 +1,5 @@
-"""PostgreSQL endpoints: one asyncpg pool per endpoint (the primary and each replica), with
-its circuit breaker, a bounded wait queue, replica lag measurement and read routing.
-
-Connection failures, timeouts and server shutdown/overload codes trip an endpoint's
-breaker; client errors (constraint violations, bad input) never do. The primary is never
-banned from reads: when every replica is out, reads fall back to it.
-"""
+"""PostgreSQL endpoints: one asyncpg pool per endpoint (primary, replicas), each with its
+circuit breaker and bounded wait queue; replica lag and read routing (docs/postgres.md)."""
 
 from __future__ import annotations
 

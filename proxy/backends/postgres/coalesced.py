@@ -1,0 +1,122 @@
+"""Coalesced documents: concurrent point reads of one collection share one query, and
+concurrent creates share one INSERT (and one commit), each keeping its own outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy import context
+from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
+from proxy.backends.postgres.documents import PgDocuments
+from proxy.backends.postgres.sql import insert_batch
+from proxy.config import Limits
+from proxy.context import RequestContext
+from proxy.errors import DuplicateId, InvalidQuery, ProxyError
+from proxy.ids import IdGenerator
+from proxy.query.spec import WriteResult
+
+_Insert = tuple[str, str, str, str]  # _id, document JSON, service, request id
+_Outcome = tuple[bool, str | None]  # inserted, the write's consistency token
+
+
+class CoalescingDocuments(PgDocuments):
+    """The shared document operations, with ``get`` and ``insert_one`` coalesced (unless
+    ``coalesce`` is off)."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: Limits,
+        schema: str,
+        ids: IdGenerator,
+        known_tables: set[str],
+        audit: bool = True,
+        coalesce: bool = True,
+    ) -> None:
+        super().__init__(name, limits, schema, ids, known_tables, audit)
+        self.coalesce = coalesce
+        self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
+        self._inserters: dict[str, Batcher[_Insert, _Outcome]] = {}
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
+        """Create one document. Concurrent creates of one collection are written by ONE
+        statement (and one commit); each is answered only after that commit returned, with
+        its own outcome, and each keeps its own audit row."""
+        if not self.coalesce:
+            return await super().insert_one(collection, doc)
+        doc_id, body = self._prepare(doc)
+        ctx = context.current.get()
+        batcher = self._inserters.get(collection)
+        if batcher is None:
+            batcher = self._inserters[collection] = Batcher(
+                self._insert_batch_runner(collection), key=lambda item: item[0]
+            )
+        inserted, token = await batcher.submit((doc_id, body.decode(), ctx.service, ctx.request_id))
+        if token is not None:
+            context.write_token.set(token)
+        if not inserted:
+            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
+        return WriteResult(body, 1, created=True)
+
+    def _insert_batch_runner(
+        self, collection: str
+    ) -> Callable[[list[_Insert]], Awaitable[list[_Outcome | BaseException]]]:
+        sql = insert_batch(self._table(collection), self._schema_ident, self.audit)
+
+        async def run(items: list[_Insert]) -> list[_Outcome | BaseException]:
+            columns = [list(c) for c in zip(*items, strict=True)]
+            args = (*columns, collection) if self.audit else tuple(columns)
+            try:
+                rows = await self._write(collection, sql, *args)
+            except InvalidQuery:
+                # one bad document (a value the database refuses) must not fail the others
+                return [await self._insert_alone(collection, item) for item in items]
+            token = context.write_token.get()
+            inserted = {r[0] for r in rows}
+            return [(item[0] in inserted, token) for item in items]
+
+        return run
+
+    async def _insert_alone(self, collection: str, item: _Insert) -> _Outcome | BaseException:
+        doc_id, body, svc, rid = item
+        token = context.current.set(RequestContext(svc, rid))
+        try:
+            inserted = await self._insert_row(collection, doc_id, body)
+            return inserted, context.write_token.get()
+        except ProxyError as err:
+            return err
+        finally:
+            context.current.reset(token)
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        """By id; concurrent point reads of one collection share one query (coalescing),
+        except reads bound to a consistency token, which are routed one by one."""
+        ctx = context.current.get()
+        if not self.coalesce or ctx.min_lsn is not None:
+            return await super().get(collection, doc_id)
+        key = (collection, ctx.read_preference)
+        co = self._coalescers.get(key)
+        if co is None:
+            if len(self._coalescers) > 10_000:
+                self._coalescers.clear()
+            co = self._coalescers[key] = Coalescer(self._getter(collection))
+        return await co.get(doc_id)
+
+    def _getter(self, collection: str) -> FetchMany[str, WriteResult]:
+        sql = (
+            f"SELECT _id, doc::text, _version FROM {self._table(collection)} "
+            "WHERE _id = ANY($1::text[])"
+        )
+
+        async def fetch_many(ids: list[str]) -> dict[str, WriteResult]:
+            rows = await self._read(collection, sql, ids)
+            return {r[0]: WriteResult(r[1].encode(), r[2]) for r in rows or ()}
+
+        return fetch_many
+
+    def coalescing(self) -> dict[str, int]:
+        return {
+            "batches": sum(c.batches for c in self._coalescers.values()),
+            "reads": sum(c.keys for c in self._coalescers.values()),
+        }

@@ -1,0 +1,39 @@
+"""Schema and table creation: the dbproxy schema with its helper functions and bookkeeping
+tables, and a collection's table on first use."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import asyncpg
+
+from proxy.backends.postgres.sql import (
+    AUDIT_DDL,
+    IDEMPOTENCY_DDL,
+    INDEX_DDL,
+    KEEP_FUNCTION,
+    TABLE_DDL,
+)
+from proxy.query.pg import HELPER_FUNCTIONS
+
+
+async def create_schema(conn: asyncpg.Connection, schema: str) -> None:
+    """The schema, its functions, the audit and idempotency tables; serialised across
+    processes by an advisory lock (the caller holds a transaction open)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
+    await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    await conn.execute(HELPER_FUNCTIONS.format(schema=schema))
+    await conn.execute(KEEP_FUNCTION.format(schema=schema))
+    await conn.execute(AUDIT_DDL.format(schema=schema))
+    await conn.execute(IDEMPOTENCY_DDL.format(schema=schema))
+
+
+async def create_table(conn: asyncpg.Connection, table: str, collection: str, wait: float) -> None:
+    """A collection's table and its GIN index, in one transaction bounded by ``wait``
+    seconds as a whole: a frozen server must not hold the request (nor the ROLLBACK)."""
+    index = "gin_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
+    async with asyncio.timeout(max(wait, 0.001)), conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}")
+        await conn.execute(TABLE_DDL.format(table=table))
+        await conn.execute(INDEX_DDL.format(index=index, table=table))

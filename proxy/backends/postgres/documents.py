@@ -1,0 +1,333 @@
+"""The document operations shared by the pooled backend and a pinned transaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import asyncpg
+
+from proxy import context, numbers
+from proxy.backends.base import check_collection
+from proxy.backends.postgres.ddl import create_table
+from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
+from proxy.backends.postgres.sql import insert_documents, with_audit
+from proxy.config import Limits
+from proxy.errors import DuplicateId, InvalidQuery, NotFound, PreconditionFailed, ProxyError
+from proxy.ids import IdGenerator
+from proxy.query import cursor as cursors
+from proxy.query.ast import Filter
+from proxy.query.pg import (
+    FilterCompiler,
+    Params,
+    UpdateCompiler,
+    after_cursor,
+    key_casts,
+    order_by,
+    sort_exprs,
+)
+from proxy.query.spec import (
+    Change,
+    FindSpec,
+    ItemResult,
+    MergePatch,
+    Modify,
+    Page,
+    Replace,
+    WriteResult,
+)
+
+_CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
+# an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+_CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
+_dumps = numbers.dumps_document
+_SINGLE_ROW = "VALUES ($1, $2::jsonb, 1)"  # the rows of a one-document insert
+
+
+class PgDocuments:
+    """The document operations, written once over two primitives: ``_write`` (creates the
+    table on first use) and ``_read`` (None when the table does not exist). The pooled
+    backend and a pinned transaction provide them differently."""
+
+    def __init__(
+        self,
+        name: str,
+        limits: Limits,
+        schema: str,
+        ids: IdGenerator,
+        known_tables: set[str],
+        audit: bool = True,
+    ) -> None:
+        check_collection(schema)
+        self.name = name
+        self.limits = limits
+        self.schema = schema
+        self._schema_ident = f'"{schema}"'
+        self.ids = ids
+        self._known_tables = known_tables
+        self.audit = audit
+        self._table_names: dict[str, str] = {}
+        self._get_sql: dict[str, str] = {}
+
+    async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+        raise NotImplementedError
+
+    async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
+        raise NotImplementedError
+
+    def _audited(self, sql: str, params: Params, operation: str, collection: str) -> str:
+        """Wrap a write (whose RETURNING ends with ``audit_id``) so its audit row is written
+        by the same statement: no change without its audit row, one round trip."""
+        if not self.audit:
+            return sql
+        ctx = context.current.get()
+        svc = params.add(ctx.service, "text")
+        op = params.add(operation, "text")
+        coll = params.add(collection, "text")
+        rid = params.add(ctx.request_id, "text")
+        return with_audit(sql, self._schema_ident, svc, op, coll, rid)
+
+    # -- tables ----------------------------------------------------------------------
+
+    def _table(self, collection: str) -> str:
+        table = self._table_names.get(collection)
+        if table is None:
+            if len(self._table_names) > 10_000:
+                self._table_names.clear()
+            table = f'{self._schema_ident}."{check_collection(collection)}"'
+            self._table_names[collection] = table
+        return table
+
+    def _wait(self) -> float:
+        """How long the next wait on the database may last (the deadline plus the grace)."""
+        left, _ = budget(self.limits)
+        return left + GRACE_SECONDS
+
+    async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
+        if collection in self._known_tables:
+            return
+        await create_table(conn, self._table(collection), collection, self._wait())
+        self._known_tables.add(collection)
+
+    # -- documents -------------------------------------------------------------------
+
+    def _prepare(self, doc: dict[str, Any]) -> tuple[str, bytes]:
+        doc_id = doc.get("_id")
+        if doc_id is None:
+            doc_id = self.ids.new()
+        body = {"_id": doc_id, **doc, "_version": 1}
+        text = _dumps(body)
+        if b"\\u0000" in text and _NUL_ESCAPE.search(text):  # jsonb refuses NUL: say so now
+            raise InvalidQuery("strings may not contain the NUL character", code="invalid_value")
+        return doc_id, text
+
+    async def _insert_row(self, collection: str, doc_id: str, body: str) -> bool:
+        """Insert one prepared document (and its audit row); False when the _id is taken."""
+        params = Params([doc_id, body])
+        sql = self._audited(
+            insert_documents(self._table(collection), _SINGLE_ROW), params, "create", collection
+        )
+        return bool(await self._write(collection, sql, *params.values))
+
+    async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
+        doc_id, body = self._prepare(doc)
+        if not await self._insert_row(collection, doc_id, body.decode()):
+            raise DuplicateId("a document with this _id already exists", details={"_id": doc_id})
+        return WriteResult(body, 1, created=True)
+
+    async def insert_many(self, collection: str, docs: list[dict[str, Any]]) -> list[ItemResult]:
+        prepared: list[tuple[str, str] | ItemResult] = []
+        for doc in docs:
+            try:
+                doc_id, body = self._prepare(doc)
+                prepared.append((doc_id, body.decode()))
+            except ProxyError as err:
+                prepared.append(ItemResult(err.status, doc.get("_id"), error=err.to_dict()))
+        pairs = [p for p in prepared if isinstance(p, tuple)]
+        inserted: set[str] = set()
+        if pairs:
+            rows_sql = "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d)"
+            sql = insert_documents(self._table(collection), rows_sql)
+            params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
+            sql = self._audited(sql, params, "create", collection)
+            rows = await self._write(collection, sql, *params.values)
+            inserted = {r[0] for r in rows}
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+            elif p[0] in inserted:
+                inserted.discard(p[0])  # a repeated _id in the same batch: first one wins
+                out.append(ItemResult(201, p[0], 1))
+            else:
+                out.append(
+                    ItemResult(
+                        409,
+                        p[0],
+                        error=DuplicateId("a document with this _id already exists").to_dict(),
+                    )
+                )
+        return out
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        sql = self._get_sql.get(collection)
+        if sql is None:
+            sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+            self._get_sql[collection] = sql
+        rows = await self._read(collection, sql, doc_id)
+        if not rows:
+            return None
+        return WriteResult(rows[0][0].encode(), rows[0][1])
+
+    async def change(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        if_match: int | None = None,
+        guard: Filter | None = None,
+    ) -> WriteResult:
+        """Replace, update or patch one document in one statement. ``guard`` (row rules)
+        must hold for the stored document, else it counts as not found."""
+        table = self._table(collection)
+        params = Params([doc_id])
+        new_doc = self._new_doc_sql(change, params, "t.doc")
+        bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
+        set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
+        conds = self._conditions(params, if_match, guard)
+        if upsert and if_match is None:
+            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            where = f" WHERE {conds}" if conds else ""
+            sql = (
+                f"INSERT INTO {table} AS t (_id, doc, _version) VALUES "
+                f"($1, {first} || jsonb_build_object('_id', $1::text, '_version', 1), 1) "
+                f"ON CONFLICT (_id) DO UPDATE SET {set_clause}{where} "
+                "RETURNING t.doc::text, t._version, (t.xmax = 0) AS created, t._id AS audit_id"
+            )
+        else:
+            sql = (
+                f"UPDATE {table} AS t SET {set_clause} WHERE t._id = $1"
+                f"{' AND ' + conds if conds else ''} "
+                "RETURNING t.doc::text, t._version, false, t._id AS audit_id"
+            )
+        sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection)
+        rows = await self._write(collection, sql, *params.values)
+        if not rows:
+            if upsert and if_match is None:  # the row exists, outside the caller's rows:
+                raise NotFound("no document with this _id", details={"_id": doc_id})  # as PUT
+            await self._explain_miss(collection, doc_id, if_match, guard)
+        row = rows[0]
+        return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    @staticmethod
+    def _conditions(params: Params, if_match: int | None, guard: Filter | None) -> str:
+        parts = []
+        if if_match is not None:
+            parts.append(f"t._version = {params.add(if_match, 'bigint')}")
+        if guard is not None:
+            parts.append(FilterCompiler(params).where(guard))
+        return " AND ".join(parts)
+
+    def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
+        if isinstance(change, Replace):
+            ph = params.add(_dumps(change.doc).decode(), "jsonb")
+            if change.keep is None:
+                return ph
+            # kept fields come from the row this statement writes over: no read-modify-write
+            keep_open = params.add(sorted(change.keep.open), "text[]")
+            partial = params.add(sorted(change.keep.partial), "text[]")
+            return f"{self._schema_ident}.dbproxy_keep({base}, {ph}, {keep_open}, {partial}, '')"
+        if isinstance(change, Modify):
+            return UpdateCompiler(params, self._schema_ident).document_expr(change.update, base)
+        assert isinstance(change, MergePatch)
+        ph = params.add(_dumps(change.patch).decode(), "jsonb")
+        return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
+
+    async def _explain_miss(
+        self, collection: str, doc_id: str, if_match: int | None, guard: Filter | None = None
+    ) -> None:
+        """A write matched no row: say whether the document is missing (or outside the
+        caller's rows: the same answer) or its version moved."""
+        # ask the primary: a replica could still hold the version the write just missed
+        primary = context.current.set(
+            dataclasses.replace(context.current.get(), read_preference="primary", min_lsn=None)
+        )
+        try:
+            moved = if_match is not None and await self._visible_version(collection, doc_id, guard)
+        finally:
+            context.current.reset(primary)
+        if moved:
+            raise PreconditionFailed(
+                "the document's version does not match If-Match", code="version_mismatch"
+            )
+        raise NotFound("no document with this _id", details={"_id": doc_id})
+
+    async def _visible_version(self, collection: str, doc_id: str, guard: Filter | None) -> bool:
+        if guard is None:
+            return await self.get(collection, doc_id) is not None
+        params = Params([doc_id])
+        where = FilterCompiler(params).where(guard)
+        sql = f"SELECT 1 FROM {self._table(collection)} t WHERE t._id = $1 AND {where}"
+        return bool(await self._read(collection, sql, *params.values))
+
+    async def delete(
+        self,
+        collection: str,
+        doc_id: str,
+        *,
+        if_match: int | None = None,
+        guard: Filter | None = None,
+    ) -> int:
+        params = Params([doc_id])
+        conds = self._conditions(params, if_match, guard)
+        sql = self._audited(
+            f"DELETE FROM {self._table(collection)} t WHERE t._id = $1"
+            f"{' AND ' + conds if conds else ''} RETURNING t._version, t._id AS audit_id",
+            params,
+            "delete",
+            collection,
+        )
+        rows = await self._write(collection, sql, *params.values)  # the primary, never a replica
+        if not rows:
+            await self._explain_miss(collection, doc_id, if_match, guard)
+            raise AssertionError("unreachable")
+        return int(rows[0][0])
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        params = Params()
+        where = FilterCompiler(params).where(spec.filter)
+        exprs = sort_exprs(spec.sort, params)
+        casts = key_casts(len(spec.sort))
+        if spec.cursor is not None:
+            tag = cursors.sort_tag(repr(spec.sort))
+            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
+            where = f"{where} AND {after_cursor(exprs, values, params)}"
+        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
+        limit = params.add(spec.limit + 1, "bigint")
+        offset = params.add(spec.skip, "bigint")
+        sql = (
+            f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
+            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+        )
+        rows = await self._read(collection, sql, *params.values)
+        if not rows:
+            return Page([], None)
+        more = len(rows) > spec.limit
+        rows = rows[: spec.limit]
+        nxt = None
+        if more:
+            last = rows[-1]
+            tag = cursors.sort_tag(repr(spec.sort))
+            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
+        return Page([r[0].encode() for r in rows], nxt)
+
+    async def count(self, collection: str, flt: Filter) -> int:
+        params = Params()
+        where = FilterCompiler(params).where(flt)
+        sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
+        rows = await self._read(collection, sql, *params.values)
+        return int(rows[0][0]) if rows else 0
