@@ -26,8 +26,6 @@ from proxy.wiring import (
     serve_workers,
 )
 
-log = logging.getLogger("dbproxy")
-
 COLLECTOR_TOKEN_ENV = "DBPROXY_COLLECTOR_TOKEN"  # noqa: S105 (a variable name, no secret)
 
 
@@ -209,65 +207,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     if args.command == "serve":
-        try:
-            config = load_config(
-                args.config,
-                database_url=args.database,
-                host=args.host,
-                port=args.port,
-                data_dir=args.data_dir,
-                collector_url=args.collector,
-            )
-            config = _with_server_flags(config, args)
-            opts = ServeOptions(
-                args.policies,
-                args.service,
-                args.redis,
-                args.redis_timeout,
-                args.workers,
-                coalesce=args.coalesce,
-                metrics=args.metrics,
-                fast_path=args.fast_path,
-                listen_fds=args.listen_fds,
-                collector_token=os.environ.get(COLLECTOR_TOKEN_ENV),
-            )
-            make_core(config, announce=False)  # validate backends and policies before binding
-            make_gate(config, opts)
-        except ConfigError as err:
-            print(f"dbproxy: {err}", file=sys.stderr)
-            return 2
-        if opts.workers < 1:
-            print("dbproxy: --workers must be at least 1", file=sys.stderr)
-            return 2
-        if opts.workers > 1:
-            try:
-                args_list = list(argv if argv is not None else sys.argv[1:])
-                return serve_workers(config, opts, args_list)
-            except AddressInUse as err:
-                print(f"dbproxy: {err.strerror}", file=sys.stderr)
-                return 1
-            except OSError as err:
-                print(f"dbproxy: cannot listen on {config.server.host}: {err}", file=sys.stderr)
-                return 1
-        sockets = bind_or_say_why(config.server.host, config.server.port, opts.listen_fds)
-        if sockets is None:
-            return 1
-        import uvloop
-
-        try:
-            uvloop.run(serve(config, opts, sockets=sockets))
-        except OSError as err:
-            print(f"dbproxy: cannot start: {err}", file=sys.stderr)
-            return 1
-        except ConfigError as err:
-            print(f"dbproxy: {err}", file=sys.stderr)
-            return 2
+        return _main_serve(args, list(argv if argv is not None else sys.argv[1:]))
     if args.command == "policy":
         ok, report = check_directory(args.directory)
         print(report, file=sys.stdout if ok else sys.stderr)
         return 0 if ok else 1
     if args.command == "collector":
         return _main_collector(args)
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace) -> tuple[Config, ServeOptions]:
+    """The configuration and options of ``serve``, validated (backends and policies)
+    before anything is bound."""
+    config = load_config(
+        args.config,
+        database_url=args.database,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        collector_url=args.collector,
+    )
+    config = _with_server_flags(config, args)
+    opts = ServeOptions(
+        args.policies,
+        args.service,
+        args.redis,
+        args.redis_timeout,
+        args.workers,
+        coalesce=args.coalesce,
+        metrics=args.metrics,
+        fast_path=args.fast_path,
+        listen_fds=args.listen_fds,
+        collector_token=os.environ.get(COLLECTOR_TOKEN_ENV),
+    )
+    make_core(config, announce=False)
+    make_gate(config, opts)
+    return config, opts
+
+
+def _main_serve(args: argparse.Namespace, argv: list[str]) -> int:
+    """``dbproxy serve``: one process, or ``--workers N`` sharing the port."""
+    try:
+        config, opts = _serve_settings(args)
+    except ConfigError as err:
+        print(f"dbproxy: {err}", file=sys.stderr)
+        return 2
+    if opts.workers < 1:
+        print("dbproxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if opts.workers > 1:
+        try:
+            return serve_workers(config, opts, argv)
+        except AddressInUse as err:
+            print(f"dbproxy: {err.strerror}", file=sys.stderr)
+            return 1
+        except OSError as err:
+            print(f"dbproxy: cannot listen on {config.server.host}: {err}", file=sys.stderr)
+            return 1
+    sockets = bind_or_say_why(config.server.host, config.server.port, opts.listen_fds)
+    if sockets is None:
+        return 1
+    import uvloop
+
+    try:
+        uvloop.run(serve(config, opts, sockets=sockets))
+    except OSError as err:
+        print(f"dbproxy: cannot start: {err}", file=sys.stderr)
+        return 1
+    except ConfigError as err:
+        print(f"dbproxy: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
