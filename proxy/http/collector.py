@@ -24,7 +24,7 @@ from proxy.errors import (
     ProxyError,
     Unauthorized,
 )
-from proxy.http.app import envelope, json_response
+from proxy.http.middleware import envelope, json_response
 from proxy.observe.pusher import BATCHES_PATH
 from proxy.observe.stats import SERVICE_RE
 

@@ -13,6 +13,8 @@ CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 RAW_BODY: web.RequestKey[bytes] = web.RequestKey("raw_body", bytes)
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
+# each data route and its operation in the stats model (find|insert|update|delete|...)
+OPERATIONS: web.AppKey[dict[web.AbstractRoute, str]] = web.AppKey("operations", dict)
 
 
 def caller_of(request: web.Request) -> Caller:

@@ -1,12 +1,12 @@
-"""Observability over HTTP: what every data operation leaves behind (``finish``: stats and
-Prometheus, called by the identity middleware) and the monitoring endpoints /metrics,
-/api/db/stats|performance|connections|audit."""
+"""Observability over HTTP: what every data operation leaves behind (``Observer``) and the
+monitoring endpoints /metrics, /api/db/stats|performance|connections|audit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -14,7 +14,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import context
-from proxy.config import CollectorPush
 from proxy.errors import BadRequest
 from proxy.http.keys import CORE, caller_of
 from proxy.observe.metrics import Metrics
@@ -35,18 +34,6 @@ DOCUMENTS: web.RequestKey[int] = web.RequestKey("documents", int)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# handler name -> operation name in the stats model (find|insert|update|delete|...)
-OPERATIONS = {
-    "create": "insert",
-    "get_one": "get",
-    "put_one": "update",
-    "patch_one": "update",
-    "delete_one": "delete",
-    "list_documents": "find",
-    "query_documents": "find",
-    "count_documents": "count",
-    "transaction": "transaction",
-}
 # operations whose handlers never set PATTERN_SOURCE or DOCUMENTS
 _SIMPLE = frozenset({"get", "update", "delete"})
 _PLAIN_PATTERNS: dict[tuple[str, str], str] = {}
@@ -60,11 +47,6 @@ def _plain_pattern(operation: str, collection: str) -> str:
             _PLAIN_PATTERNS.clear()
         pattern = _PLAIN_PATTERNS[key] = f"{operation} {collection}"
     return pattern
-
-
-def operation_of(request: web.Request) -> str | None:
-    """The stats model's operation of a data route (None: not timed, e.g. health)."""
-    return OPERATIONS.get(getattr(request.match_info.handler, "__name__", ""))
 
 
 class Observer:
@@ -100,7 +82,7 @@ class Observer:
         code: str | None,
     ) -> None:
         """Count one finished data operation (``caller`` None: identification failed).
-        Called by the identity middleware (``app.observed_identity``) around every data
+        Called by the identity middleware (``middleware.observed_identity``) around every data
         route, whatever the outcome."""
         if operation in _SIMPLE:  # by-id routes: no pattern source, one document at most
             pattern = _plain_pattern(operation, collection)
@@ -288,27 +270,22 @@ def _number(raw: str, name: str, kind: Callable[[str], Any]) -> Any:
         raise BadRequest(f"{name} must be a number", code="invalid_parameter") from None
 
 
-def install(
-    app: web.Application,
-    core: Core,
-    collector_url: str | None,
-    push: CollectorPush | None = None,
-) -> None:
-    """Routes, state and the stats pusher of the monitoring side."""
-    push = push or CollectorPush()
-    m = Metrics()
-    app[METRICS] = m
-    app[STATS] = StatsRecorder(
-        core.gate.sidecar_service or "dbproxy", slow_threshold_ms=core.limits.slow_query_ms
-    )
-    m.sources["connections"] = core.connections
-    m.sources["gate"] = lambda: dict(core.gate.counters)
-    m.sources["transactions"] = lambda: {
-        **core.transactions.counters,
-        "open": len(core.transactions),
-    }
-    m.sources["cache"] = core.cache_counters
-    app[OBSERVER] = Observer(m, core, app[STATS])
+@dataclass(frozen=True)
+class Monitoring:
+    """The monitoring side's parts, built by ``proxy.wiring``."""
+
+    metrics: Metrics
+    stats: StatsRecorder
+    observer: Observer
+    pusher: StatsPusher | None = None
+
+
+def install(app: web.Application, monitoring: Monitoring) -> None:
+    """Routes and state of the monitoring side; the observer's flush task and the stats
+    pusher run while the application does."""
+    app[METRICS] = monitoring.metrics
+    app[STATS] = monitoring.stats
+    app[OBSERVER] = monitoring.observer
     app.cleanup_ctx.append(_observer_ctx)
     r = app.router
     r.add_get("/metrics", metrics)
@@ -316,8 +293,9 @@ def install(
     r.add_get("/api/db/performance", performance)
     r.add_get("/api/db/connections", connections)
     r.add_get("/api/db/audit", audit)
-    if collector_url:
-        app.cleanup_ctx.append(_pusher_ctx(collector_url, push))
+    if monitoring.pusher is not None:
+        app[PUSHER] = monitoring.pusher
+        app.cleanup_ctx.append(_pusher_ctx)
 
 
 async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -331,23 +309,10 @@ async def _observer_ctx(app: web.Application) -> AsyncIterator[None]:
         observer.flush()
 
 
-def _pusher_ctx(url: str, push: CollectorPush) -> Callable[[web.Application], AsyncIterator[None]]:
-    import os
-
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        pusher = StatsPusher(
-            url,
-            os.environ.get("DBPROXY_COLLECTOR_TOKEN"),
-            app[STATS],
-            interval=push.interval_seconds,
-            max_buffered_batches=push.max_buffered_batches,
-        )
-        app[PUSHER] = pusher
-        app[METRICS].sources["pusher"] = pusher.counters
-        await pusher.start()
-        try:
-            yield
-        finally:
-            await asyncio.shield(pusher.close())
-
-    return ctx
+async def _pusher_ctx(app: web.Application) -> AsyncIterator[None]:
+    pusher = app[PUSHER]
+    await pusher.start()
+    try:
+        yield
+    finally:
+        await asyncio.shield(pusher.close())

@@ -11,7 +11,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.errors import BadRequest, ProxyError
-from proxy.http.app import _error_response, new_request_id
+from proxy.http.middleware import error_response, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,6 @@ class EnvelopeRequestHandler(RequestHandler):
         log.debug("refused a malformed HTTP request: %s", type(exc).__name__)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send the error")
-        response = _error_response(classify(exc), new_request_id())
+        response = error_response(classify(exc), new_request_id())
         response.force_close()
         return response

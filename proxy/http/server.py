@@ -19,7 +19,7 @@ from aiohttp.streams import StreamReader
 
 from proxy.config import ServerConfig
 from proxy.errors import ProxyError, RequestTimeout, TooManyConnections
-from proxy.http.app import JSON, new_request_id
+from proxy.http.middleware import JSON, new_request_id
 from proxy.http.parse_errors import EnvelopeRequestHandler
 
 HEALTH_PATH = "/api/db/health"
@@ -372,3 +372,48 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+# ---- running an application -------------------------------------------------------------
+
+ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Running:
+    """An application accepting on its sockets through the connection guard."""
+
+    runner: web.AppRunner
+    server: web.Server
+    gate: ConnectionGate
+    listeners: list[asyncio.Server]
+
+    def clients(self) -> dict[str, int]:
+        """Open client connections and the ones refused, for /metrics."""
+        return {"open": len(self.server.connections), "refused": self.gate.refused}
+
+    async def stop(self) -> None:
+        """Stop accepting, then wait for the handlers and run the cleanup contexts."""
+        for listener in self.listeners:
+            listener.close()
+        await self.runner.cleanup()
+
+
+async def start(
+    app: web.Application,
+    settings: ServerConfig,
+    sockets: Sequence[socket.socket],
+    *,
+    shutdown_timeout: float = 10.0,
+    wrap: Callable[[ServerHandler], ServerHandler] | None = None,
+) -> Running:
+    """Start ``app`` (its startup contexts run) and accept on ``sockets``; ``wrap``
+    replaces the server's request handler (the sidecar's by-id fast path)."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    server = runner.server
+    assert server is not None
+    if wrap is not None:
+        server.request_handler = wrap(server.request_handler)
+    gate, listeners = await listen(server, settings, sockets)
+    return Running(runner, server, gate, listeners)

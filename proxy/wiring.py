@@ -1,0 +1,370 @@
+"""Where the sidecar and the collector are built: every part made here, collaborators
+passed in through constructors; and the processes that serve them."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.backends.base import Backend
+from proxy.backends.postgres import PostgresBackend
+from proxy.backends.redis.limiter import RedisLimiter
+from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
+from proxy.cache import NearCache, RedisCache, TwoLevelCache
+from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
+from proxy.errors import ConfigError
+from proxy.http.app import build_app
+from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.http.fast_path import fast_get
+from proxy.http.monitor import Monitoring, Observer
+from proxy.http.server import AddressInUse, bind, inherited, start, tune_gc
+from proxy.observe.metrics import Metrics
+from proxy.observe.pusher import StatsPusher
+from proxy.observe.stats import StatsRecorder
+from proxy.pipeline.core import Core
+from proxy.pipeline.gate import Gatekeeper
+from proxy.policy import load_policies
+
+log = logging.getLogger("dbproxy")
+
+EMBEDDED_DATABASE = "embedded"
+
+
+def build_backends(config: Config, *, coalesce: bool = True) -> dict[str, Backend]:
+    """The configured databases' backends, every problem reported at once (no I/O)."""
+    backends: dict[str, Backend] = {}
+    problems = []
+    for db in config.databases:
+        if db.type == "postgresql":
+            backends[db.name] = PostgresBackend(db, config.limits, coalesce=coalesce)
+        elif db.type == "sqlite":
+            try:
+                path = sqlite_path(db.connection_string)
+            except ValueError as err:
+                problems.append(f"databases.{db.name}: {err}")
+                continue
+            problem = check_location(path)
+            if problem is not None:
+                problems.append(f"databases.{db.name}: {problem}")
+            else:
+                backends[db.name] = SqliteBackend(db, config.limits, path=path)
+        else:
+            problems.append(f"databases.{db.name}: type {db.type!r} has no backend in this build")
+    if problems:
+        raise ConfigError(problems)
+    return backends
+
+
+def make_core(
+    config: Config,
+    *,
+    announce: bool = True,
+    gate: Gatekeeper | None = None,
+    coalesce: bool = True,
+) -> Core:
+    """The operation pipeline over the configured databases, validated before any I/O;
+    with no database configured, over the embedded SQLite store in ``config.data_dir``."""
+    backends = build_backends(config, coalesce=coalesce)
+    if not config.databases:
+        path = os.path.join(config.data_dir, DATA_FILE)
+        problem = check_location(path)
+        if problem is not None:
+            raise ConfigError([f"data_dir: {problem}"])
+        embedded = DatabaseConfig(
+            name=EMBEDDED_DATABASE,
+            type="sqlite",
+            connection_string="sqlite://" + os.path.abspath(path),
+        )
+        backends[EMBEDDED_DATABASE] = SqliteBackend(embedded, config.limits, path=path)
+        if announce:
+            log.info(
+                "no database configured: using the embedded SQLite store at %s "
+                "(pass --database URL or --config FILE to use PostgreSQL)",
+                os.path.abspath(path),
+            )
+        return Core(config, backends, EMBEDDED_DATABASE, gate=gate)
+    default = config.default_database or next(iter(backends))
+    return Core(config, backends, default, gate=gate)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The serve flags that are not part of the database configuration."""
+
+    policies: str | None = None
+    service: str | None = None
+    redis_url: str | None = None
+    redis_timeout: float = 0.05
+    workers: int = 1
+    watch_interval: float = 2.0
+    coalesce: bool = True
+    metrics: bool = True
+    fast_path: bool = True
+    listen_fds: tuple[int, ...] = ()  # a --workers child: the sockets its parent bound
+    collector_token: str | None = None  # the bearer token stats pushes carry
+
+
+def make_gate(
+    config: Config, opts: ServeOptions, *, remote: RedisLimiter | None = None
+) -> Gatekeeper:
+    """Load the policies (every problem at once) and decide the identity mode;
+    ``remote``: the shared rate limiter, if any."""
+    policies = None
+    caps: dict[str, Any] = {
+        "max_statement_timeout_seconds": config.limits.statement_timeout_seconds,
+        "max_rows": config.limits.max_limit,
+        "max_open_transactions": config.limits.max_open_transactions,
+    }
+    if opts.policies is not None:
+        policies = load_policies(opts.policies, **caps)
+        if opts.service is not None and policies.get(opts.service) is None:
+            raise ConfigError([f"--service {opts.service!r} has no policy in {opts.policies}"])
+    token_mode = policies is not None and opts.service is None
+    if not token_mode and not _loopback(config.server.host):
+        raise ConfigError(
+            [
+                f"refusing to listen on {config.server.host}: without token mode anyone who "
+                "reaches the port is trusted; use --policies DIR without --service, or a "
+                "loopback address"
+            ]
+        )
+    return Gatekeeper(
+        policies,
+        sidecar_service=opts.service,
+        remote=remote,
+        policy_dir=opts.policies,
+        load_caps=caps,
+    )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def build_cache(settings: CacheConfig) -> TwoLevelCache | None:
+    """The read cache, when some collection opts in: near cache, plus Redis if configured."""
+    if not any(c.enabled for c in settings.collections.values()):
+        return None
+    remote = (
+        RedisCache(
+            settings.redis_url,
+            timeout=settings.redis_timeout_seconds,
+            ack_timeout=settings.ack_timeout_seconds,
+        )
+        if settings.redis_url
+        else None
+    )
+    return TwoLevelCache(
+        NearCache(settings.near_max_entries, settings.near_max_bytes), remote, ttl_default=60.0
+    )
+
+
+def build_monitoring(config: Config, core: Core, token: str | None) -> Monitoring:
+    """Prometheus metrics, the stats recorder, the observer that feeds both, and the
+    stats pusher when a collector is configured (``token``: its bearer token)."""
+    metrics = Metrics()
+    stats = StatsRecorder(
+        core.gate.sidecar_service or "dbproxy", slow_threshold_ms=core.limits.slow_query_ms
+    )
+    metrics.sources["connections"] = core.connections
+    metrics.sources["gate"] = lambda: dict(core.gate.counters)
+    metrics.sources["transactions"] = lambda: {
+        **core.transactions.counters,
+        "open": len(core.transactions),
+    }
+    metrics.sources["cache"] = core.cache_counters
+    pusher = None
+    if config.collector_url:
+        push = config.collector_push
+        pusher = StatsPusher(
+            config.collector_url,
+            token,
+            stats,
+            interval=push.interval_seconds,
+            max_buffered_batches=push.max_buffered_batches,
+        )
+        metrics.sources["pusher"] = pusher.counters
+    return Monitoring(metrics, stats, Observer(metrics, core, stats), pusher)
+
+
+async def serve(
+    config: Config,
+    opts: ServeOptions | None = None,
+    shutdown_timeout: float = 10.0,
+    sockets: Sequence[socket.socket] | None = None,
+) -> None:
+    """``dbproxy serve``: build the sidecar, serve until SIGTERM/SIGINT (SIGHUP reloads
+    the policies), then finish in-flight requests."""
+    opts = opts or ServeOptions()
+    if sockets is None:
+        sockets = bind(config.server.host, config.server.port)
+    limiter = RedisLimiter(opts.redis_url, timeout=opts.redis_timeout) if opts.redis_url else None
+    gate = make_gate(config, opts, remote=limiter)
+    core = make_core(config, gate=gate, coalesce=opts.coalesce)
+    if limiter is not None:
+        await limiter.start()
+    if not gate.enforcing:
+        log.warning(
+            "NO POLICIES: running OPEN — every caller may do everything "
+            "(pass --policies DIR to enforce per-service policies)"
+        )
+    cache = build_cache(config.cache)
+    if cache is not None:  # replaced by constructor args when the pipeline lands
+        cache.forget = core.forget_fills
+        core.cache = cache
+    monitoring = build_monitoring(config, core, opts.collector_token)
+    app = build_app(config, core, monitoring, cache, observe=opts.metrics)
+    wrap = (lambda handler: fast_get(app, handler, opts.metrics)) if opts.fast_path else None
+    running = await start(app, config.server, sockets, shutdown_timeout=shutdown_timeout, wrap=wrap)
+    monitoring.metrics.sources["clients"] = running.clients
+    tune_gc()
+    log.info(
+        "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
+        config.server.host,
+        config.server.port,
+        ", ".join(f"{d.name}={d.redacted_dsn()}" for d in config.databases) or "embedded",
+        opts.policies or "off",
+    )
+    watcher = asyncio.create_task(_watch_policies(gate, opts.watch_interval))
+    try:
+        await _until_stopped(reload=gate.reload)
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await running.stop()  # stop accepting, wait for handlers, close pools
+        if limiter is not None:
+            await limiter.close()
+    log.info("stopped")
+
+
+async def _until_stopped(reload: Callable[[], object] | None = None) -> None:
+    """Wait for SIGTERM or SIGINT; SIGHUP calls ``reload``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if reload is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    await stop.wait()
+
+
+def bind_or_say_why(host: str, port: int, fds: Sequence[int] = ()) -> list[socket.socket] | None:
+    """The listening sockets (inherited from a ``--workers`` parent, else bound
+    exclusively); None, with the reason on stderr, when the port cannot be had."""
+    try:
+        return inherited(list(fds)) if fds else bind(host, port)
+    except AddressInUse as err:
+        print(f"dbproxy: {err.strerror}", file=sys.stderr)
+    except OSError as err:
+        print(f"dbproxy: cannot listen on {host}: {err}", file=sys.stderr)
+    return None
+
+
+def _policy_stamp(directory: str) -> tuple[tuple[str, int, int], ...]:
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        return tuple(
+            (e.name, e.stat().st_mtime_ns, e.stat().st_size)
+            for e in entries
+            if e.name.endswith((".yaml", ".yml")) and not e.name.startswith(".")
+        )
+    except OSError:
+        return ()
+
+
+async def _watch_policies(gate: Gatekeeper, interval: float) -> None:
+    """Reload when the policy directory changes (ConfigMap updates swap a symlink)."""
+    if gate.policy_dir is None:
+        return
+    stamp = _policy_stamp(gate.policy_dir)
+    while True:
+        await asyncio.sleep(interval)
+        fresh = _policy_stamp(gate.policy_dir)
+        if fresh != stamp:
+            stamp = fresh
+            gate.reload()
+
+
+def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> int:
+    """``--workers N``: the parent binds the listening sockets (exclusively, so no other
+    process can join the port) and N processes inherit them and accept from them, each
+    with its own pools; the parent forwards signals and waits."""
+    child_args = _without_workers(argv)
+    sockets = bind(config.server.host, config.server.port)
+    fds = [sock.fileno() for sock in sockets]
+    child_args += ["--listen-fds", ",".join(map(str, fds))]
+    try:
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args], pass_fds=fds)
+            for _ in range(opts.workers)
+        ]
+    finally:
+        for sock in sockets:  # the children hold them now
+            sock.close()
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    codes = [p.wait() for p in procs]
+    return max(codes, default=0)
+
+
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            args.append(arg)
+    return args
+
+
+async def run_collector(
+    settings: CollectorSettings,
+    shutdown_timeout: float = 10.0,
+    server_settings: ServerConfig | None = None,
+    sockets: Sequence[socket.socket] | None = None,
+) -> None:
+    """``dbproxy collector``: serve until SIGTERM/SIGINT, then finish in-flight pushes.
+    Connections are guarded like ``serve``'s (``server_settings``: the cap and timeouts;
+    default those of ``serve``)."""
+    if server_settings is None:
+        server_settings = ServerConfig(host=settings.host, port=settings.port)
+    if sockets is None:
+        sockets = bind(settings.host, settings.port)
+    app = build_collector_app(settings)
+    running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout)
+    log.info(
+        "dbproxy collector listening on http://%s:%d (database: %s, push token: %s)",
+        settings.host,
+        settings.port,
+        redact_dsn(settings.database_url),
+        "required" if settings.token else "NOT required",
+    )
+    try:
+        await _until_stopped()
+        log.info("collector shutting down")
+    finally:
+        await running.stop()  # stop accepting, then finish in-flight pushes
+    log.info("stopped")
