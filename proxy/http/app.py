@@ -16,7 +16,8 @@ from aiohttp import web
 
 from proxy import context
 from proxy.backends.base import Documents, TxKind
-from proxy.cache import NearCache, RedisCache, TwoLevelCache
+from proxy.backends.redis import RedisCache
+from proxy.cache import NearCache, TwoLevelCache
 from proxy.config import Config
 from proxy.context import RequestContext
 from proxy.errors import (

@@ -130,7 +130,8 @@ async def test_cache_misses_share_one_fill_that_a_write_detaches(
     """Concurrent misses of one cached key cost one Redis lookup, one read and one fill;
     a write forgets the in-flight fill before it returns, so a read that starts after the
     write never joins a fill that started before it."""
-    from proxy.cache import NearCache, RedisCache, TwoLevelCache
+    from proxy.backends.redis import RedisCache
+    from proxy.cache import NearCache, TwoLevelCache
     from proxy.config import CacheConfig, CollectionCache
 
     config = Config(cache=CacheConfig(collections={"c": CollectionCache(True, 60.0)}))
