@@ -17,9 +17,11 @@ from typing import Any
 
 from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
+from proxy.backends.redis import RedisCache
 from proxy.backends.redis.limiter import RedisLimiter
 from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
-from proxy.cache import NearCache, RedisCache, TwoLevelCache
+from proxy.cache import NearCache, TwoLevelCache
+from proxy.cache.read_through import Fills
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
 from proxy.errors import ConfigError
 from proxy.http.app import build_app
@@ -70,6 +72,8 @@ def make_core(
     announce: bool = True,
     gate: Gatekeeper | None = None,
     coalesce: bool = True,
+    cache: TwoLevelCache | None = None,
+    fills: Fills | None = None,
 ) -> Core:
     """The operation pipeline over the configured databases, validated before any I/O;
     with no database configured, over the embedded SQLite store in ``config.data_dir``."""
@@ -91,9 +95,9 @@ def make_core(
                 "(pass --database URL or --config FILE to use PostgreSQL)",
                 os.path.abspath(path),
             )
-        return Core(config, backends, EMBEDDED_DATABASE, gate=gate)
+        return Core(config, backends, EMBEDDED_DATABASE, gate=gate, cache=cache, fills=fills)
     default = config.default_database or next(iter(backends))
-    return Core(config, backends, default, gate=gate)
+    return Core(config, backends, default, gate=gate, cache=cache, fills=fills)
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def build_cache(settings: CacheConfig) -> TwoLevelCache | None:
+def build_cache(settings: CacheConfig, fills: Fills) -> TwoLevelCache | None:
     """The read cache, when some collection opts in: near cache, plus Redis if configured."""
     if not any(c.enabled for c in settings.collections.values()):
         return None
@@ -169,7 +173,10 @@ def build_cache(settings: CacheConfig) -> TwoLevelCache | None:
         else None
     )
     return TwoLevelCache(
-        NearCache(settings.near_max_entries, settings.near_max_bytes), remote, ttl_default=60.0
+        NearCache(settings.near_max_entries, settings.near_max_bytes),
+        remote,
+        ttl_default=60.0,
+        forget=fills.forget,  # in-flight fills of an invalidated key are not joined again
     )
 
 
@@ -214,7 +221,9 @@ async def serve(
         sockets = bind(config.server.host, config.server.port)
     limiter = RedisLimiter(opts.redis_url, timeout=opts.redis_timeout) if opts.redis_url else None
     gate = make_gate(config, opts, remote=limiter)
-    core = make_core(config, gate=gate, coalesce=opts.coalesce)
+    fills = Fills()
+    cache = build_cache(config.cache, fills)
+    core = make_core(config, gate=gate, coalesce=opts.coalesce, cache=cache, fills=fills)
     if limiter is not None:
         await limiter.start()
     if not gate.enforcing:
@@ -222,10 +231,6 @@ async def serve(
             "NO POLICIES: running OPEN — every caller may do everything "
             "(pass --policies DIR to enforce per-service policies)"
         )
-    cache = build_cache(config.cache)
-    if cache is not None:  # replaced by constructor args when the pipeline lands
-        cache.forget = core.forget_fills
-        core.cache = cache
     monitoring = build_monitoring(config, core, opts.collector_token)
     app = build_app(config, core, monitoring, cache, observe=opts.metrics)
     wrap = (lambda handler: fast_get(app, handler, opts.metrics)) if opts.fast_path else None

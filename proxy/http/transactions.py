@@ -4,16 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
-from proxy.backends.base import Documents, TxKind
 from proxy.errors import BadRequest
 from proxy.http.documents import fingerprint, owner, read_json, replayed_response
 from proxy.http.keys import CORE, caller_of
-from proxy.http.middleware import JSON, json_response
-from proxy.pipeline.batch import grants_of, parse_batch, run_operations
-from proxy.query.spec import StoredReply
+from proxy.http.middleware import json_response
 
 
 async def transaction(request: web.Request) -> web.Response:
@@ -29,24 +25,7 @@ async def transaction(request: web.Request) -> web.Response:
     if key is None:
         results = await core.run_batch(body, caller_of(request))
         return json_response({"committed": True, "results": results})
-    req = parse_batch(body, core.limits.max_transaction_operations)
-
-    caller = await core.admit_batch(req.operations, caller_of(request))
-
-    async def produce(tx: Documents) -> StoredReply:
-        results = await run_operations(core, req.operations, tx, caller)
-        payload = orjson.dumps({"committed": True, "results": results})
-        return StoredReply(200, payload, {"Content-Type": JSON})
-
-    reply, replayed = await core.idempotent(  # charged above, replay or not
-        key,
-        fingerprint(request),
-        produce,
-        req.isolation,
-        TxKind.BATCH,
-        caller=caller,
-        grants=tuple(grants_of(req.operations)),
-    )
+    reply, replayed = await core.run_batch_once(body, key, fingerprint(request), caller_of(request))
     return replayed_response(reply, replayed)
 
 

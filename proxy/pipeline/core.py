@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from proxy.backends.base import Backend
@@ -69,20 +69,12 @@ class Core(DocumentOps, AtomicOps):
     def cache(self) -> TwoLevelCache | None:
         return self.reads.cache
 
-    @cache.setter
-    def cache(self, cache: TwoLevelCache | None) -> None:  # TEMPORARY until wiring lands
-        self.reads.cache = cache
-
     @property
     def _fills(self) -> dict[str, Any]:  # the fills in flight, by key (tests look)
         return self.reads.fills.pending
 
     def _cache_key(self, collection: str, doc_id: str) -> str:
         return self.reads.key(collection, doc_id)
-
-    def forget_fills(self, keys: Sequence[str] | None) -> None:
-        """Cache callback: these keys (None: all) were invalidated; start fresh fills."""
-        self.reads.fills.forget(keys)
 
     async def settle(self) -> None:
         """Wait until the background work started so far (cache fills, EXPLAINs) is over."""

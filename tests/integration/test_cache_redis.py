@@ -25,16 +25,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.cache import (
-    Hit,
-    Miss,
-    NearCache,
-    RedisCache,
-    RemoteHit,
-    RemoteState,
-    Ticket,
-    TwoLevelCache,
-)
+from proxy.backends.redis import RedisCache, RemoteState
+from proxy.cache import Hit, Miss, NearCache, RemoteHit, Ticket, TwoLevelCache
 from tests.redis_server import PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -305,7 +297,8 @@ _WORKER = textwrap.dedent(
     """
     import asyncio, sys, time
     import orjson
-    from proxy.cache import Hit, NearCache, RedisCache, TwoLevelCache
+    from proxy.backends.redis import RedisCache
+    from proxy.cache import Hit, NearCache, TwoLevelCache
 
     url, prefix, channel = sys.argv[1], sys.argv[2], sys.argv[3]
 

@@ -130,19 +130,20 @@ async def test_cache_misses_share_one_fill_that_a_write_detaches(
     """Concurrent misses of one cached key cost one Redis lookup, one read and one fill;
     a write forgets the in-flight fill before it returns, so a read that starts after the
     write never joins a fill that started before it."""
-    from proxy.cache import NearCache, RedisCache, TwoLevelCache
+    from proxy.backends.redis import RedisCache
+    from proxy.cache import NearCache, TwoLevelCache
+    from proxy.cache.read_through import Fills
     from proxy.config import CacheConfig, CollectionCache
 
     config = Config(cache=CacheConfig(collections={"c": CollectionCache(True, 60.0)}))
-    core = Core(config, {"main": backend}, "main")
     tag = uuid.uuid4().hex
     remote = RedisCache(
         "redis://127.0.0.1:6379/0", timeout=1.0, prefix=f"test:fill:{tag}:", channel=f"fill:{tag}"
     )
-    cache = TwoLevelCache(NearCache(1000, 1 << 20), remote, ttl_default=60.0)
-    cache.forget = core.forget_fills
+    fills = Fills()
+    cache = TwoLevelCache(NearCache(1000, 1 << 20), remote, ttl_default=60.0, forget=fills.forget)
+    core = Core(config, {"main": backend}, "main", cache=cache, fills=fills)
     await cache.start(wait=5.0)
-    core.cache = cache
     try:
         await core.create("c", [{"_id": "k", "n": 0}])
         await cache.invalidate(core._cache_key("c", "k"), 1)  # nothing cached yet

@@ -1,31 +1,19 @@
 """Global rate limiting in Redis: one atomic GCRA Lua script per decision, shared by all sidecars.
 
-With ``proxy.cache`` (the read cache), one of the two adapters that import ``redis``.
-The script performs, operation for operation, the arithmetic of
-``proxy.ratelimit.gcra_us`` on Redis server time (``TIME``), so every sidecar of a service
-reads the same clock and the decision is atomic across processes.
-Every driver error and every timeout comes out as ``RedisUnavailable``; the caller applies
-the policy's fail-open / fail-closed choice. A decision (or the failure) comes back within
-``timeout`` seconds even when Redis is frozen: the call is bounded by ``asyncio.wait_for``
-and by socket timeouts, nothing is retried, and a connection whose reply never came is
-closed, never returned to the pool with a reply still owed on it.
-"""
+Timeouts and failure handling: docs/redis.md."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import inspect
 import logging
 from collections.abc import Awaitable
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 import redis.asyncio as aioredis
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
+from redis.exceptions import RedisError
 
+from proxy.backends.redis.client import Script, io_deadline, make_client
 from proxy.resilience.ratelimit import Decision, Rate
 
 __all__ = ["GCRA_LUA", "RedisLimiter", "RedisUnavailable"]
@@ -78,17 +66,7 @@ end
 return {1, left(new_tat), 0, new_tat - now}
 """
 
-# No CLIENT SETINFO round trip when (re)connecting: redis-py >= 7 spells it driver_info,
-# older releases lib_name/lib_version (deprecated, with a warning, since).
-_NO_CLIENT_SETINFO: Final[dict[str, Any]] = (
-    {"driver_info": None}
-    if "driver_info" in inspect.signature(aioredis.Redis.__init__).parameters
-    else {"lib_name": None, "lib_version": None}
-)
-
-_CLEANUP_SLACK: Final = 0.003  # seconds of the budget kept for timer rounding and clean-up
-
-_SHA: Final = hashlib.sha1(GCRA_LUA.encode(), usedforsecurity=False).hexdigest()
+_GCRA: Final = Script(GCRA_LUA)
 
 
 class RedisUnavailable(Exception):
@@ -120,7 +98,7 @@ class RedisLimiter:
             raise ValueError(f"timeout must be > 0, got {timeout!r}")
         self._url = url  # may hold a password: never logged, never put in a message
         self.timeout = timeout
-        self._io_deadline = timeout - min(_CLEANUP_SLACK, timeout / 10)
+        self._io_deadline = io_deadline(timeout)
         self.key_prefix = key_prefix
         self._max_connections = max_connections
         self._client: aioredis.Redis | None = None
@@ -131,17 +109,9 @@ class RedisLimiter:
         down: the sidecar must start anyway, and ``check`` then reports each failure."""
         if self._client is not None:
             return
-        self._client = aioredis.Redis.from_url(
-            self._url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),
-            max_connections=self._max_connections,
-            health_check_interval=0,
-            **_NO_CLIENT_SETINFO,
-        )
+        self._client = make_client(self._url, self.timeout, self._max_connections)
         try:
-            await asyncio.wait_for(self._client.script_load(GCRA_LUA), self._io_deadline)
+            await asyncio.wait_for(_GCRA.load(self._client), self._io_deadline)
         except (RedisError, OSError, TimeoutError) as exc:  # not a decision: not counted
             log.warning(
                 "rate-limit Redis unavailable at start (%s); each decision will try again",
@@ -190,12 +160,8 @@ class RedisLimiter:
     async def _run_script(
         client: aioredis.Redis, key: str, args: tuple[int, int, int, int | str]
     ) -> tuple[int, int, int, int]:
-        """EVALSHA the registered script; on NOSCRIPT (Redis restarted, failed over or
-        flushed) EVAL it, which runs it and caches it again, in one round trip."""
-        try:
-            reply = await client.evalsha(_SHA, 1, key, *args)
-        except NoScriptError:
-            reply = await client.eval(GCRA_LUA, 1, key, *args)
+        """Run the script (EVALSHA, on NOSCRIPT EVAL) and check its reply's shape."""
+        reply = await _GCRA.run(client, (key,), args)
         if not (isinstance(reply, list) and len(reply) == 4 and all(type(x) is int for x in reply)):
             raise RedisError("the rate-limit script answered something else than 4 integers")
         return reply[0], reply[1], reply[2], reply[3]

@@ -1,22 +1,6 @@
-"""One pipelined Redis connection for the read cache's hot path.
+"""One pipelined Redis connection (hiredis) for the read cache's hot path.
 
-Through redis-py one command costs about 40 µs of CPU under load (pool checkout,
-connection lock, command machinery, a task and a timer per bounded call); a cache miss
-needs two. This connection costs about 12 µs per command: commands are packed by hiredis
-(the protocol code of Redis's own C client), all the commands of one event-loop turn go
-out in one write, and replies are parsed by hiredis and handed to their callers in order.
-It has no pool: Redis answers a connection's commands in order, and one pipelined
-connection carries far more commands than a sidecar sends.
-
-Failure model, kept deliberately blunt: any failure (connect error, lost connection, a
-protocol error, a reply later than the deadline) closes the connection and fails every
-command still waiting with ``PipeBroken``; the owner opens a new one when it wants to.
-A command's own error reply (``-ERR ...``, ``-NOSCRIPT ...``) is not a failure of the
-connection: it is handed to that caller as a ``hiredis.ReplyError`` value.
-
-Everything else that talks to Redis (the cache's subscriber, the rate limiter) uses
-redis-py.
-"""
+Why it exists and how it fails: docs/redis.md."""
 
 from __future__ import annotations
 
