@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from proxy.backends.collector_store import CollectorStore, parse_batch
+from proxy.collector import CollectorStore, parse_push_batch
 from proxy.errors import (
     BadRequest,
     InvalidJson,
@@ -149,7 +149,7 @@ async def push_batch(request: web.Request) -> web.Response:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise InvalidJson("the stats batch is not valid JSON") from None
-        batch = parse_batch(data)
+        batch = parse_push_batch(data)
     except PayloadTooLarge:
         metrics.rejected.labels("too_large").inc()
         raise

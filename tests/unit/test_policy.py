@@ -16,7 +16,6 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy import policy as policy_module
 from proxy.errors import ConfigError, Forbidden
 from proxy.policy import (
     COST_KEYS,
@@ -37,6 +36,7 @@ from proxy.policy import (
     is_glob,
     load_policies,
 )
+from proxy.policy import model as policy_module
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ROOT / "policies"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.backends.collector_store import parse_batch
+from proxy.collector.protocol import parse_push_batch as parse_batch
 from proxy.observe.stats import (
     BUCKET_BOUNDS_MS,
     NUM_BUCKETS,
