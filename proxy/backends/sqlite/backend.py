@@ -43,6 +43,10 @@ _AUDIT_SELECT = (
 _AUDIT_COLUMNS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
 
 
+def _not_open() -> Unavailable:
+    return Unavailable("the embedded store is not open", retry_after=1)
+
+
 def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
     if not loan.cancelled() and loan.exception() is None:
         loan.result().set()
@@ -198,7 +202,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
     async def _write(self, collection: str | None, fn: Job[T]) -> T:
         writer = self._writer
         if writer is None:
-            raise Unavailable("the embedded store is not open", retry_after=1)
+            raise _not_open()
         job = fn if collection is None else self._with_table(writer, collection, fn)
         future = writer.submit(job, time.monotonic() + self._acquire_timeout)
         if not self._interactive_writers:
@@ -244,7 +248,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
     async def _read(self, fn: Job[T]) -> T:
         readers = self._readers
         if readers is None:
-            raise Unavailable("the embedded store is not open", retry_after=1)
+            raise _not_open()
         start_by = time.monotonic() + self._acquire_timeout
         loop = asyncio.get_running_loop()
         try:
@@ -293,7 +297,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
             )
         threads, slots = self._tx_threads, self._tx_slots
         if threads is None or slots is None:
-            raise Unavailable("the embedded store is not open", retry_after=1)
+            raise _not_open()
         share = self.transaction_share
         shared = await share.take(kind, self._acquire_timeout)
 
@@ -357,7 +361,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
         ``writer_returned``."""
         writer = self._writer
         if writer is None:
-            raise Unavailable("the embedded store is not open", retry_after=1)
+            raise _not_open()
         brief = self._interactive_writers > 0
         loan = writer.lend(time.monotonic() + self._acquire_timeout)
         if interactive:

@@ -44,6 +44,11 @@ _INT64_MAX = 2**63 - 1
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
 
 
+def _insert_sql(table: str) -> str:
+    """A new document (``?1`` its _id, ``?2`` its JSON); no row when the _id exists."""
+    return f"INSERT INTO {table} (_id, doc) VALUES (?1, ?2) ON CONFLICT (_id) DO NOTHING"
+
+
 def _version_param(if_match: int) -> int:
     """If-Match as a bindable integer; one no version can have when out of range."""
     return if_match if 0 < if_match <= _INT64_MAX else -1
@@ -121,7 +126,7 @@ class SqliteDocuments:
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
         table = table_name(collection)
         doc_id, body = self._prepare(doc)
-        sql = f"INSERT INTO {table} (_id, doc) VALUES (?1, ?2) ON CONFLICT (_id) DO NOTHING"
+        sql = _insert_sql(table)
 
         def run(conn: sqlite3.Connection) -> None:
             if conn.execute(sql, (doc_id, body.decode())).rowcount != 1:
@@ -142,7 +147,7 @@ class SqliteDocuments:
             except ProxyError as err:
                 prepared.append(ItemResult(err.status, doc.get("_id"), error=err.to_dict()))
         pairs = [p for p in prepared if isinstance(p, tuple)]
-        sql = f"INSERT INTO {table} (_id, doc) VALUES (?1, ?2) ON CONFLICT (_id) DO NOTHING"
+        sql = _insert_sql(table)
 
         def run(conn: sqlite3.Connection) -> list[bool]:
             # a repeated _id in the same batch: the first one wins, as in PostgreSQL

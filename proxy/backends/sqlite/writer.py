@@ -56,18 +56,17 @@ class WriterThread:
         return self._thread.is_alive() and not self._stopping
 
     def submit(self, fn: Job[T], start_by: float) -> concurrent.futures.Future[T]:
-        if not self.alive():
-            raise Unavailable("the embedded store is not open for writing", retry_after=1)
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._queue.put(WriteJob(fn, future, start_by))
-        return future
+        return self._enqueue(fn, start_by)
 
     def lend(self, start_by: float) -> concurrent.futures.Future[threading.Event]:
         """The writer, once it gets there: the future's event gives it back."""
+        return self._enqueue(None, start_by)
+
+    def _enqueue(self, fn: Job[Any] | None, start_by: float) -> concurrent.futures.Future[Any]:
         if not self.alive():
             raise Unavailable("the embedded store is not open for writing", retry_after=1)
-        future: concurrent.futures.Future[threading.Event] = concurrent.futures.Future()
-        self._queue.put(WriteJob(None, future, start_by))
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put(WriteJob(fn, future, start_by))
         return future
 
     def pending(self) -> int:

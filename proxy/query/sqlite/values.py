@@ -63,8 +63,7 @@ def sql_number(value: int | float) -> int | float:
 
 def _check_no_nul(value: Any) -> None:
     if isinstance(value, str):
-        if "\x00" in value:
-            raise InvalidQuery("strings may not contain the NUL character", code="invalid_value")
+        text(value)
     elif isinstance(value, dict):
         for k, v in value.items():
             _check_no_nul(k)
