@@ -184,9 +184,16 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
     """Prometheus metrics, the stats recorder, the observer that feeds both, and the
     stats pusher when a collector is configured (``token``: its bearer token)."""
     metrics = Metrics()
+
+    def flush_pending() -> None:  # what the observer holds is folded in before any read
+        observer.flush()
+
     stats = StatsRecorder(
-        core.gate.sidecar_service or "dbproxy", slow_threshold_ms=core.limits.slow_query_ms
+        core.gate.sidecar_service or "dbproxy",
+        slow_threshold_ms=core.limits.slow_query_ms,
+        flush_pending=flush_pending,
     )
+    observer = Observer(metrics, core, stats)
     metrics.sources["connections"] = core.connections
     metrics.sources["gate"] = lambda: dict(core.gate.counters)
     metrics.sources["transactions"] = lambda: {
@@ -205,7 +212,7 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
             max_buffered_batches=push.max_buffered_batches,
         )
         metrics.sources["pusher"] = pusher.counters
-    return Monitoring(metrics, stats, Observer(metrics, core, stats), pusher)
+    return Monitoring(metrics, stats, observer, pusher)
 
 
 async def serve(

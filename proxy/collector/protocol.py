@@ -10,17 +10,17 @@ from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
 from proxy.errors import BadRequest
-from proxy.observe.stats import (
+from proxy.observe.batch import (
     BATCH_VERSION,
     COLLECTION_RE,
     ERROR_CODE_RE,
     INSTANCE_RE,
-    NUM_BUCKETS,
     OPERATION_RE,
-    PATTERN_MAX_CHARS,
     PLAN_MAX_CHARS,
     SERVICE_RE,
 )
+from proxy.observe.buckets import NUM_BUCKETS
+from proxy.observe.patterns import PATTERN_MAX_CHARS
 from proxy.problems import Problems
 
 __all__ = [

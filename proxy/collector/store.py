@@ -9,7 +9,7 @@ import orjson
 
 from proxy.backends.postgres.rollups import PostgresRollups
 from proxy.collector.protocol import Batch
-from proxy.observe.stats import NUM_BUCKETS, summary
+from proxy.observe.buckets import NUM_BUCKETS, summary
 
 __all__ = ["CollectorStore", "rollup_rows", "slow_rows"]
 

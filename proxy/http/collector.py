@@ -25,8 +25,8 @@ from proxy.errors import (
     Unauthorized,
 )
 from proxy.http.middleware import envelope, json_response
+from proxy.observe.batch import SERVICE_RE
 from proxy.observe.pusher import BATCHES_PATH
-from proxy.observe.stats import SERVICE_RE
 
 __all__ = [
     "METRICS",

@@ -16,9 +16,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from proxy import context
 from proxy.errors import BadRequest
 from proxy.http.keys import CORE, caller_of
+from proxy.observe.batch import OTHER
 from proxy.observe.metrics import Metrics
+from proxy.observe.patterns import query_pattern
 from proxy.observe.pusher import StatsPusher
-from proxy.observe.stats import OTHER, StatsRecorder, query_pattern
+from proxy.observe.stats import StatsRecorder
 from proxy.pipeline import gate as guard
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
@@ -69,7 +71,6 @@ class Observer:
         self.core = core
         self.recorder = recorder
         self._buffer: list[tuple[str, str, int, str | None, str | None, str, float, int]] = []
-        recorder.flush_pending = self.flush
 
     def finish(
         self,

@@ -1,12 +1,5 @@
-"""Prometheus metrics of one sidecar: the request histogram counted on the hot path (plain
-counters, rendered at scrape time), and a collector that reads every other figure (pools,
-breakers, lag, cache, limits, transactions, stats shipping) from the live objects at
-scrape time.
-
-Labels are bounded: operations and statuses are small fixed sets, error codes are the
-stable codes, and collections beyond ``MAX_COLLECTIONS`` distinct names fold into
-``"<other>"``. No ids, no raw query patterns.
-"""
+"""Prometheus metrics of one sidecar: the request histogram counted on the hot path, and a
+live collector reading every other figure at scrape time (see docs/observability.md)."""
 
 from __future__ import annotations
 

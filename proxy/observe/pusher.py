@@ -1,9 +1,5 @@
-"""The sidecar's side of the central collector: the periodic task that drains the stats
-recorder into a bounded buffer and pushes the batches, oldest first.
-
-All I/O happens in this task with a short timeout, so a slow or dead collector never slows
-requests: batches wait in the buffer, and when it is full the oldest are dropped (counted).
-"""
+"""The push to the central collector: a periodic task drains the stats recorder into a
+bounded buffer and posts the batches, oldest first (see docs/observability.md)."""
 
 from __future__ import annotations
 

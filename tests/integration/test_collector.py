@@ -26,8 +26,9 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.observe.buckets import NUM_BUCKETS, percentile
 from proxy.observe.pusher import BATCHES_PATH, StatsPusher
-from proxy.observe.stats import NUM_BUCKETS, StatsRecorder, percentile
+from proxy.observe.stats import StatsRecorder
 from tests.conftest import PG_ADMIN_DSN
 
 pytestmark = [

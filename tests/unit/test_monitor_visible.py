@@ -5,7 +5,8 @@ the audit scope's (names, ``*``, ``?``, ``[...]``, ``[!...]``)."""
 from __future__ import annotations
 
 from proxy.http import monitor
-from proxy.observe.stats import OTHER, StatsRecorder
+from proxy.observe.batch import OTHER
+from proxy.observe.stats import StatsRecorder
 from proxy.pipeline import gate as guard
 from proxy.pipeline.gate import Caller
 from proxy.policy import Grant, ServicePolicy

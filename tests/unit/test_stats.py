@@ -14,16 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.collector.protocol import parse_push_batch as parse_batch
-from proxy.observe.stats import (
-    BUCKET_BOUNDS_MS,
-    NUM_BUCKETS,
-    OTHER,
-    PATTERN_MAX_CHARS,
-    StatsRecorder,
-    bucket_index,
-    percentile,
-    query_pattern,
-)
+from proxy.observe.batch import OTHER
+from proxy.observe.buckets import BUCKET_BOUNDS_MS, NUM_BUCKETS, bucket_index, percentile
+from proxy.observe.patterns import PATTERN_MAX_CHARS, query_pattern
+from proxy.observe.stats import StatsRecorder
 
 T0 = 1_700_000_000.0
 
