@@ -1,9 +1,4 @@
-"""The request context: who is asking and under which request id, carried to the adapters.
-
-Set once per request by the HTTP layer (or a test), read by the backends for the audit
-trail and per-service statement timeouts. A ContextVar, so concurrent requests on one
-event loop never see each other's context.
-"""
+"""The request context: who is asking and under which request id, carried to the adapters."""
 
 from __future__ import annotations
 

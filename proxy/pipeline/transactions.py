@@ -1,11 +1,5 @@
 """Interactive transactions: the registry of open ones, their owners, timeouts and ends.
-
-A transaction pins one pooled connection between ``begin`` and ``commit``/``rollback``.
-The registry hands it to one request at a time, rolls it back after an idle timeout or a
-maximum lifetime (one periodic reaper; the clock is injected), caps how many are open (in
-all, and per owner: a service), and remembers recently ended ids so a late request hears
-why the id is dead.
-"""
+Design notes: docs/pipeline.md."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The validated syntax tree of the query language: filters, sorts, projections and updates.
-
-Every backend compiles these nodes; nothing else of a request reaches a dialect compiler.
-See docs/query-language.md for the semantics each node carries.
-"""
+"""The validated syntax tree of the query language: filters, sorts, projections and updates."""
 
 from __future__ import annotations
 

@@ -1,12 +1,4 @@
-"""The dialect-independent shape of query compilation: the filter walk, sort ranks, keyset chains.
-
-Every SQL dialect compiles a filter the same way (docs/query-language.md): a path condition
-tests either the *values* of the path (``$exists``, ``$size``, ``$elemMatch``) or its
-*candidates* (everything else); ``$eq null`` also matches when a candidate is missing or
-the path has no values at all; ``$in`` is an OR of ``$eq``; ``$not`` negates with NULL
-counting as false. ``FilterWalker`` owns that logic once; a dialect subclass supplies the
-SQL of the leaves (how to enumerate values, how to test one value).
-"""
+"""Dialect-independent query compilation: the filter walk, sort ranks, keyset chains."""
 
 from __future__ import annotations
 

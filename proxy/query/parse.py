@@ -1,8 +1,4 @@
-"""Front end of the query language: JSON → validated AST, with every limit checked first.
-
-Errors name the operator and the path where the problem is, and are raised before any
-database work. The grammar and semantics are in docs/query-language.md.
-"""
+"""Front end of the query language: JSON → validated AST, with every limit checked first."""
 
 from __future__ import annotations
 

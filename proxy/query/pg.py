@@ -1,10 +1,5 @@
 """PostgreSQL back end of the query language: AST → SQL text + bound parameters.
-
-The SQL text depends only on the shape of the AST (operators, path lengths, value types);
-every value and every field-path segment is a bound parameter, so prepared statements are
-reused and nothing a client sends ever becomes SQL text. Documents live in a ``doc jsonb``
-column; ``t`` is the alias of the collection's table.
-"""
+Design notes: docs/query-language.md."""
 
 from __future__ import annotations
 

@@ -1,9 +1,4 @@
-"""Regular expressions of the query language: validated once with RE2 (linear time), cached.
-
-Every ``$regex`` must compile under RE2 on every backend, so a pattern means the same and
-fails the same way everywhere; the embedded store also matches with RE2. See
-docs/query-language.md ("Regular expressions").
-"""
+"""Regular expressions of the query language: validated once with RE2 (linear time), cached."""
 
 from __future__ import annotations
 

@@ -1,20 +1,4 @@
-"""Rate limiting as pure logic: GCRA token buckets, a bounded local limiter, a concurrency cap.
-
-GCRA (the generic cell rate algorithm) stores one number per bucket, the *theoretical
-arrival time* (TAT): the instant at which the bucket would be full again. A request of
-``cost`` tokens moves the TAT forward by ``cost`` emission intervals; it is admitted when
-the new TAT is no more than ``burst`` intervals ahead of now. That is exactly a token
-bucket of capacity ``burst`` refilled at ``per_second`` tokens a second, with no timer.
-
-The arithmetic runs on whole microseconds held in IEEE doubles (exact below 2**53, i.e.
-for 285 years of microseconds), so boundaries are exact: with 20 per minute, the 20th
-request at one instant passes and the 21st is told to retry in exactly 3.0 s. The same
-operations, in the same order, are what the Redis Lua script of
-``proxy.backends.redis.limiter`` runs, so a local and a global decision are the same function of
-(TAT, now, rate, cost); ``gcra_us`` is the reference both are tested against.
-
-No I/O here; the clock is injected (monotonic seconds).
-"""
+"""Rate limiting as pure logic: GCRA token buckets, a bounded local limiter, a concurrency cap."""
 
 from __future__ import annotations
 

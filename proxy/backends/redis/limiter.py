@@ -1,5 +1,4 @@
 """Global rate limiting in Redis: one atomic GCRA Lua script per decision, shared by all sidecars.
-
 Timeouts and failure handling: docs/redis.md."""
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """One pipelined Redis connection (hiredis) for the read cache's hot path.
-
 Why it exists and how it fails: docs/redis.md."""
 
 from __future__ import annotations
