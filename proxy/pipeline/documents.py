@@ -234,9 +234,13 @@ class DocumentOps:
         d = caller.decisions.get(collection, "read")
         if d.plain and target is None and not fields:
             # the common case, the same sequence in one lookup: granted, nothing to
-            # validate, filter or hide; limit, then the cache and the database
-            await self.limit(caller, "read")
-            return _found(await self.reads.get(collection, doc_id, self.backend(), None), doc_id)
+            # validate, filter or hide; limit (inlined), then the cache and the database
+            if caller.metered:
+                await self.gate.admit(caller, "read")
+            found = await self.reads.get(collection, doc_id, self.backend(), None)
+            if found is None:
+                raise NotFound("no document with this _id", details={"_id": doc_id})
+            return found
         d.authorize(in_transaction=target is not None)
 
         def validate(d: Decision) -> tuple[Path, ...] | None:

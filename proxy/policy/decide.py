@@ -4,6 +4,7 @@ answers every question the pipeline asks — grant, row guard, readable and writ
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -166,29 +167,31 @@ class Decisions:
     """Every decision of one service, compiled when its policy loads (exact collection
     names) or at first use (names a glob matches; a bounded cache)."""
 
-    __slots__ = ("_cache", "_exact", "policy")
+    __slots__ = ("_later", "_table", "policy")
 
     def __init__(self, policy: ServicePolicy | None) -> None:
         self.policy = policy
-        self._exact: dict[tuple[str, str], Decision] = {}
-        self._cache: dict[tuple[str, str], Decision] = {}
+        self._table: dict[tuple[str, str], Decision] = {}  # every decision known: one lookup
+        self._later: deque[tuple[str, str]] = deque()  # those compiled at first use, oldest first
         if policy is not None:
             names = {p for g in policy.grants for p in g.collections if not is_glob(p)}
             names |= {k for k in policy.fields if not is_glob(k)}
             names |= {k for k in policy.rows if not is_glob(k)}
             for name in names:
                 for op in OPERATIONS:
-                    self._exact[(name, op)] = compile_decision(policy, name, op)
+                    self._table[(name, op)] = compile_decision(policy, name, op)
 
     def get(self, collection: str, operation: str) -> Decision:
         key = (collection, operation)
-        found = self._exact.get(key) or self._cache.get(key)
+        found = self._table.get(key)
         if found is None:
             found = compile_decision(self.policy, collection, operation)
-            if len(self._cache) >= GLOB_CACHE_SIZE:
-                with contextlib.suppress(StopIteration, RuntimeError, KeyError):
-                    del self._cache[next(iter(self._cache))]  # the oldest goes first
-            self._cache[key] = found
+            later = self._later
+            if len(later) >= GLOB_CACHE_SIZE:
+                with contextlib.suppress(IndexError, KeyError):
+                    del self._table[later.popleft()]  # the oldest goes first
+            self._table[key] = found
+            later.append(key)
         return found
 
     def service_wide(self, operation: str) -> bool:
