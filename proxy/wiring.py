@@ -25,7 +25,7 @@ from proxy.cache.read_through import Fills
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
 from proxy.errors import ConfigError
 from proxy.http.app import build_app
-from proxy.http.collector import CollectorSettings, build_collector_app
+from proxy.http.collector import CollectorSettings, build_collector_app, collector_store
 from proxy.http.fast_path import fast_get
 from proxy.http.monitor import Monitoring, Observer
 from proxy.http.server import AddressInUse, bind, inherited, start, tune_gc
@@ -365,7 +365,7 @@ async def run_collector(
         server_settings = ServerConfig(host=settings.host, port=settings.port)
     if sockets is None:
         sockets = bind(settings.host, settings.port)
-    app = build_collector_app(settings)
+    app = build_collector_app(settings, collector_store(settings))
     running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout)
     log.info(
         "dbproxy collector listening on http://%s:%d (database: %s, push token: %s)",

@@ -3,15 +3,48 @@ out of the merged rows, retention; the SQL is in ``proxy.backends.postgres.rollu
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from proxy.backends.postgres.rollups import PostgresRollups
 from proxy.collector.protocol import Batch
 from proxy.observe.buckets import NUM_BUCKETS, summary
 
-__all__ = ["CollectorStore", "rollup_rows", "slow_rows"]
+__all__ = ["CollectorStore", "FleetRows", "RollupDatabase", "rollup_rows", "slow_rows"]
+
+
+class FleetRows(NamedTuple):
+    """The rows of one fleet view, as the queries return them (records read by key)."""
+
+    operations: list[Any]
+    buckets: list[Any]
+    patterns: list[Any]
+    slow: list[Any]
+    services: list[Any]
+
+
+class RollupDatabase(Protocol):
+    """Where the rollups persist (``proxy.backends.postgres.rollups.PostgresRollups``)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def health(self) -> dict[str, Any]: ...
+
+    async def merge(
+        self,
+        batch: tuple[str, str, str],
+        rollups: Sequence[tuple[Any, ...]],
+        slow: Sequence[tuple[Any, ...]],
+    ) -> bool: ...
+
+    async def prune(self, batch_id_retention_seconds: float, slow_retention: int) -> None: ...
+
+    async def instances(self) -> list[tuple[str, str]]: ...
+
+    async def fleet(self, service: str | None, top: int, slow: int) -> FleetRows: ...
 
 
 def rollup_rows(batch: Batch) -> list[tuple[Any, ...]]:
@@ -63,16 +96,12 @@ class CollectorStore:
 
     def __init__(
         self,
-        dsn: str,
+        database: RollupDatabase,
         *,
-        max_connections: int = 5,
-        timeout_seconds: float = 5.0,
         slow_retention: int = 10_000,
         batch_id_retention_seconds: float = 86_400.0,
     ) -> None:
-        self.database = PostgresRollups(
-            dsn, max_connections=max_connections, timeout_seconds=timeout_seconds
-        )
+        self.database = database
         self.slow_retention = slow_retention
         self.batch_id_retention_seconds = batch_id_retention_seconds
 

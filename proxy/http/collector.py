@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from proxy.backends.postgres.rollups import PostgresRollups
 from proxy.collector import CollectorStore, parse_push_batch
 from proxy.errors import (
     BadRequest,
@@ -35,6 +36,7 @@ __all__ = [
     "CollectorMetrics",
     "CollectorSettings",
     "build_collector_app",
+    "collector_store",
 ]
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,13 @@ async def metrics(request: web.Request) -> web.Response:
 # ---- application ---------------------------------------------------------------------
 
 
+def collector_store(settings: CollectorSettings) -> CollectorStore:
+    """The fleet store of these settings: rollups in PostgreSQL at ``database_url``."""
+    return CollectorStore(
+        PostgresRollups(settings.database_url), slow_retention=settings.slow_retention
+    )
+
+
 def build_collector_app(
     settings: CollectorSettings, store: CollectorStore | None = None
 ) -> web.Application:
@@ -234,9 +243,7 @@ def build_collector_app(
         handler_args={"max_field_size": 16384, "max_line_size": 16384},
     )
     app[SETTINGS] = settings
-    app[STORE] = store or CollectorStore(
-        settings.database_url, slow_retention=settings.slow_retention
-    )
+    app[STORE] = store or collector_store(settings)
     app[METRICS] = CollectorMetrics()
     app.cleanup_ctx.append(_store_ctx)
     r = app.router

@@ -8,14 +8,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import asyncpg
 
 from proxy.backends.postgres import translate
+from proxy.collector.store import FleetRows
 from proxy.errors import ProxyError, Unavailable
 
-__all__ = ["SCHEMA", "FleetRows", "PostgresRollups"]
+__all__ = ["SCHEMA", "PostgresRollups"]
 
 log = logging.getLogger(__name__)
 
@@ -168,16 +169,6 @@ _FORGET_SLOW: Final = (
     f"DELETE FROM {_S}.slow_queries WHERE at < (SELECT at FROM {_S}.slow_queries "
     "ORDER BY at DESC OFFSET $1 LIMIT 1)"
 )
-
-
-class FleetRows(NamedTuple):
-    """The rows of one fleet view, as the queries return them (records read by key)."""
-
-    operations: list[Any]
-    buckets: list[Any]
-    patterns: list[Any]
-    slow: list[Any]
-    services: list[Any]
 
 
 class PostgresRollups:
