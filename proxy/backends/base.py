@@ -63,7 +63,7 @@ class Documents(Protocol):
         *,
         upsert: bool = False,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> WriteResult: ...
 
     async def delete(
@@ -72,7 +72,7 @@ class Documents(Protocol):
         doc_id: str,
         *,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> int: ...
 
     async def find(self, collection: str, spec: FindSpec) -> Page: ...

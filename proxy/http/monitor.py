@@ -21,7 +21,7 @@ from proxy.observe.metrics import Metrics
 from proxy.observe.patterns import query_pattern
 from proxy.observe.pusher import StatsPusher
 from proxy.observe.stats import StatsRecorder
-from proxy.pipeline import gate as guard
+from proxy.pipeline import gate
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
 
@@ -174,7 +174,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _monitor(request: web.Request) -> Core:
-    guard.authorize_service_wide(caller_of(request), "monitor")
+    gate.authorize_service_wide(caller_of(request), "monitor")
     return request.app[CORE]
 
 
@@ -182,7 +182,7 @@ def _visible(caller: Caller) -> Callable[[str], bool] | None:
     """Which collections a monitoring caller may see in the stats views: those it may
     read, as for the audit log (None: all, when it reads ``"*"`` or nothing enforces).
     ``"<other>"``, where names past the bounds fold, mixes anyone's: shown to "*" only."""
-    scope = guard.audit_scope(caller)
+    scope = gate.audit_scope(caller)
     if scope is None:
         return None
     return lambda collection: collection != OTHER and scope.covers(collection)
@@ -247,10 +247,10 @@ async def audit(request: web.Request) -> web.Response:
     if not 1 <= limit <= 1000:
         raise BadRequest("limit must be 1-1000", code="invalid_parameter")
     caller = caller_of(request)
-    scope = guard.audit_scope(caller)
+    scope = gate.audit_scope(caller)
     collection = q.get("collection")
     if scope is not None and collection is not None and collection != "*":
-        guard.authorize(caller, collection, "read")  # decided by the policy alone
+        gate.authorize(caller, collection, "read")  # decided by the policy alone
     rows = await backend.audit_log(
         scope=scope,
         service=q.get("service"),

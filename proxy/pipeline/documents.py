@@ -194,7 +194,7 @@ class DocumentOps:
             change,
             upsert=upsert,
             if_match=if_match,
-            guard=d.row_filter(caller.headers),
+            row_filter=d.row_filter(caller.headers),
         )
         await self.reads.written(target, d.collection, doc_id, result.version)
         return _visible(d, result)
@@ -212,7 +212,7 @@ class DocumentOps:
 
         async def delete(rows: Filter | None) -> int:
             version = await self._docs(target).delete(
-                collection, doc_id, if_match=if_match, guard=rows
+                collection, doc_id, if_match=if_match, row_filter=rows
             )
             await self.reads.written(target, collection, doc_id, version + 1)
             return version

@@ -189,16 +189,16 @@ class PgDocuments:
         *,
         upsert: bool = False,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> WriteResult:
-        """Replace, update or patch one document in one statement. ``guard`` (row rules)
+        """Replace, update or patch one document in one statement. ``row_filter`` (row rules)
         must hold for the stored document, else it counts as not found."""
         table = self._table(collection)
         params = Params([doc_id])
         new_doc = self._new_doc_sql(change, params, "t.doc")
         bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
         set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
-        conds = self._conditions(params, if_match, guard)
+        conds = self._conditions(params, if_match, row_filter)
         if upsert and if_match is None:
             first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
             where = f" WHERE {conds}" if conds else ""
@@ -219,17 +219,17 @@ class PgDocuments:
         if not rows:
             if upsert and if_match is None:  # the row exists, outside the caller's rows:
                 raise NotFound("no document with this _id", details={"_id": doc_id})  # as PUT
-            await self._explain_miss(collection, doc_id, if_match, guard)
+            await self._explain_miss(collection, doc_id, if_match, row_filter)
         row = rows[0]
         return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
 
     @staticmethod
-    def _conditions(params: Params, if_match: int | None, guard: Filter | None) -> str:
+    def _conditions(params: Params, if_match: int | None, row_filter: Filter | None) -> str:
         parts = []
         if if_match is not None:
             parts.append(f"t._version = {params.add(if_match, 'bigint')}")
-        if guard is not None:
-            parts.append(FilterCompiler(params).where(guard))
+        if row_filter is not None:
+            parts.append(FilterCompiler(params).where(row_filter))
         return " AND ".join(parts)
 
     def _new_doc_sql(self, change: Change, params: Params, base: str) -> str:
@@ -248,7 +248,7 @@ class PgDocuments:
         return f"{self._schema_ident}.dbproxy_merge_patch({base}, {ph})"
 
     async def _explain_miss(
-        self, collection: str, doc_id: str, if_match: int | None, guard: Filter | None = None
+        self, collection: str, doc_id: str, if_match: int | None, row_filter: Filter | None = None
     ) -> None:
         """A write matched no row: say whether the document is missing (or outside the
         caller's rows: the same answer) or its version moved."""
@@ -257,7 +257,9 @@ class PgDocuments:
             dataclasses.replace(context.current.get(), read_preference="primary", min_lsn=None)
         )
         try:
-            moved = if_match is not None and await self._visible_version(collection, doc_id, guard)
+            moved = if_match is not None and await self._visible_version(
+                collection, doc_id, row_filter
+            )
         finally:
             context.current.reset(primary)
         if moved:
@@ -266,11 +268,13 @@ class PgDocuments:
             )
         raise NotFound("no document with this _id", details={"_id": doc_id})
 
-    async def _visible_version(self, collection: str, doc_id: str, guard: Filter | None) -> bool:
-        if guard is None:
+    async def _visible_version(
+        self, collection: str, doc_id: str, row_filter: Filter | None
+    ) -> bool:
+        if row_filter is None:
             return await self.get(collection, doc_id) is not None
         params = Params([doc_id])
-        where = FilterCompiler(params).where(guard)
+        where = FilterCompiler(params).where(row_filter)
         sql = f"SELECT 1 FROM {self._table(collection)} t WHERE t._id = $1 AND {where}"
         return bool(await self._read(collection, sql, *params.values))
 
@@ -280,10 +284,10 @@ class PgDocuments:
         doc_id: str,
         *,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> int:
         params = Params([doc_id])
-        conds = self._conditions(params, if_match, guard)
+        conds = self._conditions(params, if_match, row_filter)
         sql = self._audited(
             f"DELETE FROM {self._table(collection)} t WHERE t._id = $1"
             f"{' AND ' + conds if conds else ''} RETURNING t._version, t._id AS audit_id",
@@ -293,7 +297,7 @@ class PgDocuments:
         )
         rows = await self._write(collection, sql, *params.values)  # the primary, never a replica
         if not rows:
-            await self._explain_miss(collection, doc_id, if_match, guard)
+            await self._explain_miss(collection, doc_id, if_match, row_filter)
             raise AssertionError("unreachable")
         return int(rows[0][0])
 

@@ -186,9 +186,9 @@ class SqliteDocuments:
         *,
         upsert: bool = False,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> WriteResult:
-        """Replace, update or patch one document in one statement. ``guard`` (row rules)
+        """Replace, update or patch one document in one statement. ``row_filter`` (row rules)
         must hold for the stored document, else it counts as not found."""
         table = table_name(collection)
         params = Params([doc_id])
@@ -199,7 +199,7 @@ class SqliteDocuments:
             f"_version = t._version + 1, updated_at = {NOW}"
         )
         returning = "RETURNING CAST(doc AS BLOB), _version"
-        conds = self._conditions(params, names, if_match, guard)
+        conds = self._conditions(params, names, if_match, row_filter)
         inserting = upsert and if_match is None
         if inserting:
             first = self._new_doc_sql(change, params, names, doc_id, "json_object('_id', ?1)")
@@ -215,7 +215,7 @@ class SqliteDocuments:
                 f"{' AND ' + conds if conds else ''} {returning}"
             )
         values = params.values
-        visible = self._visible_sql(table, guard)
+        visible = self._visible_sql(table, row_filter)
 
         def run(conn: sqlite3.Connection) -> WriteResult:
             row = conn.execute(sql, values).fetchone()
@@ -232,22 +232,22 @@ class SqliteDocuments:
 
     @staticmethod
     def _conditions(
-        params: Params, names: Names, if_match: int | None, guard: Filter | None
+        params: Params, names: Names, if_match: int | None, row_filter: Filter | None
     ) -> str:
         parts = []
         if if_match is not None:
             parts.append(f"t._version = {params.add(_version_param(if_match))}")
-        if guard is not None:
-            parts.append(FilterCompiler(params, names).where(guard))
+        if row_filter is not None:
+            parts.append(FilterCompiler(params, names).where(row_filter))
         return " AND ".join(parts)
 
     @staticmethod
-    def _visible_sql(table: str, guard: Filter | None) -> tuple[str, list[Any]]:
+    def _visible_sql(table: str, row_filter: Filter | None) -> tuple[str, list[Any]]:
         """A query finding the document ``?1`` among the caller's rows."""
-        if guard is None:
+        if row_filter is None:
             return f"SELECT 1 FROM {table} t WHERE t._id = ?1", []
         params = Params([None])
-        where = FilterCompiler(params).where(guard)
+        where = FilterCompiler(params).where(row_filter)
         return f"SELECT 1 FROM {table} t WHERE t._id = ?1 AND {where}", params.values[1:]
 
     @staticmethod
@@ -285,17 +285,17 @@ class SqliteDocuments:
         doc_id: str,
         *,
         if_match: int | None = None,
-        guard: Filter | None = None,
+        row_filter: Filter | None = None,
     ) -> int:
         table = table_name(collection)
         params = Params([doc_id])
-        conds = self._conditions(params, Names(), if_match, guard)
+        conds = self._conditions(params, Names(), if_match, row_filter)
         sql = (
             f"DELETE FROM {table} AS t WHERE t._id = ?1{' AND ' + conds if conds else ''} "
             "RETURNING _version"
         )
         values = params.values
-        visible = self._visible_sql(table, guard)
+        visible = self._visible_sql(table, row_filter)
 
         def run(conn: sqlite3.Connection) -> int:
             try:
