@@ -11,7 +11,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from proxy.backends.redis.cache_link import CacheLink, RemoteState
-from proxy.backends.redis.cache_scripts import CHUNK, FLUSH, FLUSH_ALL, PROBE
+from proxy.backends.redis.cache_scripts import CHUNK, FLUSH, FLUSH_ALL, GET, INVALIDATE, PROBE, PUT
 from proxy.backends.redis.resp import PipeBroken
 from proxy.cache.protocol import CacheUnavailable
 
@@ -95,8 +95,13 @@ class CacheSubscriber(CacheLink):
             raise
 
     async def _replay(self) -> None:
-        """Deliver what failed while Redis was away, before anyone trusts the cache again."""
-        run = self._redis_py(self._client_())
+        """Deliver what failed while Redis was away, before anyone trusts the cache again;
+        first register the cache's scripts, so that no lookup or fill of a live cache waits
+        for a NOSCRIPT round trip (a fresh or restarted Redis knows none of them)."""
+        client = self._client_()
+        for script in (GET, PUT, INVALIDATE, FLUSH, PROBE):  # one at a time: a pool of two
+            await asyncio.wait_for(script.load(client), self.probe_timeout)
+        run = self._redis_py(client)
         if self._pending_flush:
             flush = run(FLUSH, self._keys, ())
             await asyncio.wait_for(flush, self.probe_timeout)
