@@ -115,6 +115,19 @@ class DuplicateId(Conflict):
     code = "duplicate_id"
 
 
+class DuplicateKey(Conflict):
+    """A unique index refused the write (``details.index`` names it)."""
+
+    code = "duplicate_key"
+
+
+class SchemaViolation(BadRequest):
+    """A write the collection's schema refuses: ``details.problems`` lists every problem
+    (``path``, ``rule``, ``message``); nothing was written."""
+
+    code = "schema_violation"
+
+
 class PreconditionFailed(ProxyError):
     status = 412
     code = "precondition_failed"

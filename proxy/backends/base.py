@@ -17,6 +17,7 @@ from proxy.query.spec import (
     FindSpec,
     ItemResult,
     Page,
+    Preview,
     StoredReply,
     WriteResult,
 )
@@ -78,6 +79,20 @@ class Documents(Protocol):
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 
     async def count(self, collection: str, flt: Filter) -> int: ...
+
+    async def preview(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        row_filter: Filter | None = None,
+    ) -> Preview | None:
+        """What ``change`` would make of the document, computed by the database (the same
+        expressions ``change`` writes with) and written nowhere; None when there is no such
+        document within ``row_filter`` and ``upsert`` is False."""
+        ...
 
 
 class TxKind(enum.Enum):
@@ -163,6 +178,7 @@ class Capabilities:
     audit_log: bool = False  # ``audit_log``: the writes' audit trail
     endpoints: bool = False  # ``connections`` lists pools, roles and breakers
     coalesce: bool = False  # concurrent point reads share one statement
+    schemas: bool = False  # ``load_schemas``, ``describe_collection``, ``migrations``
 
 
 class Backend(Documents, Protocol):
@@ -185,6 +201,16 @@ class Backend(Documents, Protocol):
     async def maintain(self) -> None: ...
 
     def connections(self) -> dict[str, Any]: ...
+
+    async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Every declared collection schema: collection → (version, its JSON form)."""
+        ...
+
+    async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
+        """One collection as the database has it: ``exists``, ``indexes`` (name, fields,
+        unique, valid, size_bytes), ``estimated_count``, ``size_bytes``, and up to
+        ``sample`` stored documents (``sample``, decoded) for type inference."""
+        ...
 
     async def describe_collections(self) -> dict[str, Any]: ...
 

@@ -432,3 +432,20 @@ HELPER_FUNCTIONS = (
     .replace("{int64_max}", str(INT64_MAX))
     .replace("{double_max}", str(DOUBLE_MAX_EXACT))
 )
+
+
+# ---- declared paths (a collection schema's scalar fields) ------------------------------
+
+
+def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
+    """The expression of a declared scalar path of ``kind`` (``number``, ``string``,
+    ``boolean``): the one expression both an index on the path and a query that may use it
+    are written with, so the planner matches them. Never fails on any stored value.
+    The segments are declared names (``proxy.schema.model.SEGMENT_RE``), never request text.
+    Strings are text in byte order (missing and null are SQL NULL); numbers and booleans
+    stay jsonb (missing is JSON null), whose order within one kind is MongoDB's."""
+    keys = [f"'{seg}'" for seg in path]
+    if kind == "string":
+        head = "".join(f" -> {k}" for k in keys[:-1])
+        return f'(({doc}{head} ->> {keys[-1]}) COLLATE "C")'
+    return f"COALESCE({doc}{''.join(f' -> {k}' for k in keys)}, 'null'::jsonb)"

@@ -27,6 +27,17 @@ class FindSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Preview:
+    """What a change would make of a stored document, computed by the database without
+    writing: the stored document (None for an upsert's insert), the result, and the
+    version it was computed from (a write with that If-Match applies exactly this)."""
+
+    old: dict[str, Any] | None
+    new: dict[str, Any]
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class WriteResult:
     """A stored document as JSON text (ready to send), its version, and whether it is new."""
 

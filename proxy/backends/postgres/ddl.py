@@ -13,6 +13,7 @@ from proxy.backends.postgres.sql import (
     IDEMPOTENCY_DDL,
     INDEX_DDL,
     KEEP_FUNCTION,
+    SCHEMAS_DDL,
     TABLE_DDL,
 )
 from proxy.query.pg import HELPER_FUNCTIONS
@@ -27,6 +28,7 @@ async def create_schema(conn: asyncpg.Connection, schema: str) -> None:
     await conn.execute(KEEP_FUNCTION.format(schema=schema))
     await conn.execute(AUDIT_DDL.format(schema=schema))
     await conn.execute(IDEMPOTENCY_DDL.format(schema=schema))
+    await conn.execute(SCHEMAS_DDL.format(schema=schema))
 
 
 async def create_table(conn: asyncpg.Connection, table: str, collection: str, wait: float) -> None:

@@ -50,6 +50,15 @@ IDEMPOTENCY_DDL = (
     "key text PRIMARY KEY, fingerprint text NOT NULL, status int, "
     "headers jsonb, body bytea, expires_at timestamptz NOT NULL)"
 )
+# The declared schemas (written only by migrations, read by every sidecar at start and on
+# NOTIFY dbproxy_schemas); ``version`` grows on every change of a collection's schema.
+SCHEMAS_DDL = (
+    "CREATE TABLE IF NOT EXISTS {schema}._schemas ("
+    'collection text COLLATE "C" PRIMARY KEY, schema jsonb NOT NULL, '
+    "version bigint NOT NULL DEFAULT 1, updated_at timestamptz NOT NULL DEFAULT now())"
+)
+SCHEMAS_CHANNEL = "dbproxy_schemas"
+LOAD_SCHEMAS = "SELECT collection, schema::text, version FROM {schema}._schemas"
 TABLE_DDL = (
     "CREATE TABLE IF NOT EXISTS {table} ("
     '_id text COLLATE "C" PRIMARY KEY, doc jsonb NOT NULL, '

@@ -21,6 +21,13 @@ _AUDIT_DDL = (
     "outcome TEXT NOT NULL DEFAULT 'committed')",
     "CREATE INDEX IF NOT EXISTS _audit_at ON _audit (at)",
 )
+# The declared schemas (written only by migrations); ``version`` grows on every change.
+SCHEMAS_DDL = (
+    "CREATE TABLE IF NOT EXISTS _schemas (collection TEXT PRIMARY KEY NOT NULL, "
+    "schema TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 1, "
+    f"updated_at TEXT NOT NULL DEFAULT ({NOW}))"
+)
+LOAD_SCHEMAS = "SELECT collection, schema, version FROM _schemas"
 AUDIT_INSERT = (
     "INSERT INTO _audit (at, service, operation, collection, ids, request_id) "
     "VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
@@ -83,5 +90,6 @@ def create_table(conn: sqlite3.Connection, collection: str) -> None:
 
 def create_housekeeping_tables(conn: sqlite3.Connection) -> None:
     conn.execute(_IDEMPOTENCY_DDL)
+    conn.execute(SCHEMAS_DDL)
     for ddl in _AUDIT_DDL:
         conn.execute(ddl)

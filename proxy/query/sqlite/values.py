@@ -162,3 +162,11 @@ def locate(segments: Sequence[str], doc: str, params: Params, names: Names) -> V
         return (f"json_type({doc}, {path})", f"json_extract({doc}, {path})")
     j = navigate(segments, doc, params, names)
     return (f"json_type({j})", f"json_extract({j}, '$')")
+
+
+def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
+    """The expression of a declared scalar path (``proxy.query.pg.declared_expr``'s twin):
+    what an index on the path and a query that may use it are both written with. The
+    segments are declared names (``proxy.schema.model.SEGMENT_RE``), never request text."""
+    del kind  # json_extract gives each scalar kind its SQL value (strings in byte order)
+    return f"json_extract({doc}, '{key_path(path)}')"

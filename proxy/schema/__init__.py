@@ -1,0 +1,1 @@
+"""Collection schemas: the model (pure) and its compiled validator."""
