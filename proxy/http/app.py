@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.cache import TwoLevelCache
 from proxy.config import Config
+from proxy.errors import ProxyError
 from proxy.http import monitor
 from proxy.http.documents import (
     count_documents,
@@ -24,8 +25,10 @@ from proxy.http.documents import (
 )
 from proxy.http.keys import CONFIG, CORE, OPERATIONS
 from proxy.http.middleware import Handler, envelope, identity, json_response, observed_identity
+from proxy.http.schema import describe_schema
 from proxy.http.transactions import transaction
 from proxy.pipeline.core import Core
+from proxy.pipeline.schemas import SCHEMA_POLL_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ BY_ID = Route("GET", "/api/db/{collection}/{id}", get_one, "get")  # also the fa
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/db/health", health, None),
     Route("POST", "/api/db/transaction", transaction, "transaction"),
+    Route("GET", "/api/db/schema/{collection}", describe_schema, "schema"),
     Route("GET", "/api/db/{collection}/count", count_documents, "count"),
     BY_ID,
     Route("PUT", "/api/db/{collection}/{id}", put_one, "update"),
@@ -126,6 +130,10 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
         for backend in core.backends.values():
             await backend.start()
             started.append(backend)
+        try:
+            await core.refresh_schemas()
+        except ProxyError as err:  # a database still down: loaded on its first write
+            log.warning("schemas not loaded yet: %s", err.message)
         yield
     finally:
         for backend in started:
@@ -138,10 +146,11 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     core = app[CORE]
     reaper = asyncio.create_task(core.transactions.run_reaper())
     upkeep = asyncio.create_task(_every(60.0, core.maintain))
+    schemas = asyncio.create_task(_every(SCHEMA_POLL_SECONDS, core.poll_schemas))
     try:
         yield
     finally:
-        for task in (reaper, upkeep):
+        for task in (reaper, upkeep, schemas):
             task.cancel()
         await asyncio.gather(reaper, upkeep, return_exceptions=True)
         await core.transactions.close_all()

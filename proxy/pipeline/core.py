@@ -17,6 +17,7 @@ from proxy.pipeline.atomic import AtomicOps
 from proxy.pipeline.batch import BatchTarget
 from proxy.pipeline.documents import DocumentOps
 from proxy.pipeline.gate import Gatekeeper
+from proxy.pipeline.schemas import SchemaOps, SchemaRegistry
 from proxy.pipeline.transactions import TransactionRegistry
 
 PlanNote = Callable[[bool, str], None]
@@ -24,7 +25,7 @@ PlanNote = Callable[[bool, str], None]
 log = logging.getLogger(__name__)
 
 
-class Core(DocumentOps, AtomicOps):
+class Core(DocumentOps, AtomicOps, SchemaOps):
     """Runs document operations against the configured backends. Every collaborator comes
     in through the constructor (``proxy.wiring`` builds them); defaults make a bare core."""
 
@@ -37,6 +38,7 @@ class Core(DocumentOps, AtomicOps):
         *,
         cache: TwoLevelCache | None = None,
         fills: Fills | None = None,
+        schemas: SchemaRegistry | None = None,
     ) -> None:
         self.config = config
         self.limits = config.limits
@@ -44,6 +46,7 @@ class Core(DocumentOps, AtomicOps):
         self.backends = dict(backends)
         self.default = default
         self.reads = ReadThrough(cache, config.cache, default, fills)
+        self.schemas = schemas or SchemaRegistry()
         lim = config.limits
         self.transactions = TransactionRegistry(
             idle_timeout=lim.transaction_idle_timeout_seconds,
@@ -79,6 +82,20 @@ class Core(DocumentOps, AtomicOps):
     async def settle(self) -> None:
         """Wait until the background work started so far (cache fills, EXPLAINs) is over."""
         await self.reads.settle()
+
+    async def refresh_schemas(self, backend: str | None = None) -> None:
+        """Load the declared schemas again (of one backend, or of all)."""
+        for each in self.backends.values():
+            if backend is None or each.name == backend:
+                await self.schemas.refresh(each)
+
+    async def poll_schemas(self) -> None:
+        """The periodic reload: a database that does not answer keeps what was loaded."""
+        for each in self.backends.values():
+            try:
+                await self.schemas.refresh(each)
+            except ProxyError as err:
+                log.debug("schemas of %s not reloaded: %s", each.name, err.code)
 
     async def maintain(self) -> None:
         for backend in self.backends.values():

@@ -16,6 +16,7 @@ _INDEXES = (
     "JOIN pg_class i ON i.oid = ix.indexrelid WHERE ix.indrelid = $1::regclass "
     "ORDER BY i.relname"
 )
+_EXACT_BELOW = 10_000  # rows under which the count is exact rather than the planner's estimate
 _ESTIMATE = (
     "SELECT greatest(c.reltuples::bigint, coalesce(s.n_live_tup, 0)), "
     "pg_total_relation_size(c.oid) FROM pg_class c "
@@ -49,12 +50,14 @@ async def describe_collection(
         if not r[5]  # the primary key (_id) is not a declared index
     ]
     estimate, size = await conn.fetchrow(_ESTIMATE, table, timeout=wait)
+    if estimate < _EXACT_BELOW:  # statistics lag behind a small table: count it (bounded)
+        estimate = await conn.fetchval(
+            f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT {_EXACT_BELOW}) s", timeout=wait
+        )
     docs = []
     if sample > 0:
         rows = await conn.fetch(f"SELECT doc::text FROM {table} LIMIT $1", sample, timeout=wait)
         docs = [numbers.loads_stored(r[0]) for r in rows]
-    if estimate < len(docs):  # never analysed, or a small table: what the sample saw
-        estimate = len(docs)
     return {
         "exists": True,
         "indexes": indexes,
