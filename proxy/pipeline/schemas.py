@@ -19,7 +19,7 @@ from proxy.policy.decide import Decision
 from proxy.query.ast import MATCH_ALL, Filter
 from proxy.query.spec import Change, FindSpec, Replace
 from proxy.schema.infer import infer_fields
-from proxy.schema.model import MISSING, CollectionSchema, parse_schema
+from proxy.schema.model import MISSING, CollectionSchema, IndexSpec, parse_schema
 from proxy.schema.model import physical_index_name as index_name
 from proxy.schema.validate import SchemaValidator, compile_schema, violation
 
@@ -251,21 +251,21 @@ class SchemaOps:
 def _indexes(active: ActiveSchema | None, found: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The indexes as they exist, each with its declared name and fields where a declared
     index (or a unique constraint's) built it."""
-    declared = {}
+    declared: dict[str, IndexSpec] = {}
     if active is not None:
         for ix in active.schema.all_indexes():
             declared[index_name(active.schema.name, ix.name)] = ix
     out = []
     for row in found:
-        ix = declared.get(row["physical_name"])
+        spec = declared.get(row["physical_name"])
         out.append(
             {
-                "name": ix.name if ix is not None else row["physical_name"],
-                "fields": [k.text for k in ix.keys] if ix is not None else None,
+                "name": spec.name if spec is not None else row["physical_name"],
+                "fields": [k.text for k in spec.keys] if spec is not None else None,
                 "unique": row["unique"],
                 "valid": row["valid"],
                 "size_bytes": row["size_bytes"],
-                "declared": ix is not None,
+                "declared": spec is not None,
             }
         )
     return out
