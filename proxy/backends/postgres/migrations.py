@@ -3,6 +3,7 @@ DDL on the query compiler's expressions, and a migration's transactions."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -51,7 +52,8 @@ def key_expr(path: tuple[str, ...], kind: str | None, doc: str = "doc") -> str:
     jsonb at the path (missing as JSON null, so missing and null are one value)."""
     if kind is not None:
         return declared_expr(path, kind, doc)
-    return f"COALESCE({doc}{''.join(f" -> '{seg}'" for seg in path)}, 'null'::jsonb)"
+    steps = "".join(f" -> '{seg}'" for seg in path)
+    return f"COALESCE({doc}{steps}, 'null'::jsonb)"
 
 
 def index_ddl(
@@ -121,7 +123,9 @@ class PgMigrations:
                 raise translate(exc) from None
 
     async def record(self, mig_id: str) -> dict[str, Any] | None:
-        rows = await self._fetch("SELECT record::text FROM {schema}._migrations WHERE id = $1", mig_id)
+        rows = await self._fetch(
+            "SELECT record::text FROM {schema}._migrations WHERE id = $1", mig_id
+        )
         return orjson.loads(rows[0][0]) if rows else None
 
     async def records(self) -> list[dict[str, Any]]:
@@ -157,17 +161,21 @@ class PgMigrations:
             raise translate(exc) from None
         try:
             if lock:
-                import asyncio
-
-                while not await conn.fetchval(
-                    "SELECT pg_try_advisory_lock($1, hashtext($2) & 2147483647)",
-                    LOCK_CLASS,
-                    self.schema,
-                ):
-                    await asyncio.sleep(0.1)
+                await _take_lock(conn, self.schema)
             yield PgSession(self, conn)
         finally:
             await conn.close()  # frees the session lock
+
+
+async def _take_lock(conn: asyncpg.Connection, schema: str) -> None:
+    """The session advisory lock of ``schema``'s migrations, polled (so a cancelled wait
+    leaves nothing queued on the server)."""
+    while True:
+        if await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2) & 2147483647)", LOCK_CLASS, schema
+        ):
+            return
+        await asyncio.sleep(0.1)
 
 
 def _partial(index: IndexSpec) -> Filter:
@@ -196,7 +204,7 @@ class PgSession:
             raise
         except asyncpg.UniqueViolationError as exc:
             raise _duplicate(exc, "?") from None
-        except Exception as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             raise translate(exc) from None
 
     async def count(self, collection: str, flt: Filter | None) -> int:
@@ -254,7 +262,9 @@ class PgSession:
         )
 
     async def _drop_concurrently(self, physical: str) -> None:
-        await self.conn.execute(f'DROP INDEX CONCURRENTLY IF EXISTS {self.store.ident}."{physical}"')
+        await self.conn.execute(
+            f'DROP INDEX CONCURRENTLY IF EXISTS {self.store.ident}."{physical}"'
+        )
 
 
 async def _save(conn: asyncpg.Connection, ident: str, record: dict[str, Any]) -> None:
@@ -332,6 +342,12 @@ class PgTx:
                 "SELECT to_regclass($1) IS NOT NULL", self.store.table(collection)
             )
         )
+
+    async def needs_online(self, collection: str) -> bool:
+        if not await self.table_exists(collection):
+            return False
+        table = self.store.table(collection)
+        return bool(await self.conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"))
 
     async def create_collection(self, collection: str) -> None:
         import hashlib

@@ -19,6 +19,7 @@ from proxy.backends.sqlite.connection import ConnState, Job, T, connect
 from proxy.backends.sqlite.ddl import create_housekeeping_tables, create_table, make_parent_dir
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.backends.sqlite.migrations import SqliteMigrations
 from proxy.backends.sqlite.transaction import SqliteTransaction
 from proxy.backends.sqlite.writer import WriterThread
 from proxy.config import DatabaseConfig, Limits
@@ -55,7 +56,7 @@ def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
 class SqliteBackend(Unsupported, SqliteDocuments):
     """Documents in ``"c_<collection>"``: _id TEXT PK, doc TEXT (JSON), _version, timestamps."""
 
-    capabilities = Capabilities(audit_log=True)
+    capabilities = Capabilities(audit_log=True, schemas=True)
 
     def __init__(
         self,
@@ -196,6 +197,10 @@ class SqliteBackend(Unsupported, SqliteDocuments):
             record["ids"] = orjson.loads(record["ids"])
             out.append(record)
         return out
+
+    def migrations(self) -> SqliteMigrations:
+        """This store's migration side (records, lock, DDL) for proxy.migrate's runner."""
+        return SqliteMigrations(self)
 
     # -- running work ------------------------------------------------------------------
 

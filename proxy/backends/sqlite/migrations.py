@@ -126,7 +126,10 @@ class SqliteMigrations:
         return orjson.loads(rows[0][0]) if rows else None
 
     async def records(self) -> list[dict[str, Any]]:
-        return [orjson.loads(r[0]) for r in await self._rows("SELECT record FROM _migrations ORDER BY id")]
+        return [
+            orjson.loads(r[0])
+            for r in await self._rows("SELECT record FROM _migrations ORDER BY id")
+        ]
 
     async def lock_holder(self) -> str | None:
         return await asyncio.to_thread(self._holder)
@@ -302,6 +305,9 @@ class SqliteTx:
             return conn.execute(sql, (name,)).fetchone() is not None
 
         return await self.call(run)
+
+    async def needs_online(self, collection: str) -> bool:
+        return False  # SQLite builds every index inside a transaction
 
     async def create_collection(self, collection: str) -> None:
         await self.call(lambda conn: create_table(conn, collection))
