@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -264,14 +265,14 @@ class MigrationRunner:
         store = self.stores[database]
 
         def call(revision: str, dry_run: bool) -> Any:
-            try:
-                from proxy.migrate.alembic_op import alembic_upgrade
+            try:  # helper module of the optional extra dbproxy[alembic]
+                module = importlib.import_module("proxy.migrate.alembic_op")
             except ImportError:
                 raise BadRequest(
                     "Alembic is not installed (pip install 'dbproxy[alembic]')",
                     code="alembic_unavailable",
                 ) from None
-            return alembic_upgrade(store.dsn, directory, revision, dry_run=dry_run)
+            return module.alembic_upgrade(store.dsn, directory, revision, dry_run=dry_run)
 
         return call
 
@@ -477,8 +478,12 @@ class MigrationRunner:
                 return
 
     async def close(self) -> None:
-        """Wait for the migrations running in the background (at shutdown)."""
+        """Stop the migrations running in the background (at shutdown): each open
+        transaction rolls back and its record shows ``interrupted``, resumed when
+        re-submitted."""
         tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
