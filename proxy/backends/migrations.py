@@ -134,6 +134,10 @@ class MigrationStore(Protocol):
 
     async def record(self, mig_id: str) -> dict[str, Any] | None: ...
 
+    async def create(self, record: dict[str, Any]) -> None:
+        """Insert a (pending) record unless one with its id exists."""
+        ...
+
     async def records(self) -> list[dict[str, Any]]: ...
 
     def index_sql(

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 import os
 import socket
 import time
@@ -180,12 +181,14 @@ class MigrationRunner:
             return Outcome(200, await self._plan(store, database, m, existing))
         key = (database, m.id)
         task = self._running.get(key)
+        if existing is None:
+            await store.create(new_record(m, database))  # pending: GET sees it at once
         if task is None:
             task = asyncio.create_task(self._run(store, database, m, progress))
             self._running[key] = task
             task.add_done_callback(lambda _t: self._running.pop(key, None))
         limit = self.foreground_seconds if wait is None else wait
-        done, _ = await asyncio.wait({task}, timeout=limit)
+        done, _ = await asyncio.wait({task}, timeout=None if math.isinf(limit) else limit)
         if not done:
             record = await store.record(m.id) or new_record(m, database)
             return Outcome(202, self._shown(record, self.name))

@@ -37,6 +37,10 @@ _SAVE: Final = (
     "version = excluded.version, status = excluded.status, checksum = excluded.checksum, "
     "record = excluded.record, updated_at = now()"
 )
+_INSERT: Final = (
+    "INSERT INTO {schema}._migrations (id, version, status, checksum, record) "
+    "VALUES ($1, $2, $3, $4, $5::jsonb) ON CONFLICT (id) DO NOTHING"
+)
 _HOLDER: Final = (
     "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
     "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = $1::oid "
@@ -127,6 +131,13 @@ class PgMigrations:
             "SELECT record::text FROM {schema}._migrations WHERE id = $1", mig_id
         )
         return orjson.loads(rows[0][0]) if rows else None
+
+    async def create(self, record: dict[str, Any]) -> None:
+        async with self.backend._conn() as conn:
+            try:
+                await conn.execute(_INSERT.format(schema=self.ident), *_record_args(record))
+            except Exception as exc:
+                raise translate(exc) from None
 
     async def records(self) -> list[dict[str, Any]]:
         rows = await self._fetch("SELECT record::text FROM {schema}._migrations ORDER BY id")
@@ -267,15 +278,18 @@ class PgSession:
         )
 
 
-async def _save(conn: asyncpg.Connection, ident: str, record: dict[str, Any]) -> None:
-    await conn.execute(
-        _SAVE.format(schema=ident),
+def _record_args(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (
         record["id"],
         record.get("version", 0),
         record["status"],
         record["checksum"],
         orjson.dumps(record).decode(),
     )
+
+
+async def _save(conn: asyncpg.Connection, ident: str, record: dict[str, Any]) -> None:
+    await conn.execute(_SAVE.format(schema=ident), *_record_args(record))
 
 
 async def _predicate(conn: asyncpg.Connection, index: IndexSpec) -> str | None:

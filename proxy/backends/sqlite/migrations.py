@@ -125,6 +125,11 @@ class SqliteMigrations:
         rows = await self._rows("SELECT record FROM _migrations WHERE id = ?1", (mig_id,))
         return orjson.loads(rows[0][0]) if rows else None
 
+    async def create(self, record: dict[str, Any]) -> None:
+        args = _record_args(record)
+        sql = _SAVE.split(" ON CONFLICT")[0] + " ON CONFLICT (id) DO NOTHING"
+        await self.backend._write(None, lambda conn: conn.execute(sql, args))
+
     async def records(self) -> list[dict[str, Any]]:
         return [
             orjson.loads(r[0])
@@ -400,11 +405,15 @@ class SqliteTx:
         return await self.call(run)
 
     async def save(self, record: dict[str, Any]) -> None:
-        args = (
-            record["id"],
-            record.get("version", 0),
-            record["status"],
-            record["checksum"],
-            orjson.dumps(record).decode(),
-        )
+        args = _record_args(record)
         await self.call(lambda conn: conn.execute(_SAVE, args))
+
+
+def _record_args(record: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        record["id"],
+        record.get("version", 0),
+        record["status"],
+        record["checksum"],
+        orjson.dumps(record).decode(),
+    )
