@@ -466,8 +466,6 @@ async def main():
         backend = SqliteBackend(cfg, Limits(), path=dsn.split("://", 1)[1])
     await backend.start()
     runner = MigrationRunner({"main": backend.migrations()}, "main", name="slow:1")
-    async def slow(record):
-        await asyncio.sleep(0)
     def progress(record):
         import time
         time.sleep(0.05)
@@ -506,8 +504,8 @@ async def test_concurrent_index_on_postgres(pg_dsn: str, tmp_path: Path) -> None
         assert err.value.details == {"index": "by_ref"}
         async with backend._conn() as conn:  # type: ignore[attr-defined]
             names = await conn.fetch(
-                "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+                "SELECT c.relname, i.indisvalid FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
                 backend.schema,  # type: ignore[attr-defined]
             )
         names = {r[0]: r[1] for r in names}

@@ -223,7 +223,8 @@ class PgSession:
         where = FilterCompiler(params).where(flt, "t.doc") if flt is not None else "true"
         sql = f"SELECT count(*) FROM {self.store.table(collection)} t WHERE {where}"
         try:
-            return int(await self.conn.fetchval(sql, *params.values))
+            async with self.conn.transaction():  # a savepoint inside a plan's transaction
+                return int(await self.conn.fetchval(sql, *params.values))
         except asyncpg.UndefinedTableError:
             return 0
         except Exception as exc:
@@ -412,12 +413,13 @@ class PgTx:
         self, collection: str, after: str, size: int
     ) -> list[tuple[str, dict[str, Any]]]:
         try:
-            rows = await self.conn.fetch(
-                f"SELECT _id, doc::text FROM {self.store.table(collection)} "
-                "WHERE _id > $1 ORDER BY _id LIMIT $2",
-                after,
-                size,
-            )
+            async with self.conn.transaction():  # a savepoint: a missing table is no error
+                rows = await self.conn.fetch(
+                    f"SELECT _id, doc::text FROM {self.store.table(collection)} "
+                    "WHERE _id > $1 ORDER BY _id LIMIT $2",
+                    after,
+                    size,
+                )
         except asyncpg.UndefinedTableError:
             return []
         return [(r[0], orjson.loads(r[1])) for r in rows]
