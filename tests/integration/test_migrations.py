@@ -505,7 +505,8 @@ async def test_concurrent_index_on_postgres(pg_dsn: str, tmp_path: Path) -> None
         async with backend._conn() as conn:  # type: ignore[attr-defined]
             names = await conn.fetch(
                 "SELECT c.relname, i.indisvalid FROM pg_index i "
-                "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
+                "JOIN pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1",
                 backend.schema,  # type: ignore[attr-defined]
             )
         names = {r[0]: r[1] for r in names}
