@@ -222,7 +222,11 @@ def _parse_database(
     )
     write_concern = _write_concern(raw, path, problems)
     replicas = _parse_replicas(raw.get("replicas"), f"{path}.replicas", problems)
-    alembic_directory = read_str(raw, "alembic_directory", path, None, problems)
+    alembic_directory = (
+        read_str(raw, "alembic_directory", path, None, problems)
+        if "alembic_directory" in raw
+        else None
+    )
     if name is None or db_type is None or dsn is None or read_preference is None:
         return name, None
     return name, DatabaseConfig(
