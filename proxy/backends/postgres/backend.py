@@ -14,6 +14,7 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind
+from proxy.backends.postgres import describe
 from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
@@ -240,6 +241,23 @@ class PostgresBackend(CoalescingDocuments):
             "read_preference": self.config.read_preference,
             "endpoints": endpoints,
         }
+
+    async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Every declared schema, from the primary (what migrations last committed)."""
+        async with self._conn(self._wait()) as conn:
+            try:
+                return await describe.load_schemas(conn, self._schema_ident, self._wait())
+            except Exception as exc:
+                raise translate(exc) from None
+
+    async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
+        async with self._conn(self._wait()) as conn:
+            try:
+                return await describe.describe_collection(
+                    conn, self._table(collection), sample, self._wait()
+                )
+            except Exception as exc:
+                raise translate(exc) from None
 
     async def describe_collections(self) -> dict[str, Any]:
         """Row estimates, table/index sizes and dead tuples of every collection table."""

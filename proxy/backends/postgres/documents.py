@@ -34,6 +34,7 @@ from proxy.query.spec import (
     MergePatch,
     Modify,
     Page,
+    Preview,
     Replace,
     WriteResult,
 )
@@ -222,6 +223,57 @@ class PgDocuments:
             await self._explain_miss(collection, doc_id, if_match, row_filter)
         row = rows[0]
         return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    async def preview(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        row_filter: Filter | None = None,
+    ) -> Preview | None:
+        """The stored document and what ``change`` makes of it, in one statement over the
+        expressions ``change`` writes with, on the primary (the version it returns is what
+        a following If-Match write must find). With ``upsert`` and no document, what the
+        insert would store."""
+        table = self._table(collection)
+        params = Params([doc_id])
+        new_doc = self._new_doc_sql(change, params, "t.doc")
+        conds = self._conditions(params, None, row_filter)
+        sql = (
+            f"SELECT t.doc::text, ({new_doc})::text, t._version FROM {table} t "
+            f"WHERE t._id = $1{' AND ' + conds if conds else ''}"
+        )
+        first = ""
+        if upsert:
+            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            sql += (
+                f" UNION ALL SELECT NULL, ({first})::text, NULL "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE _id = $1)"
+            )
+        primary = context.current.set(
+            dataclasses.replace(context.current.get(), read_preference="primary", min_lsn=None)
+        )
+        try:
+            rows = await self._read(collection, sql, *params.values)
+            if rows is None and upsert:  # no table yet: the document the insert would make
+                alone = Params([doc_id])
+                first = self._new_doc_sql(change, alone, "jsonb_build_object('_id', $1::text)")
+                rows = await self._read(
+                    collection, f"SELECT NULL, ({first})::text, NULL", *alone.values
+                )
+        finally:
+            context.current.reset(primary)
+        if not rows:
+            return None
+        old, new, version = rows[0]
+        loads = numbers.loads_stored
+        return Preview(
+            loads(old) if old is not None else None,
+            loads(new),
+            int(version) if version is not None else None,
+        )
 
     @staticmethod
     def _conditions(params: Params, if_match: int | None, row_filter: Filter | None) -> str:

@@ -15,8 +15,14 @@ from typing import Any
 import orjson
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
+from proxy.backends.sqlite import describe
 from proxy.backends.sqlite.connection import ConnState, Job, T, connect
-from proxy.backends.sqlite.ddl import create_housekeeping_tables, create_table, make_parent_dir
+from proxy.backends.sqlite.ddl import (
+    create_housekeeping_tables,
+    create_table,
+    make_parent_dir,
+    table_name,
+)
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
 from proxy.backends.sqlite.migrations import SqliteMigrations
@@ -201,6 +207,13 @@ class SqliteBackend(Unsupported, SqliteDocuments):
     def migrations(self) -> SqliteMigrations:
         """This store's migration side (records, lock, DDL) for proxy.migrate's runner."""
         return SqliteMigrations(self)
+
+    async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read(describe.load_schemas)
+
+    async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
+        table = table_name(collection)
+        return await self._read(lambda conn: describe.describe_collection(conn, table, sample))
 
     # -- running work ------------------------------------------------------------------
 

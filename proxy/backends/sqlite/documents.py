@@ -26,6 +26,7 @@ from proxy.query.spec import (
     MergePatch,
     Modify,
     Page,
+    Preview,
     Replace,
     WriteResult,
 )
@@ -229,6 +230,56 @@ class SqliteDocuments:
         return await self._write(
             collection, self._audited(run, operation, collection, lambda _: [doc_id])
         )
+
+    async def preview(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        row_filter: Filter | None = None,
+    ) -> Preview | None:
+        """The stored document and what ``change`` makes of it, computed by one SELECT over
+        the expressions ``change`` writes with; with ``upsert`` and no document, what the
+        insert would store."""
+        table = table_name(collection)
+        params = Params([doc_id])
+        names = Names()
+        new_doc = self._new_doc_sql(change, params, names, doc_id, "t.doc")
+        conds = self._conditions(params, names, None, row_filter)
+        sql = (
+            f"SELECT CAST(t.doc AS BLOB), CAST({new_doc} AS BLOB), t._version FROM {table} t "
+            f"WHERE t._id = ?1{' AND ' + conds if conds else ''}"
+        )
+        values = params.values
+        first_sql, first_values = "", []
+        if upsert:
+            alone = Params([doc_id])
+            first = self._new_doc_sql(change, alone, Names(), doc_id, "json_object('_id', ?1)")
+            first_sql, first_values = f"SELECT CAST({first} AS BLOB)", alone.values
+
+        def run(conn: sqlite3.Connection) -> Preview | None:
+            try:
+                row = conn.execute(sql, values).fetchone()
+            except sqlite3.OperationalError as exc:
+                if not no_table(exc):
+                    raise
+                row = None
+                exists = False
+            else:
+                exists = row is not None or bool(
+                    conn.execute(f"SELECT 1 FROM {table} WHERE _id = ?1", (doc_id,)).fetchone()
+                )
+            if row is not None:
+                loads = numbers.loads_stored
+                return Preview(loads(row[0]), loads(row[1]), int(row[2]))
+            if not upsert or exists:
+                return None
+            made = conn.execute(first_sql, first_values).fetchone()
+            return Preview(None, numbers.loads_stored(made[0]), None)
+
+        return await self._read(run)
 
     @staticmethod
     def _conditions(
