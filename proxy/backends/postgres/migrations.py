@@ -106,7 +106,9 @@ class PgMigrations:
     async def prepare(self) -> None:
         async with self.backend._conn() as conn:
             try:
-                await conn.execute(MIGRATIONS_DDL.format(schema=self.ident))
+                async with conn.transaction():  # concurrent CREATE TABLEs would collide
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
+                    await conn.execute(MIGRATIONS_DDL.format(schema=self.ident))
             except Exception as exc:
                 raise translate(exc) from None
 
