@@ -14,7 +14,9 @@ import pytest
 
 from proxy.backends.base import Backend
 from proxy.config import Limits
-from proxy.errors import NotFound, PreconditionFailed, SchemaViolation
+from proxy.errors import DuplicateKey, NotFound, PreconditionFailed, SchemaViolation
+from proxy.migrate.ops import parse_migration
+from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
 from proxy.query.spec import ItemResult, WriteResult
 from tests.backends import KINDS, open_core
@@ -291,3 +293,50 @@ async def test_describe_schema_shows_declared_and_inferred(core: Core) -> None:
     assert not free["declared"] and free["schema"] is None
     names = {f["name"]: f for f in free["inferred"]["fields"]}
     assert set(names["a"]["type"]) == {"integer", "string"} and names["b.c"]["inferred"]
+
+
+# ---- unique indexes built by a migration -----------------------------------------------------
+
+
+async def test_a_taken_unique_key_refuses_only_its_own_document(core: Core) -> None:
+    runner = MigrationRunner(
+        {"main": core.backend().migrations()},
+        "main",
+        schemas_changed=lambda _: core.refresh_schemas(),
+    )
+    index = {"name": "by_email", "fields": ["email"], "unique": True}
+    out = await runner.submit(
+        parse_migration(
+            {
+                "id": "u1",
+                "version": 1,
+                "script": {
+                    "operations": [{"op": "create_index", "collection": "users", "index": index}]
+                },
+            }
+        ),
+        wait=30.0,
+    )
+    assert out.status == 201, out.body
+    await core.create("users", {"_id": "x1", "email": "same@x"})
+    results = await core.create(
+        "users",
+        [
+            {"_id": "x2", "email": "other@x"},
+            {"_id": "x3", "email": "same@x"},
+            {"_id": "x4", "email": "4@x"},
+        ],
+    )
+    assert isinstance(results, list)
+    assert [r.status for r in results] == [201, 409, 201]
+    assert results[1].error is not None and results[1].error["code"] == "duplicate_key"
+    assert results[1].error["details"]["index"] == "by_email"
+    # concurrent single creates (coalesced into one statement on PostgreSQL): only the
+    # one holding the taken key is refused
+    outcomes = await asyncio.gather(
+        *(core.create("users", {"_id": f"c{i}", "email": f"c{i}@x"}) for i in range(5)),
+        core.create("users", {"_id": "c-dup", "email": "same@x"}),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, WriteResult) for o in outcomes[:5]), outcomes
+    assert isinstance(outcomes[5], DuplicateKey) and outcomes[5].details["index"] == "by_email"

@@ -14,7 +14,14 @@ from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.sql import insert_documents, with_audit
 from proxy.config import Limits
-from proxy.errors import DuplicateId, InvalidQuery, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import (
+    DuplicateId,
+    DuplicateKey,
+    InvalidQuery,
+    NotFound,
+    PreconditionFailed,
+    ProxyError,
+)
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
@@ -51,6 +58,8 @@ class PgDocuments:
     """The document operations, written once over two primitives: ``_write`` (creates the
     table on first use) and ``_read`` (None when the table does not exist). The pooled
     backend and a pinned transaction provide them differently."""
+
+    failure_aborts = False  # a failed statement ends everything after it (a transaction)
 
     def __init__(
         self,
@@ -153,7 +162,14 @@ class PgDocuments:
             sql = insert_documents(self._table(collection), rows_sql)
             params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
             sql = self._audited(sql, params, "create", collection)
-            rows = await self._write(collection, sql, *params.values)
+            try:
+                rows = await self._write(collection, sql, *params.values)
+            except DuplicateKey:
+                if len(pairs) == 1 or self.failure_aborts:
+                    raise
+                # a taken unique key fails the whole statement: each document alone, so
+                # only the one holding it is refused
+                return await self._insert_each(collection, prepared)
             inserted = {r[0] for r in rows}
         out: list[ItemResult] = []
         for p in prepared:
@@ -170,6 +186,26 @@ class PgDocuments:
                         error=DuplicateId("a document with this _id already exists").to_dict(),
                     )
                 )
+        return out
+
+    async def _insert_each(
+        self, collection: str, prepared: list[tuple[str, str] | ItemResult]
+    ) -> list[ItemResult]:
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+                continue
+            try:
+                if await self._insert_row(collection, p[0], p[1]):
+                    out.append(ItemResult(201, p[0], 1))
+                else:
+                    err = DuplicateId("a document with this _id already exists")
+                    out.append(ItemResult(409, p[0], error=err.to_dict()))
+            except ProxyError as err:
+                if err.status >= 500:
+                    raise
+                out.append(ItemResult(err.status, p[0], error=err.to_dict()))
         return out
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:

@@ -13,9 +13,9 @@ import orjson
 from proxy import context, numbers
 from proxy.backends.sqlite.connection import FN_KEEP, Job, T, keep_text
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, table_name
-from proxy.backends.sqlite.errors import no_table
+from proxy.backends.sqlite.errors import no_table, translate
 from proxy.config import Limits
-from proxy.errors import DuplicateId, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import DuplicateId, DuplicateKey, NotFound, PreconditionFailed, ProxyError
 from proxy.ids import IdGenerator
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
@@ -150,12 +150,22 @@ class SqliteDocuments:
         pairs = [p for p in prepared if isinstance(p, tuple)]
         sql = _insert_sql(table)
 
-        def run(conn: sqlite3.Connection) -> list[bool]:
-            # a repeated _id in the same batch: the first one wins, as in PostgreSQL
-            return [conn.execute(sql, pair).rowcount == 1 for pair in pairs]
+        def run(conn: sqlite3.Connection) -> list[bool | ProxyError]:
+            # a repeated _id in the same batch: the first one wins, as in PostgreSQL; a
+            # taken unique key refuses its own document only (the statement is undone alone)
+            done: list[bool | ProxyError] = []
+            for pair in pairs:
+                try:
+                    done.append(conn.execute(sql, pair).rowcount == 1)
+                except sqlite3.IntegrityError as exc:
+                    err = translate(exc)
+                    if not isinstance(err, DuplicateKey):
+                        raise
+                    done.append(err)
+            return done
 
-        def written(done: list[bool]) -> list[str]:
-            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok]
+        def written(done: list[bool | ProxyError]) -> list[str]:
+            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok is True]
 
         job = self._audited(run, "create", collection, written)
         inserted = iter(await self._write(collection, job) if pairs else [])
@@ -164,8 +174,10 @@ class SqliteDocuments:
         for p in prepared:
             if isinstance(p, ItemResult):
                 out.append(p)
-            elif next(inserted):
+            elif (ok := next(inserted)) is True:
                 out.append(ItemResult(201, p[0], 1))
+            elif isinstance(ok, ProxyError):
+                out.append(ItemResult(ok.status, p[0], error=ok.to_dict()))
             else:
                 out.append(ItemResult(409, p[0], error=duplicate))
         return out
