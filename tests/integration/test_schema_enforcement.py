@@ -19,7 +19,7 @@ from proxy.migrate.ops import parse_migration
 from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
 from proxy.query.spec import ItemResult, WriteResult
-from tests.backends import KINDS, open_core
+from tests.backends import KINDS, backend_namespace, core_over, open_core
 
 pytestmark = pytest.mark.integration
 
@@ -340,3 +340,52 @@ async def test_a_taken_unique_key_refuses_only_its_own_document(core: Core) -> N
     )
     assert all(isinstance(o, WriteResult) for o in outcomes[:5]), outcomes
     assert isinstance(outcomes[5], DuplicateKey) and outcomes[5].details["index"] == "by_email"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_another_sidecars_migration_is_enforced_soon(
+    kind: str, pg_dsn: str, tmp_path: Any
+) -> None:
+    """Two sidecars on one database: a migration run by one is enforced by the other as
+    soon as its backend reports it (NOTIFY on PostgreSQL, the file poll on SQLite)."""
+    async with backend_namespace(kind, pg_dsn, Limits(), str(tmp_path)) as make:
+        first, second = make(), make()
+        await first.start()
+        await second.start()
+        try:
+            here, there = core_over(first, Limits()), core_over(second, Limits())
+            await there.create("late", {"n": "anything"})  # loaded now: schemaless
+            watcher = asyncio.create_task(there.watch_schemas(second))
+            await asyncio.sleep(0.3)  # listening
+            runner = MigrationRunner({"main": first.migrations()}, "main")
+            schema = {"fields": [{"name": "n", "type": "integer", "required": True}]}
+            raw = {
+                "id": "late-schema",
+                "version": 1,
+                "script": {
+                    "operations": [
+                        {
+                            "op": "set_schema",
+                            "collection": "late",
+                            "schema": {**schema, "validation": {"level": "moderate"}},
+                        }
+                    ]
+                },
+            }
+            out = await runner.submit(parse_migration(raw), wait=30.0)
+            assert out.status == 201, out.body
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while True:
+                try:
+                    await there.create("late", {"n": "text"})
+                except SchemaViolation:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "never enforced"
+                await asyncio.sleep(0.05)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await runner.close()
+            assert here is not there
+        finally:
+            await first.close()
+            await second.close()

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -34,6 +35,7 @@ from proxy.ids import IdGenerator
 from proxy.query.spec import AuditScope
 
 log = logging.getLogger(__name__)
+SCHEMA_POLL_SECONDS = 1.0  # how soon a migration another process ran on the file is enforced
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 _IDLE_TX_CONNECTIONS = 8  # connections kept for the next transaction
@@ -210,6 +212,16 @@ class SqliteBackend(Unsupported, SqliteDocuments):
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
         return await self._read(describe.load_schemas)
+
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: read the schemas table again every ``SCHEMA_POLL_SECONDS`` (a
+        local read: another process's migration on the same file is seen within it)."""
+        while True:
+            try:
+                await changed()
+            except ProxyError as err:
+                log.debug("schemas of %s not reloaded: %s", self.name, err.code)
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
         table = table_name(collection)
