@@ -78,6 +78,7 @@ class FilterWalker(ABC, Generic[X]):
     """Compiles a filter to a boolean SQL expression; subclasses write the leaf SQL."""
 
     kinds: Kinds = {}  # declared scalar paths a dialect compiles on ``declared_expr``
+    all_typed = True  # False once a predicate compiled the generic way
 
     # -- entry ---------------------------------------------------------------------
 
@@ -124,10 +125,10 @@ class FilterWalker(ABC, Generic[X]):
 
     def typed(self, path: Path, pred: Pred, doc: str) -> str | None:
         """``pred`` compiled on the declared expression of ``path``, or None (generic)."""
-        if not self.kinds or doc != TOP_DOC:
-            return None
-        kind = declared_kind(self.kinds, path)
+        kind = declared_kind(self.kinds, path) if self.kinds and doc == TOP_DOC else None
         if kind is None or not typed_ok(pred, kind):
+            if not isinstance(pred, Not | Never):  # those compile their parts
+                self.all_typed = False
             return None
         return self.typed_sql(path, kind, pred, doc)
 

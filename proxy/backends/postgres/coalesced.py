@@ -154,9 +154,11 @@ class CoalescingDocuments(PgDocuments):
             return self._finders[key]
         if len(self._finders) > 10_000:
             self._finders.clear()
+        # only declared shapes: inside the lateral join the planner cannot see the values,
+        # and a generic condition (a containment, a subquery) may then lose its index
         batched = batched_sql(statement.sql, statement.plan.order_by("r"))
         finder = None
-        if batched is not None:
+        if batched is not None and statement.declared:
             finder = FindCoalescer(self._read, collection, statement.sql, batched)
         self._finders[key] = finder
         return finder

@@ -299,7 +299,8 @@ class PgDocuments:
         """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it)."""
         params = Params()
         kinds = dict(spec.kinds) if spec.kinds else None
-        where = FilterCompiler(params, kinds).where(spec.filter)
+        compiler = FilterCompiler(params, kinds)
+        where = compiler.where(spec.filter)
         plan = sort_plan(spec.sort, params.add, kinds)
         if spec.cursor is not None:
             where = f"{where} AND {plan.after(plan.decode(spec.cursor), params.add)}"
@@ -310,7 +311,7 @@ class PgDocuments:
             f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
             f"ORDER BY {plan.order_by()} LIMIT {limit} OFFSET {offset}"
         )
-        return FindStatement(sql, tuple(params.values), plan)
+        return FindStatement(sql, tuple(params.values), plan, compiler.all_typed)
 
     async def find(self, collection: str, spec: FindSpec) -> Page:
         statement = self.find_statement(collection, spec)
@@ -346,3 +347,6 @@ class FindStatement:
     sql: str
     args: tuple[Any, ...]
     plan: SortPlan
+    # every condition is on a declared path's expression: a plan that does not depend on
+    # the values much (an index on the path), so the statement may be batched (coalescing)
+    declared: bool = False
