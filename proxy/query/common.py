@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -55,9 +56,19 @@ def declared_kind(kinds: Kinds, path: Path) -> str | None:
     kind = kinds.get(path.segments)
     if kind is None or kind not in ("number", "string", "boolean"):
         return None
-    if not all(_DECLARED_SEGMENT.match(s) for s in path.segments):
-        return None
-    return kind
+    return kind if declared_names(path.segments) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def declared_names(segments: tuple[str, ...]) -> bool:
+    """Every segment is a declared name (``proxy.schema.model.parse_path``'s pattern)."""
+    return all(_DECLARED_SEGMENT.match(s) for s in segments)
+
+
+@functools.lru_cache(maxsize=1024)
+def kinds_map(kinds: tuple[tuple[tuple[str, ...], str], ...]) -> Kinds:
+    """``FindSpec.kinds`` as a mapping (one per distinct schema, shared: never mutated)."""
+    return dict(kinds)
 
 
 def typed_ok(pred: Pred, kind: str) -> bool:

@@ -3,6 +3,7 @@ expression an index on the path is built with (docs/query-language.md, "Declared
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ _OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 _JSONB_FLOOR = {"number": "> 'null'::jsonb", "boolean": ">= 'false'::jsonb"}
 
 
+@functools.lru_cache(maxsize=4096)
 def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
     """The expression of a declared scalar path of ``kind`` (``number``, ``string``,
     ``boolean``): the one expression both an index on the path and a query that may use it
@@ -54,6 +56,7 @@ def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
     return f"COALESCE({doc}{''.join(f' -> {k}' for k in keys)}, 'null'::jsonb)"
 
 
+@functools.lru_cache(maxsize=4096)
 def declared_order(path: tuple[str, ...], kind: str, descending: bool, doc: str = "t.doc") -> str:
     """One ORDER BY item (or index column) of a declared path in MongoDB's order: missing
     and null first ascending, last descending. An index column written this way serves
@@ -179,7 +182,23 @@ def sort_plan(
     keys: Sequence[SortKey], add: Add, kinds: Kinds | None = None, doc: str = "t.doc"
 ) -> SortPlan:
     """Declared paths sort on their declared expression (one key, index-ordered); the
-    others on the three generic keys; ``_id`` last."""
+    others on the three generic keys; ``_id`` last. A sort on declared paths only binds
+    nothing, so its plan is built once per (sort, schema)."""
+    if kinds and doc == "t.doc" and all(declared_kind(kinds, k.path) for k in keys):
+        cache_key = (tuple(keys), tuple(sorted(kinds.items())))
+        plan = _TYPED_PLANS.get(cache_key)
+        if plan is None:
+            if len(_TYPED_PLANS) > 4096:
+                _TYPED_PLANS.clear()
+            plan = _TYPED_PLANS[cache_key] = _sort_plan(keys, add, kinds, doc)
+        return plan
+    return _sort_plan(keys, add, kinds, doc)
+
+
+_TYPED_PLANS: dict[Any, SortPlan] = {}
+
+
+def _sort_plan(keys: Sequence[SortKey], add: Add, kinds: Kinds | None, doc: str) -> SortPlan:
     exprs: list[tuple[str, bool]] = []
     nullable: list[bool] = []
     casts: list[str] = []

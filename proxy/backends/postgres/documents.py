@@ -19,6 +19,7 @@ from proxy.errors import DuplicateId, InvalidQuery, NotFound, PreconditionFailed
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
+from proxy.query.common import kinds_map
 from proxy.query.pg import FilterCompiler, Params, UpdateCompiler
 from proxy.query.pg_typed import SortPlan, sort_plan
 from proxy.query.spec import (
@@ -298,7 +299,7 @@ class PgDocuments:
     def find_statement(self, collection: str, spec: FindSpec) -> FindStatement:
         """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it)."""
         params = Params()
-        kinds = dict(spec.kinds) if spec.kinds else None
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
         compiler = FilterCompiler(params, kinds)
         where = compiler.where(spec.filter)
         plan = sort_plan(spec.sort, params.add, kinds)
@@ -334,7 +335,7 @@ class PgDocuments:
 
     async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params, dict(kinds) if kinds else None).where(flt)
+        where = FilterCompiler(params, kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
         rows = await self._read(collection, sql, *params.values)
         return int(rows[0][0]) if rows else 0

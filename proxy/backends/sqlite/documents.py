@@ -19,6 +19,7 @@ from proxy.errors import DuplicateId, NotFound, PreconditionFailed, ProxyError
 from proxy.ids import IdGenerator
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
+from proxy.query.common import kinds_map
 from proxy.query.spec import (
     Change,
     DeclaredKinds,
@@ -316,7 +317,7 @@ class SqliteDocuments:
         how many sort keys follow the document in each row."""
         params = Params()
         names = Names()
-        kinds = dict(spec.kinds) if spec.kinds else None
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
         where = FilterCompiler(params, names, kinds).where(spec.filter)
         exprs = sort_exprs(spec.sort, params, names=names, kinds=kinds)
         if spec.cursor is not None:
@@ -349,13 +350,15 @@ class SqliteDocuments:
         if more:
             last = rows[-1]
             nxt = encode_cursor(
-                spec.sort, [last[i + 1] for i in range(n_keys)], dict(spec.kinds) or None
+                spec.sort,
+                [last[i + 1] for i in range(n_keys)],
+                kinds_map(spec.kinds) if spec.kinds else None,
             )
         return Page([r[0] for r in rows], nxt)
 
     async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params, kinds=dict(kinds) if kinds else None).where(flt)
+        where = FilterCompiler(params, kinds=kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {table_name(collection)} t WHERE {where}"
         values = params.values
 
