@@ -15,6 +15,7 @@ from proxy.query.ast import Filter
 from proxy.query.spec import (
     AuditScope,
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     Page,
@@ -82,7 +83,7 @@ class Documents(Protocol):
 
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 
-    async def count(self, collection: str, flt: Filter) -> int: ...
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int: ...
 
     async def preview(
         self,

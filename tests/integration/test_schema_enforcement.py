@@ -389,3 +389,35 @@ async def test_another_sidecars_migration_is_enforced_soon(
         finally:
             await first.close()
             await second.close()
+
+
+async def test_finds_and_counts_carry_the_declared_kinds(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline hands the compiler the declared scalar paths of an enforced schema."""
+    await declare(
+        core,
+        "typed",
+        {"fields": [{"name": "grp", "type": "integer"}, {"name": "name", "type": "string"}]},
+    )
+    await core.create("typed", [{"grp": 1, "name": "a"}, {"grp": 2, "name": "b"}])
+    backend: Any = core.backend()
+    seen: list[Any] = []
+    find, count = backend.find, backend.count
+
+    async def spy_find(collection: str, spec: Any) -> Any:
+        seen.append(spec.kinds)
+        return await find(collection, spec)
+
+    async def spy_count(collection: str, flt: Any, *, kinds: Any = ()) -> int:
+        seen.append(kinds)
+        return int(await count(collection, flt, kinds=kinds))
+
+    monkeypatch.setattr(backend, "find", spy_find)
+    monkeypatch.setattr(backend, "count", spy_count)
+    spec = core.find_spec({"filter": {"grp": {"$gte": 2}}, "sort": "name"}, from_url=False)
+    page = await core.find("typed", spec)
+    assert [orjson.loads(b)["name"] for b in page.items] == ["b"]
+    assert await core.count("typed", {"grp": 1}) == 1
+    expected = ((("grp",), "number"), (("name",), "string"))
+    assert seen == [expected, expected]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -25,17 +26,12 @@ from proxy.errors import (
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
-from proxy.query.pg import (
-    FilterCompiler,
-    Params,
-    UpdateCompiler,
-    after_cursor,
-    key_casts,
-    order_by,
-    sort_exprs,
-)
+from proxy.query.common import kinds_map
+from proxy.query.pg import FilterCompiler, Params, UpdateCompiler
+from proxy.query.pg_typed import SortPlan, sort_plan
 from proxy.query.spec import (
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     MergePatch,
@@ -46,7 +42,6 @@ from proxy.query.spec import (
     WriteResult,
 )
 
-_CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
 # an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
@@ -389,23 +384,33 @@ class PgDocuments:
             raise AssertionError("unreachable")
         return int(rows[0][0])
 
-    async def find(self, collection: str, spec: FindSpec) -> Page:
+    def find_statement(self, collection: str, spec: FindSpec) -> FindStatement:
+        """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it)."""
         params = Params()
-        where = FilterCompiler(params).where(spec.filter)
-        exprs = sort_exprs(spec.sort, params)
-        casts = key_casts(len(spec.sort))
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
+        compiler = FilterCompiler(params, kinds)
+        where = compiler.where(spec.filter)
+        plan = sort_plan(spec.sort, params.add, kinds)
         if spec.cursor is not None:
-            tag = cursors.sort_tag(repr(spec.sort))
-            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
-            where = f"{where} AND {after_cursor(exprs, values, params)}"
-        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
+            where = f"{where} AND {plan.after(plan.decode(spec.cursor), params.add)}"
+        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(plan.exprs))
         limit = params.add(spec.limit + 1, "bigint")
         offset = params.add(spec.skip, "bigint")
         sql = (
             f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
-            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+            f"ORDER BY {plan.order_by()} LIMIT {limit} OFFSET {offset}"
         )
-        rows = await self._read(collection, sql, *params.values)
+        return FindStatement(sql, tuple(params.values), plan, compiler.all_typed)
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        statement = self.find_statement(collection, spec)
+        rows = await self._read(collection, statement.sql, *statement.args)
+        return self.page(spec, statement.plan, rows)
+
+    @staticmethod
+    def page(spec: FindSpec, plan: SortPlan, rows: Sequence[Sequence[Any]] | None) -> Page:
+        """The page of a find's rows (``doc``, then the sort keys); ``next`` when one more
+        row than the limit came back."""
         if not rows:
             return Page([], None)
         more = len(rows) > spec.limit
@@ -413,13 +418,24 @@ class PgDocuments:
         nxt = None
         if more:
             last = rows[-1]
-            tag = cursors.sort_tag(repr(spec.sort))
-            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
+            nxt = cursors.encode(plan.tag, [last[i + 1] for i in range(len(plan.exprs))])
         return Page([r[0].encode() for r in rows], nxt)
 
-    async def count(self, collection: str, flt: Filter) -> int:
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params).where(flt)
+        where = FilterCompiler(params, kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
         rows = await self._read(collection, sql, *params.values)
         return int(rows[0][0]) if rows else 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FindStatement:
+    """One find as SQL: text (its shape), bound arguments, and the sort it orders by."""
+
+    sql: str
+    args: tuple[Any, ...]
+    plan: SortPlan
+    # every condition is on a declared path's expression: a plan that does not depend on
+    # the values much (an index on the path), so the statement may be batched (coalescing)
+    declared: bool = False

@@ -19,8 +19,10 @@ from proxy.errors import DuplicateId, DuplicateKey, NotFound, PreconditionFailed
 from proxy.ids import IdGenerator
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
+from proxy.query.common import kinds_map
 from proxy.query.spec import (
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     MergePatch,
@@ -373,14 +375,18 @@ class SqliteDocuments:
 
         return await self._write(None, self._audited(run, "delete", collection, lambda _: [doc_id]))
 
-    async def find(self, collection: str, spec: FindSpec) -> Page:
+    def find_statement(self, collection: str, spec: FindSpec) -> tuple[str, list[Any], int]:
+        """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it), and
+        how many sort keys follow the document in each row."""
         params = Params()
         names = Names()
-        where = FilterCompiler(params, names).where(spec.filter)
-        exprs = sort_exprs(spec.sort, params, names=names)
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
+        where = FilterCompiler(params, names, kinds).where(spec.filter)
+        exprs = sort_exprs(spec.sort, params, names=names, kinds=kinds)
         if spec.cursor is not None:
-            cursor_values = decode_cursor(spec.cursor, spec.sort)
-            where = f"{where} AND {after_cursor(exprs, cursor_values, params)}"
+            cursor_values = decode_cursor(spec.cursor, spec.sort, kinds)
+            after = after_cursor(exprs, cursor_values, params, spec.sort, kinds)
+            where = f"{where} AND {after}"
         keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
         order = ", ".join(f"k{i} DESC" if desc else f"k{i}" for i, (_, desc) in enumerate(exprs))
         limit = params.add(spec.limit + 1)
@@ -389,7 +395,10 @@ class SqliteDocuments:
             f"SELECT CAST(t.doc AS BLOB), {keys} FROM {table_name(collection)} t WHERE {where} "
             f"ORDER BY {order} LIMIT {limit} OFFSET {offset}"
         )
-        values = params.values
+        return sql, params.values, len(exprs)
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        sql, values, n_keys = self.find_statement(collection, spec)
 
         def run(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(sql, values).fetchall()
@@ -403,12 +412,16 @@ class SqliteDocuments:
         nxt = None
         if more:
             last = rows[-1]
-            nxt = encode_cursor(spec.sort, [last[i + 1] for i in range(len(exprs))])
+            nxt = encode_cursor(
+                spec.sort,
+                [last[i + 1] for i in range(n_keys)],
+                kinds_map(spec.kinds) if spec.kinds else None,
+            )
         return Page([r[0] for r in rows], nxt)
 
-    async def count(self, collection: str, flt: Filter) -> int:
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params).where(flt)
+        where = FilterCompiler(params, kinds=kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {table_name(collection)} t WHERE {where}"
         values = params.values
 
