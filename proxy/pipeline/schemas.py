@@ -13,6 +13,7 @@ from typing import Any, Final
 
 from proxy import numbers
 from proxy.backends.base import Backend, check_collection
+from proxy.backends.migrations import physical_index_name as index_name
 from proxy.errors import ProxyError, UnsupportedByBackend
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy.decide import Decision
@@ -20,7 +21,6 @@ from proxy.query.ast import MATCH_ALL, Filter
 from proxy.query.spec import Change, FindSpec, Replace
 from proxy.schema.infer import infer_fields
 from proxy.schema.model import MISSING, CollectionSchema, IndexSpec, parse_schema
-from proxy.schema.model import physical_index_name as index_name
 from proxy.schema.validate import SchemaValidator, compile_schema, violation
 
 log = logging.getLogger(__name__)

@@ -340,6 +340,10 @@ async def test_a_taken_unique_key_refuses_only_its_own_document(core: Core) -> N
     )
     assert all(isinstance(o, WriteResult) for o in outcomes[:5]), outcomes
     assert isinstance(outcomes[5], DuplicateKey) and outcomes[5].details["index"] == "by_email"
+    described = await core.describe_schema("users")
+    by_email = [ix for ix in described["indexes"] if ix["name"] == "by_email"]
+    assert by_email and by_email[0]["declared"] and by_email[0]["unique"]
+    assert by_email[0]["valid"] and by_email[0]["fields"] == ["email"]
 
 
 @pytest.mark.parametrize("kind", KINDS)

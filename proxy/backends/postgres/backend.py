@@ -15,9 +15,10 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind
-from proxy.backends.postgres import describe
 from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
+from proxy.backends.postgres.describe import describe_collection as describe_one
+from proxy.backends.postgres.describe import load_schemas as read_schemas
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
 from proxy.backends.postgres.migrations import PgMigrations
@@ -285,7 +286,7 @@ class PostgresBackend(CoalescingDocuments):
         """Every declared schema, from the primary (what migrations last committed)."""
         async with self._conn(self._wait()) as conn:
             try:
-                return await describe.load_schemas(conn, self._schema_ident, self._wait())
+                return await read_schemas(conn, self._schema_ident, self._wait())
             except Exception as exc:
                 raise translate(exc) from None
 
@@ -315,9 +316,7 @@ class PostgresBackend(CoalescingDocuments):
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
         async with self._conn(self._wait()) as conn:
             try:
-                return await describe.describe_collection(
-                    conn, self._table(collection), sample, self._wait()
-                )
+                return await describe_one(conn, self._table(collection), sample, self._wait())
             except Exception as exc:
                 raise translate(exc) from None
 

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
-from proxy.backends.sqlite import describe
 from proxy.backends.sqlite.connection import ConnState, Job, T, connect
 from proxy.backends.sqlite.ddl import (
     create_housekeeping_tables,
@@ -24,6 +23,8 @@ from proxy.backends.sqlite.ddl import (
     make_parent_dir,
     table_name,
 )
+from proxy.backends.sqlite.describe import describe_collection as describe_one
+from proxy.backends.sqlite.describe import load_schemas as read_schemas
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
 from proxy.backends.sqlite.migrations import SqliteMigrations
@@ -211,7 +212,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
         return SqliteMigrations(self)
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
-        return await self._read(describe.load_schemas)
+        return await self._read(read_schemas)
 
     async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
         """Until cancelled: read the schemas table again every ``SCHEMA_POLL_SECONDS`` (a
@@ -225,7 +226,7 @@ class SqliteBackend(Unsupported, SqliteDocuments):
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
         table = table_name(collection)
-        return await self._read(lambda conn: describe.describe_collection(conn, table, sample))
+        return await self._read(lambda conn: describe_one(conn, table, sample))
 
     # -- running work ------------------------------------------------------------------
 
