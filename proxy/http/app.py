@@ -138,7 +138,7 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             await core.refresh_schemas()
         except ProxyError as err:  # a database still down: loaded on its first write
-            log.warning("schemas not loaded yet: %s", err.message)
+            log.debug("schemas not loaded yet: %s", err.code)  # the backend says why
         yield
     finally:
         if core.migrations is not None:
