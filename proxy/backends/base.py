@@ -6,7 +6,7 @@ import asyncio
 import enum
 import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
@@ -21,6 +21,9 @@ from proxy.query.spec import (
     StoredReply,
     WriteResult,
 )
+
+if TYPE_CHECKING:
+    from proxy.backends.migrations import MigrationStore
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 RESERVED = RESERVED_COLLECTIONS  # endpoint names under /api/db/: never collections
@@ -213,6 +216,10 @@ class Backend(Documents, Protocol):
         ...
 
     async def describe_collections(self) -> dict[str, Any]: ...
+
+    def migrations(self) -> MigrationStore:
+        """The migration side (``proxy.backends.migrations``); when ``schemas``."""
+        ...
 
     async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]: ...
 

@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.cache import TwoLevelCache
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.http import monitor
+from proxy.http import migrations, monitor
 from proxy.http.documents import (
     count_documents,
     create,
@@ -64,6 +64,12 @@ BY_ID = Route("GET", "/api/db/{collection}/{id}", get_one, "get")  # also the fa
 # (it has no POST) and finds its own resource.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/db/health", health, None),
+    # "migrations" is a reserved collection name; the router's index by path prefix tries
+    # these before the document routes whatever their place here
+    Route("GET", "/api/db/migrations/status", migrations.status, None),
+    Route("GET", "/api/db/migrations/{id}", migrations.get_record, None),
+    Route("GET", "/api/db/migrations", migrations.list_records, None),
+    Route("POST", "/api/db/migrations", migrations.submit, None),
     Route("POST", "/api/db/transaction", transaction, "transaction"),
     Route("GET", "/api/db/schema/{collection}", describe_schema, "schema"),
     Route("GET", "/api/db/{collection}/count", count_documents, "count"),
@@ -136,6 +142,8 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
             log.warning("schemas not loaded yet: %s", err.message)
         yield
     finally:
+        if core.migrations is not None:
+            await core.migrations.close()  # rolled back; resumed when re-submitted
         for backend in started:
             await backend.close()
 

@@ -13,6 +13,7 @@ from proxy.cache import TwoLevelCache
 from proxy.cache.read_through import Fills, ReadThrough
 from proxy.config import Config
 from proxy.errors import NotFound, ProxyError
+from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.atomic import AtomicOps
 from proxy.pipeline.batch import BatchTarget
 from proxy.pipeline.documents import DocumentOps
@@ -39,8 +40,10 @@ class Core(DocumentOps, AtomicOps, SchemaOps):
         cache: TwoLevelCache | None = None,
         fills: Fills | None = None,
         schemas: SchemaRegistry | None = None,
+        migrations: MigrationRunner | None = None,
     ) -> None:
         self.config = config
+        self.migrations = migrations  # the migration runner (None: not in this process)
         self.limits = config.limits
         self.gate = gate or Gatekeeper(None)
         self.backends = dict(backends)

@@ -19,6 +19,7 @@ from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
+from proxy.backends.postgres.migrations import PgMigrations
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, EndpointSet, release
 from proxy.backends.postgres.sql import AUDIT_LOG, DESCRIBE_COLLECTIONS, glob_to_posix
 from proxy.backends.postgres.transaction import ISOLATION_LEVELS, PostgresTransaction
@@ -323,6 +324,10 @@ class PostgresBackend(CoalescingDocuments):
             await conn.execute(
                 f"DELETE FROM {self._schema_ident}._idempotency WHERE expires_at < now()"
             )
+
+    def migrations(self) -> PgMigrations:
+        """This database's migration side (records, lock, DDL) for proxy.migrate's runner."""
+        return PgMigrations(self)
 
     # -- transactions ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from proxy.backends.sqlite.ddl import (
 )
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.backends.sqlite.migrations import SqliteMigrations
 from proxy.backends.sqlite.transaction import SqliteTransaction
 from proxy.backends.sqlite.writer import WriterThread
 from proxy.config import DatabaseConfig, Limits
@@ -202,6 +203,10 @@ class SqliteBackend(Unsupported, SqliteDocuments):
             record["ids"] = orjson.loads(record["ids"])
             out.append(record)
         return out
+
+    def migrations(self) -> SqliteMigrations:
+        """This store's migration side (records, lock, DDL) for proxy.migrate's runner."""
+        return SqliteMigrations(self)
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
         return await self._read(describe.load_schemas)
