@@ -40,6 +40,7 @@ from proxy.observe.pusher import StatsPusher
 from proxy.observe.stats import StatsRecorder
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
+from proxy.pipeline.schemas import SchemaRegistry
 from proxy.policy import load_policies
 
 log = logging.getLogger("dbproxy")
@@ -84,7 +85,13 @@ def make_core(
     """The operation pipeline over the configured databases, validated before any I/O;
     with no database configured, over the embedded SQLite store in ``config.data_dir``."""
     backends = build_backends(config, coalesce=coalesce)
-    kw: dict[str, Any] = {"gate": gate, "cache": cache, "fills": fills}
+    schemas = SchemaRegistry()
+
+    async def schemas_changed(_collection: str) -> None:  # a migration this process ran
+        for backend in backends.values():
+            await schemas.refresh(backend)
+
+    kw: dict[str, Any] = {"gate": gate, "cache": cache, "fills": fills, "schemas": schemas}
     if not config.databases:
         path = os.path.join(config.data_dir, DATA_FILE)
         problem = check_location(path)
@@ -102,10 +109,10 @@ def make_core(
                 "(pass --database URL or --config FILE to use PostgreSQL)",
                 os.path.abspath(path),
             )
-        runner = build_migrations(config, backends, EMBEDDED_DATABASE)
+        runner = build_migrations(config, backends, EMBEDDED_DATABASE, schemas_changed)
         return Core(config, backends, EMBEDDED_DATABASE, migrations=runner, **kw)
     default = config.default_database or next(iter(backends))
-    runner = build_migrations(config, backends, default)
+    runner = build_migrations(config, backends, default, schemas_changed)
     return Core(config, backends, default, migrations=runner, **kw)
 
 
@@ -225,6 +232,7 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
         "open": len(core.transactions),
     }
     metrics.sources["cache"] = core.cache_counters
+    metrics.sources["schemas"] = core.schemas.counters
     pusher = None
     if config.collector_url:
         push = config.collector_push
