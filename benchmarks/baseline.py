@@ -9,6 +9,10 @@ aiohttp on uvloop plus one asyncpg pool, no policy, no stats, no cache:
 - ``POST /api/db/{collection}/query`` takes ``{"filter": {...}, "limit": n}`` and runs one
   ``SELECT doc FROM dbproxy."<c>" WHERE doc @> $1 LIMIT $2`` (the filter object used as a
   containment document, served by the GIN index), answering ``{"items": [...], "next": null}``.
+- ``POST /api/db/{collection}/query`` with a ``sort`` takes exactly the list_indexed shape,
+  ``{"filter": {"grp": g, "n": {"$gte": k}}, "sort": "n", "limit": n}``, and runs
+  ``SELECT doc FROM ... WHERE doc->'grp' = $1 AND doc->'n' >= $2 ORDER BY doc->'n' LIMIT $3``
+  over the expression index ``((doc->'grp'), (doc->'n'))`` the harness creates.
 - ``PUT  /api/db/{collection}/{id}`` takes ``{"$inc": {"<field>": <number>}}`` (one top-level
   field) and runs one ``UPDATE ... SET doc = jsonb_set(doc, '{field}', field + number)``,
   bumping ``_version`` like the sidecar, and returns the new document.
@@ -48,6 +52,7 @@ class Statements:
     select: str
     insert: str
     query: str
+    listing: str
     inc: str
 
 
@@ -69,6 +74,10 @@ def _sql(app: web.Application, collection: str) -> Statements | None:
         select=f"SELECT doc FROM {table} WHERE _id = $1",
         insert=f"INSERT INTO {table} (_id, doc, _version) VALUES ($1, $2::jsonb, 1)",
         query=f"SELECT doc FROM {table} WHERE doc @> $1::jsonb LIMIT $2",
+        listing=(
+            f"SELECT doc FROM {table} WHERE doc -> 'grp' = $1::jsonb AND doc -> 'n' >= $2::jsonb "
+            "ORDER BY doc -> 'n' LIMIT $3"
+        ),
         inc=(
             f"UPDATE {table} AS t SET doc = jsonb_set(t.doc, ARRAY[$2::text], "
             "to_jsonb(COALESCE((t.doc ->> $2::text)::numeric, 0) + $3::numeric)) "
@@ -125,7 +134,27 @@ async def query(request: web.Request) -> web.Response:
     limit = body.get("limit", 100) if isinstance(body, dict) else None
     if not isinstance(flt, dict) or not isinstance(limit, int) or not 0 < limit <= 1000:
         return _error(400, "invalid_query", "baseline takes {filter: object, limit: 1..1000}")
+    if "sort" in body:
+        return await _listing(request, sql, body, flt, limit)
     rows = await request.app[POOL].fetch(sql.query, orjson.dumps(flt).decode(), limit)
+    items = ",".join(r[0] for r in rows)
+    return web.Response(text=f'{{"items":[{items}],"next":null}}', content_type=JSON)
+
+
+async def _listing(
+    request: web.Request, sql: Statements, body: dict, flt: dict, limit: int
+) -> web.Response:
+    """The list_indexed shape only: {"grp": g, "n": {"$gte": k}}, sort n."""
+    n = flt.get("n")
+    if (
+        body["sort"] != "n"
+        or set(flt) != {"grp", "n"}
+        or not isinstance(n, dict)
+        or set(n) != {"$gte"}
+    ):
+        return _error(400, "invalid_query", 'baseline sorts only {"grp": g, "n": {"$gte": k}}')
+    grp, k = orjson.dumps(flt["grp"]).decode(), orjson.dumps(n["$gte"]).decode()
+    rows = await request.app[POOL].fetch(sql.listing, grp, k, limit)
     items = ",".join(r[0] for r in rows)
     return web.Response(text=f'{{"items":[{items}],"next":null}}', content_type=JSON)
 

@@ -29,6 +29,10 @@ from benchmarks.load import MARKER
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 SELECT = 'SELECT doc FROM dbproxy."{c}" WHERE _id = $1'
 QUERY = 'SELECT doc FROM dbproxy."{c}" WHERE doc @> $1::jsonb LIMIT 10'
+LIST = (
+    "SELECT doc FROM dbproxy.\"{c}\" WHERE doc -> 'grp' = $1::jsonb AND doc -> 'n' >= $2::jsonb "
+    "ORDER BY doc -> 'n' LIMIT 10"
+)
 INSERT = 'INSERT INTO dbproxy."{c}" (_id, doc, _version) VALUES ($1, $2::jsonb, 1)'
 INC = (
     'UPDATE dbproxy."{c}" AS t SET doc = jsonb_set(t.doc, ARRAY[$2::text], '
@@ -54,7 +58,10 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
     groups = workload.n_groups(n_docs)
     select, query = SELECT.format(c=collection), QUERY.format(c=collection)
     insert, inc = INSERT.format(c=collection), INC.format(c=collection)
-    base_doc = orjson.loads(workload.CREATE_BODY)
+    base_doc = orjson.loads(
+        workload.CREATE6_BODY if scenario == "create_schema6" else workload.CREATE_BODY
+    )
+    listing = LIST.format(c=collection)
 
     async def get(conn: asyncpg.Connection) -> bool:
         return await conn.fetchval(select, picker.id()) is not None
@@ -62,6 +69,10 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
     async def find(conn: asyncpg.Connection) -> bool:
         flt = orjson.dumps({"group": workload.group_value(rng.randrange(groups))}).decode()
         return len(await conn.fetch(query, flt)) > 0
+
+    async def list_indexed(conn: asyncpg.Connection) -> bool:
+        g, k = rng.randrange(workload.LIST_GROUPS), rng.randint(0, workload.LIST_MAX_K)
+        return len(await conn.fetch(listing, str(g), str(k))) > 0
 
     async def create(conn: asyncpg.Connection) -> bool:
         doc_id = workload.new_id()
@@ -74,7 +85,15 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
             return await conn.fetchval(inc, picker.id(), "n", 1) is not None
         return await get(conn)
 
-    ops = {"get_uniform": get, "get_zipf": get, "query": find, "create": create, "mixed": mixed}
+    ops = {
+        "get_uniform": get,
+        "get_zipf": get,
+        "query": find,
+        "create": create,
+        "create_schema6": create,
+        "mixed": mixed,
+        "list_indexed": list_indexed,
+    }
     return ops[scenario]
 
 

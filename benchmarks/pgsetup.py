@@ -11,11 +11,41 @@ import orjson
 
 from benchmarks import workload
 from benchmarks.workload import Scenario
+from proxy.query.pg import declared_expr
+from proxy.query.pg_typed import declared_order
+from proxy.schema.model import parse_schema
 
 DDL = """CREATE TABLE IF NOT EXISTS dbproxy."{c}" (_id text COLLATE "C" PRIMARY KEY,
 doc jsonb NOT NULL, _version bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
 updated_at timestamptz NOT NULL DEFAULT now())"""
 GIN = 'CREATE INDEX IF NOT EXISTS "{c}_doc_gin" ON dbproxy."{c}" USING gin (doc jsonb_path_ops)'
+# the baseline's hand-written expression index of list_indexed
+LIST_RAW_INDEX = (
+    'CREATE INDEX IF NOT EXISTS bench_list_raw ON dbproxy."bench_list" '
+    "((doc -> 'grp'), (doc -> 'n'))"
+)
+# the declared schemas of the sidecar's collections (the seed's Collection Schema model)
+LIST_SCHEMA = {
+    "name": "bench_list",
+    "fields": [
+        {"name": "grp", "type": "integer", "required": True},
+        {"name": "n", "type": "integer", "required": True},
+    ],
+    "indexes": [{"name": "bench_list_grp_n", "fields": ["grp", "n"]}],
+    "validation": {"level": "strict", "action": "error"},
+}
+SCHEMA6 = {
+    "name": "bench_create6",
+    "fields": [
+        {"name": "name", "type": "string", "required": True},
+        {"name": "age", "type": "integer", "constraints": ["min:0", "max:150"]},
+        {"name": "email", "type": "string", "constraints": ["max_length:200"]},
+        {"name": "active", "type": "boolean"},
+        {"name": "score", "type": "number"},
+        {"name": "city", "type": "string"},
+    ],
+    "validation": {"level": "strict", "action": "error"},
+}
 
 
 def with_db(url: str, dbname: str) -> str:
@@ -81,8 +111,46 @@ async def _seed(url: str, collections: list[str], n: int) -> None:
             "bench", schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
         )
         await conn.execute('VACUUM ANALYZE dbproxy."bench"', timeout=120)
+        if "bench_list" in collections:
+            listed = [
+                (d["_id"], orjson.dumps(d).decode(), 1)
+                for d in map(workload.list_doc, range(workload.LIST_DOCS))
+            ]
+            await conn.copy_records_to_table(
+                "bench_list",
+                schema_name="dbproxy",
+                columns=["_id", "doc", "_version"],
+                records=listed,
+            )
+            await conn.execute(LIST_RAW_INDEX, timeout=120)
+            await declare_schemas(conn)
+            await conn.execute('VACUUM ANALYZE dbproxy."bench_list"', timeout=120)
     finally:
         await asyncio.wait_for(conn.close(), timeout=10)
+
+
+async def declare_schemas(conn: asyncpg.Connection) -> None:
+    """TO BE REPLACED by one ``POST /api/db/migrations`` (create_collection with the schema,
+    create_index) once migrations land: writes the ``_schemas`` rows of ``bench_list`` and
+    ``bench_create6`` and builds bench_list's (grp, n) index with ``declared_expr`` — what
+    the migration's create_index does — then tells the sidecars (NOTIFY)."""
+    async with conn.transaction():
+        for raw in (LIST_SCHEMA, SCHEMA6):
+            parse_schema(raw, raw["name"])  # the model the sidecar loads: valid, or fail here
+            await conn.execute(
+                "INSERT INTO dbproxy._schemas (collection, schema, version) "
+                "VALUES ($1, $2::jsonb, 1) ON CONFLICT (collection) DO UPDATE SET "
+                "schema = EXCLUDED.schema, version = dbproxy._schemas.version + 1",
+                raw["name"],
+                orjson.dumps(raw).decode(),
+            )
+            await conn.execute("SELECT pg_notify('dbproxy_schemas', $1)", raw["name"])
+    cols = ", ".join(declared_order((p,), "number", False, doc="doc") for p in ("grp", "n"))
+    assert declared_expr(("n",), "number", doc="doc") in cols
+    await conn.execute(
+        f'CREATE INDEX IF NOT EXISTS bench_list_grp_n ON dbproxy."bench_list" ({cols})',
+        timeout=120,
+    )
 
 
 def seed(url: str, collections: list[str], n: int) -> None:

@@ -219,6 +219,37 @@ def _rps_target(results: dict, name: str, scenario: str, target: str, want: floa
     }
 
 
+def _self_ratio_target(
+    results: dict, name: str, scenario: str, reference: str, want: float
+) -> dict:
+    """The sidecar's req/s in ``scenario`` over its own in ``reference`` (same run)."""
+    row = {"name": name, "threshold": f">= {want:.1f} x sidecar {reference} req/s"}
+    cell, conns = _cell(results, scenario)
+    ref, _ = _cell(results, reference)
+    if (
+        cell is None
+        or ref is None
+        or "sidecar" not in cell["targets"]
+        or ("sidecar" not in ref["targets"])
+    ):
+        return {
+            **row,
+            "measured": f"not measured ({scenario} or {reference} not run)",
+            "met": "n/a",
+            "value": None,
+        }
+    t = cell["targets"]["sidecar"]["median"]["rps"]
+    r = ref["targets"]["sidecar"]["median"]["rps"]
+    ratio = t / r if r else 0.0
+    at = f" at {conns} conns" if conns != TARGET_CONNS else ""
+    return {
+        **row,
+        "measured": f"{ratio:.2f} x ({t:.0f} vs {r:.0f} req/s{at})",
+        "met": "yes" if ratio >= want else "no",
+        "value": round(ratio, 3),
+    }
+
+
 def check_targets(results: dict) -> list[dict]:
     """The targets of issue 8 §5, checked against this run (report only, never a test)."""
     rows = [
@@ -227,6 +258,16 @@ def check_targets(results: dict) -> list[dict]:
             results, "cached GET-by-id (Zipf), 64 conns", "get_zipf", "sidecar_cached", 3.0
         ),
         _rps_target(results, "create, 64 conns", "create", "sidecar", 1.0),
+        _rps_target(
+            results,
+            "list query on declared, indexed fields, 64 conns",
+            "list_indexed",
+            "sidecar",
+            1.5,
+        ),
+        _self_ratio_target(
+            results, "create with a 6-field schema, 64 conns", "create_schema6", "create", 0.9
+        ),
     ]
     ol = results.get("open_loop")
     row = {"name": "open-loop p99 (sidecar)", "threshold": "<= baseline p99 + 1 ms"}

@@ -118,6 +118,12 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
     if "create" in scenarios:
         body = workload.CREATE_BODY.encode()
         checks.append(("create", "POST", "/api/db/bench_create", body, 201, None))
+    if "create_schema6" in scenarios:
+        body = workload.CREATE6_BODY.encode()
+        checks.append(("create_schema6", "POST", "/api/db/bench_create6", body, 201, None))
+    if "list_indexed" in scenarios:
+        body = workload.list_body(3, 100).encode()
+        checks.append(("list", "POST", "/api/db/bench_list/query", body, 200, None))
     if "mixed" in scenarios:
         body = workload.INC_BODY.encode()
         checks.append(("update", "PUT", f"/api/db/bench/{doc_id}", body, 200, b'"n"'))
@@ -132,6 +138,15 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
                 n = len(orjson.loads(got).get("items", []))
                 if n != 10:
                     problems.append(f"{t.name}: query returned {n} rows, expected 10")
+            if what == "list" and st == 200:
+                items = orjson.loads(got).get("items", [])
+                want = sorted(
+                    d["n"]
+                    for d in map(workload.list_doc, range(workload.LIST_DOCS))
+                    if d["grp"] == 3 and d["n"] >= 100
+                )[:10]
+                if [d.get("n") for d in items] != want:
+                    problems.append(f"{t.name}: list query answered {got[:300]!r}")
     if problems:
         raise BenchError("preflight failed:\n" + "\n".join(problems))
 

@@ -32,6 +32,17 @@ INC_BODY = '{"$inc":{"n":1}}'
 CREATE_BODY = (
     '{"name":"bench user","age":42,"email":"bench@example.com","tags":["a","b"],"active":true}'
 )
+# create_schema6: a document of the 6-field schema of ``bench_create6`` (pgsetup.SCHEMA6)
+CREATE6_BODY = (
+    '{"name":"bench user","age":42,"email":"bench@example.com","active":true,'
+    '"score":7.5,"city":"Lyon"}'
+)
+# list_indexed: LIST_DOCS documents {grp: 0..LIST_GROUPS-1, n: a permutation of 0..LIST_DOCS-1}
+# in ``bench_list``, declared {grp: integer, n: integer} with an index on (grp, n); a query
+# {"grp": g, "n": {"$gte": k}} sorted by n with k <= LIST_MAX_K always has >= 10 rows
+LIST_DOCS = 50_000
+LIST_GROUPS = 100
+LIST_MAX_K = LIST_DOCS - 20 * LIST_GROUPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +89,24 @@ SCENARIOS: dict[str, Scenario] = {
             "truncate",
             "POST /api/db/bench_create, one 90-byte JSON object",
             "INSERT INTO dbproxy.bench_create (_id, doc, _version) VALUES ($1, $2, 1)",
+        ),
+        Scenario(
+            "list_indexed",
+            "bench_list",
+            "POST",
+            None,
+            'POST /api/db/bench_list/query {"filter": {"grp": <0..99>, "n": {"$gte": <k>}}, '
+            f'"sort": "n", "limit": 10}} over {LIST_DOCS:,} documents (declared, indexed)',
+            "SELECT doc FROM dbproxy.bench_list WHERE doc->'grp' = $1 AND doc->'n' >= $2 "
+            "ORDER BY doc->'n' LIMIT 10 (expression index on (doc->'grp', doc->'n'))",
+        ),
+        Scenario(
+            "create_schema6",
+            "bench_create6",
+            "POST",
+            "truncate",
+            "POST /api/db/bench_create6, a document of its declared 6-field schema",
+            "INSERT INTO dbproxy.bench_create6 (_id, doc, _version) VALUES ($1, $2, 1)",
         ),
         Scenario(
             "mixed",
@@ -172,6 +201,23 @@ def query_body(group: str) -> str:
     return orjson.dumps({"filter": {"group": group}, "limit": 10}).decode()
 
 
+def list_doc(i: int) -> dict[str, Any]:
+    """The i-th document of ``bench_list`` (0-based)."""
+    return {
+        "_id": f"l-{i:06d}",
+        "_version": 1,
+        "grp": i % LIST_GROUPS,
+        "n": (i * 7919) % LIST_DOCS,
+        "name": f"item {i}",
+    }
+
+
+def list_body(grp: int, k: int) -> str:
+    return orjson.dumps(
+        {"filter": {"grp": grp, "n": {"$gte": k}}, "sort": "n", "limit": 10}
+    ).decode()
+
+
 _NEW_ID_PREFIX = os.urandom(3).hex()
 _NEW_ID_COUNTER = itertools.count()
 
@@ -204,6 +250,8 @@ class RequestMaker:
         self.rng = random.Random(seed ^ 0x5EED)
         self.groups = n_groups(n_docs)
         self.head = f"Host: {host}:{port}\r\n" + "".join(f"{h}\r\n" for h in headers)
+        if scenario == "create_schema6":
+            body = CREATE6_BODY
         self.create = self._with_body("POST", f"/api/db/{collection}", body)
 
     def _with_body(self, method: str, path: str, body: str) -> bytes:
@@ -221,8 +269,11 @@ class RequestMaker:
         sc = self.scenario
         if sc in ("get_uniform", "get_zipf"):
             return self._get()
-        if sc == "create":
+        if sc in ("create", "create_schema6"):
             return self.create
+        if sc == "list_indexed":
+            body = list_body(self.rng.randrange(LIST_GROUPS), self.rng.randint(0, LIST_MAX_K))
+            return self._with_body("POST", f"/api/db/{self.collection}/query", body)
         if sc == "query":
             g = group_value(self.rng.randrange(self.groups))
             return self._with_body("POST", f"/api/db/{self.collection}/query", query_body(g))

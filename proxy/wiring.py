@@ -85,13 +85,7 @@ def make_core(
     """The operation pipeline over the configured databases, validated before any I/O;
     with no database configured, over the embedded SQLite store in ``config.data_dir``."""
     backends = build_backends(config, coalesce=coalesce)
-    schemas = SchemaRegistry()
-
-    async def schemas_changed(_collection: str) -> None:  # a migration this process ran
-        for backend in backends.values():
-            await schemas.refresh(backend)
-
-    kw: dict[str, Any] = {"gate": gate, "cache": cache, "fills": fills, "schemas": schemas}
+    kw: dict[str, Any] = {"gate": gate, "cache": cache, "fills": fills}
     if not config.databases:
         path = os.path.join(config.data_dir, DATA_FILE)
         problem = check_location(path)
@@ -109,11 +103,19 @@ def make_core(
                 "(pass --database URL or --config FILE to use PostgreSQL)",
                 os.path.abspath(path),
             )
-        runner = build_migrations(config, backends, EMBEDDED_DATABASE, schemas_changed)
-        return Core(config, backends, EMBEDDED_DATABASE, migrations=runner, **kw)
-    default = config.default_database or next(iter(backends))
+    default = (
+        EMBEDDED_DATABASE
+        if not config.databases
+        else config.default_database or next(iter(backends))
+    )
+    registry = SchemaRegistry()
+
+    async def schemas_changed(collection: str) -> None:  # a migration this process ran
+        for backend in backends.values():
+            await registry.refresh(backend)
+
     runner = build_migrations(config, backends, default, schemas_changed)
-    return Core(config, backends, default, migrations=runner, **kw)
+    return Core(config, backends, default, migrations=runner, schemas=registry, **kw)
 
 
 def build_migrations(

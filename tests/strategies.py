@@ -23,10 +23,16 @@ from hypothesis import strategies as st
 from tests.reference import is_operator_object, update_paths_conflict
 
 __all__ = [
+    "DECLARED_KINDS",
+    "DECLARED_PATHS",
     "FILTER_PATHS",
     "FLOATS",
     "STRINGS",
     "comparable_scalars",
+    "declared_document_lists",
+    "declared_documents",
+    "declared_filters",
+    "declared_sorts",
     "document_lists",
     "documents",
     "filter_size",
@@ -421,3 +427,107 @@ def updates(draw: st.DrawFn) -> dict[str, dict[str, Json]]:
         out.setdefault(op, {})[path] = draw(_update_arg(op, path))
     assert not update_paths_conflict(out), out
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Documents valid for a schema with declared scalar fields (typed compilation)
+# --------------------------------------------------------------------------------------
+
+#: The declared scalar paths of the schema the typed-compilation tests use, and their kinds
+#: (what ``CollectionSchema.scalar_kinds()`` gives for ``n: number, s: string, f: boolean,
+#: o: object|null, o.x: integer``): every generated document holds a value of that kind,
+#: null, or nothing there.
+DECLARED_KINDS: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("f",), "boolean"),
+    (("n",), "number"),
+    (("o", "x"), "number"),
+    (("s",), "string"),
+)
+DECLARED_PATHS = ("n", "s", "f", "o.x")
+_DECLARED_VALUE = {
+    "n": st.one_of(st.integers(-4, 4), st.sampled_from(FLOATS)),
+    "s": st.sampled_from(STRINGS),
+    "f": st.booleans(),
+    "o.x": st.integers(-3, 3),
+}
+
+
+def _maybe(values: Strategy[Json]) -> Strategy[Json]:
+    """A declared field's value, null, or missing (``_MISSING``)."""
+    return st.one_of(values, st.none(), st.just(_MISSING))
+
+
+_MISSING = object()
+
+
+@st.composite
+def declared_documents(draw: st.DrawFn) -> dict[str, Json]:
+    """A document valid for the declared schema, plus an undeclared field ``a``."""
+    doc: dict[str, Json] = {}
+    for key in ("n", "s", "f"):
+        v = draw(_maybe(_DECLARED_VALUE[key]))
+        if v is not _MISSING:
+            doc[key] = v
+    o = draw(st.sampled_from(("object", "null", "missing")))
+    if o == "null":
+        doc["o"] = None
+    elif o == "object":
+        x = draw(_maybe(_DECLARED_VALUE["o.x"]))
+        doc["o"] = {} if x is _MISSING else {"x": x}
+    a = draw(st.one_of(st.just(_MISSING), scalars(), st.lists(scalars(), max_size=2)))
+    if a is not _MISSING:
+        doc["a"] = a
+    return doc
+
+
+def declared_document_lists(min_size: int = 0, max_size: int = 10) -> Strategy[list[Json]]:
+    return st.lists(declared_documents(), min_size=min_size, max_size=max_size).map(
+        lambda docs: [{"_id": f"d{i:02d}", **d} for i, d in enumerate(docs)]
+    )
+
+
+def _declared_operand(path: str) -> Strategy[Json]:
+    """Mostly a value of the path's kind; sometimes null or another kind (type brackets)."""
+    return st.one_of(_DECLARED_VALUE[path], _DECLARED_VALUE[path], st.none(), scalars())
+
+
+def _declared_condition(path: str) -> Strategy[Json]:
+    v = _declared_operand(path)
+    lists = st.lists(v, min_size=0, max_size=3)
+    op = st.one_of(
+        st.fixed_dictionaries({"$eq": v}),
+        st.fixed_dictionaries({"$ne": v}),
+        st.fixed_dictionaries({"$in": lists}),
+        st.fixed_dictionaries({"$nin": lists}),
+        st.fixed_dictionaries({"$exists": st.booleans()}),
+        st.builds(lambda o, x: {o: x}, st.sampled_from(("$gt", "$gte", "$lt", "$lte")), v),
+        st.builds(
+            lambda lo, hi: {"$gte": lo, "$lt": hi}, _DECLARED_VALUE[path], _DECLARED_VALUE[path]
+        ),
+        st.builds(lambda o, x: {"$not": {o: x}}, st.sampled_from(("$gt", "$lte", "$eq")), v),
+        st.fixed_dictionaries({"$type": st.sampled_from(("number", "string", "null"))}),
+    )
+    return st.one_of(v, op)
+
+
+@st.composite
+def declared_filters(draw: st.DrawFn, depth: int = 2) -> dict[str, Json]:
+    """Filters over the declared paths (and the undeclared ``a``), with $and/$or/$nor."""
+    paths = draw(st.lists(st.sampled_from((*DECLARED_PATHS, "a")), min_size=0, max_size=3))
+    flt: dict[str, Json] = {}
+    for p in paths:
+        flt[p] = draw(_declared_condition(p) if p != "a" else scalars())
+    if depth > 0 and draw(st.booleans()):
+        op = draw(st.sampled_from(("$and", "$or", "$nor")))
+        flt[op] = draw(st.lists(declared_filters(depth - 1), min_size=1, max_size=3))
+    return flt
+
+
+def declared_sorts() -> Strategy[list[tuple[str, int]]]:
+    """1-2 (path, ±1) over the declared paths and ``_id``."""
+    return st.lists(
+        st.tuples(st.sampled_from((*DECLARED_PATHS, "_id")), st.sampled_from((1, -1))),
+        min_size=1,
+        max_size=2,
+        unique_by=lambda t: t[0],
+    )

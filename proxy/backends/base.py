@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -14,6 +15,7 @@ from proxy.query.ast import Filter
 from proxy.query.spec import (
     AuditScope,
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     Page,
@@ -81,7 +83,7 @@ class Documents(Protocol):
 
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 
-    async def count(self, collection: str, flt: Filter) -> int: ...
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int: ...
 
     async def preview(
         self,
@@ -207,6 +209,12 @@ class Backend(Documents, Protocol):
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
         """Every declared collection schema: collection → (version, its JSON form)."""
+        ...
+
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: await ``changed`` whenever the declared schemas may have changed
+        (PostgreSQL: LISTEN for the NOTIFY every migration sends; the embedded store: a
+        local poll), and once at the start."""
         ...
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from proxy.http.middleware import Handler, envelope, identity, json_response, ob
 from proxy.http.schema import describe_schema
 from proxy.http.transactions import transaction
 from proxy.pipeline.core import Core
-from proxy.pipeline.schemas import SCHEMA_POLL_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +153,13 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     core = app[CORE]
     reaper = asyncio.create_task(core.transactions.run_reaper())
     upkeep = asyncio.create_task(_every(60.0, core.maintain))
-    schemas = asyncio.create_task(_every(SCHEMA_POLL_SECONDS, core.poll_schemas))
+    watchers = [asyncio.create_task(core.watch_schemas(b)) for b in core.backends.values()]
     try:
         yield
     finally:
-        for task in (reaper, upkeep, schemas):
+        for task in (reaper, upkeep, *watchers):
             task.cancel()
-        await asyncio.gather(reaper, upkeep, return_exceptions=True)
+        await asyncio.gather(reaper, upkeep, *watchers, return_exceptions=True)
         await core.transactions.close_all()
 
 

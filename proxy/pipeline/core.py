@@ -92,13 +92,11 @@ class Core(DocumentOps, AtomicOps, SchemaOps):
             if backend is None or each.name == backend:
                 await self.schemas.refresh(each)
 
-    async def poll_schemas(self) -> None:
-        """The periodic reload: a database that does not answer keeps what was loaded."""
-        for each in self.backends.values():
-            try:
-                await self.schemas.refresh(each)
-            except ProxyError as err:
-                log.debug("schemas of %s not reloaded: %s", each.name, err.code)
+    async def watch_schemas(self, backend: Backend) -> None:
+        """Keep ``backend``'s schemas current (until cancelled): another sidecar's migration
+        is enforced here as soon as the backend reports it."""
+        if backend.capabilities.schemas:
+            await backend.watch_schemas(lambda: self.schemas.refresh(backend))
 
     async def maintain(self) -> None:
         for backend in self.backends.values():

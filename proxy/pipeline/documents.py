@@ -376,6 +376,8 @@ class DocumentOps:
         caller: Caller = OPEN,
     ) -> Page:
         d = self.decide(caller, collection, "list", target)
+        active = await self.active_schema(collection)
+        kinds = active.kinds if active is not None else ()
 
         def validate(d: Decision) -> FindSpec:
             d.check_filter(spec.filter)
@@ -383,7 +385,9 @@ class DocumentOps:
             d.check_fields(spec.fields)
             self.gate.check_row_limit(caller, spec.limit)
             rows = d.row_filter(caller.headers)
-            return spec if rows is None else replace(spec, filter=And((spec.filter, rows)))
+            guarded = spec if rows is None else replace(spec, filter=And((spec.filter, rows)))
+            # the declared scalar paths: compiled on the indexed expressions
+            return replace(guarded, kinds=kinds) if kinds else guarded
 
         async def find(guarded: FindSpec) -> Page:
             return _present_page(d, spec.fields, await self._docs(target).find(collection, guarded))
@@ -406,8 +410,11 @@ class DocumentOps:
             rows = d.row_filter(caller.headers)
             return flt if rows is None else And((flt, rows))
 
+        active = await self.active_schema(collection)
+        kinds = active.kinds if active is not None else ()
+
         async def count(guarded: Filter) -> int:
-            return await self._docs(target).count(collection, guarded)
+            return await self._docs(target).count(collection, guarded, kinds=kinds)
 
         return await self._through(caller, d, validate, count)
 

@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 
 Kinds = tuple[tuple[tuple[str, ...], str], ...]
 _NOT_CHECKED: Final = frozenset({"_version"})  # kept by dbproxy, never declared
-# How often a sidecar reads the declared schemas again: a migration another sidecar ran is
-# enforced here within this time (one that this process ran, at once).
-SCHEMA_POLL_SECONDS: Final = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,8 +117,9 @@ def activate(schema: CollectionSchema, version: int) -> ActiveSchema:
 
 class SchemaRegistry:
     """The active schemas of every backend, by backend name and collection. Refreshed at
-    start, after a migration this process ran, and whenever a backend reports a change
-    (PostgreSQL: NOTIFY from another sidecar's migration; the embedded store: polled)."""
+    start (or on first use), after a migration this process ran, and whenever a backend
+    reports a change (``Backend.watch_schemas``: PostgreSQL LISTENs for the NOTIFY each
+    migration sends; the embedded store polls its file every second)."""
 
     def __init__(self) -> None:
         self._active: dict[str, dict[str, ActiveSchema]] = {}

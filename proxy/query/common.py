@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from proxy.query.ast import (
@@ -31,9 +33,63 @@ TYPE_RANKS = {"null": 1, "number": 2, "string": 3, "object": 4, "array": 5, "boo
 
 X = TypeVar("X")  # how a dialect refers to one JSON value inside SQL (an expression, a pair...)
 
+# The kinds of declared scalar paths (a schema's ``scalar_kinds()``): number, string, boolean.
+Kinds = Mapping[tuple[str, ...], str]
+TOP_DOC = "t.doc"  # declared paths are relative to the stored document, never to an element
+_DECLARED_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # proxy.schema.model.parse_path's
+
+
+def value_kind(value: Any) -> str | None:
+    """The declared kind a JSON scalar belongs to (None: null or a container)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def declared_kind(kinds: Kinds, path: Path) -> str | None:
+    """The declared kind of ``path`` when its segments may appear in SQL text (declared
+    names only), else None: the path is compiled the generic way."""
+    kind = kinds.get(path.segments)
+    if kind is None or kind not in ("number", "string", "boolean"):
+        return None
+    return kind if declared_names(path.segments) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def declared_names(segments: tuple[str, ...]) -> bool:
+    """Every segment is a declared name (``proxy.schema.model.parse_path``'s pattern)."""
+    return all(_DECLARED_SEGMENT.match(s) for s in segments)
+
+
+@functools.lru_cache(maxsize=1024)
+def kinds_map(kinds: tuple[tuple[tuple[str, ...], str], ...]) -> Kinds:
+    """``FindSpec.kinds`` as a mapping (one per distinct schema, shared: never mutated)."""
+    return dict(kinds)
+
+
+def typed_ok(pred: Pred, kind: str) -> bool:
+    """Whether ``pred`` on a path of ``kind`` compiles on the declared expression: equality,
+    comparison and ``$in`` with values of that kind (or null), and ``$exists``. Anything
+    else (another kind's value: MongoDB's type bracketing says it matches nothing) keeps
+    the generic compilation, which is always correct."""
+    if isinstance(pred, Eq):
+        return pred.value is None or value_kind(pred.value) == kind
+    if isinstance(pred, Cmp):
+        return value_kind(pred.value) == kind
+    if isinstance(pred, In):
+        return all(v is None or value_kind(v) == kind for v in pred.values)
+    return isinstance(pred, Exists)
+
 
 class FilterWalker(ABC, Generic[X]):
     """Compiles a filter to a boolean SQL expression; subclasses write the leaf SQL."""
+
+    kinds: Kinds = {}  # declared scalar paths a dialect compiles on ``declared_expr``
+    all_typed = True  # False once a predicate compiled the generic way
 
     # -- entry ---------------------------------------------------------------------
 
@@ -78,7 +134,24 @@ class FilterWalker(ABC, Generic[X]):
         parts = [self._pred(cond.path, pred, doc) for pred in cond.preds]
         return parts[0] if len(parts) == 1 else "(" + " AND ".join(parts) + ")"
 
+    def typed(self, path: Path, pred: Pred, doc: str) -> str | None:
+        """``pred`` compiled on the declared expression of ``path``, or None (generic)."""
+        kind = declared_kind(self.kinds, path) if self.kinds and doc == TOP_DOC else None
+        if kind is None or not typed_ok(pred, kind):
+            if not isinstance(pred, Not | Never):  # those compile their parts
+                self.all_typed = False
+            return None
+        return self.typed_sql(path, kind, pred, doc)
+
+    def typed_sql(self, path: Path, kind: str, pred: Pred, doc: str) -> str:
+        """A dialect's SQL of ``pred`` (``typed_ok``) on the declared path; never SQL NULL,
+        so ``$not`` negates it soundly."""
+        raise NotImplementedError
+
     def _pred(self, path: Path, pred: Pred, doc: str) -> str:
+        typed = self.typed(path, pred, doc)
+        if typed is not None:
+            return typed
         if isinstance(pred, Eq) and pred.value is not None:
             return self._eq(path, pred.value, doc)
         if isinstance(pred, Eq):  # null: a null or missing candidate, or no values at all
@@ -175,17 +248,30 @@ def order_by(exprs: Sequence[tuple[str, bool]]) -> str:
 
 
 def keyset_after(
-    exprs: Sequence[tuple[str, bool]], bind: Callable[[int], str], equal: str = "="
+    exprs: Sequence[tuple[str, bool]],
+    bind: Callable[[int], str],
+    equal: str = "=",
+    nullable: Sequence[bool] = (),
+    null_equal: str = "IS NOT DISTINCT FROM",
 ) -> str:
     """Rows strictly after the cursor row in the order of ``exprs`` (nested OR chain).
 
     ``bind(i)`` returns the placeholder of the cursor's i-th value; it is called from the
-    last expression to the first. ``equal`` is the dialect's equality for sort keys."""
+    last expression to the first. ``equal`` is the dialect's equality for sort keys. A key
+    marked ``nullable`` (a declared path: SQL NULL for missing and null, which sort first
+    ascending and last descending) compares with ``null_equal`` and NULL-aware order."""
     sql = ""
     for i in reversed(range(len(exprs))):
         expr, desc = exprs[i]
         ph = bind(i)
         op = "<" if desc else ">"
+        eq = equal
         strict = f"{expr} {op} {ph}"
-        sql = strict if not sql else f"({strict} OR ({expr} {equal} {ph} AND {sql}))"
+        if i < len(nullable) and nullable[i]:
+            eq = null_equal
+            if desc:
+                strict = f"({strict} OR ({expr} IS NULL AND {ph} IS NOT NULL))"
+            else:
+                strict = f"({strict} OR ({expr} IS NOT NULL AND {ph} IS NULL))"
+        sql = strict if not sql else f"({strict} OR ({expr} {eq} {ph} AND {sql}))"
     return sql

@@ -17,6 +17,7 @@ from proxy.query.ast import (
     Filter,
     In,
     Path,
+    Pred,
     Regex,
     Size,
     SortKey,
@@ -25,31 +26,15 @@ from proxy.query.ast import (
     UpdateOp,
     is_index,
 )
-from proxy.query.common import TYPE_RANKS, FilterWalker, keyset_after
+from proxy.query.common import FilterWalker, Kinds, keyset_after
 from proxy.query.common import order_by as order_by  # re-exported for the backend
+from proxy.query.pg_typed import JSON_KEY_SQL, PG_TYPES, RANK_SQL, TEXT_KEY_SQL, typed_pred
+from proxy.query.pg_typed import declared_expr as declared_expr  # index DDL uses it too
 
-PG_TYPES = {
-    "null": "null",
-    "number": "number",
-    "string": "string",
-    "object": "object",
-    "array": "array",
-    "bool": "boolean",
-}
 # PCRE-style (m, s) options → PostgreSQL ARE embedded options.
 # p: '.' and [^] exclude newline, ^$ only at string ends (PCRE default)
 # n: newline-sensitive (PCRE m);  s: '.' matches newline (PCRE s);  w: both m and s
 _NEWLINE_MODE = {"": "p", "m": "n", "s": "s", "ms": "w"}
-
-RANK_SQL = (
-    "CASE jsonb_typeof({x}) "
-    + " ".join(f"WHEN '{PG_TYPES[t]}' THEN {r}" for t, r in TYPE_RANKS.items() if r > 1)
-    + " ELSE 1 END"
-)
-TEXT_KEY_SQL = (
-    "COALESCE(CASE WHEN jsonb_typeof({x}) = 'string' THEN {x} #>> '{{}}' END, '') COLLATE \"C\""
-)
-JSON_KEY_SQL = "COALESCE({x}, 'null'::jsonb)"
 
 
 def regex_with_options(pattern: str, options: str) -> str:
@@ -79,11 +64,16 @@ class Params:
 class FilterCompiler(FilterWalker[str]):
     """Compiles a filter to a boolean SQL expression over a jsonb document expression."""
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: Params, kinds: Kinds | None = None) -> None:
         self.p = params
+        if kinds:
+            self.kinds = kinds
 
     def where(self, flt: Filter, doc: str = "t.doc") -> str:
         return super().where(flt, doc)
+
+    def typed_sql(self, path: Path, kind: str, pred: Pred, doc: str) -> str:
+        return typed_pred(path, kind, pred, doc, self.p.add)
 
     # -- paths ---------------------------------------------------------------------
 
@@ -432,20 +422,3 @@ HELPER_FUNCTIONS = (
     .replace("{int64_max}", str(INT64_MAX))
     .replace("{double_max}", str(DOUBLE_MAX_EXACT))
 )
-
-
-# ---- declared paths (a collection schema's scalar fields) ------------------------------
-
-
-def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
-    """The expression of a declared scalar path of ``kind`` (``number``, ``string``,
-    ``boolean``): the one expression both an index on the path and a query that may use it
-    are written with, so the planner matches them. Never fails on any stored value.
-    The segments are declared names (``proxy.schema.model.SEGMENT_RE``), never request text.
-    Strings are text in byte order (missing and null are SQL NULL); numbers and booleans
-    stay jsonb (missing is JSON null), whose order within one kind is MongoDB's."""
-    keys = [f"'{seg}'" for seg in path]
-    if kind == "string":
-        head = "".join(f" -> {k}" for k in keys[:-1])
-        return f'(({doc}{head} ->> {keys[-1]}) COLLATE "C")'
-    return f"COALESCE({doc}{''.join(f' -> {k}' for k in keys)}, 'null'::jsonb)"

@@ -15,6 +15,10 @@ from proxy.errors import BadRequest, Conflict, InvalidJson, LimitExceeded, Unpro
 from proxy.query.ast import MATCH_ALL, Filter, Path, SortKey, Update
 from proxy.query.parse import parse_fields, parse_filter, parse_sort
 
+# A collection's declared scalar paths and their kinds (``CollectionSchema.scalar_kinds()``
+# as a sorted tuple): the query compilers test and sort them on their declared expressions.
+DeclaredKinds = tuple[tuple[tuple[str, ...], str], ...]
+
 
 @dataclass(frozen=True, slots=True)
 class FindSpec:
@@ -24,6 +28,7 @@ class FindSpec:
     skip: int = 0
     fields: tuple[Path, ...] | None = None
     cursor: str | None = None
+    kinds: DeclaredKinds = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,6 @@ a 400 naming its place. Pure: no database, no I/O (``proxy.schema.validate`` com
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -471,12 +470,3 @@ def _enum_value(item: str, types: tuple[str, ...]) -> Any:
         return float(item) if any(c in item for c in ".eE") else int(item)
     except ValueError:
         return item
-
-
-def physical_index_name(collection: str, index: str) -> str:
-    """The database's name of a declared index (index names are per PostgreSQL schema and
-    per SQLite file, at most 63 bytes): ``<collection>__<index>``, or a digest when long."""
-    name = f"{collection}__{index}"
-    if len(name) <= 63:
-        return name
-    return "ix_" + hashlib.blake2s(name.encode(), digest_size=16).hexdigest()

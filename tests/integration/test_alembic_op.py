@@ -223,3 +223,39 @@ async def test_a_missing_extra_is_alembic_unavailable(monkeypatch: pytest.Monkey
         await alembic_upgrade("postgresql://x@127.0.0.1/x", "/nowhere", "head")
     assert info.value.status == 400 and info.value.code == "alembic_unavailable"
     assert "dbproxy[alembic]" in info.value.message
+
+
+async def test_the_migration_runner_runs_alembic_under_its_lock_and_records_it(
+    tmp_path: Path, fresh_dsn: str
+) -> None:
+    from proxy.backends.postgres import PostgresBackend
+    from proxy.config import DatabaseConfig, Limits
+    from proxy.migrate.ops import parse_migration
+    from proxy.migrate.runner import MigrationRunner
+
+    env = build_env(tmp_path, [("r1", None, CREATE_ITEMS), ("r2", "r1", ADD_COLUMN)])
+    cfg = DatabaseConfig(name="main", type="postgresql", connection_string=fresh_dsn)
+    backend = PostgresBackend(cfg, Limits(), schema="dbproxy")
+    await backend.start()
+    try:
+        runner = MigrationRunner(
+            {"main": backend.migrations()}, "main", alembic_directories={"main": env}
+        )
+        raw = {
+            "id": "alembic-head",
+            "version": 3,
+            "script": {"operations": [{"op": "alembic_upgrade", "revision": "head"}]},
+        }
+        planned = await runner.submit(parse_migration(raw), dry_run=True, wait=30.0)
+        assert planned.status == 200 and await version(fresh_dsn) == []  # a plan only
+        done = await runner.submit(parse_migration(raw), wait=30.0)
+        assert done.status == 201 and done.body["status"] == "completed", done.body
+        assert await columns(fresh_dsn, "items") == ["id", "name", "price"]
+        assert await version(fresh_dsn) == ["r2"]
+        again = await runner.submit(parse_migration(raw), wait=30.0)
+        assert again.status == 200 and again.body.get("noop") is True
+        status = await runner.status()
+        assert status["current_version"] == 3
+        await runner.close()
+    finally:
+        await backend.close()

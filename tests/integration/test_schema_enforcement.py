@@ -14,10 +14,12 @@ import pytest
 
 from proxy.backends.base import Backend
 from proxy.config import Limits
-from proxy.errors import NotFound, PreconditionFailed, SchemaViolation
+from proxy.errors import DuplicateKey, NotFound, PreconditionFailed, SchemaViolation
+from proxy.migrate.ops import parse_migration
+from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
 from proxy.query.spec import ItemResult, WriteResult
-from tests.backends import KINDS, open_core
+from tests.backends import KINDS, backend_namespace, core_over, open_core
 
 pytestmark = pytest.mark.integration
 
@@ -291,3 +293,135 @@ async def test_describe_schema_shows_declared_and_inferred(core: Core) -> None:
     assert not free["declared"] and free["schema"] is None
     names = {f["name"]: f for f in free["inferred"]["fields"]}
     assert set(names["a"]["type"]) == {"integer", "string"} and names["b.c"]["inferred"]
+
+
+# ---- unique indexes built by a migration -----------------------------------------------------
+
+
+async def test_a_taken_unique_key_refuses_only_its_own_document(core: Core) -> None:
+    runner = MigrationRunner(
+        {"main": core.backend().migrations()},
+        "main",
+        schemas_changed=lambda _: core.refresh_schemas(),
+    )
+    index = {"name": "by_email", "fields": ["email"], "unique": True}
+    out = await runner.submit(
+        parse_migration(
+            {
+                "id": "u1",
+                "version": 1,
+                "script": {
+                    "operations": [{"op": "create_index", "collection": "users", "index": index}]
+                },
+            }
+        ),
+        wait=30.0,
+    )
+    assert out.status == 201, out.body
+    await core.create("users", {"_id": "x1", "email": "same@x"})
+    results = await core.create(
+        "users",
+        [
+            {"_id": "x2", "email": "other@x"},
+            {"_id": "x3", "email": "same@x"},
+            {"_id": "x4", "email": "4@x"},
+        ],
+    )
+    assert isinstance(results, list)
+    assert [r.status for r in results] == [201, 409, 201]
+    assert results[1].error is not None and results[1].error["code"] == "duplicate_key"
+    assert results[1].error["details"]["index"] == "by_email"
+    # concurrent single creates (coalesced into one statement on PostgreSQL): only the
+    # one holding the taken key is refused
+    outcomes = await asyncio.gather(
+        *(core.create("users", {"_id": f"c{i}", "email": f"c{i}@x"}) for i in range(5)),
+        core.create("users", {"_id": "c-dup", "email": "same@x"}),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, WriteResult) for o in outcomes[:5]), outcomes
+    assert isinstance(outcomes[5], DuplicateKey) and outcomes[5].details["index"] == "by_email"
+    described = await core.describe_schema("users")
+    by_email = [ix for ix in described["indexes"] if ix["name"] == "by_email"]
+    assert by_email and by_email[0]["declared"] and by_email[0]["unique"]
+    assert by_email[0]["valid"] and by_email[0]["fields"] == ["email"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_another_sidecars_migration_is_enforced_soon(
+    kind: str, pg_dsn: str, tmp_path: Any
+) -> None:
+    """Two sidecars on one database: a migration run by one is enforced by the other as
+    soon as its backend reports it (NOTIFY on PostgreSQL, the file poll on SQLite)."""
+    async with backend_namespace(kind, pg_dsn, Limits(), str(tmp_path)) as make:
+        first, second = make(), make()
+        await first.start()
+        await second.start()
+        try:
+            here, there = core_over(first, Limits()), core_over(second, Limits())
+            await there.create("late", {"n": "anything"})  # loaded now: schemaless
+            watcher = asyncio.create_task(there.watch_schemas(second))
+            await asyncio.sleep(0.3)  # listening
+            runner = MigrationRunner({"main": first.migrations()}, "main")
+            schema = {"fields": [{"name": "n", "type": "integer", "required": True}]}
+            raw = {
+                "id": "late-schema",
+                "version": 1,
+                "script": {
+                    "operations": [
+                        {
+                            "op": "set_schema",
+                            "collection": "late",
+                            "schema": {**schema, "validation": {"level": "moderate"}},
+                        }
+                    ]
+                },
+            }
+            out = await runner.submit(parse_migration(raw), wait=30.0)
+            assert out.status == 201, out.body
+            deadline = asyncio.get_running_loop().time() + 10.0
+            while True:
+                try:
+                    await there.create("late", {"n": "text"})
+                except SchemaViolation:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, "never enforced"
+                await asyncio.sleep(0.05)
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await runner.close()
+            assert here is not there
+        finally:
+            await first.close()
+            await second.close()
+
+
+async def test_finds_and_counts_carry_the_declared_kinds(
+    core: Core, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pipeline hands the compiler the declared scalar paths of an enforced schema."""
+    await declare(
+        core,
+        "typed",
+        {"fields": [{"name": "grp", "type": "integer"}, {"name": "name", "type": "string"}]},
+    )
+    await core.create("typed", [{"grp": 1, "name": "a"}, {"grp": 2, "name": "b"}])
+    backend: Any = core.backend()
+    seen: list[Any] = []
+    find, count = backend.find, backend.count
+
+    async def spy_find(collection: str, spec: Any) -> Any:
+        seen.append(spec.kinds)
+        return await find(collection, spec)
+
+    async def spy_count(collection: str, flt: Any, *, kinds: Any = ()) -> int:
+        seen.append(kinds)
+        return int(await count(collection, flt, kinds=kinds))
+
+    monkeypatch.setattr(backend, "find", spy_find)
+    monkeypatch.setattr(backend, "count", spy_count)
+    spec = core.find_spec({"filter": {"grp": {"$gte": 2}}, "sort": "name"}, from_url=False)
+    page = await core.find("typed", spec)
+    assert [orjson.loads(b)["name"] for b in page.items] == ["b"]
+    assert await core.count("typed", {"grp": 1}) == 1
+    expected = ((("grp",), "number"), (("name",), "string"))
+    assert seen == [expected, expected]

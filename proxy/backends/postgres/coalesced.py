@@ -3,18 +3,22 @@ concurrent creates share one INSERT (and one commit), each keeping its own outco
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy import context
 from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
-from proxy.backends.postgres.documents import PgDocuments
+from proxy.backends.postgres.coalesce_find import FindCoalescer, batched_sql
+from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
+from proxy.backends.postgres.documents import FindStatement, PgDocuments
+from proxy.backends.postgres.errors import no_answer
 from proxy.backends.postgres.sql import insert_batch
 from proxy.config import Limits
 from proxy.context import RequestContext
-from proxy.errors import DuplicateId, InvalidQuery, ProxyError
+from proxy.errors import DuplicateId, DuplicateKey, InvalidQuery, ProxyError, Timeout
 from proxy.ids import IdGenerator
-from proxy.query.spec import WriteResult
+from proxy.query.spec import FindSpec, Page, WriteResult
 
 _Insert = tuple[str, str, str, str]  # _id, document JSON, service, request id
 _Outcome = tuple[bool, str | None]  # inserted, the write's consistency token
@@ -38,6 +42,8 @@ class CoalescingDocuments(PgDocuments):
         self.coalesce = coalesce
         self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
         self._inserters: dict[str, Batcher[_Insert, _Outcome]] = {}
+        # by (collection, read preference, SQL text); None: the shape cannot be batched
+        self._finders: dict[tuple[str, str | None, str], FindCoalescer | None] = {}
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
         """Create one document. Concurrent creates of one collection are written by ONE
@@ -69,8 +75,9 @@ class CoalescingDocuments(PgDocuments):
             args = (*columns, collection) if self.audit else tuple(columns)
             try:
                 rows = await self._write(collection, sql, *args)
-            except InvalidQuery:
-                # one bad document (a value the database refuses) must not fail the others
+            except (InvalidQuery, DuplicateKey):
+                # one bad document (a value the database refuses, a taken unique key) must
+                # not fail the others
                 return [await self._insert_alone(collection, item) for item in items]
             token = context.write_token.get()
             inserted = {r[0] for r in rows}
@@ -115,8 +122,53 @@ class CoalescingDocuments(PgDocuments):
 
         return fetch_many
 
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        """Concurrent finds of one shape (the same SQL text) share one statement, a lateral
+        join over their parameters; each gets its own page or its own error, by its own
+        deadline. Reads bound to a consistency token run alone."""
+        ctx = context.current.get()
+        if not self.coalesce or ctx.min_lsn is not None:
+            return await super().find(collection, spec)
+        statement = self.find_statement(collection, spec)
+        finder = self._finder(collection, ctx.read_preference, statement)
+        if finder is None:
+            rows = await self._read(collection, statement.sql, *statement.args)
+            return self.page(spec, statement.plan, rows)
+        context.last_statement.set((statement.sql, statement.args))  # its plan, not the batch's
+        left, hard = budget(self.limits)
+        try:
+            async with asyncio.timeout(max(left + (GRACE_SECONDS if hard else 0.0), 0.001)):
+                rows = await finder.rows(statement.args)
+        except TimeoutError:
+            raise (
+                no_answer()
+                if hard
+                else Timeout("the query took longer than the service's statement timeout")
+            ) from None
+        return self.page(spec, statement.plan, rows)
+
+    def _finder(
+        self, collection: str, preference: str | None, statement: FindStatement
+    ) -> FindCoalescer | None:
+        key = (collection, preference, statement.sql)
+        if key in self._finders:
+            return self._finders[key]
+        if len(self._finders) > 10_000:
+            self._finders.clear()
+        # only declared shapes: inside the lateral join the planner cannot see the values,
+        # and a generic condition (a containment, a subquery) may then lose its index
+        batched = batched_sql(statement.sql, statement.plan.order_by("r"))
+        finder = None
+        if batched is not None and statement.declared:
+            finder = FindCoalescer(self._read, collection, statement.sql, batched)
+        self._finders[key] = finder
+        return finder
+
     def coalescing(self) -> dict[str, int]:
+        finders = [f.coalescer for f in self._finders.values() if f is not None]
         return {
             "batches": sum(c.batches for c in self._coalescers.values()),
             "reads": sum(c.keys for c in self._coalescers.values()),
+            "find_batches": sum(c.batches for c in finders),
+            "finds": sum(c.keys for c in finders),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -14,21 +15,23 @@ from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.sql import insert_documents, with_audit
 from proxy.config import Limits
-from proxy.errors import DuplicateId, InvalidQuery, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import (
+    DuplicateId,
+    DuplicateKey,
+    InvalidQuery,
+    NotFound,
+    PreconditionFailed,
+    ProxyError,
+)
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
-from proxy.query.pg import (
-    FilterCompiler,
-    Params,
-    UpdateCompiler,
-    after_cursor,
-    key_casts,
-    order_by,
-    sort_exprs,
-)
+from proxy.query.common import kinds_map
+from proxy.query.pg import FilterCompiler, Params, UpdateCompiler
+from proxy.query.pg_typed import SortPlan, sort_plan
 from proxy.query.spec import (
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     MergePatch,
@@ -39,7 +42,6 @@ from proxy.query.spec import (
     WriteResult,
 )
 
-_CAST_KINDS: dict[str, type] = {"int": int, "text": str, "jsonb": str}
 # an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
@@ -51,6 +53,8 @@ class PgDocuments:
     """The document operations, written once over two primitives: ``_write`` (creates the
     table on first use) and ``_read`` (None when the table does not exist). The pooled
     backend and a pinned transaction provide them differently."""
+
+    failure_aborts = False  # a failed statement ends everything after it (a transaction)
 
     def __init__(
         self,
@@ -153,7 +157,14 @@ class PgDocuments:
             sql = insert_documents(self._table(collection), rows_sql)
             params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
             sql = self._audited(sql, params, "create", collection)
-            rows = await self._write(collection, sql, *params.values)
+            try:
+                rows = await self._write(collection, sql, *params.values)
+            except DuplicateKey:
+                if len(pairs) == 1 or self.failure_aborts:
+                    raise
+                # a taken unique key fails the whole statement: each document alone, so
+                # only the one holding it is refused
+                return await self._insert_each(collection, prepared)
             inserted = {r[0] for r in rows}
         out: list[ItemResult] = []
         for p in prepared:
@@ -170,6 +181,26 @@ class PgDocuments:
                         error=DuplicateId("a document with this _id already exists").to_dict(),
                     )
                 )
+        return out
+
+    async def _insert_each(
+        self, collection: str, prepared: list[tuple[str, str] | ItemResult]
+    ) -> list[ItemResult]:
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+                continue
+            try:
+                if await self._insert_row(collection, p[0], p[1]):
+                    out.append(ItemResult(201, p[0], 1))
+                else:
+                    err = DuplicateId("a document with this _id already exists")
+                    out.append(ItemResult(409, p[0], error=err.to_dict()))
+            except ProxyError as err:
+                if err.status >= 500:
+                    raise
+                out.append(ItemResult(err.status, p[0], error=err.to_dict()))
         return out
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
@@ -353,23 +384,33 @@ class PgDocuments:
             raise AssertionError("unreachable")
         return int(rows[0][0])
 
-    async def find(self, collection: str, spec: FindSpec) -> Page:
+    def find_statement(self, collection: str, spec: FindSpec) -> FindStatement:
+        """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it)."""
         params = Params()
-        where = FilterCompiler(params).where(spec.filter)
-        exprs = sort_exprs(spec.sort, params)
-        casts = key_casts(len(spec.sort))
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
+        compiler = FilterCompiler(params, kinds)
+        where = compiler.where(spec.filter)
+        plan = sort_plan(spec.sort, params.add, kinds)
         if spec.cursor is not None:
-            tag = cursors.sort_tag(repr(spec.sort))
-            values = cursors.decode(spec.cursor, tag, [_CAST_KINDS[c] for c in casts])
-            where = f"{where} AND {after_cursor(exprs, values, params)}"
-        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
+            where = f"{where} AND {plan.after(plan.decode(spec.cursor), params.add)}"
+        keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(plan.exprs))
         limit = params.add(spec.limit + 1, "bigint")
         offset = params.add(spec.skip, "bigint")
         sql = (
             f"SELECT t.doc::text, {keys} FROM {self._table(collection)} t WHERE {where} "
-            f"ORDER BY {order_by(exprs)} LIMIT {limit} OFFSET {offset}"
+            f"ORDER BY {plan.order_by()} LIMIT {limit} OFFSET {offset}"
         )
-        rows = await self._read(collection, sql, *params.values)
+        return FindStatement(sql, tuple(params.values), plan, compiler.all_typed)
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        statement = self.find_statement(collection, spec)
+        rows = await self._read(collection, statement.sql, *statement.args)
+        return self.page(spec, statement.plan, rows)
+
+    @staticmethod
+    def page(spec: FindSpec, plan: SortPlan, rows: Sequence[Sequence[Any]] | None) -> Page:
+        """The page of a find's rows (``doc``, then the sort keys); ``next`` when one more
+        row than the limit came back."""
         if not rows:
             return Page([], None)
         more = len(rows) > spec.limit
@@ -377,13 +418,24 @@ class PgDocuments:
         nxt = None
         if more:
             last = rows[-1]
-            tag = cursors.sort_tag(repr(spec.sort))
-            nxt = cursors.encode(tag, [last[i + 1] for i in range(len(exprs))])
+            nxt = cursors.encode(plan.tag, [last[i + 1] for i in range(len(plan.exprs))])
         return Page([r[0].encode() for r in rows], nxt)
 
-    async def count(self, collection: str, flt: Filter) -> int:
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params).where(flt)
+        where = FilterCompiler(params, kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
         rows = await self._read(collection, sql, *params.values)
         return int(rows[0][0]) if rows else 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FindStatement:
+    """One find as SQL: text (its shape), bound arguments, and the sort it orders by."""
+
+    sql: str
+    args: tuple[Any, ...]
+    plan: SortPlan
+    # every condition is on a declared path's expression: a plan that does not depend on
+    # the values much (an index on the path), so the statement may be batched (coalescing)
+    declared: bool = False

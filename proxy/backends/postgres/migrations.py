@@ -7,8 +7,8 @@ import asyncio
 import re
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Final, Protocol
 
 import asyncpg
 import orjson
@@ -16,13 +16,27 @@ import orjson
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.sql import INDEX_DDL, SCHEMAS_CHANNEL, TABLE_DDL, with_audit
+from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
 from proxy.query.ast import Filter, Update
 from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
 from proxy.schema.model import IndexSpec
 
-if TYPE_CHECKING:
-    from proxy.backends.postgres.backend import PostgresBackend
+
+class PgHost(Protocol):
+    """What the migrations use of the PostgreSQL backend that owns them."""
+
+    config: DatabaseConfig
+    schema: str
+    audit: bool
+    _schema_ident: str
+
+    def _conn(
+        self, wait: float | None = None
+    ) -> AbstractAsyncContextManager[asyncpg.Connection]: ...
+
+    def _table(self, collection: str) -> str: ...
+
 
 LOCK_CLASS: Final = 0x64627078  # 'dbpx': the advisory lock's first key; the second: the schema
 MIGRATIONS_DDL: Final = (
@@ -94,7 +108,7 @@ class PgMigrations:
 
     dialect = "postgresql"
 
-    def __init__(self, backend: PostgresBackend) -> None:
+    def __init__(self, backend: PgHost) -> None:
         self.backend = backend
         self.dsn = backend.config.connection_string
         self.schema = backend.schema

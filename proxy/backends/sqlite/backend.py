@@ -10,12 +10,12 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
-from proxy.backends.sqlite import describe
 from proxy.backends.sqlite.connection import ConnState, Job, T, connect
 from proxy.backends.sqlite.ddl import (
     create_housekeeping_tables,
@@ -23,6 +23,8 @@ from proxy.backends.sqlite.ddl import (
     make_parent_dir,
     table_name,
 )
+from proxy.backends.sqlite.describe import describe_collection as describe_one
+from proxy.backends.sqlite.describe import load_schemas as read_schemas
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
 from proxy.backends.sqlite.migrations import SqliteMigrations
@@ -34,6 +36,7 @@ from proxy.ids import IdGenerator
 from proxy.query.spec import AuditScope
 
 log = logging.getLogger(__name__)
+SCHEMA_POLL_SECONDS = 1.0  # how soon a migration another process ran on the file is enforced
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 _IDLE_TX_CONNECTIONS = 8  # connections kept for the next transaction
@@ -209,11 +212,21 @@ class SqliteBackend(Unsupported, SqliteDocuments):
         return SqliteMigrations(self)
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
-        return await self._read(describe.load_schemas)
+        return await self._read(read_schemas)
+
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: read the schemas table again every ``SCHEMA_POLL_SECONDS`` (a
+        local read: another process's migration on the same file is seen within it)."""
+        while True:
+            try:
+                await changed()
+            except ProxyError as err:
+                log.debug("schemas of %s not reloaded: %s", self.name, err.code)
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
         table = table_name(collection)
-        return await self._read(lambda conn: describe.describe_collection(conn, table, sample))
+        return await self._read(lambda conn: describe_one(conn, table, sample))
 
     # -- running work ------------------------------------------------------------------
 

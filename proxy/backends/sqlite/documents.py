@@ -13,14 +13,16 @@ import orjson
 from proxy import context, numbers
 from proxy.backends.sqlite.connection import FN_KEEP, Job, T, keep_text
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, table_name
-from proxy.backends.sqlite.errors import no_table
+from proxy.backends.sqlite.errors import no_table, translate
 from proxy.config import Limits
-from proxy.errors import DuplicateId, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import DuplicateId, DuplicateKey, NotFound, PreconditionFailed, ProxyError
 from proxy.ids import IdGenerator
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
+from proxy.query.common import kinds_map
 from proxy.query.spec import (
     Change,
+    DeclaredKinds,
     FindSpec,
     ItemResult,
     MergePatch,
@@ -150,12 +152,22 @@ class SqliteDocuments:
         pairs = [p for p in prepared if isinstance(p, tuple)]
         sql = _insert_sql(table)
 
-        def run(conn: sqlite3.Connection) -> list[bool]:
-            # a repeated _id in the same batch: the first one wins, as in PostgreSQL
-            return [conn.execute(sql, pair).rowcount == 1 for pair in pairs]
+        def run(conn: sqlite3.Connection) -> list[bool | ProxyError]:
+            # a repeated _id in the same batch: the first one wins, as in PostgreSQL; a
+            # taken unique key refuses its own document only (the statement is undone alone)
+            done: list[bool | ProxyError] = []
+            for pair in pairs:
+                try:
+                    done.append(conn.execute(sql, pair).rowcount == 1)
+                except sqlite3.IntegrityError as exc:
+                    err = translate(exc)
+                    if not isinstance(err, DuplicateKey):
+                        raise
+                    done.append(err)
+            return done
 
-        def written(done: list[bool]) -> list[str]:
-            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok]
+        def written(done: list[bool | ProxyError]) -> list[str]:
+            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok is True]
 
         job = self._audited(run, "create", collection, written)
         inserted = iter(await self._write(collection, job) if pairs else [])
@@ -164,8 +176,10 @@ class SqliteDocuments:
         for p in prepared:
             if isinstance(p, ItemResult):
                 out.append(p)
-            elif next(inserted):
+            elif (ok := next(inserted)) is True:
                 out.append(ItemResult(201, p[0], 1))
+            elif isinstance(ok, ProxyError):
+                out.append(ItemResult(ok.status, p[0], error=ok.to_dict()))
             else:
                 out.append(ItemResult(409, p[0], error=duplicate))
         return out
@@ -361,14 +375,18 @@ class SqliteDocuments:
 
         return await self._write(None, self._audited(run, "delete", collection, lambda _: [doc_id]))
 
-    async def find(self, collection: str, spec: FindSpec) -> Page:
+    def find_statement(self, collection: str, spec: FindSpec) -> tuple[str, list[Any], int]:
+        """The SQL text and arguments of a find (what ``find`` runs; tests EXPLAIN it), and
+        how many sort keys follow the document in each row."""
         params = Params()
         names = Names()
-        where = FilterCompiler(params, names).where(spec.filter)
-        exprs = sort_exprs(spec.sort, params, names=names)
+        kinds = kinds_map(spec.kinds) if spec.kinds else None
+        where = FilterCompiler(params, names, kinds).where(spec.filter)
+        exprs = sort_exprs(spec.sort, params, names=names, kinds=kinds)
         if spec.cursor is not None:
-            cursor_values = decode_cursor(spec.cursor, spec.sort)
-            where = f"{where} AND {after_cursor(exprs, cursor_values, params)}"
+            cursor_values = decode_cursor(spec.cursor, spec.sort, kinds)
+            after = after_cursor(exprs, cursor_values, params, spec.sort, kinds)
+            where = f"{where} AND {after}"
         keys = ", ".join(f"{e} AS k{i}" for i, (e, _) in enumerate(exprs))
         order = ", ".join(f"k{i} DESC" if desc else f"k{i}" for i, (_, desc) in enumerate(exprs))
         limit = params.add(spec.limit + 1)
@@ -377,7 +395,10 @@ class SqliteDocuments:
             f"SELECT CAST(t.doc AS BLOB), {keys} FROM {table_name(collection)} t WHERE {where} "
             f"ORDER BY {order} LIMIT {limit} OFFSET {offset}"
         )
-        values = params.values
+        return sql, params.values, len(exprs)
+
+    async def find(self, collection: str, spec: FindSpec) -> Page:
+        sql, values, n_keys = self.find_statement(collection, spec)
 
         def run(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(sql, values).fetchall()
@@ -391,12 +412,16 @@ class SqliteDocuments:
         nxt = None
         if more:
             last = rows[-1]
-            nxt = encode_cursor(spec.sort, [last[i + 1] for i in range(len(exprs))])
+            nxt = encode_cursor(
+                spec.sort,
+                [last[i + 1] for i in range(n_keys)],
+                kinds_map(spec.kinds) if spec.kinds else None,
+            )
         return Page([r[0] for r in rows], nxt)
 
-    async def count(self, collection: str, flt: Filter) -> int:
+    async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
-        where = FilterCompiler(params).where(flt)
+        where = FilterCompiler(params, kinds=kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {table_name(collection)} t WHERE {where}"
         values = params.values
 

@@ -10,25 +10,40 @@ import fcntl
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
-from proxy.backends.sqlite.connection import ConnState, connect
+from proxy.backends.sqlite.connection import ConnState, Job, connect
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, create_table, table_name
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, DuplicateKey, ProxyError
 from proxy.query.ast import Filter, Update
 from proxy.query.sqlite import FilterCompiler, Names, Params, UpdateCompiler
 from proxy.query.sqlite.values import declared_expr, key_path
 from proxy.schema.model import IndexSpec
 
-if TYPE_CHECKING:
-    from proxy.backends.sqlite.backend import SqliteBackend
+
+class SqliteHost(Protocol):
+    """What the migrations use of the SQLite backend that owns them."""
+
+    config: DatabaseConfig
+    path: str
+    audit: bool
+    _busy_ms: int
+
+    async def _write(self, collection: str | None, fn: Job[T]) -> T: ...
+
+    async def _read(self, fn: Job[T]) -> T: ...
+
+    async def borrow_writer(self, interactive: bool) -> threading.Event: ...
+
 
 T = TypeVar("T")
 MIGRATIONS_DDL: Final = (
@@ -101,7 +116,7 @@ class SqliteMigrations:
 
     dialect = "sqlite"
 
-    def __init__(self, backend: SqliteBackend) -> None:
+    def __init__(self, backend: SqliteHost) -> None:
         self.backend = backend
         self.dsn = backend.config.connection_string
         self.path = backend.path

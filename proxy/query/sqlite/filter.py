@@ -20,8 +20,9 @@ from proxy.query.ast import (
     Size,
     TypeIs,
 )
-from proxy.query.common import FilterWalker
+from proxy.query.common import FilterWalker, Kinds
 from proxy.query.sqlite.functions import FN_CANON, FN_REGEXP, canonical, compile_regex
+from proxy.query.sqlite.typed import typed_pred
 from proxy.query.sqlite.values import (
     BARRIER,
     SQLITE_TYPES,
@@ -42,9 +43,16 @@ _CMP_OPS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 class FilterCompiler(FilterWalker[Value]):
     """Compiles a filter to a boolean SQL expression over a JSON-text document expression."""
 
-    def __init__(self, params: Params, names: Names | None = None) -> None:
+    def __init__(
+        self, params: Params, names: Names | None = None, kinds: Kinds | None = None
+    ) -> None:
         self.p = params
         self.names = names or Names()
+        if kinds:
+            self.kinds = kinds
+
+    def typed_sql(self, path: Path, kind: str, pred: Pred, doc: str) -> str:
+        return typed_pred(path, kind, pred, doc, self.p.add)
 
     def where(self, flt: Filter, doc: str = "t.doc") -> str:
         return super().where(flt, doc)
@@ -120,6 +128,9 @@ class FilterCompiler(FilterWalker[Value]):
         return parts[0] if len(parts) == 1 else "(" + " OR ".join(parts) + ")"
 
     def _pred(self, path: Path, pred: Pred, doc: str) -> str:
+        typed = self.typed(path, pred, doc)
+        if typed is not None:
+            return typed
         if isinstance(pred, Not | Never | In):  # they come back here for their parts
             return super()._pred(path, pred, doc)
         return self._direct_or(

@@ -3,6 +3,7 @@ names and plain navigation."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -164,6 +165,7 @@ def locate(segments: Sequence[str], doc: str, params: Params, names: Names) -> V
     return (f"json_type({j})", f"json_extract({j}, '$')")
 
 
+@functools.lru_cache(maxsize=4096)
 def declared_expr(path: tuple[str, ...], kind: str, doc: str = "t.doc") -> str:
     """The expression of a declared scalar path (``proxy.query.pg.declared_expr``'s twin):
     what an index on the path and a query that may use it are both written with. The
