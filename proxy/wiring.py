@@ -234,6 +234,7 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
         "open": len(core.transactions),
     }
     metrics.sources["cache"] = core.cache_counters
+    metrics.sources["schemas"] = core.schemas.counters
     pusher = None
     if config.collector_url:
         push = config.collector_push

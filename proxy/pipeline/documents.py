@@ -269,7 +269,7 @@ class DocumentOps:
                 raise PreconditionFailed(
                     "the document's version does not match If-Match", code="version_mismatch"
                 )
-            active.enforce(seen.new, seen.old, self.schemas)
+            active.enforce(seen.new, seen.old, self.schemas, d.readable)
             try:
                 return await docs.change(
                     collection, doc_id, change, if_match=seen.version, row_filter=rows

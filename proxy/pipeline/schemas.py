@@ -17,11 +17,12 @@ from proxy.backends.migrations import physical_index_name as index_name
 from proxy.errors import ProxyError, UnsupportedByBackend
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy.decide import Decision
+from proxy.policy.model import FieldRule
 from proxy.query.ast import MATCH_ALL, Filter
 from proxy.query.spec import Change, FindSpec, Replace
 from proxy.schema.infer import infer_fields
 from proxy.schema.model import MISSING, CollectionSchema, IndexSpec, parse_schema
-from proxy.schema.validate import SchemaValidator, compile_schema, violation
+from proxy.schema.validate import SchemaValidator, compile_schema, redact, violation
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +66,16 @@ class ActiveSchema:
         return doc
 
     def enforce(
-        self, new: Mapping[str, Any], old: Mapping[str, Any] | None, registry: SchemaRegistry
+        self,
+        new: Mapping[str, Any],
+        old: Mapping[str, Any] | None,
+        registry: SchemaRegistry,
+        readable: FieldRule | None = None,
     ) -> None:
         """Refuse (400 schema_violation, every problem listed) or, with ``action: warn``,
         log and count; ``old`` is the stored document a change starts from. At the
-        moderate level a stored document that is already invalid may change unchecked."""
+        moderate level a stored document that is already invalid may change unchecked.
+        Problems of a change on fields the caller may not read (``readable``) say only that."""
         body = _checked_part(new)
         if old is not None:
             if self.moderate and not self.validator.is_valid(_checked_part(old)):
@@ -86,6 +92,9 @@ class ActiveSchema:
         if self.warn_only:
             registry.warned(self.schema.name, problems)
             return
+        registry.count(registry.violations, self.schema.name)
+        if old is not None and readable is not None:
+            problems = redact(problems, readable.can_read)
         raise violation(problems)
 
 
@@ -117,6 +126,7 @@ class SchemaRegistry:
         self._loading: dict[str, asyncio.Lock] = {}
         self._locks: dict[tuple[str, str], list[Any]] = {}  # [lock, users] per document
         self.warnings: dict[str, int] = {}  # collection → writes let through by action: warn
+        self.violations: dict[str, int] = {}  # collection → writes refused (schema_violation)
 
     @contextlib.asynccontextmanager
     async def document_lock(self, collection: str, doc_id: str) -> AsyncIterator[None]:
@@ -179,9 +189,17 @@ class SchemaRegistry:
                     fresh[collection] = old
         self._active[backend.name] = fresh
 
+    @staticmethod
+    def count(counters: dict[str, int], collection: str) -> None:
+        if collection in counters or len(counters) < 10_000:
+            counters[collection] = counters.get(collection, 0) + 1
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """For /metrics: writes let through by ``action: warn`` and refused, by collection."""
+        return {"warnings": dict(self.warnings), "violations": dict(self.violations)}
+
     def warned(self, collection: str, problems: list[dict[str, str]]) -> None:
-        if collection in self.warnings or len(self.warnings) < 10_000:
-            self.warnings[collection] = self.warnings.get(collection, 0) + 1
+        self.count(self.warnings, collection)
         log.warning(
             "schema of %s: write let through (action warn) with %d problem(s): %s",
             collection,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import jsonschema_rs
@@ -16,6 +16,7 @@ from proxy.schema.model import MISSING, CollectionSchema, FieldSpec, invalid
 INT64_MIN: Final = -(2**63)
 INT64_END: Final = 2**63  # exclusive
 MAX_PROBLEMS_SHOWN: Final = 100
+HIDDEN_MESSAGE: Final = "does not match the collection's schema (a field this service may not read)"
 # Rust's `regex` engine (linear time, no lookaround or backreferences; the same family as the
 # query language's RE2) rather than jsonschema-rs's default fancy-regex (backtracking).
 _PATTERN_OPTIONS: Final = jsonschema_rs.RegexOptions(size_limit=1 << 20, dfa_size_limit=1 << 20)
@@ -56,6 +57,22 @@ def violation(problems: list[dict[str, str]]) -> SchemaViolation:
             "truncated": n > MAX_PROBLEMS_SHOWN,
         },
     )
+
+
+def redact(problems: list[dict[str, str]], can_read: Callable[[str], bool]) -> list[dict[str, str]]:
+    """``problems`` as a caller that may read only some fields may see them: a problem on a
+    path it cannot read keeps the path (the declared schema names it) and becomes one
+    ``hidden`` problem, without the rule, the value's type or the limit, which would tell
+    it about the stored value (``$rename`` from a write-only field, ``$inc`` on one)."""
+    out: list[dict[str, str]] = []
+    hidden: set[str] = set()
+    for p in problems:
+        if can_read(p["path"]):
+            out.append(p)
+        elif p["path"] not in hidden:
+            hidden.add(p["path"])
+            out.append(_p(p["path"], "hidden", HIDDEN_MESSAGE))
+    return out
 
 
 class SchemaValidator:
