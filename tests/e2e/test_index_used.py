@@ -72,3 +72,29 @@ async def test_index_used_is_noted_for_fast_queries(
         assert finds[name], seen  # noted although nothing was slow
         noted = finds[name][0]
         assert noted["index_used"] is ("Index" in noted["plan"]), noted  # what the plan says
+
+
+async def test_index_used_on_the_embedded_store(
+    launch: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = launch("--data-dir", str(tmp_path / "data"))
+    name = "iw_" + uuid.uuid4().hex[:8]
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            async with s.post(f"{server.url}/api/db/{name}", json={"_id": f"d{i}", "n": i}) as r:
+                assert r.status == 201
+        for _ in range(3):
+            flt = json.dumps({"n": {"$gt": 1}})
+            async with s.get(f"{server.url}/api/db/{name}", params={"filter": flt}) as r:
+                assert r.status == 200
+        finds: list[dict[str, Any]] = []
+        for _ in range(30):
+            ps = await _patterns(s, server, name)
+            finds = [p for p in ps if p["operation"] == "find" and p["index_used"] is not None]
+            if finds:
+                break
+            await asyncio.sleep(0.2)
+    assert finds, "no plan noted"
+    assert finds[0]["index_used"] is (
+        "INDEX" in finds[0]["plan"] or "PRIMARY KEY" in finds[0]["plan"]
+    )
