@@ -105,15 +105,25 @@ class Observer:
             )
             if len(buffer) >= self.FLUSH_EVERY:
                 self.flush()
+            if recorder.plan(pattern) is None:  # a shape's first runs: note its plan once
+                self._explain(pattern, first_sight=True)
             return
         self.flush()
         self._fold(operation, collection, status, code, service, pattern, [seconds], documents)
         if recorder.plan(pattern) is None:
-            statement = context.last_statement.get()
-            if statement is not None:
-                self.core.explain_later(
-                    statement, lambda used, text: recorder.note_plan(pattern, used, text)
-                )
+            self._explain(pattern)
+
+    def _explain(self, pattern: str, first_sight: bool = False) -> None:
+        """The plan of the statement this operation ran (``index_used``), looked up in the
+        background and noted for its pattern."""
+        statement = context.last_statement.get()
+        if statement is not None:
+            recorder = self.recorder
+            self.core.explain_later(
+                statement,
+                lambda used, text: recorder.note_plan(pattern, used, text),
+                first_sight=first_sight,
+            )
 
     def flush(self) -> None:
         buffer = self._buffer

@@ -60,6 +60,7 @@ class Core(DocumentOps, AtomicOps, SchemaOps):
         )
         self._volume: dict[tuple[str, str], int] = {}
         self._last_explain = 0.0
+        self._last_first_explain = 0.0
 
     def backend(self, database: str | None = None) -> Backend:
         name = database or self.default
@@ -121,14 +122,24 @@ class Core(DocumentOps, AtomicOps, SchemaOps):
     def connections(self) -> dict[str, Any]:
         return {name: backend.connections() for name, backend in self.backends.items()}
 
-    def explain_later(self, statement: tuple[str, tuple[Any, ...]], note: PlanNote) -> bool:
-        """Look at a slow statement's plan in the background: at most one EXPLAIN per
-        second, never on the request's own time."""
+    def explain_later(
+        self, statement: tuple[str, tuple[Any, ...]], note: PlanNote, *, first_sight: bool = False
+    ) -> bool:
+        """Look at a statement's plan in the background (EXPLAIN, no ANALYZE), never on the
+        request's own time: a slow one's, and (``first_sight``) the first runs of each
+        shape's, each at most one EXPLAIN per second (their own budgets: the first sights
+        of many shapes never crowd out a slow statement's)."""
         now = time.monotonic()
-        backend = self.backend()
-        if now - self._last_explain < 1.0 or not backend.capabilities.explain:
+        last = self._last_first_explain if first_sight else self._last_explain
+        if now - last < 1.0:
             return False
-        self._last_explain = now
+        backend = self.backend()
+        if not backend.capabilities.explain:
+            return False
+        if first_sight:
+            self._last_first_explain = now
+        else:
+            self._last_explain = now
 
         async def run() -> None:
             try:

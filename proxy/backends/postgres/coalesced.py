@@ -42,8 +42,9 @@ class CoalescingDocuments(PgDocuments):
         self.coalesce = coalesce
         self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
         self._inserters: dict[str, Batcher[_Insert, _Outcome]] = {}
-        # by (collection, read preference, SQL text); None: the shape cannot be batched
-        self._finders: dict[tuple[str, str | None, str], FindCoalescer | None] = {}
+        # by (collection, read preference, statement timeout, SQL text): a batch's callers
+        # share its endpoint and its deadline's length; None: the shape is not batched
+        self._finders: dict[tuple[str, str | None, float | None, str], FindCoalescer | None] = {}
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
         """Create one document. Concurrent creates of one collection are written by ONE
@@ -130,7 +131,7 @@ class CoalescingDocuments(PgDocuments):
         if not self.coalesce or ctx.min_lsn is not None:
             return await super().find(collection, spec)
         statement = self.find_statement(collection, spec)
-        finder = self._finder(collection, ctx.read_preference, statement)
+        finder = self._finder(collection, ctx.read_preference, ctx.statement_timeout, statement)
         if finder is None:
             rows = await self._read(collection, statement.sql, *statement.args)
             return self.page(spec, statement.plan, rows)
@@ -148,9 +149,13 @@ class CoalescingDocuments(PgDocuments):
         return self.page(spec, statement.plan, rows)
 
     def _finder(
-        self, collection: str, preference: str | None, statement: FindStatement
+        self,
+        collection: str,
+        preference: str | None,
+        timeout: float | None,
+        statement: FindStatement,
     ) -> FindCoalescer | None:
-        key = (collection, preference, statement.sql)
+        key = (collection, preference, timeout, statement.sql)
         if key in self._finders:
             return self._finders[key]
         if len(self._finders) > 10_000:

@@ -65,7 +65,7 @@ def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
 class SqliteBackend(Unsupported, SqliteDocuments):
     """Documents in ``"c_<collection>"``: _id TEXT PK, doc TEXT (JSON), _version, timestamps."""
 
-    capabilities = Capabilities(audit_log=True, schemas=True)
+    capabilities = Capabilities(audit_log=True, explain=True, schemas=True)
 
     def __init__(
         self,
@@ -176,6 +176,22 @@ class SqliteBackend(Unsupported, SqliteDocuments):
             if err.code != "writer_busy":
                 raise
             log.debug("housekeeping of %s skipped: a transaction holds the writer", self.name)
+
+    async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]:
+        """The plan of a statement (EXPLAIN QUERY PLAN): whether it searches or scans an
+        index, and its steps on one line."""
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            return [str(r[-1]) for r in conn.execute(f"EXPLAIN QUERY PLAN {sql}", args)]
+
+        none: list[str] = []
+        steps = await self._read(self._reading(run, none))
+        index_used = any(
+            ("USING INDEX" in s or "USING COVERING INDEX" in s or "PRIMARY KEY" in s)
+            and "AUTOMATIC" not in s  # a transient index the statement builds for itself
+            for s in steps
+        )
+        return index_used, " > ".join(steps)[:500]
 
     async def audit_log(
         self,

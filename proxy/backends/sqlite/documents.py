@@ -399,6 +399,7 @@ class SqliteDocuments:
 
     async def find(self, collection: str, spec: FindSpec) -> Page:
         sql, values, n_keys = self.find_statement(collection, spec)
+        context.last_statement.set((sql, tuple(values)))  # its plan: index_used
 
         def run(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(sql, values).fetchall()
@@ -424,6 +425,7 @@ class SqliteDocuments:
         where = FilterCompiler(params, kinds=kinds_map(kinds) if kinds else None).where(flt)
         sql = f"SELECT count(*) FROM {table_name(collection)} t WHERE {where}"
         values = params.values
+        context.last_statement.set((sql, tuple(values)))
 
         def run(conn: sqlite3.Connection) -> int:
             return int(conn.execute(sql, values).fetchone()[0])
