@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.errors import BadRequest, Unavailable
+from proxy.errors import BadRequest, ProxyError, Unavailable
 from proxy.http.documents import read_json
 from proxy.http.keys import CONFIG, CORE, caller_of
 from proxy.http.middleware import json_response
@@ -58,8 +58,31 @@ async def submit(request: web.Request) -> web.Response:
         gate.authorize(caller, collection, "migrate")
     if migration.needs_sql_permission():
         gate.authorize_service_wide(caller, "migrate_sql")
-    outcome = await _runner(request).submit(migration, dry_run=_flag(request, "dry_run"))
-    return json_response(outcome.body, outcome.status)
+    try:
+        outcome = await _runner(request).submit(migration, dry_run=_flag(request, "dry_run"))
+    except ProxyError as err:
+        err.details = _readable_details(caller, err.code, err.details)
+        raise
+    return json_response(_withheld(caller, outcome.body), outcome.status)
+
+
+def _readable_details(caller: Caller, code: str, details: dict[str, Any]) -> dict[str, Any]:
+    """``existing_documents_invalid`` names stored documents: only to a caller that may
+    read every row and field of that collection (else the count alone)."""
+    if code != "existing_documents_invalid" or "documents" not in details:
+        return details
+    if caller.decisions.get(str(details.get("collection")), "read").plain:
+        return details
+    shown = {k: v for k, v in details.items() if k != "documents"}
+    return {**shown, "documents_withheld": len(details["documents"])}
+
+
+def _withheld(caller: Caller, record: dict[str, Any]) -> dict[str, Any]:
+    error = record.get("error") if isinstance(record, dict) else None
+    if not isinstance(error, dict) or not isinstance(error.get("details"), dict):
+        return record
+    details = _readable_details(caller, str(error.get("code")), error["details"])
+    return {**record, "error": {**error, "details": details}}
 
 
 async def list_records(request: web.Request) -> web.Response:
@@ -67,7 +90,8 @@ async def list_records(request: web.Request) -> web.Response:
     if not caller.decisions.any_grant("migrate"):
         raise denial("migrate", "*")
     records = await _runner(request).records(request.query.get("database"))
-    return json_response({"items": [r for r in records if _may_read(caller, r)], "next": None})
+    items = [_withheld(caller, r) for r in records if _may_read(caller, r)]
+    return json_response({"items": items, "next": None})
 
 
 async def get_record(request: web.Request) -> web.Response:
@@ -80,7 +104,7 @@ async def get_record(request: web.Request) -> web.Response:
     record = await _runner(request).get(mig_id, request.query.get("database"))
     if not _may_read(caller, record):
         raise denial("migrate", "*")
-    return json_response(record)
+    return json_response(_withheld(caller, record))
 
 
 async def status(request: web.Request) -> web.Response:

@@ -33,6 +33,10 @@ SERVICES = {
     ),
     "tenant": ("[list, schema]", "rows:\n  '*':\n    tenant_id: {header: X-Tenant-Id}\n"),
     "schemaonly": ("[schema]", ""),
+    "rowmigrator": (
+        "[read, list, migrate]",
+        "rows:\n  '*':\n    tenant_id: {header: X-Tenant-Id}\n",
+    ),
 }
 
 
@@ -230,3 +234,42 @@ async def test_violations_tell_nothing_of_hidden_stored_values(
         ]
         st, now = await call(s, "GET", f"{base}/d", headers=owner)
         assert st == 200 and now["n"] == 1 and now["name"] == "x" and now["_version"] == 1
+
+
+async def test_invalid_stored_documents_are_named_only_to_who_may_read_them(
+    server: Server,
+) -> None:
+    """A strict schema over stored invalid documents is 409 existing_documents_invalid; the
+    documents are listed only to a caller that may read every row and field."""
+    url = f"{server.url}/api/db"
+    coll = name()
+    async with aiohttp.ClientSession() as s:
+        await seed(s, url, coll, [{"_id": "hidden-one", "n": "text", "tenant_id": "t2"}])
+        schema = {"fields": [{"name": "n", "type": "integer"}]}
+
+        def migration(mid: str) -> dict[str, Any]:
+            op = {"op": "set_schema", "collection": coll, "schema": schema}
+            return {"id": mid, "version": 1, "script": {"operations": [op]}}
+
+        st, body = await call(
+            s,
+            "POST",
+            f"{url}/migrations",
+            json=migration(f"{coll}-rows"),
+            headers=auth("rowmigrator", **{"X-Tenant-Id": "t1"}),
+        )
+        assert st == 409 and body["error"]["code"] == "existing_documents_invalid", body
+        details = body["error"]["details"]
+        assert "documents" not in details and details["documents_withheld"] == 1
+        assert "hidden-one" not in str(body)
+        st, record = await call(
+            s,
+            "GET",
+            f"{url}/migrations/{coll}-rows",
+            headers=auth("rowmigrator", **{"X-Tenant-Id": "t1"}),
+        )
+        assert st == 200 and "hidden-one" not in str(record), record
+        st, body = await call(
+            s, "POST", f"{url}/migrations", json=migration(f"{coll}-own"), headers=auth("owner")
+        )
+        assert st == 409 and body["error"]["details"]["documents"][0]["_id"] == "hidden-one"
