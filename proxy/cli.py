@@ -1,4 +1,5 @@
-"""Command line: ``dbproxy serve|policy|collector`` parsed, then handed to ``proxy.wiring``."""
+"""Command line: ``dbproxy serve|policy|collector|migrate`` parsed, then handed to
+``proxy.wiring``."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from proxy.wiring import (
     bind_or_say_why,
     make_core,
     make_gate,
+    migrate_directory,
     run_collector,
     serve,
     serve_workers,
@@ -173,6 +175,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
     _add_server_flags(c)
     _add_log_level(c)
+    m = sub.add_parser("migrate", help="apply a directory of migration files")
+    m.add_argument("directory", help="migration files (*.yaml, *.yml, *.json)")
+    m.add_argument("--config", default=None, help="YAML configuration file")
+    m.add_argument("--database", default=None, help="database URL (or env DBPROXY_DATABASE_URL)")
+    m.add_argument("--data-dir", default=None, help="embedded store directory")
+    m.add_argument("--dry-run", action="store_true", help="print the plans, change nothing")
+    _add_log_level(m)
     return p
 
 
@@ -214,7 +223,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if ok else 1
     if args.command == "collector":
         return _main_collector(args)
+    if args.command == "migrate":
+        return _main_migrate(args)
     return 0
+
+
+def _main_migrate(args: argparse.Namespace) -> int:
+    """``dbproxy migrate DIR``: exit 0 when every migration completed (or was done
+    already), 1 otherwise (the error printed)."""
+    import asyncio
+
+    try:
+        config = load_config(args.config, database_url=args.database, data_dir=args.data_dir)
+        return asyncio.run(migrate_directory(config, args.directory, dry_run=args.dry_run))
+    except ConfigError as err:
+        print(f"dbproxy: {err}", file=sys.stderr)
+        return 1
 
 
 def _serve_settings(args: argparse.Namespace) -> tuple[Config, ServeOptions]:

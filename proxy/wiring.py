@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from proxy.backends.base import Backend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.redis import RedisCache
@@ -23,17 +26,21 @@ from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqli
 from proxy.cache import NearCache, TwoLevelCache
 from proxy.cache.read_through import Fills
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, ProxyError
 from proxy.http.app import build_app
 from proxy.http.collector import CollectorSettings, build_collector_app, collector_store
 from proxy.http.fast_path import fast_get
 from proxy.http.monitor import Monitoring, Observer
 from proxy.http.server import AddressInUse, bind, inherited, start, tune_gc
+from proxy.migrate.files import Progress as MigrateProgress
+from proxy.migrate.files import load_directory
+from proxy.migrate.runner import MigrationRunner, SchemasChanged
 from proxy.observe.metrics import Metrics
 from proxy.observe.pusher import StatsPusher
 from proxy.observe.stats import StatsRecorder
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
+from proxy.pipeline.schemas import SchemaRegistry
 from proxy.policy import load_policies
 
 log = logging.getLogger("dbproxy")
@@ -78,6 +85,7 @@ def make_core(
     """The operation pipeline over the configured databases, validated before any I/O;
     with no database configured, over the embedded SQLite store in ``config.data_dir``."""
     backends = build_backends(config, coalesce=coalesce)
+    kw: dict[str, Any] = {"gate": gate, "cache": cache, "fills": fills}
     if not config.databases:
         path = os.path.join(config.data_dir, DATA_FILE)
         problem = check_location(path)
@@ -95,9 +103,34 @@ def make_core(
                 "(pass --database URL or --config FILE to use PostgreSQL)",
                 os.path.abspath(path),
             )
-        return Core(config, backends, EMBEDDED_DATABASE, gate=gate, cache=cache, fills=fills)
-    default = config.default_database or next(iter(backends))
-    return Core(config, backends, default, gate=gate, cache=cache, fills=fills)
+    default = (
+        EMBEDDED_DATABASE
+        if not config.databases
+        else config.default_database or next(iter(backends))
+    )
+    registry = SchemaRegistry()
+
+    async def schemas_changed(collection: str) -> None:  # a migration this process ran
+        for backend in backends.values():
+            await registry.refresh(backend)
+
+    runner = build_migrations(config, backends, default, schemas_changed)
+    return Core(config, backends, default, migrations=runner, schemas=registry, **kw)
+
+
+def build_migrations(
+    config: Config,
+    backends: dict[str, Backend],
+    default: str,
+    schemas_changed: SchemasChanged | None = None,
+) -> MigrationRunner:
+    """The migration runner over every backend that declares ``schemas``;
+    ``schemas_changed(collection)`` runs after a migration changed that schema."""
+    stores = {n: b.migrations() for n, b in backends.items() if b.capabilities.schemas}
+    alembic = {db.name: db.alembic_directory for db in config.databases}
+    return MigrationRunner(
+        stores, default, schemas_changed=schemas_changed, alembic_directories=alembic
+    )
 
 
 @dataclass(frozen=True)
@@ -201,6 +234,7 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
         "open": len(core.transactions),
     }
     metrics.sources["cache"] = core.cache_counters
+    metrics.sources["schemas"] = core.schemas.counters
     pusher = None
     if config.collector_url:
         push = config.collector_push
@@ -380,3 +414,35 @@ async def run_collector(
     finally:
         await running.stop()  # stop accepting, then finish in-flight pushes
     log.info("stopped")
+
+
+async def migrate_directory(config: Config, directory: str, *, dry_run: bool = False) -> int:
+    """``dbproxy migrate DIR``: apply (or plan) a directory's migrations in dependency order,
+    each to the end in the foreground; 0 when every one completed (or was done already)."""
+    migrations = load_directory(directory)  # every file checked before anything runs
+    core = make_core(config, announce=False)
+    runner = core.migrations
+    assert runner is not None
+    bar = MigrateProgress()
+    started = []
+    try:
+        for backend in core.backends.values():
+            await backend.start()
+            started.append(backend)
+        for m in migrations:
+            try:
+                outcome = await runner.submit(
+                    m, dry_run=dry_run, wait=math.inf, progress=bar.update
+                )
+            except ProxyError as err:
+                bar.line(f"{m.id}: FAILED {err.status} {err.code}: {err.message}")
+                return 1
+            if dry_run:
+                bar.line(f"{m.id}: plan " + orjson.dumps(outcome.body["steps"]).decode())
+            else:
+                done = "already applied" if outcome.status == 200 else "completed"
+                bar.line(f"{m.id}: {done}")
+        return 0
+    finally:
+        for backend in started:
+            await backend.close()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
@@ -22,6 +23,9 @@ from proxy.query.spec import (
     StoredReply,
     WriteResult,
 )
+
+if TYPE_CHECKING:
+    from proxy.backends.migrations import MigrationStore
 
 COLLECTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 RESERVED = RESERVED_COLLECTIONS  # endpoint names under /api/db/: never collections
@@ -207,6 +211,12 @@ class Backend(Documents, Protocol):
         """Every declared collection schema: collection → (version, its JSON form)."""
         ...
 
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: await ``changed`` whenever the declared schemas may have changed
+        (PostgreSQL: LISTEN for the NOTIFY every migration sends; the embedded store: a
+        local poll), and once at the start."""
+        ...
+
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
         """One collection as the database has it: ``exists``, ``indexes`` (name, fields,
         unique, valid, size_bytes), ``estimated_count``, ``size_bytes``, and up to
@@ -214,6 +224,10 @@ class Backend(Documents, Protocol):
         ...
 
     async def describe_collections(self) -> dict[str, Any]: ...
+
+    def migrations(self) -> MigrationStore:
+        """The migration side (``proxy.backends.migrations``); when ``schemas``."""
+        ...
 
     async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]: ...
 

@@ -189,6 +189,7 @@ _DATABASE_KEYS: Final = (
     "read_preference",
     "write_concern",
     "replicas",
+    "alembic_directory",
 )
 
 
@@ -221,6 +222,11 @@ def _parse_database(
     )
     write_concern = _write_concern(raw, path, problems)
     replicas = _parse_replicas(raw.get("replicas"), f"{path}.replicas", problems)
+    alembic_directory = (
+        read_str(raw, "alembic_directory", path, None, problems)
+        if "alembic_directory" in raw
+        else None
+    )
     if name is None or db_type is None or dsn is None or read_preference is None:
         return name, None
     return name, DatabaseConfig(
@@ -231,6 +237,7 @@ def _parse_database(
         read_preference=read_preference,
         write_concern=write_concern,
         replicas=replicas,
+        alembic_directory=alembic_directory,
     )
 
 

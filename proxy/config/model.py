@@ -39,6 +39,7 @@ class DatabaseConfig:
     read_preference: str = "primary"  # one of READ_PREFERENCES
     write_concern: str | int | None = None
     replicas: tuple[ReplicaConfig, ...] = ()
+    alembic_directory: str | None = None  # an Alembic environment (alembic_upgrade operations)
 
     def redacted_dsn(self) -> str:
         """The connection string with every password replaced by ``***`` (safe to log)."""

@@ -11,7 +11,8 @@ from aiohttp import web
 
 from proxy.cache import TwoLevelCache
 from proxy.config import Config
-from proxy.http import monitor
+from proxy.errors import ProxyError
+from proxy.http import migrations, monitor
 from proxy.http.documents import (
     count_documents,
     create,
@@ -24,6 +25,7 @@ from proxy.http.documents import (
 )
 from proxy.http.keys import CONFIG, CORE, OPERATIONS
 from proxy.http.middleware import Handler, envelope, identity, json_response, observed_identity
+from proxy.http.schema import describe_schema
 from proxy.http.transactions import transaction
 from proxy.pipeline.core import Core
 
@@ -61,7 +63,14 @@ BY_ID = Route("GET", "/api/db/{collection}/{id}", get_one, "get")  # also the fa
 # (it has no POST) and finds its own resource.
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/db/health", health, None),
+    # "migrations" is a reserved collection name; the router's index by path prefix tries
+    # these before the document routes whatever their place here
+    Route("GET", "/api/db/migrations/status", migrations.status, None),
+    Route("GET", "/api/db/migrations/{id}", migrations.get_record, None),
+    Route("GET", "/api/db/migrations", migrations.list_records, None),
+    Route("POST", "/api/db/migrations", migrations.submit, None),
     Route("POST", "/api/db/transaction", transaction, "transaction"),
+    Route("GET", "/api/db/schema/{collection}", describe_schema, "schema"),
     Route("GET", "/api/db/{collection}/count", count_documents, "count"),
     BY_ID,
     Route("PUT", "/api/db/{collection}/{id}", put_one, "update"),
@@ -126,8 +135,14 @@ async def _backends_ctx(app: web.Application) -> AsyncIterator[None]:
         for backend in core.backends.values():
             await backend.start()
             started.append(backend)
+        try:
+            await core.refresh_schemas()
+        except ProxyError as err:  # a database still down: loaded on its first write
+            log.debug("schemas not loaded yet: %s", err.code)  # the backend says why
         yield
     finally:
+        if core.migrations is not None:
+            await core.migrations.close()  # rolled back; resumed when re-submitted
         for backend in started:
             await backend.close()
 
@@ -138,12 +153,13 @@ async def _housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     core = app[CORE]
     reaper = asyncio.create_task(core.transactions.run_reaper())
     upkeep = asyncio.create_task(_every(60.0, core.maintain))
+    watchers = [asyncio.create_task(core.watch_schemas(b)) for b in core.backends.values()]
     try:
         yield
     finally:
-        for task in (reaper, upkeep):
+        for task in (reaper, upkeep, *watchers):
             task.cancel()
-        await asyncio.gather(reaper, upkeep, return_exceptions=True)
+        await asyncio.gather(reaper, upkeep, *watchers, return_exceptions=True)
         await core.transactions.close_all()
 
 

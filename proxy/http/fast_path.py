@@ -12,6 +12,8 @@ from proxy.http.documents import read_document
 from proxy.http.keys import CALLER, CORE
 from proxy.http.middleware import envelope, identified, observed
 
+# reserved names with GET routes of their own under /api/db/<name>/{...}: the router's
+ROUTED = frozenset({"migrations", "schema"})
 BY_PATH: web.RequestKey[tuple[str, str]] = web.RequestKey("by_path", tuple)
 
 
@@ -52,6 +54,7 @@ def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> Se
                 and parts[3]
                 and parts[4]
                 and parts[4] != "count"
+                and parts[3] not in ROUTED  # /api/db/migrations/{id}, /api/db/schema/{c}
                 and not parts[0]
                 and "%" not in request.raw_path
                 and "X-Transaction-Id" not in request.headers

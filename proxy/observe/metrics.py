@@ -136,6 +136,7 @@ class _LiveCollector(Collector):
         yield from _transactions(src.get("transactions", dict)())
         yield from _cache(src.get("cache", dict)())
         yield from _pusher(src.get("pusher", dict)())
+        yield from _schemas(src.get("schemas", dict)(), self.metrics.collection_label)
         fast = CounterMetricFamily(
             "dbproxy_fast_path_requests", "GET-by-id requests served by the shortcut"
         )
@@ -233,3 +234,24 @@ def _pusher(pusher: dict[str, Any]) -> Iterable[Any]:
     for outcome in ("sent", "failures", "rejected", "dropped"):
         shipped.add_metric([outcome], pusher.get(outcome, 0))
     yield shipped
+
+
+def _schemas(schemas: dict[str, Any], label: Callable[[str], str]) -> Iterable[Any]:
+    warned = CounterMetricFamily(
+        "dbproxy_schema_warnings",
+        "Writes a collection schema let through with problems (validation.action: warn)",
+        labels=["collection"],
+    )
+    refused = CounterMetricFamily(
+        "dbproxy_schema_violations",
+        "Writes refused with schema_violation",
+        labels=["collection"],
+    )
+    for family, key in ((warned, "warnings"), (refused, "violations")):
+        folded: dict[str, int] = {}
+        for collection, n in schemas.get(key, {}).items():
+            name = label(collection)
+            folded[name] = folded.get(name, 0) + n
+        for name, n in folded.items():
+            family.add_metric([name], n)
+    yield from (warned, refused)

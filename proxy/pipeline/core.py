@@ -13,10 +13,12 @@ from proxy.cache import TwoLevelCache
 from proxy.cache.read_through import Fills, ReadThrough
 from proxy.config import Config
 from proxy.errors import NotFound, ProxyError
+from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.atomic import AtomicOps
 from proxy.pipeline.batch import BatchTarget
 from proxy.pipeline.documents import DocumentOps
 from proxy.pipeline.gate import Gatekeeper
+from proxy.pipeline.schemas import SchemaOps, SchemaRegistry
 from proxy.pipeline.transactions import TransactionRegistry
 
 PlanNote = Callable[[bool, str], None]
@@ -24,7 +26,7 @@ PlanNote = Callable[[bool, str], None]
 log = logging.getLogger(__name__)
 
 
-class Core(DocumentOps, AtomicOps):
+class Core(DocumentOps, AtomicOps, SchemaOps):
     """Runs document operations against the configured backends. Every collaborator comes
     in through the constructor (``proxy.wiring`` builds them); defaults make a bare core."""
 
@@ -37,13 +39,17 @@ class Core(DocumentOps, AtomicOps):
         *,
         cache: TwoLevelCache | None = None,
         fills: Fills | None = None,
+        schemas: SchemaRegistry | None = None,
+        migrations: MigrationRunner | None = None,
     ) -> None:
         self.config = config
+        self.migrations = migrations  # the migration runner (None: not in this process)
         self.limits = config.limits
         self.gate = gate or Gatekeeper(None)
         self.backends = dict(backends)
         self.default = default
         self.reads = ReadThrough(cache, config.cache, default, fills)
+        self.schemas = schemas or SchemaRegistry()
         lim = config.limits
         self.transactions = TransactionRegistry(
             idle_timeout=lim.transaction_idle_timeout_seconds,
@@ -80,6 +86,18 @@ class Core(DocumentOps, AtomicOps):
     async def settle(self) -> None:
         """Wait until the background work started so far (cache fills, EXPLAINs) is over."""
         await self.reads.settle()
+
+    async def refresh_schemas(self, backend: str | None = None) -> None:
+        """Load the declared schemas again (of one backend, or of all)."""
+        for each in self.backends.values():
+            if backend is None or each.name == backend:
+                await self.schemas.refresh(each)
+
+    async def watch_schemas(self, backend: Backend) -> None:
+        """Keep ``backend``'s schemas current (until cancelled): another sidecar's migration
+        is enforced here as soon as the backend reports it."""
+        if backend.capabilities.schemas:
+            await backend.watch_schemas(lambda: self.schemas.refresh(backend))
 
     async def maintain(self) -> None:
         for backend in self.backends.values():

@@ -3,6 +3,8 @@ cache → route/backend → present. Knows no HTTP."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final, TypeVar
@@ -11,8 +13,17 @@ from proxy import numbers
 from proxy.backends.base import Backend, Documents, check_collection
 from proxy.cache.read_through import ReadThrough
 from proxy.config import Limits
-from proxy.errors import BadRequest, LimitExceeded, NotFound, ProxyError
+from proxy.errors import (
+    BadRequest,
+    Conflict,
+    DuplicateId,
+    LimitExceeded,
+    NotFound,
+    PreconditionFailed,
+    ProxyError,
+)
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
+from proxy.pipeline.schemas import ActiveSchema, SchemaRegistry
 from proxy.policy.decide import Decision
 from proxy.query.ast import And, Eq, FieldCond, Filter, Path
 from proxy.query.parse import is_update_document, parse_fields, parse_filter, parse_update
@@ -34,6 +45,8 @@ T = TypeVar("T")
 P = TypeVar("P")
 
 SYSTEM_FIELDS: Final = ("_id", "_version")
+# how often a checked change is computed again when the document moved under it
+CHECKED_CHANGE_ATTEMPTS: Final = 10
 
 
 class DocumentOps:
@@ -43,6 +56,11 @@ class DocumentOps:
     limits: Limits
     reads: ReadThrough
     backend: Callable[[], Backend]
+    schemas: SchemaRegistry
+
+    async def active_schema(self, collection: str) -> ActiveSchema | None:
+        """The collection's schema on the database this core writes to (None: schemaless)."""
+        return await self.schemas.of(self.backend(), collection)
 
     # -- the sequence ------------------------------------------------------------------
 
@@ -98,6 +116,7 @@ class DocumentOps:
     ) -> WriteResult | list[ItemResult]:
         d = self.decide(caller, collection, "create", target)
         docs = self._docs(target)
+        active = await self.active_schema(collection)
         if isinstance(body, list):
             if not body:
                 raise BadRequest("a bulk create needs at least one document", code="empty_batch")
@@ -111,14 +130,18 @@ class DocumentOps:
                 return await _insert_many(docs, collection, slots)
 
             def validate_many(d: Decision) -> list[dict[str, Any] | ItemResult]:
-                return [_item(d, item, caller) for item in body]
+                return [_item(d, item, caller, active, self.schemas) for item in body]
 
             return await self._through(caller, d, validate_many, insert_many, units=len(body))
 
         async def insert(doc: dict[str, Any]) -> WriteResult:
             return _visible(d, await docs.insert_one(collection, doc))
 
-        return await self._through(caller, d, lambda d: _new_document(d, body, caller), insert)
+        def validate(d: Decision) -> dict[str, Any]:
+            doc = _new_document(d, body, caller)
+            return doc if active is None else active.new_document(doc, self.schemas)
+
+        return await self._through(caller, d, validate, insert)
 
     async def replace_or_update(
         self,
@@ -134,6 +157,7 @@ class DocumentOps:
         d = self.decide(caller, collection, "update", target, doc_id)
         if upsert:
             caller.decisions.get(collection, "create").authorize()
+        active = await self.active_schema(collection)
 
         def validate(d: Decision) -> Change:
             if is_update_document(body):
@@ -143,7 +167,10 @@ class DocumentOps:
             doc = _new_document(d, body, caller)
             if doc.pop("_id", doc_id) != doc_id:
                 raise BadRequest("the body's _id differs from the URL's", code="id_mismatch")
-            return Replace(doc, d.keep)
+            replace = Replace(doc, d.keep)
+            if active is not None and not active.needs_stored(replace, upsert):
+                active.enforce({"_id": doc_id, **doc}, None, self.schemas)  # the body is all
+            return replace
 
         async def change(change: Change) -> WriteResult:
             return await self._change(d, caller, target, doc_id, change, upsert, if_match)
@@ -188,16 +215,74 @@ class DocumentOps:
         upsert: bool,
         if_match: int | None,
     ) -> WriteResult:
-        result = await self._docs(target).change(
-            d.collection,
-            doc_id,
-            change,
-            upsert=upsert,
-            if_match=if_match,
-            row_filter=d.row_filter(caller.headers),
-        )
+        active = await self.active_schema(d.collection)
+        rows = d.row_filter(caller.headers)
+        docs = self._docs(target)
+        if active is not None and active.needs_stored(change, upsert) and target is not None:
+            result = await self._checked_change(
+                active, docs, d, doc_id, change, upsert, if_match, rows
+            )
+        elif active is not None and active.needs_stored(change, upsert):
+            # one checked change per document at a time in this process: they would only
+            # make each other compute again (other sidecars' are caught by If-Match)
+            async with self.schemas.document_lock(d.collection, doc_id):
+                result = await self._checked_change(
+                    active, docs, d, doc_id, change, upsert, if_match, rows
+                )
+        else:
+            result = await docs.change(
+                d.collection, doc_id, change, upsert=upsert, if_match=if_match, row_filter=rows
+            )
         await self.reads.written(target, d.collection, doc_id, result.version)
         return _visible(d, result)
+
+    async def _checked_change(
+        self,
+        active: ActiveSchema,
+        docs: Documents,
+        d: Decision,
+        doc_id: str,
+        change: Change,
+        upsert: bool,
+        if_match: int | None,
+        rows: Filter | None = None,
+    ) -> WriteResult:
+        """A change whose result the schema must see first: the database computes the
+        document the change would make (``preview``), the schema checks it, and the same
+        change is written with If-Match on the version it was computed from, so what is
+        written is what was checked; when the document moved in between, again."""
+        collection = d.collection
+        inserting = upsert and if_match is None
+        for attempt in range(CHECKED_CHANGE_ATTEMPTS):
+            seen = await docs.preview(collection, doc_id, change, upsert=inserting, row_filter=rows)
+            if seen is None:
+                raise NotFound("no document with this _id", details={"_id": doc_id})
+            if seen.old is None:  # the upsert creates it: a new document, with defaults
+                doc = active.new_document(
+                    {k: v for k, v in seen.new.items() if k != "_version"}, self.schemas
+                )
+                try:
+                    return await docs.insert_one(collection, doc)
+                except DuplicateId:
+                    continue  # created meanwhile: now it is an update
+            if if_match is not None and seen.version != if_match:
+                raise PreconditionFailed(
+                    "the document's version does not match If-Match", code="version_mismatch"
+                )
+            active.enforce(seen.new, seen.old, self.schemas, d.readable)
+            try:
+                return await docs.change(
+                    collection, doc_id, change, if_match=seen.version, row_filter=rows
+                )
+            except PreconditionFailed:
+                if if_match is not None:
+                    raise
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # spread contenders
+        raise Conflict(
+            "the document kept changing while its change was checked against the schema",
+            code="write_conflict",
+            retryable=True,
+        )
 
     async def delete(
         self,
@@ -291,6 +376,8 @@ class DocumentOps:
         caller: Caller = OPEN,
     ) -> Page:
         d = self.decide(caller, collection, "list", target)
+        active = await self.active_schema(collection)
+        kinds = active.kinds if active is not None else ()
 
         def validate(d: Decision) -> FindSpec:
             d.check_filter(spec.filter)
@@ -298,7 +385,9 @@ class DocumentOps:
             d.check_fields(spec.fields)
             self.gate.check_row_limit(caller, spec.limit)
             rows = d.row_filter(caller.headers)
-            return spec if rows is None else replace(spec, filter=And((spec.filter, rows)))
+            guarded = spec if rows is None else replace(spec, filter=And((spec.filter, rows)))
+            # the declared scalar paths: compiled on the indexed expressions
+            return replace(guarded, kinds=kinds) if kinds else guarded
 
         async def find(guarded: FindSpec) -> Page:
             return _present_page(d, spec.fields, await self._docs(target).find(collection, guarded))
@@ -321,8 +410,11 @@ class DocumentOps:
             rows = d.row_filter(caller.headers)
             return flt if rows is None else And((flt, rows))
 
+        active = await self.active_schema(collection)
+        kinds = active.kinds if active is not None else ()
+
         async def count(guarded: Filter) -> int:
-            return await self._docs(target).count(collection, guarded)
+            return await self._docs(target).count(collection, guarded, kinds=kinds)
 
         return await self._through(caller, d, validate, count)
 
@@ -340,10 +432,17 @@ def _new_document(d: Decision, body: Any, caller: Caller) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "_version"}
 
 
-def _item(d: Decision, item: Any, caller: Caller) -> dict[str, Any] | ItemResult:
+def _item(
+    d: Decision,
+    item: Any,
+    caller: Caller,
+    active: ActiveSchema | None,
+    registry: SchemaRegistry,
+) -> dict[str, Any] | ItemResult:
     """One document of a bulk create, or its own failure (a forbidden one refuses all)."""
     try:
-        return _new_document(d, item, caller)
+        doc = _new_document(d, item, caller)
+        return doc if active is None else active.new_document(doc, registry)
     except ProxyError as err:
         if err.status == 403:
             raise

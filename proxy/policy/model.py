@@ -27,6 +27,7 @@ OPERATION_ORDER: Final[tuple[str, ...]] = (
     "transaction",
     "schema",
     "migrate",
+    "migrate_sql",
     "monitor",
 )
 OPERATIONS: Final[frozenset[str]] = frozenset(OPERATION_ORDER)

@@ -188,12 +188,13 @@ class CollectionSchema:
             out.append(IndexSpec("_".join(f.path) + "_unique", key, unique=True))
         return tuple(out)
 
-    def scalar_kinds(self) -> dict[tuple[str, ...], str]:
+    def scalar_kinds(self, enforced_only: bool = True) -> dict[tuple[str, ...], str]:
         """Declared paths whose stored value, when present and not null, is always one JSON
         scalar kind (``number``, ``string``, ``boolean``) and never sits under an array: the
         query compiler may test them without MongoDB's array fan-out. Only for an enforced
-        schema (strict level, error action), whose documents were all checked."""
-        if not self.validation.enforced:
+        schema (strict level, error action), whose documents were all checked, unless
+        ``enforced_only`` is False (index DDL: the declared kinds whatever the enforcement)."""
+        if enforced_only and not self.validation.enforced:
             return {}
         declared = {f.path: f for f in self.fields}
         out: dict[tuple[str, ...], str] = {}

@@ -3,22 +3,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shlex
 import subprocess
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from tests.conftest import PG_ADMIN_DSN, _admin, _with_db
 from tests.e2e.conftest import Server
 
 pytestmark = pytest.mark.e2e
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
 SECTION = "## A first session"
 
 
@@ -135,3 +140,35 @@ def test_a_first_session_is_true(launch: Callable[..., Server]) -> None:
     for step in parse_steps(README.read_text()):
         status, body = run(step, port)
         check_claims(step, status, body)
+
+
+def test_the_migrate_example_applies_the_example_directory() -> None:
+    """The README's ``dbproxy migrate`` line, as written, on a database of its own: the
+    example migrations apply (exit 0), again as a no-op (exit 0), and leave the schema."""
+    line = next(ln for ln in README.read_text().splitlines() if "dbproxy migrate examples/" in ln)
+    argv = shlex.split(line, comments=True)
+    url = argv[argv.index("--database") + 1]
+    assert url.startswith("postgresql://")
+    name = f"dbproxy_readme_{uuid.uuid4().hex[:10]}"
+    asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        argv[argv.index("--database") + 1] = _with_db(PG_ADMIN_DSN, name)
+        argv[0] = str(ROOT / argv[0]) if not Path(argv[0]).is_absolute() else argv[0]
+        for _ in range(2):  # the second run: every migration applied already
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False
+            )
+            assert done.returncode == 0, (done.stdout, done.stderr)
+        schemas = asyncio.run(_fetch(_with_db(PG_ADMIN_DSN, name)))
+        assert schemas == ["users"]
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def _fetch(dsn: str) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT collection FROM dbproxy._schemas ORDER BY 1")
+        return [r[0] for r in rows]
+    finally:
+        await conn.close()

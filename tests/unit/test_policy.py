@@ -118,47 +118,61 @@ def test_example_descriptions(examples: PolicySet) -> None:
 
 # The expected decision for every example service x collection x operation. X = allowed.
 # Columns: read list count create update delete aggregate search transaction schema migrate
-# monitor (OPERATION_ORDER).
+# migrate_sql monitor (OPERATION_ORDER).
 GRID = """
-service   collection    read list cnt  crt  upd  del  agg  srch txn  schm migr mon
-billing   invoices      X    X    X    X    X    X    X    .    X    .    .    .
-billing   payments_eu   X    X    X    X    X    X    .    .    X    .    .    .
-billing   payments      .    .    .    .    .    .    .    .    .    .    .    .
-billing   users         X    X    .    .    .    .    .    .    .    .    .    .
-billing   sessions      .    .    .    .    .    .    .    .    .    .    .    .
-billing   events_web    .    .    .    .    .    .    .    .    .    .    .    .
-billing   profile_main  .    .    .    .    .    .    .    .    .    .    .    .
-billing   orders        .    .    .    .    .    .    .    .    .    .    .    .
-billing   Invoices      .    .    .    .    .    .    .    .    .    .    .    .
-users     invoices      .    .    .    .    .    .    .    .    .    .    .    .
-users     payments_eu   .    .    .    .    .    .    .    .    .    .    .    .
-users     payments      .    .    .    .    .    .    .    .    .    .    .    .
-users     users         X    X    X    X    X    X    .    X    X    X    .    .
-users     sessions      X    X    X    X    X    X    .    X    X    .    .    .
-users     events_web    .    .    .    .    .    .    .    .    .    .    .    .
-users     profile_main  X    X    .    X    X    X    .    .    .    .    .    .
-users     orders        .    .    .    .    .    .    .    .    .    .    .    .
-users     Invoices      .    .    .    .    .    .    .    .    .    .    .    .
-analytics invoices      .    X    X    .    .    .    X    .    .    .    .    X
-analytics payments_eu   .    X    X    .    .    .    X    .    .    .    .    X
-analytics payments      .    .    .    .    .    .    .    .    .    .    .    X
-analytics users         .    .    X    .    .    .    X    .    .    .    .    X
-analytics sessions      .    .    .    .    .    .    .    .    .    .    .    X
-analytics events_web    X    X    X    .    .    .    X    X    .    .    .    X
-analytics profile_main  .    .    .    .    .    .    .    .    .    .    .    X
-analytics orders        .    .    .    .    .    .    .    .    .    .    .    X
-analytics Invoices      .    .    .    .    .    .    .    .    .    .    .    X
-admin     invoices      .    .    X    .    .    .    .    .    .    X    X    X
-admin     payments_eu   .    .    X    .    .    .    .    .    .    X    X    X
-admin     payments      .    .    X    .    .    .    .    .    .    X    X    X
-admin     users         X    X    X    .    .    .    .    .    .    X    X    X
-admin     sessions      .    .    X    .    .    .    .    .    .    X    X    X
-admin     events_web    .    .    X    .    .    .    .    .    .    X    X    X
-admin     profile_main  .    .    X    .    .    .    .    .    .    X    X    X
-admin     orders        .    .    X    .    .    .    .    .    .    X    X    X
-admin     Invoices      .    .    X    .    .    .    .    .    .    X    X    X
+service   collection    read list cnt  crt  upd  del  agg  srch txn  schm migr msql mon
+billing   invoices      X    X    X    X    X    X    X    .    X    .    .    .    .
+billing   payments_eu   X    X    X    X    X    X    .    .    X    .    .    .    .
+billing   payments      .    .    .    .    .    .    .    .    .    .    .    .    .
+billing   users         X    X    .    .    .    .    .    .    .    .    .    .    .
+billing   sessions      .    .    .    .    .    .    .    .    .    .    .    .    .
+billing   events_web    .    .    .    .    .    .    .    .    .    .    .    .    .
+billing   profile_main  .    .    .    .    .    .    .    .    .    .    .    .    .
+billing   orders        .    .    .    .    .    .    .    .    .    .    .    .    .
+billing   Invoices      .    .    .    .    .    .    .    .    .    .    .    .    .
+users     invoices      .    .    .    .    .    .    .    .    .    .    .    .    .
+users     payments_eu   .    .    .    .    .    .    .    .    .    .    .    .    .
+users     payments      .    .    .    .    .    .    .    .    .    .    .    .    .
+users     users         X    X    X    X    X    X    .    X    X    X    .    .    .
+users     sessions      X    X    X    X    X    X    .    X    X    .    .    .    .
+users     events_web    .    .    .    .    .    .    .    .    .    .    .    .    .
+users     profile_main  X    X    .    X    X    X    .    .    .    .    .    .    .
+users     orders        .    .    .    .    .    .    .    .    .    .    .    .    .
+users     Invoices      .    .    .    .    .    .    .    .    .    .    .    .    .
+analytics invoices      .    X    X    .    .    .    X    .    .    .    .    .    X
+analytics payments_eu   .    X    X    .    .    .    X    .    .    .    .    .    X
+analytics payments      .    .    .    .    .    .    .    .    .    .    .    .    X
+analytics users         .    .    X    .    .    .    X    .    .    .    .    .    X
+analytics sessions      .    .    .    .    .    .    .    .    .    .    .    .    X
+analytics events_web    X    X    X    .    .    .    X    X    .    .    .    .    X
+analytics profile_main  .    .    .    .    .    .    .    .    .    .    .    .    X
+analytics orders        .    .    .    .    .    .    .    .    .    .    .    .    X
+analytics Invoices      .    .    .    .    .    .    .    .    .    .    .    .    X
+admin     invoices      .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     payments_eu   .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     payments      .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     users         X    X    X    .    .    .    .    .    .    X    X    .    X
+admin     sessions      .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     events_web    .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     profile_main  .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     orders        .    .    X    .    .    .    .    .    .    X    X    .    X
+admin     Invoices      .    .    X    .    .    .    .    .    .    X    X    .    X
 """
-COLUMNS = ("read", "list", "cnt", "crt", "upd", "del", "agg", "srch", "txn", "schm", "migr", "mon")
+COLUMNS = (
+    "read",
+    "list",
+    "cnt",
+    "crt",
+    "upd",
+    "del",
+    "agg",
+    "srch",
+    "txn",
+    "schm",
+    "migr",
+    "msql",
+    "mon",
+)
 
 
 def _grid() -> list[tuple[str, str, str, bool]]:
@@ -589,7 +603,7 @@ def test_every_problem_of_every_file_at_once(tmp_path: Path) -> None:
         "billing.yaml: grants[0].operations[4]: must be a string, got boolean",
         "billing.yaml: grants[0].operations[5]: unknown operation 'frobnicate' (expected one "
         "of: read, list, count, create, update, delete, aggregate, search, transaction, "
-        "schema, migrate, monitor)",
+        "schema, migrate, migrate_sql, monitor)",
         "billing.yaml: grants[1].collections: must not be empty",
         "billing.yaml: grants[2].collections: is required",
         "billing.yaml: grants[2].operations: is required",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -16,10 +17,18 @@ from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind
 from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
+from proxy.backends.postgres.describe import describe_collection as describe_one
+from proxy.backends.postgres.describe import load_schemas as read_schemas
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
+from proxy.backends.postgres.migrations import PgMigrations
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, EndpointSet, release
-from proxy.backends.postgres.sql import AUDIT_LOG, DESCRIBE_COLLECTIONS, glob_to_posix
+from proxy.backends.postgres.sql import (
+    AUDIT_LOG,
+    DESCRIBE_COLLECTIONS,
+    SCHEMAS_CHANNEL,
+    glob_to_posix,
+)
 from proxy.backends.postgres.transaction import ISOLATION_LEVELS, PostgresTransaction
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import BadRequest, ProxyError, Unavailable
@@ -29,6 +38,39 @@ from proxy.query.spec import AuditScope
 log = logging.getLogger(__name__)
 
 
+async def _listen(conn: asyncpg.Connection, changed: Callable[[], Awaitable[None]]) -> None:
+    """Serve one listening connection until it is lost."""
+    woken = asyncio.Event()
+    lost = asyncio.Event()
+
+    def notified(*_: Any) -> None:
+        woken.set()
+
+    def ended(_: Any) -> None:
+        lost.set()
+        woken.set()
+
+    conn.add_termination_listener(ended)
+    await conn.add_listener(SCHEMAS_CHANNEL, notified)
+    woken.set()  # what changed before this connection listened
+    while not lost.is_set():
+        try:
+            await asyncio.wait_for(woken.wait(), 30.0)
+        except TimeoutError:  # quiet: make sure the connection still answers
+            try:
+                await conn.fetchval("SELECT 1", timeout=5.0)
+            except Exception:
+                return
+            continue
+        woken.clear()
+        if lost.is_set():
+            return
+        try:
+            await changed()
+        except ProxyError as err:
+            log.debug("schemas not reloaded after a notification: %s", err.code)
+
+
 class PostgresBackend(CoalescingDocuments):
     """Documents in ``<schema>."<collection>"``: _id text PK, doc jsonb, _version, timestamps.
 
@@ -36,7 +78,12 @@ class PostgresBackend(CoalescingDocuments):
     reads by preference (and consistency token) to a replica or the primary."""
 
     capabilities = Capabilities(
-        explain=True, describe_collections=True, audit_log=True, endpoints=True, coalesce=True
+        explain=True,
+        describe_collections=True,
+        audit_log=True,
+        endpoints=True,
+        coalesce=True,
+        schemas=True,
     )
 
     def __init__(
@@ -235,6 +282,44 @@ class PostgresBackend(CoalescingDocuments):
             "endpoints": endpoints,
         }
 
+    async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Every declared schema, from the primary (what migrations last committed)."""
+        async with self._conn(self._wait()) as conn:
+            try:
+                return await read_schemas(conn, self._schema_ident, self._wait())
+            except Exception as exc:
+                raise translate(exc) from None
+
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: LISTEN on the schemas channel (a migration anywhere NOTIFYs it
+        in its transaction) and await ``changed`` on each notification, and once on every
+        (re)connection for what was missed while not listening."""
+        delay = 1.0
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.endpoints.primary.dsn,
+                    server_settings={"application_name": "dbproxy-schemas"},
+                    timeout=5.0,
+                )
+            except Exception as exc:
+                log.debug("schema watch of %s cannot connect: %s", self.name, type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 1.0
+            try:
+                await _listen(conn, changed)
+            finally:
+                conn.terminate()
+
+    async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
+        async with self._conn(self._wait()) as conn:
+            try:
+                return await describe_one(conn, self._table(collection), sample, self._wait())
+            except Exception as exc:
+                raise translate(exc) from None
+
     async def describe_collections(self) -> dict[str, Any]:
         """Row estimates, table/index sizes and dead tuples of every collection table."""
         async with self._conn() as conn:
@@ -300,6 +385,10 @@ class PostgresBackend(CoalescingDocuments):
             await conn.execute(
                 f"DELETE FROM {self._schema_ident}._idempotency WHERE expires_at < now()"
             )
+
+    def migrations(self) -> PgMigrations:
+        """This database's migration side (records, lock, DDL) for proxy.migrate's runner."""
+        return PgMigrations(self)
 
     # -- transactions ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from proxy.backends.postgres.errors import no_answer
 from proxy.backends.postgres.sql import insert_batch
 from proxy.config import Limits
 from proxy.context import RequestContext
-from proxy.errors import DuplicateId, InvalidQuery, ProxyError, Timeout
+from proxy.errors import DuplicateId, DuplicateKey, InvalidQuery, ProxyError, Timeout
 from proxy.ids import IdGenerator
 from proxy.query.spec import FindSpec, Page, WriteResult
 
@@ -76,8 +76,9 @@ class CoalescingDocuments(PgDocuments):
             args = (*columns, collection) if self.audit else tuple(columns)
             try:
                 rows = await self._write(collection, sql, *args)
-            except InvalidQuery:
-                # one bad document (a value the database refuses) must not fail the others
+            except (InvalidQuery, DuplicateKey):
+                # one bad document (a value the database refuses, a taken unique key) must
+                # not fail the others
                 return [await self._insert_alone(collection, item) for item in items]
             token = context.write_token.get()
             inserted = {r[0] for r in rows}

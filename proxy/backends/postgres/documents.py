@@ -15,7 +15,14 @@ from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.sql import insert_documents, with_audit
 from proxy.config import Limits
-from proxy.errors import DuplicateId, InvalidQuery, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import (
+    DuplicateId,
+    DuplicateKey,
+    InvalidQuery,
+    NotFound,
+    PreconditionFailed,
+    ProxyError,
+)
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query.ast import Filter
@@ -30,6 +37,7 @@ from proxy.query.spec import (
     MergePatch,
     Modify,
     Page,
+    Preview,
     Replace,
     WriteResult,
 )
@@ -45,6 +53,8 @@ class PgDocuments:
     """The document operations, written once over two primitives: ``_write`` (creates the
     table on first use) and ``_read`` (None when the table does not exist). The pooled
     backend and a pinned transaction provide them differently."""
+
+    failure_aborts = False  # a failed statement ends everything after it (a transaction)
 
     def __init__(
         self,
@@ -147,7 +157,14 @@ class PgDocuments:
             sql = insert_documents(self._table(collection), rows_sql)
             params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
             sql = self._audited(sql, params, "create", collection)
-            rows = await self._write(collection, sql, *params.values)
+            try:
+                rows = await self._write(collection, sql, *params.values)
+            except DuplicateKey:
+                if len(pairs) == 1 or self.failure_aborts:
+                    raise
+                # a taken unique key fails the whole statement: each document alone, so
+                # only the one holding it is refused
+                return await self._insert_each(collection, prepared)
             inserted = {r[0] for r in rows}
         out: list[ItemResult] = []
         for p in prepared:
@@ -164,6 +181,26 @@ class PgDocuments:
                         error=DuplicateId("a document with this _id already exists").to_dict(),
                     )
                 )
+        return out
+
+    async def _insert_each(
+        self, collection: str, prepared: list[tuple[str, str] | ItemResult]
+    ) -> list[ItemResult]:
+        out: list[ItemResult] = []
+        for p in prepared:
+            if isinstance(p, ItemResult):
+                out.append(p)
+                continue
+            try:
+                if await self._insert_row(collection, p[0], p[1]):
+                    out.append(ItemResult(201, p[0], 1))
+                else:
+                    err = DuplicateId("a document with this _id already exists")
+                    out.append(ItemResult(409, p[0], error=err.to_dict()))
+            except ProxyError as err:
+                if err.status >= 500:
+                    raise
+                out.append(ItemResult(err.status, p[0], error=err.to_dict()))
         return out
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
@@ -217,6 +254,57 @@ class PgDocuments:
             await self._explain_miss(collection, doc_id, if_match, row_filter)
         row = rows[0]
         return WriteResult(row[0].encode(), row[1], created=bool(row[2]))
+
+    async def preview(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        row_filter: Filter | None = None,
+    ) -> Preview | None:
+        """The stored document and what ``change`` makes of it, in one statement over the
+        expressions ``change`` writes with, on the primary (the version it returns is what
+        a following If-Match write must find). With ``upsert`` and no document, what the
+        insert would store."""
+        table = self._table(collection)
+        params = Params([doc_id])
+        new_doc = self._new_doc_sql(change, params, "t.doc")
+        conds = self._conditions(params, None, row_filter)
+        sql = (
+            f"SELECT t.doc::text, ({new_doc})::text, t._version FROM {table} t "
+            f"WHERE t._id = $1{' AND ' + conds if conds else ''}"
+        )
+        first = ""
+        if upsert:
+            first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
+            sql += (
+                f" UNION ALL SELECT NULL, ({first})::text, NULL "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {table} WHERE _id = $1)"
+            )
+        primary = context.current.set(
+            dataclasses.replace(context.current.get(), read_preference="primary", min_lsn=None)
+        )
+        try:
+            rows = await self._read(collection, sql, *params.values)
+            if rows is None and upsert:  # no table yet: the document the insert would make
+                alone = Params([doc_id])
+                first = self._new_doc_sql(change, alone, "jsonb_build_object('_id', $1::text)")
+                rows = await self._read(
+                    collection, f"SELECT NULL, ({first})::text, NULL", *alone.values
+                )
+        finally:
+            context.current.reset(primary)
+        if not rows:
+            return None
+        old, new, version = rows[0]
+        loads = numbers.loads_stored
+        return Preview(
+            loads(old) if old is not None else None,
+            loads(new),
+            int(version) if version is not None else None,
+        )
 
     @staticmethod
     def _conditions(params: Params, if_match: int | None, row_filter: Filter | None) -> str:

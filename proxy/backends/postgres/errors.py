@@ -9,11 +9,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
+from proxy.backends.migrations import declared_index_name
 from proxy.backends.postgres.pool import CONNECTION_ERRORS
 from proxy.errors import (
     Conflict,
     DatabaseTimeout,
     DuplicateId,
+    DuplicateKey,
     InternalError,
     InvalidQuery,
     LimitExceeded,
@@ -50,6 +52,11 @@ def translate(exc: BaseException) -> ProxyError:
             retryable=True,
         )
     if isinstance(exc, asyncpg.exceptions.UniqueViolationError):
+        index = declared_index_name(getattr(exc, "constraint_name", None))
+        if index is not None:  # a declared unique index (proxy.backends.migrations)
+            return DuplicateKey(
+                f"the unique index {index!r} already holds this value", details={"index": index}
+            )
         return DuplicateId("a document with this _id already exists")
     if isinstance(exc, CONNECTION_ERRORS):
         return Unavailable("the database is not reachable", retry_after=1)

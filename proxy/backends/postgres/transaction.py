@@ -33,6 +33,8 @@ class PostgresTransaction(PgDocuments):
     then marked failed and only ``rollback`` remains. ``commit``/``rollback`` always give
     the connection back to the pool, rolled back and clean."""
 
+    failure_aborts = True
+
     def __init__(
         self,
         backend: PgDocuments,

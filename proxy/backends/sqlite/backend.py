@@ -10,15 +10,24 @@ import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
 from proxy.backends.sqlite.connection import ConnState, Job, T, connect
-from proxy.backends.sqlite.ddl import create_housekeeping_tables, create_table, make_parent_dir
+from proxy.backends.sqlite.ddl import (
+    create_housekeeping_tables,
+    create_table,
+    make_parent_dir,
+    table_name,
+)
+from proxy.backends.sqlite.describe import describe_collection as describe_one
+from proxy.backends.sqlite.describe import load_schemas as read_schemas
 from proxy.backends.sqlite.documents import SqliteDocuments
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.backends.sqlite.migrations import SqliteMigrations
 from proxy.backends.sqlite.transaction import SqliteTransaction
 from proxy.backends.sqlite.writer import WriterThread
 from proxy.config import DatabaseConfig, Limits
@@ -27,6 +36,7 @@ from proxy.ids import IdGenerator
 from proxy.query.spec import AuditScope
 
 log = logging.getLogger(__name__)
+SCHEMA_POLL_SECONDS = 1.0  # how soon a migration another process ran on the file is enforced
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 _IDLE_TX_CONNECTIONS = 8  # connections kept for the next transaction
@@ -55,7 +65,7 @@ def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
 class SqliteBackend(Unsupported, SqliteDocuments):
     """Documents in ``"c_<collection>"``: _id TEXT PK, doc TEXT (JSON), _version, timestamps."""
 
-    capabilities = Capabilities(audit_log=True, explain=True)
+    capabilities = Capabilities(audit_log=True, explain=True, schemas=True)
 
     def __init__(
         self,
@@ -212,6 +222,27 @@ class SqliteBackend(Unsupported, SqliteDocuments):
             record["ids"] = orjson.loads(record["ids"])
             out.append(record)
         return out
+
+    def migrations(self) -> SqliteMigrations:
+        """This store's migration side (records, lock, DDL) for proxy.migrate's runner."""
+        return SqliteMigrations(self)
+
+    async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        return await self._read(read_schemas)
+
+    async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
+        """Until cancelled: read the schemas table again every ``SCHEMA_POLL_SECONDS`` (a
+        local read: another process's migration on the same file is seen within it)."""
+        while True:
+            try:
+                await changed()
+            except ProxyError as err:
+                log.debug("schemas of %s not reloaded: %s", self.name, err.code)
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)
+
+    async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
+        table = table_name(collection)
+        return await self._read(lambda conn: describe_one(conn, table, sample))
 
     # -- running work ------------------------------------------------------------------
 

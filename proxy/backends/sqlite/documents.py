@@ -13,9 +13,9 @@ import orjson
 from proxy import context, numbers
 from proxy.backends.sqlite.connection import FN_KEEP, Job, T, keep_text
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, table_name
-from proxy.backends.sqlite.errors import no_table
+from proxy.backends.sqlite.errors import no_table, translate
 from proxy.config import Limits
-from proxy.errors import DuplicateId, NotFound, PreconditionFailed, ProxyError
+from proxy.errors import DuplicateId, DuplicateKey, NotFound, PreconditionFailed, ProxyError
 from proxy.ids import IdGenerator
 from proxy.query import sqlite as dialect
 from proxy.query.ast import Filter
@@ -28,6 +28,7 @@ from proxy.query.spec import (
     MergePatch,
     Modify,
     Page,
+    Preview,
     Replace,
     WriteResult,
 )
@@ -151,12 +152,22 @@ class SqliteDocuments:
         pairs = [p for p in prepared if isinstance(p, tuple)]
         sql = _insert_sql(table)
 
-        def run(conn: sqlite3.Connection) -> list[bool]:
-            # a repeated _id in the same batch: the first one wins, as in PostgreSQL
-            return [conn.execute(sql, pair).rowcount == 1 for pair in pairs]
+        def run(conn: sqlite3.Connection) -> list[bool | ProxyError]:
+            # a repeated _id in the same batch: the first one wins, as in PostgreSQL; a
+            # taken unique key refuses its own document only (the statement is undone alone)
+            done: list[bool | ProxyError] = []
+            for pair in pairs:
+                try:
+                    done.append(conn.execute(sql, pair).rowcount == 1)
+                except sqlite3.IntegrityError as exc:
+                    err = translate(exc)
+                    if not isinstance(err, DuplicateKey):
+                        raise
+                    done.append(err)
+            return done
 
-        def written(done: list[bool]) -> list[str]:
-            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok]
+        def written(done: list[bool | ProxyError]) -> list[str]:
+            return [pair[0] for pair, ok in zip(pairs, done, strict=True) if ok is True]
 
         job = self._audited(run, "create", collection, written)
         inserted = iter(await self._write(collection, job) if pairs else [])
@@ -165,8 +176,10 @@ class SqliteDocuments:
         for p in prepared:
             if isinstance(p, ItemResult):
                 out.append(p)
-            elif next(inserted):
+            elif (ok := next(inserted)) is True:
                 out.append(ItemResult(201, p[0], 1))
+            elif isinstance(ok, ProxyError):
+                out.append(ItemResult(ok.status, p[0], error=ok.to_dict()))
             else:
                 out.append(ItemResult(409, p[0], error=duplicate))
         return out
@@ -231,6 +244,56 @@ class SqliteDocuments:
         return await self._write(
             collection, self._audited(run, operation, collection, lambda _: [doc_id])
         )
+
+    async def preview(
+        self,
+        collection: str,
+        doc_id: str,
+        change: Change,
+        *,
+        upsert: bool = False,
+        row_filter: Filter | None = None,
+    ) -> Preview | None:
+        """The stored document and what ``change`` makes of it, computed by one SELECT over
+        the expressions ``change`` writes with; with ``upsert`` and no document, what the
+        insert would store."""
+        table = table_name(collection)
+        params = Params([doc_id])
+        names = Names()
+        new_doc = self._new_doc_sql(change, params, names, doc_id, "t.doc")
+        conds = self._conditions(params, names, None, row_filter)
+        sql = (
+            f"SELECT CAST(t.doc AS BLOB), CAST({new_doc} AS BLOB), t._version FROM {table} t "
+            f"WHERE t._id = ?1{' AND ' + conds if conds else ''}"
+        )
+        values = params.values
+        first_sql, first_values = "", []
+        if upsert:
+            alone = Params([doc_id])
+            first = self._new_doc_sql(change, alone, Names(), doc_id, "json_object('_id', ?1)")
+            first_sql, first_values = f"SELECT CAST({first} AS BLOB)", alone.values
+
+        def run(conn: sqlite3.Connection) -> Preview | None:
+            try:
+                row = conn.execute(sql, values).fetchone()
+            except sqlite3.OperationalError as exc:
+                if not no_table(exc):
+                    raise
+                row = None
+                exists = False
+            else:
+                exists = row is not None or bool(
+                    conn.execute(f"SELECT 1 FROM {table} WHERE _id = ?1", (doc_id,)).fetchone()
+                )
+            if row is not None:
+                loads = numbers.loads_stored
+                return Preview(loads(row[0]), loads(row[1]), int(row[2]))
+            if not upsert or exists:
+                return None
+            made = conn.execute(first_sql, first_values).fetchone()
+            return Preview(None, numbers.loads_stored(made[0]), None)
+
+        return await self._read(run)
 
     @staticmethod
     def _conditions(

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 
+from proxy.backends.migrations import declared_index_name
 from proxy.backends.sqlite.connection import ConnState
 from proxy.errors import (
     Conflict,
     DuplicateId,
+    DuplicateKey,
     InternalError,
     InvalidQuery,
     LimitExceeded,
@@ -19,6 +22,7 @@ from proxy.errors import (
 
 log = logging.getLogger(__name__)
 
+_UNIQUE_INDEX = re.compile(r"UNIQUE constraint failed: index '([A-Za-z0-9_]+)'")
 _TOO_COMPLEX = ("parser stack overflow", "too many", "too large", "too deep")
 
 
@@ -31,6 +35,12 @@ def translate(exc: BaseException, state: ConnState | None = None) -> ProxyError:
     if isinstance(exc, OverflowError):
         return InvalidQuery("a number is out of range for the database", code="invalid_value")
     if isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc):
+        found = _UNIQUE_INDEX.search(str(exc))
+        index = declared_index_name(found.group(1)) if found else None
+        if index is not None:  # a declared unique index (proxy.backends.migrations)
+            return DuplicateKey(
+                f"the unique index {index!r} already holds this value", details={"index": index}
+            )
         return DuplicateId("a document with this _id already exists")
     if not isinstance(exc, sqlite3.Error):
         log.error("unexpected error in the sqlite store: %s", type(exc).__name__)

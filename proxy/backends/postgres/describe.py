@@ -1,0 +1,67 @@
+"""What the schema endpoint reads from PostgreSQL: the declared schemas, and one collection
+as the database has it (its indexes, estimates, a bounded sample)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from proxy import numbers
+from proxy.backends.postgres.sql import LOAD_SCHEMAS
+
+_INDEXES = (
+    "SELECT i.relname, ix.indisunique, ix.indisvalid, pg_relation_size(i.oid), "
+    "pg_get_indexdef(i.oid), ix.indisprimary FROM pg_index ix "
+    "JOIN pg_class i ON i.oid = ix.indexrelid WHERE ix.indrelid = $1::regclass "
+    "ORDER BY i.relname"
+)
+_EXACT_BELOW = 10_000  # rows under which the count is exact rather than the planner's estimate
+_ESTIMATE = (
+    "SELECT greatest(c.reltuples::bigint, coalesce(s.n_live_tup, 0)), "
+    "pg_total_relation_size(c.oid) FROM pg_class c "
+    "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = $1::regclass"
+)
+
+
+async def load_schemas(
+    conn: asyncpg.Connection, schema_ident: str, wait: float
+) -> dict[str, tuple[int, dict[str, Any]]]:
+    rows = await conn.fetch(LOAD_SCHEMAS.format(schema=schema_ident), timeout=wait)
+    return {r[0]: (int(r[2]), numbers.loads_stored(r[1])) for r in rows}
+
+
+async def describe_collection(
+    conn: asyncpg.Connection, table: str, sample: int, wait: float
+) -> dict[str, Any]:
+    """``table`` is the quoted, checked table name (a regclass literal is bound, not text)."""
+    exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table, timeout=wait)
+    if not exists:
+        return {"exists": False, "indexes": [], "estimated_count": 0, "size_bytes": 0, "sample": []}
+    indexes = [
+        {
+            "physical_name": r[0],
+            "unique": bool(r[1]),
+            "valid": bool(r[2]),
+            "size_bytes": int(r[3]),
+            "definition": r[4],
+        }
+        for r in await conn.fetch(_INDEXES, table, timeout=wait)
+        if not r[5]  # the primary key (_id) is not a declared index
+    ]
+    estimate, size = await conn.fetchrow(_ESTIMATE, table, timeout=wait)
+    if estimate < _EXACT_BELOW:  # statistics lag behind a small table: count it (bounded)
+        estimate = await conn.fetchval(
+            f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT {_EXACT_BELOW}) s", timeout=wait
+        )
+    docs = []
+    if sample > 0:
+        rows = await conn.fetch(f"SELECT doc::text FROM {table} LIMIT $1", sample, timeout=wait)
+        docs = [numbers.loads_stored(r[0]) for r in rows]
+    return {
+        "exists": True,
+        "indexes": indexes,
+        "estimated_count": int(estimate),
+        "size_bytes": int(size),
+        "sample": docs,
+    }
