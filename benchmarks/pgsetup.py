@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -11,9 +12,6 @@ import orjson
 
 from benchmarks import workload
 from benchmarks.workload import Scenario
-from proxy.query.pg import declared_expr
-from proxy.query.pg_typed import declared_order
-from proxy.schema.model import parse_schema
 
 DDL = """CREATE TABLE IF NOT EXISTS dbproxy."{c}" (_id text COLLATE "C" PRIMARY KEY,
 doc jsonb NOT NULL, _version bigint NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
@@ -25,7 +23,7 @@ LIST_RAW_INDEX = (
     "((doc -> 'grp'), (doc -> 'n'))"
 )
 # the declared schemas of the sidecar's collections (the seed's Collection Schema model)
-LIST_SCHEMA = {
+LIST_SCHEMA: dict[str, Any] = {
     "name": "bench_list",
     "fields": [
         {"name": "grp", "type": "integer", "required": True},
@@ -123,34 +121,35 @@ async def _seed(url: str, collections: list[str], n: int) -> None:
                 records=listed,
             )
             await conn.execute(LIST_RAW_INDEX, timeout=120)
-            await declare_schemas(conn)
             await conn.execute('VACUUM ANALYZE dbproxy."bench_list"', timeout=120)
     finally:
         await asyncio.wait_for(conn.close(), timeout=10)
 
 
-async def declare_schemas(conn: asyncpg.Connection) -> None:
-    """TO BE REPLACED by one ``POST /api/db/migrations`` (create_collection with the schema,
-    create_index) once migrations land: writes the ``_schemas`` rows of ``bench_list`` and
-    ``bench_create6`` and builds bench_list's (grp, n) index with ``declared_expr`` — what
-    the migration's create_index does — then tells the sidecars (NOTIFY)."""
-    async with conn.transaction():
-        for raw in (LIST_SCHEMA, SCHEMA6):
-            parse_schema(raw, raw["name"])  # the model the sidecar loads: valid, or fail here
-            await conn.execute(
-                "INSERT INTO dbproxy._schemas (collection, schema, version) "
-                "VALUES ($1, $2::jsonb, 1) ON CONFLICT (collection) DO UPDATE SET "
-                "schema = EXCLUDED.schema, version = dbproxy._schemas.version + 1",
-                raw["name"],
-                orjson.dumps(raw).decode(),
-            )
-            await conn.execute("SELECT pg_notify('dbproxy_schemas', $1)", raw["name"])
-    cols = ", ".join(declared_order((p,), "number", False, doc="doc") for p in ("grp", "n"))
-    assert declared_expr(("n",), "number", doc="doc") in cols
-    await conn.execute(
-        f'CREATE INDEX IF NOT EXISTS bench_list_grp_n ON dbproxy."bench_list" ({cols})',
-        timeout=120,
-    )
+def schema_migration() -> dict[str, Any]:
+    """The migration the harness POSTs to the sidecar (``POST /api/db/migrations``): the
+    declared schemas of ``bench_list`` and ``bench_create6`` and bench_list's (grp, n)
+    index, built by the migration on the compiler's declared expressions."""
+    ops: list[dict[str, Any]] = [
+        {"op": "create_collection", "collection": raw["name"], "schema": raw}
+        for raw in (LIST_SCHEMA, SCHEMA6)
+    ]
+    for ix in LIST_SCHEMA["indexes"]:
+        ops.append({"op": "create_index", "collection": "bench_list", "index": ix})
+    return {
+        "id": "bench-schemas",
+        "name": "benchmark schemas",
+        "version": 1,
+        "script": {"operations": ops},
+    }
+
+
+async def _analyze(url: str, collections: list[str]) -> None:
+    await _admin(url, *(f'VACUUM ANALYZE dbproxy."{c}"' for c in collections))
+
+
+def analyze(url: str, collections: list[str]) -> None:
+    asyncio.run(_analyze(url, collections))
 
 
 def seed(url: str, collections: list[str], n: int) -> None:

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 
 from proxy.backends.base import Documents
+from proxy.config import Limits
 from proxy.errors import (
     BadRequest,
     DuplicateId,
@@ -36,8 +37,9 @@ from proxy.query.spec import (
 # ---- request decoding -------------------------------------------------------------------
 
 
-async def read_json(request: web.Request) -> Any:
-    limits = request.app[CONFIG].limits
+async def read_json(request: web.Request, limits: Limits | None = None) -> Any:
+    if limits is None:
+        limits = request.app[CONFIG].limits
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise PayloadTooLarge(
             f"request body is larger than {limits.max_body_bytes} bytes",
@@ -141,11 +143,13 @@ async def execute(
     write: bool,
     grants: Grants = (),
     charge: tuple[str, int] | None = None,
+    core: Core | None = None,
 ) -> web.Response:
     """Run ``op`` inside the caller's transaction (X-Transaction-Id), or once per
     Idempotency-Key (writes; ``grants`` and ``charge`` judge a replay, see
     ``Core.idempotent``), or plainly."""
-    core = request.app[CORE]
+    if core is None:
+        core = request.app[CORE]
     tx_id = request.headers.get("X-Transaction-Id")
     key = request.headers.get("Idempotency-Key") if write else None
     if tx_id is not None:
@@ -352,12 +356,12 @@ async def list_documents(request: web.Request) -> web.Response:
         "filter": orjson.loads(raw_filter) if raw_filter else None,
         "sort": request.query.get("sort"),
     }
-    return await _find(request, spec, source)
+    return await _find(core, request, request.match_info["collection"], spec, source)
 
 
-async def _find(request: web.Request, spec: FindSpec, source: Any) -> web.Response:
-    core = request.app[CORE]
-    collection = request.match_info["collection"]
+async def _find(
+    core: Core, request: web.Request, collection: str, spec: FindSpec, source: Any
+) -> web.Response:
     request[monitor.PATTERN_SOURCE] = source
 
     async def op(target: Documents | None) -> web.Response:
@@ -365,15 +369,20 @@ async def _find(request: web.Request, spec: FindSpec, source: Any) -> web.Respon
         request[monitor.DOCUMENTS] = len(page.items)
         return page_response(page.items, page.next)
 
-    return await execute(request, op, write=False)
+    return await execute(request, op, write=False, core=core)
+
+
+async def find_query(core: Core, request: web.Request, collection: str) -> web.Response:
+    """``POST /api/db/{collection}/query``: the one handler of the router
+    (``query_documents``) and of the fast path (``fast_path.fast_get``)."""
+    body = await read_json(request, core.limits)
+    if not isinstance(body, dict):
+        raise BadRequest("the query body must be a JSON object", code="invalid_query")
+    return await _find(core, request, collection, core.find_spec(body, from_url=False), body)
 
 
 async def query_documents(request: web.Request) -> web.Response:
-    core = request.app[CORE]
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise BadRequest("the query body must be a JSON object", code="invalid_query")
-    return await _find(request, core.find_spec(body, from_url=False), body)
+    return await find_query(request.app[CORE], request, request.match_info["collection"])
 
 
 async def count_documents(request: web.Request) -> web.Response:

@@ -140,8 +140,14 @@ class _LiveCollector(Collector):
         fast = CounterMetricFamily(
             "dbproxy_fast_path_requests", "GET-by-id requests served by the shortcut"
         )
-        fast.add_metric([], src.get("fast_path", dict)().get("requests", 0))
+        shortcuts = src.get("fast_path", dict)()
+        fast.add_metric([], shortcuts.get("requests", 0))
         yield fast
+        fast_q = CounterMetricFamily(
+            "dbproxy_fast_path_queries", "POST .../query requests served by the shortcut"
+        )
+        fast_q.add_metric([], shortcuts.get("queries", 0))
+        yield fast_q
         clients = src.get("clients", dict)()
         open_ = GaugeMetricFamily("dbproxy_client_connections", "Open client connections")
         open_.add_metric([], clients.get("open", 0))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,3 +119,112 @@ async def test_fast_path_matches_the_router_with_policies(
             statuses.add(fast[0])
         assert statuses >= {200, 401, 403, 404}
         assert await fast_path_count(s, server) - taken == len(cases)
+
+
+# ---- POST /api/db/{collection}/query ------------------------------------------------------
+
+
+async def both_query(
+    s: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[tuple[int, bytes, dict[str, str]], tuple[int, bytes, dict[str, str]]]:
+    """The same query through the shortcut and (with a dummy query string) the router."""
+    out = []
+    for suffix in ("", "?_=1"):
+        hdrs = {**headers, "X-Request-Id": "fixed-request-id", "Content-Type": "application/json"}
+        async with s.post(url + suffix, data=body, headers=hdrs) as r:
+            got = await r.read()
+            kept = {k.lower(): v for k, v in r.headers.items() if k.lower() not in SKIP}
+            out.append((r.status, got, kept))
+    return out[0], out[1]
+
+
+async def fast_query_count(s: aiohttp.ClientSession, server: Server) -> float:
+    async with s.get(f"{server.url}/metrics") as r:
+        text = await r.text()
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "dbproxy_fast_path_queries":
+            return float(fam.samples[0].value)
+    raise AssertionError("no dbproxy_fast_path_queries in /metrics")
+
+
+def query_corpus(coll: str) -> list[tuple[str, bytes]]:
+    q = orjson.dumps
+    return [
+        (coll, q({"filter": {"n": {"$gte": 2}}, "sort": "-n", "limit": 2})),  # a page, next
+        (coll, q({"filter": {"n": 1}, "fields": "n"})),  # projection
+        (coll, q({"filter": {"n": 99}})),  # nothing
+        (coll, q({"filter": {"n": {"$bogus": 1}}})),  # bad operator: 400
+        (coll, q({"sort": "n", "limit": 0})),  # bad limit
+        (coll, q({"next": "not-a-cursor"})),  # bad cursor
+        (coll, q({"unknown": 1})),  # unknown field
+        (coll, b"[1, 2]"),  # not an object
+        (coll, b"{not json"),  # malformed
+        (coll, b""),  # no body
+        ("1bad", q({})),  # invalid collection name
+        ("c" * 80, q({})),  # collection name too long
+        ("health", q({})),  # a reserved-looking collection
+    ]
+
+
+async def test_query_fast_path_matches_the_router_open(
+    launch: Callable[..., Server], pg_dsn: str
+) -> None:
+    server = launch("--database", pg_dsn)
+    coll = "fq_" + uuid.uuid4().hex[:6]
+    base = f"{server.url}/api/db"
+    async with aiohttp.ClientSession() as s:
+        for i in range(5):
+            async with s.post(f"{base}/{coll}", json={"_id": f"d{i}", "n": i}) as r:
+                assert r.status == 201
+        taken = await fast_query_count(s, server)
+        seen = set()
+        for c, body in query_corpus(coll):
+            fast, routed = await both_query(s, f"{base}/{c}/query", body, {})
+            assert fast == routed, (c, body)
+            seen.add(fast[0])
+        assert seen >= {200, 400}
+        first, _ = await both_query(s, f"{base}/{coll}/query", query_corpus(coll)[0][1], {})
+        nxt = orjson.loads(first[1])["next"]
+        assert nxt is not None
+        page2 = orjson.dumps({"filter": {"n": {"$gte": 2}}, "sort": "-n", "limit": 2, "next": nxt})
+        fast, routed = await both_query(s, f"{base}/{coll}/query", page2, {})
+        assert fast == routed and [d["n"] for d in orjson.loads(fast[1])["items"]] == [2]
+        # every request without a query string took the shortcut, none of the others
+        assert await fast_query_count(s, server) - taken == len(query_corpus(coll)) + 2
+    assert "Traceback" not in server.output()
+
+
+async def test_query_fast_path_matches_the_router_with_policies(
+    launch: Callable[..., Server], pg_dsn: str, tmp_path: Path
+) -> None:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    server = launch("--database", pg_dsn, "--policies", str(policies))
+    base = f"{server.url}/api/db"
+    billing = {**TOKEN, "X-Tenant-Id": "fq-" + uuid.uuid4().hex[:8]}
+    other = {**TOKEN, "X-Tenant-Id": "fq-" + uuid.uuid4().hex[:8]}
+    async with aiohttp.ClientSession() as s:
+        for who, amount in ((billing, 3), (other, 4)):
+            doc = {"tenant_id": who["X-Tenant-Id"], "amount": amount}
+            async with s.post(f"{base}/invoices", headers=who, json=doc) as r:
+                assert r.status == 201
+        mine = orjson.dumps({"filter": {"amount": {"$gte": 0}}, "sort": "amount", "limit": 5})
+        cases = [
+            ("invoices", mine, billing),  # the row rule keeps the other tenant's out
+            ("invoices", mine, TOKEN),  # no tenant header
+            ("sessions", mine, billing),  # not granted: 403
+            ("invoices", mine, {}),  # no token: 401
+            ("invoices", mine, {"Authorization": "Bearer wrong"}),  # 401
+            ("users", orjson.dumps({"filter": {"password_hash": "x"}}), billing),  # field rule
+            ("users", orjson.dumps({"fields": "name,address"}), billing),  # field rule
+        ]
+        taken = await fast_query_count(s, server)
+        statuses = set()
+        for c, body, headers in cases:
+            fast, routed = await both_query(s, f"{base}/{c}/query", body, headers)
+            assert fast == routed, (c, body, headers, fast, routed)
+            statuses.add(fast[0])
+        assert statuses >= {200, 401, 403}
+        got = orjson.loads((await both_query(s, f"{base}/invoices/query", mine, billing))[0][1])
+        assert [d["amount"] for d in got["items"]] == [3]
+        assert await fast_query_count(s, server) - taken == len(cases) + 1

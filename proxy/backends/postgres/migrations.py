@@ -20,6 +20,7 @@ from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
 from proxy.query.ast import Filter, Update
 from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
+from proxy.query.pg_typed import declared_order
 from proxy.schema.model import IndexSpec
 
 
@@ -86,7 +87,10 @@ def index_ddl(
     keys = []
     for key in index.keys:
         kind = kinds.get(key.path)
-        order = "DESC NULLS LAST" if key.descending else "NULLS FIRST" if kind == "string" else ""
+        if kind is not None:  # the compiler's ORDER BY item, so the planner matches the column
+            keys.append(declared_order(key.path, kind, key.descending, doc="doc"))
+            continue
+        order = "DESC NULLS LAST" if key.descending else ""
         keys.append(f"({key_expr(key.path, kind)}) {order}".rstrip())
     return (
         f"CREATE {'UNIQUE ' if index.unique else ''}INDEX {'CONCURRENTLY ' if concurrently else ''}"
