@@ -173,7 +173,7 @@ class DocumentOps:
             return replace
 
         async def change(change: Change) -> WriteResult:
-            return await self._change(d, caller, target, doc_id, change, upsert, if_match)
+            return await self._change(d, caller, target, doc_id, change, upsert, if_match, active)
 
         return await self._through(caller, d, validate, change)
 
@@ -201,7 +201,8 @@ class DocumentOps:
             return MergePatch(patch)
 
         async def change(change: Change) -> WriteResult:
-            return await self._change(d, caller, target, doc_id, change, False, if_match)
+            active = await self.active_schema(collection)
+            return await self._change(d, caller, target, doc_id, change, False, if_match, active)
 
         return await self._through(caller, d, validate, change)
 
@@ -214,15 +215,16 @@ class DocumentOps:
         change: Change,
         upsert: bool,
         if_match: int | None,
+        active: ActiveSchema | None,
     ) -> WriteResult:
-        active = await self.active_schema(d.collection)
         rows = d.row_filter(caller.headers)
         docs = self._docs(target)
-        if active is not None and active.needs_stored(change, upsert) and target is not None:
+        checked = active is not None and active.needs_stored(change, upsert)
+        if active is not None and checked and target is not None:
             result = await self._checked_change(
                 active, docs, d, doc_id, change, upsert, if_match, rows
             )
-        elif active is not None and active.needs_stored(change, upsert):
+        elif active is not None and checked:
             # one checked change per document at a time in this process: they would only
             # make each other compute again (other sidecars' are caught by If-Match)
             async with self.schemas.document_lock(d.collection, doc_id):
