@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -12,6 +13,8 @@ import jsonschema_rs
 
 from proxy.errors import BadRequest, SchemaViolation
 from proxy.schema.model import MISSING, CollectionSchema, FieldSpec, invalid
+
+log = logging.getLogger(__name__)
 
 INT64_MIN: Final = -(2**63)
 INT64_END: Final = 2**63  # exclusive
@@ -102,15 +105,29 @@ class SchemaValidator:
         if self._validator.is_valid(doc):
             return []
         found = {}
-        for err in self._validator.iter_errors(doc):
+        for err in self._errors(doc):
             p = self._problem(err)
             found[(p["path"], p["rule"], p["message"])] = p
+        if not found:  # the engine could not list them: the document is still refused
+            return [_p("", "schema", "does not match the collection's schema")]
         wrong_type = {p["path"] for p in found.values() if p["rule"] == "type"}
         out = [  # a value of the wrong type has only that problem: its other rules are moot
             p for p in found.values() if p["rule"] == "type" or p["path"] not in wrong_type
         ]
         out.sort(key=lambda p: (p["path"], _RULE_ORDER.get(p["rule"], 99), p["message"]))
         return out
+
+    def _errors(self, doc: Mapping[str, Any]) -> list[Any]:
+        """jsonschema-rs's errors of an invalid document. Its iterator has been seen to
+        raise ``ValueError: Recursion limit reached`` once for a shallow document that the
+        same call then listed fine: asked again once, and never a 500 either way."""
+        for _ in range(2):
+            try:
+                return list(self._validator.iter_errors(doc))
+            except ValueError:
+                continue
+        log.warning("the schema validator could not list the problems of a document")
+        return []
 
     def with_defaults(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A copy of ``doc`` with each absent field that declares a ``default_value`` filled
