@@ -16,9 +16,10 @@ from proxy.errors import NotFound, ProxyError
 from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.atomic import AtomicOps
 from proxy.pipeline.batch import BatchTarget
+from proxy.pipeline.describe import SchemaOps
 from proxy.pipeline.documents import DocumentOps
 from proxy.pipeline.gate import Gatekeeper
-from proxy.pipeline.schemas import SchemaOps, SchemaRegistry
+from proxy.pipeline.schemas import SchemaRegistry
 from proxy.pipeline.transactions import TransactionRegistry
 
 PlanNote = Callable[[bool, str], None]
