@@ -65,6 +65,10 @@ class Limits:
     transaction_max_lifetime_seconds: float = 300.0
     idempotency_ttl_seconds: float = 86400.0
     slow_query_ms: float = 200.0
+    max_pipeline_stages: int = 50  # aggregation: stages, $facet sub-stages included
+    max_expression_nodes: int = 500  # aggregation: expression nodes over the whole pipeline
+    max_lookups: int = 3  # aggregation: $lookup stages, inside $facet included
+    max_aggregate_rows: int = 10_000  # aggregation output cap (a policy's max_rows is lower)
 
 
 @dataclass(frozen=True, slots=True)
