@@ -254,7 +254,10 @@ class ExprParser:
             chars = spec.get("chars")
             args = [self.parse(spec["input"], f"{here}.input", scope, depth)]
             args.append(self.parse(chars, f"{here}.chars", scope, depth))
-            if isinstance(args[1], Lit) and not isinstance(args[1].value, str | None):
+            chars_arg = args[1]
+            if isinstance(chars_arg, Arr | Obj) or (
+                isinstance(chars_arg, Lit) and not isinstance(chars_arg.value, str | None)
+            ):
                 raise invalid("$trim chars must be a string", f"{here}.chars")
             return Call("trim", tuple(args))
         if op == "switch":
@@ -323,6 +326,8 @@ def _keys(
 
 def _int_param(expr: Expr, low: int, high: int, at: str, what: str) -> Expr:
     """A constant integer parameter in ``low..high`` (null passes: it gives null)."""
+    if isinstance(expr, Arr | Obj):
+        raise invalid(f"{what} must be an integer, not an array or object", at)
     if not isinstance(expr, Lit) or expr.value is None:
         return expr
     n = as_int(expr.value)
@@ -342,7 +347,7 @@ def _check_constants(op: str, args: list[Expr], at: str) -> None:
                 args[i] = _int_param(args[i], 0, numbers.INT64_MAX, f"{here}[{i}]", "$substrCP")
     elif op == "split":
         sep = args[1]
-        if (
+        if isinstance(sep, Arr | Obj) or (
             isinstance(sep, Lit)
             and sep.value is not None
             and (not isinstance(sep.value, str) or not sep.value)
