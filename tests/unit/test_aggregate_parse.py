@@ -529,6 +529,12 @@ def test_bucket() -> None:
     assert one({"$bucket": {"groupBy": "$n", "boundaries": [0, 1], "default": 1}}).default == 1
     assert one({"$bucket": {"groupBy": "$n", "boundaries": [0, 1], "default": "x"}}).default == "x"
     assert one({"$bucket": {"groupBy": "$n", "boundaries": [0, 1], "output": {}}}).output == ()
+    assert one({"$bucket": {"groupBy": "$n", "boundaries": [-1e300, 1e300]}}).boundaries == (
+        -1e300,
+        1e300,
+    )
+    refused([{"$bucket": {"groupBy": 1, "boundaries": [0, 2**64]}}], "number_out_of_range")
+    refused([{"$bucket": {"groupBy": 1, "boundaries": [0, float("inf")]}}], "number_out_of_range")
 
 
 @pytest.mark.parametrize(
@@ -545,6 +551,7 @@ def test_bucket() -> None:
         ({"groupBy": "$n", "boundaries": [False, True]}, "pipeline[0].$bucket.boundaries"),
         ({"groupBy": "$n", "boundaries": [None, 1]}, "pipeline[0].$bucket.boundaries"),
         ({"groupBy": "$n", "boundaries": [[0], [1]]}, "pipeline[0].$bucket.boundaries"),
+        ({"groupBy": "$n", "boundaries": ["a", "a"]}, "pipeline[0].$bucket.boundaries"),
         ({"groupBy": "$n", "boundaries": [0, 2], "default": 1}, "pipeline[0].$bucket.default"),
         (
             {"groupBy": "$n", "boundaries": ["a", "c"], "default": "b"},
@@ -845,7 +852,13 @@ def test_expression_too_large() -> None:
     deep: Any = 1
     for _ in range(5000):
         deep = {"$abs": deep}
-    refused([{"$set": {"x": deep}}], "expression_too_large")
+    refused([{"$set": {"x": deep}}], "too_deep")  # nested deeper than max_json_depth
+    lax = dataclasses.replace(L, max_json_depth=10_000, max_expression_nodes=10_000)
+    refused([{"$set": {"x": deep}}], "expression_too_large", limits=lax)  # no RecursionError
+    deep_filter: Any = {"a": 1}
+    for _ in range(5000):
+        deep_filter = {"$and": [deep_filter]}
+    refused([{"$match": deep_filter}], "too_deep")
 
 
 def test_too_many_lookups() -> None:

@@ -46,6 +46,7 @@ from proxy.query.aggregate.parse_expr import (
 )
 from proxy.query.aggregate.parse_paths import foreign_paths, source_paths
 from proxy.query.parse import parse_filter
+from proxy.query.spec import json_depth_ok
 
 __all__ = ["COLLECTION_RE", "foreign_paths", "parse_body", "parse_pipeline", "source_paths"]
 
@@ -94,6 +95,10 @@ def parse_body(body: Any, limits: Limits) -> tuple[Pipeline, bool]:
 def parse_pipeline(raw: Any, limits: Limits) -> Pipeline:
     if not isinstance(raw, list):
         raise invalid("pipeline must be an array of stages", "pipeline")
+    if not json_depth_ok(raw, limits.max_json_depth):
+        raise LimitExceeded(
+            f"pipeline is nested deeper than {limits.max_json_depth} levels", code="too_deep"
+        )
     total = _count_stages(raw)
     if total > limits.max_pipeline_stages:
         raise LimitExceeded(
@@ -403,10 +408,7 @@ def _boundaries(raw: Any, at: str) -> tuple[Any, ...]:
     if not (all(_is_number(v) for v in raw) or all(isinstance(v, str) for v in raw)):
         raise invalid("$bucket boundaries must be all numbers or all strings", at)
     for v in raw:
-        if isinstance(v, float) and v - v != 0.0:
-            raise invalid("$bucket boundaries must be finite numbers", at)
-        if _is_number(v) and not -(2**63) <= v <= 2**63 - 1:
-            raise invalid("$bucket boundary out of range", at)
+        numbers.check_number(v)
     if any(not a < b for a, b in itertools.pairwise(raw)):
         raise invalid("$bucket boundaries must be strictly ascending", at)
     return tuple(raw)
