@@ -4,6 +4,7 @@ their codes and places, limits, and the paths a pipeline reads (source_paths/for
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -746,6 +747,11 @@ def test_constant_arguments_checked() -> None:
     expr_refused({"$slice": ["$a", 1, -1]}, "invalid_pipeline")
     expr_refused({"$slice": ["$a", "x"]}, "invalid_pipeline")
     assert expr({"$slice": ["$a", 0]}).args[1] == Lit(0)
+    assert expr({"$in": ["$a", [1, "$b"]]}).args[1] == Arr((Lit(1), Field(("b",))))
+    assert expr({"$in": ["$a", {"$literal": [1]}]}).args[1] == Lit([1])
+    assert expr({"$in": ["$a", "$b"]}).args[1] == Field(("b",))
+    for bad in (5, None, "x", {"k": 1}):
+        expr_refused({"$in": ["$a", bad]}, "invalid_pipeline", ".$in[1]")
 
 
 def test_numbers_out_of_range() -> None:
@@ -1108,3 +1114,74 @@ def test_fuzz_body_only_400s(raw: Any) -> None:
         parse_body({"pipeline": [{"$set": {"x": raw}}, {"$group": {"_id": raw}}]}, L)
     except ProxyError as e:
         assert e.status == 400
+
+
+# ---- well-formed pipelines always parse ---------------------------------------------------
+
+PATHS = st.sampled_from(["a", "b", "a.b", "c.d.e", "_id"])
+FIELD_EXPRS = PATHS.map(lambda p: "$" + p)
+EXPRS = st.recursive(
+    FIELD_EXPRS | st.integers(-5, 5) | st.sampled_from(["x", None, True, "$$ROOT", "$$CURRENT.a"]),
+    lambda kids: st.one_of(
+        st.lists(kids, max_size=3).map(lambda xs: {"$add": xs}),
+        st.tuples(kids, kids).map(lambda t: {"$eq": list(t)}),
+        kids.map(lambda x: {"$abs": [x]}),
+        kids.map(lambda x: {"$not": [x]}),
+        st.tuples(kids, kids, kids).map(
+            lambda t: {"$cond": {"if": t[0], "then": t[1], "else": t[2]}}
+        ),
+        st.dictionaries(st.sampled_from(["k", "l"]), kids, max_size=2),
+        st.lists(kids, max_size=3),
+        kids.map(lambda x: {"$round": [x, 1]}),
+        kids.map(lambda x: {"$map": {"input": x, "as": "v", "in": {"$add": ["$$v.n", "$a"]}}}),
+        kids.map(lambda x: {"$filter": {"input": x, "cond": "$$this", "limit": 2}}),
+        st.tuples(kids, kids).map(
+            lambda t: {"$switch": {"branches": [{"case": t[0], "then": t[1]}], "default": 0}}
+        ),
+    ),
+    max_leaves=8,
+)
+ACCS = st.sampled_from(["$sum", "$avg", "$min", "$max", "$first", "$last", "$push", "$addToSet"])
+SIMPLE_STAGES = st.one_of(
+    st.tuples(PATHS, st.integers(-100, 100)).map(lambda t: {"$match": {t[0]: {"$gt": t[1]}}}),
+    st.tuples(PATHS, EXPRS).map(lambda t: {"$set": {t[0]: t[1]}}),
+    st.tuples(PATHS, EXPRS).map(lambda t: {"$addFields": {"new": t[1], t[0] + "x": 1}}),
+    PATHS.map(lambda p: {"$project": {p: 1}}),
+    PATHS.map(lambda p: {"$project": {p: 0, "_id": 0}}),
+    EXPRS.map(lambda e: {"$project": {"out": e, "_id": 0}}),
+    st.tuples(EXPRS, ACCS, EXPRS).map(lambda t: {"$group": {"_id": t[0], "n": {t[1]: t[2]}}}),
+    st.tuples(PATHS, st.sampled_from([1, -1])).map(lambda t: {"$sort": {t[0]: t[1]}}),
+    st.integers(1, 10).map(lambda n: {"$limit": n}),
+    st.integers(0, 10).map(lambda n: {"$skip": n}),
+    PATHS.map(lambda p: {"$unwind": "$" + p}),
+    PATHS.map(lambda p: {"$unwind": {"path": "$" + p, "includeArrayIndex": "idx"}}),
+    EXPRS.map(lambda e: {"$sortByCount": e}),
+    st.just({"$count": "n"}),
+    PATHS.map(lambda p: {"$unset": p}),
+    EXPRS.map(lambda e: {"$replaceWith": {"r": e}}),
+    PATHS.map(lambda p: {"$lookup": {**LOOKUP, "localField": p, "as": "j." + p}}),
+    EXPRS.map(lambda e: {"$bucket": {"groupBy": e, "boundaries": [0, 5, 10], "default": "o"}}),
+)
+STAGE_LISTS = st.lists(
+    SIMPLE_STAGES
+    | st.lists(SIMPLE_STAGES, max_size=3).map(lambda sub: {"$facet": {"f": sub, "g": []}}),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(STAGE_LISTS)
+def test_well_formed_pipelines_parse(raw: list[Any]) -> None:
+    if sum("$lookup" in json_text(s) for s in raw) > L.max_lookups:
+        return
+    p = parse_pipeline(raw, L)
+    assert len(p.stages) >= len(raw)
+    for path, where in source_paths(p):
+        assert path and all(isinstance(s, str) and s for s in path)
+        assert where.startswith("pipeline[")
+    for collection, found in foreign_paths(p).items():
+        assert collection in p.lookups and found
+
+
+def json_text(v: Any) -> str:
+    return json.dumps(v)

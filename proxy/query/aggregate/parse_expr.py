@@ -353,6 +353,10 @@ def _check_constants(op: str, args: list[Expr], at: str) -> None:
             and (not isinstance(sep.value, str) or not sep.value)
         ):
             raise invalid("$split separator must be a non-empty string", f"{here}[1]")
+    elif op == "in":
+        arr = args[1]
+        if isinstance(arr, Obj) or (isinstance(arr, Lit) and not isinstance(arr.value, list)):
+            raise invalid("$in needs an array as its second argument", f"{here}[1]")
     elif op == "arrayElemAt":
         args[1] = _int_param(
             args[1], numbers.INT64_MIN, numbers.INT64_MAX, f"{here}[1]", "$arrayElemAt index"
