@@ -214,7 +214,9 @@ class ExprParser:
         items = arg if isinstance(arg, list) else [arg]
         if not fewest <= len(items) <= (most if most is not None else len(items)):
             want = f"{fewest}" if fewest == most else f"{fewest} to {most or 'any'}"
-            raise invalid(f"${op} takes {want} arguments, got {len(items)}", at, operator=f"${op}")
+            raise invalid(
+                f"${op} takes {want} argument(s), got {len(items)}", at, operator=f"${op}"
+            )
         return [self.parse(v, f"{at}.${op}[{i}]", scope, depth) for i, v in enumerate(items)]
 
     def _operator(self, op: str, arg: Any, at: str, scope: tuple[str, ...], depth: int) -> Expr:
