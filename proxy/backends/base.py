@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
-from proxy.query.aggregate.ast import AggregateSpec, Aggregated
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.ast import Filter
 from proxy.query.spec import (
     AuditScope,

@@ -12,8 +12,8 @@ from aiohttp import web
 from proxy.cache import TwoLevelCache
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.http.aggregate import aggregate
 from proxy.http import migrations, monitor
+from proxy.http.aggregate import aggregate
 from proxy.http.documents import (
     count_documents,
     create,

@@ -11,7 +11,7 @@ from proxy.config import Limits
 from proxy.errors import BadRequest
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy.decide import Decision
-from proxy.query.aggregate.ast import AggregateSpec, Aggregated, Pipeline, View
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec, Pipeline, View
 from proxy.query.aggregate.parse import foreign_paths, parse_body, source_paths
 
 
@@ -37,7 +37,9 @@ class AggregateOps:
             raise Unsupported.refusal("aggregation")
         d.check_paths(".".join(p) for p, _ in source_paths(pipeline))
         views = tuple(self._lookup_view(n, pipeline, caller, target) for n in pipeline.lookups)
-        spec = AggregateSpec(pipeline, _view(d, collection, caller), views, self._cap(caller), explain)
+        spec = AggregateSpec(
+            pipeline, _view(d, collection, caller), views, self._cap(caller), explain
+        )
         if caller.metered:  # after validation: bad input costs nothing
             await self.gate.admit(caller, "aggregate")
         docs = target if target is not None else self.backend()

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from proxy import context
-from proxy.query.aggregate.ast import AggregateSpec, Aggregated
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.aggregate.pg import compile_pipeline
 
 

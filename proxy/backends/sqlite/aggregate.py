@@ -10,7 +10,7 @@ from proxy import context
 from proxy.backends.sqlite.connection import Job, T
 from proxy.backends.sqlite.ddl import table_name
 from proxy.backends.sqlite.errors import no_table
-from proxy.query.aggregate.ast import AggregateSpec, Aggregated
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.aggregate.sqlite import compile_pipeline
 
 _TABLES_SQL = "SELECT name FROM sqlite_master WHERE type = 'table'"
