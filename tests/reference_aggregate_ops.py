@@ -15,6 +15,7 @@ from tests.reference_aggregate_values import (
     is_integer,
     is_nullish,
     is_number,
+    null_wins,
     same_value,
     truthy,
 )
@@ -72,7 +73,7 @@ def _literal(arg: Json, env: Env, ev: Eval) -> Json:
 @_op("$add")
 def _add(arg: Json, env: Env, ev: Eval) -> Json:
     vals = _all(arg, env, ev)
-    if any(is_nullish(v) for v in vals):
+    if null_wins("$add", vals, is_number):
         return None
     return sum(_numbers("$add", vals), 0)
 
@@ -80,14 +81,14 @@ def _add(arg: Json, env: Env, ev: Eval) -> Json:
 @_op("$multiply")
 def _multiply(arg: Json, env: Env, ev: Eval) -> Json:
     vals = _all(arg, env, ev)
-    if any(is_nullish(v) for v in vals):
+    if null_wins("$multiply", vals, is_number):
         return None
     return math.prod(_numbers("$multiply", vals))
 
 
 def _pair(op: str, arg: Json, env: Env, ev: Eval) -> tuple[Json, Json] | None:
     a, b = _all(arg, env, ev)
-    if is_nullish(a) or is_nullish(b):
+    if null_wins(op, [a, b], is_number):
         return None
     _numbers(op, [a, b])
     return a, b

@@ -13,6 +13,7 @@ from tests.reference_aggregate_values import (
     is_integer,
     is_nullish,
     is_number,
+    null_wins,
     same_value,
     truthy,
     unpromised,
@@ -55,7 +56,7 @@ def _int(op: str, v: Json, minimum: int | None = None) -> int:
 @_op("$concat")
 def _concat(arg: Json, env: Env, ev: Eval) -> Json:
     vals = _all(arg, env, ev)
-    if any(is_nullish(v) for v in vals):
+    if null_wins("$concat", vals, lambda v: isinstance(v, str)):
         return None
     return "".join(_string("$concat", v) for v in vals)
 
@@ -184,7 +185,7 @@ def _slice(arg: Json, env: Env, ev: Eval) -> Json:
 @_op("$concatArrays")
 def _concat_arrays(arg: Json, env: Env, ev: Eval) -> Json:
     vals = _all(arg, env, ev)
-    if any(is_nullish(v) for v in vals):
+    if null_wins("$concatArrays", vals, lambda v: isinstance(v, list)):
         return None
     return [e for v in vals for e in _array("$concatArrays", v)]
 

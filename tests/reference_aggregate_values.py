@@ -45,6 +45,16 @@ def unpromised(what: str) -> None:
         raise Unpromised(what)
 
 
+def null_wins(op: str, vals: list[Json], accepts: Any) -> bool:
+    """True when a null/missing argument makes the result null. The contract does not say
+    which wins when there is also an argument of the wrong type: unpromised then."""
+    if not any(is_nullish(v) for v in vals):
+        return False
+    if any(not is_nullish(v) and not accepts(v) for v in vals):
+        unpromised(f"{op} of null and a value of the wrong type")
+    return True
+
+
 def fail(op: str, why: str) -> ExpressionFailed:
     return ExpressionFailed(f"{op}: {why}")
 

@@ -10,6 +10,7 @@ import pytest
 from tests.reference_aggregate import ExpressionFailed, aggregate, promised, results_equal
 
 Json = Any
+Docs = list[dict[str, Json]]
 
 
 def run(docs: list[dict[str, Json]], pipeline: list[dict[str, Json]], **others: Json) -> Json:
@@ -20,7 +21,7 @@ def ids(n: int, **fields: list[Json]) -> list[dict[str, Json]]:
     return [{"_id": str(i), **{k: v[i] for k, v in fields.items()}} for i in range(n)]
 
 
-SALES = [
+SALES: Docs = [
     {"_id": "1", "item": "abc", "price": 10, "quantity": 2},
     {"_id": "2", "item": "jkl", "price": 20, "quantity": 1},
     {"_id": "3", "item": "xyz", "price": 5, "quantity": 10},
@@ -33,7 +34,7 @@ SALES = [
 
 
 def test_documents_enter_in_id_byte_order_and_unknown_collection_is_empty() -> None:
-    docs = [{"_id": "b"}, {"_id": "é"}, {"_id": "B"}, {"_id": "a"}]
+    docs: Docs = [{"_id": "b"}, {"_id": "é"}, {"_id": "B"}, {"_id": "a"}]
     assert run(docs, []) == [{"_id": "B"}, {"_id": "a"}, {"_id": "b"}, {"_id": "é"}]
     assert aggregate({}, "nothing", [{"$count": "n"}]) == []
 
@@ -80,13 +81,22 @@ def test_group_null_id_is_one_group_and_groups_come_in_first_document_order() ->
 
 
 def test_missing_and_null_are_one_group_key() -> None:
-    docs = [{"_id": "1"}, {"_id": "2", "a": None}, {"_id": "3", "a": 1}, {"_id": "4", "a": 1.0}]
+    docs: Docs = [
+        {"_id": "1"},
+        {"_id": "2", "a": None},
+        {"_id": "3", "a": 1},
+        {"_id": "4", "a": 1.0},
+    ]
     out = run(docs, [{"$group": {"_id": "$a", "ids": {"$push": "$_id"}}}])
     assert out == [{"_id": None, "ids": ["1", "2"]}, {"_id": 1, "ids": ["3", "4"]}]
 
 
 def test_compound_id_with_a_missing_part_equals_the_same_with_null() -> None:
-    docs = [{"_id": "1", "b": 2}, {"_id": "2", "a": None, "b": 2}, {"_id": "3", "a": 1, "b": 2}]
+    docs: Docs = [
+        {"_id": "1", "b": 2},
+        {"_id": "2", "a": None, "b": 2},
+        {"_id": "3", "a": 1, "b": 2},
+    ]
     out = run(docs, [{"$group": {"_id": {"a": "$a", "b": "$b"}, "n": {"$sum": 1}}}])
     assert out == [{"_id": {"a": None, "b": 2}, "n": 2}, {"_id": {"a": 1, "b": 2}, "n": 1}]
     out = run([{"_id": "1"}], [{"$group": {"_id": {"a": "$a"}}}])
@@ -109,7 +119,7 @@ def test_avg_of_nothing_is_null_and_sum_of_nothing_is_zero() -> None:
 
 
 def test_min_max_across_types_in_sort_order_ignoring_null_and_missing() -> None:
-    docs = [*ids(5, v=[None, 3, "a", [1], True]), {"_id": "9"}]
+    docs: Docs = [*ids(5, v=[None, 3, "a", [1], True]), {"_id": "9"}]
     out = run(docs, [{"$group": {"_id": None, "lo": {"$min": "$v"}, "hi": {"$max": "$v"}}}])
     assert out == [{"_id": None, "lo": 3, "hi": True}]
     out = run(ids(2, v=["b", 10]), [{"$group": {"_id": 0, "lo": {"$min": "$v"}}}])
@@ -142,7 +152,12 @@ def test_first_last_push_follow_the_preceding_sort() -> None:
 
 
 def test_first_of_missing_is_null_push_and_add_to_set_leave_missing_out() -> None:
-    docs = [{"_id": "1"}, {"_id": "2", "v": None}, {"_id": "3", "v": 1}, {"_id": "4", "v": 1.0}]
+    docs: Docs = [
+        {"_id": "1"},
+        {"_id": "2", "v": None},
+        {"_id": "3", "v": 1},
+        {"_id": "4", "v": 1.0},
+    ]
     spec = {
         "_id": 0,
         "f": {"$first": "$v"},
@@ -199,7 +214,7 @@ def test_skip_and_limit() -> None:
 
 # ---- $unwind ----------------------------------------------------------------------------
 
-CLOTHING = [
+CLOTHING: Docs = [
     {"_id": "1", "item": "Shirt", "sizes": ["S", "M", "L"]},
     {"_id": "2", "item": "Shorts", "sizes": []},
     {"_id": "3", "item": "Hat", "sizes": "M"},
@@ -235,7 +250,7 @@ def test_unwind_preserve_null_and_empty_arrays_and_include_array_index() -> None
 
 
 def test_unwind_follows_objects_only() -> None:
-    docs = [{"_id": "1", "a": {"b": [1, 2]}}, {"_id": "2", "a": [{"b": [3]}]}]
+    docs: Docs = [{"_id": "1", "a": {"b": [1, 2]}}, {"_id": "2", "a": [{"b": [3]}]}]
     assert run(docs, [{"$unwind": "$a.b"}]) == [
         {"_id": "1", "a": {"b": 1}},
         {"_id": "1", "a": {"b": 2}},
@@ -244,12 +259,12 @@ def test_unwind_follows_objects_only() -> None:
 
 # ---- $lookup ----------------------------------------------------------------------------
 
-ORDERS = [
+ORDERS: Docs = [
     {"_id": "1", "item": "almonds", "price": 12, "quantity": 2},
     {"_id": "2", "item": "pecans", "price": 20, "quantity": 1},
     {"_id": "3"},
 ]
-INVENTORY = [
+INVENTORY: Docs = [
     {"_id": "1", "sku": "almonds", "description": "product 1", "instock": 120},
     {"_id": "2", "sku": "bread", "description": "product 2", "instock": 80},
     {"_id": "3", "sku": "cashews", "description": "product 3", "instock": 60},
@@ -270,11 +285,11 @@ def test_lookup_orders_inventory_mongodb_example_missing_matches_null_and_missin
 
 
 def test_lookup_array_local_field_matches_any_element_and_foreign_arrays() -> None:
-    classes = [
+    classes: Docs = [
         {"_id": "1", "title": "Reading", "enrollmentlist": ["giraffe2", "pandabear"]},
         {"_id": "2", "title": "Empty", "enrollmentlist": []},
     ]
-    members = [
+    members: Docs = [
         {"_id": "1", "name": "artie", "tags": ["x"]},
         {"_id": "2", "name": "giraffe2", "tags": ["y", "x"]},
         {"_id": "3", "name": "pandabear"},
@@ -288,7 +303,7 @@ def test_lookup_array_local_field_matches_any_element_and_foreign_arrays() -> No
 
 
 def test_lookup_foreign_documents_come_in_id_order_and_absent_collection_is_empty() -> None:
-    inv = [{"_id": "b", "sku": 1}, {"_id": "a", "sku": 1.0}]
+    inv: Docs = [{"_id": "b", "sku": 1}, {"_id": "a", "sku": 1.0}]
     spec = {"from": "inv", "localField": "k", "foreignField": "sku", "as": "x.y"}
     out = run([{"_id": "1", "k": 1}], [{"$lookup": spec}], inv=inv)
     assert out == [{"_id": "1", "k": 1, "x": {"y": [inv[1], inv[0]]}}]
@@ -337,7 +352,7 @@ def test_sort_by_count_mongodb_example_ties_keep_group_order() -> None:
     ]
 
 
-ARTWORK = [
+ARTWORK: Docs = [
     {"_id": "1", "title": "The Pillars of Society", "year": 1926, "price": 199.99},
     {"_id": "2", "title": "Melancholy III", "year": 1902, "price": 280.00},
     {"_id": "3", "title": "Dancer", "year": 1925, "price": 76.04},
@@ -425,7 +440,7 @@ def test_inclusion_project_keeps_id_sub_fields_of_array_elements_and_computes() 
 
 
 def test_replace_root_and_replace_with_and_a_non_object_fails() -> None:
-    docs = [{"_id": "1", "name": {"first": "John", "last": "Backus"}}]
+    docs: Docs = [{"_id": "1", "name": {"first": "John", "last": "Backus"}}]
     assert run(docs, [{"$replaceRoot": {"newRoot": "$name"}}]) == [docs[0]["name"]]
     out = run(docs, [{"$replaceWith": {"n": "$name.last", "x": "$nope"}}])
     assert out == [{"n": "Backus"}]
@@ -451,3 +466,4 @@ def test_promised_flags_object_order_and_non_integral_to_string() -> None:
     assert not promised({"c": ids(1, v=[0.5])}, "c", [{"$set": {"s": {"$toString": "$v"}}}])
     assert promised({"c": ids(1, v=[2.0])}, "c", [{"$set": {"s": {"$toString": "$v"}}}])
     assert promised({"c": ids(1, v=["x"])}, "c", [{"$set": {"s": {"$add": ["$v"]}}}])
+    assert not promised({"c": ids(1, v=["x"])}, "c", [{"$set": {"s": {"$add": ["$v", None]}}}])
