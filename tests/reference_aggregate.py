@@ -119,7 +119,7 @@ def _project(cols: Collections, docs: Docs, spec: Json) -> Docs:
     if all(_is_flag(v, False) for v in spec.values()) or (
         others and all(_is_flag(v, False) for v in others.values())
     ):
-        return _unset(cols, docs, list(spec))
+        return _unset(cols, docs, [k for k, v in spec.items() if _is_flag(v, False)])
     keep_id = not _is_flag(spec.get("_id", 1), False)
     included = [k for k, v in spec.items() if _is_flag(v, True)]
     computed = [(k, v) for k, v in spec.items() if not _is_flag(v, True) and not _is_flag(v, False)]

@@ -111,6 +111,8 @@ def _split(arg: Json, env: Env, ev: Eval) -> Json:
 def _trim(arg: Json, env: Env, ev: Eval) -> Json:
     s = ev(arg["input"], env)
     chars = ev(arg["chars"], env) if "chars" in arg else WHITESPACE
+    if is_nullish(chars):  # the AST writes an absent chars as Lit(None): ambiguous
+        unpromised("$trim with null chars")
     if is_nullish(s) or is_nullish(chars):
         return None
     return _string("$trim", s).strip(_string("$trim", chars))
@@ -154,6 +156,9 @@ def _filter(arg: Json, env: Env, ev: Eval) -> Json:
     limit = ev(arg["limit"], env) if "limit" in arg else None
     if arr is None:
         return None
+    if "limit" in arg and is_nullish(limit):
+        unpromised("$filter with a null limit")  # MongoDB: no limit
+        limit = None
     if limit is not None:
         limit = _int("$filter", limit, 1)
     out = [e for e in arr if truthy(ev(arg["cond"], env.bind(name, e)))]

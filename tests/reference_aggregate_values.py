@@ -176,6 +176,7 @@ def unset_path(v: Json, segs: list[str]) -> Json:
     """A copy of ``v`` without ``segs``: removed from objects, and from each object element
     of arrays on the way."""
     if isinstance(v, list):
+        _nested_arrays(v, "$unset")
         return [unset_path(e, segs) for e in v]
     if not isinstance(v, dict) or segs[0] not in v:
         return v
@@ -187,11 +188,17 @@ def unset_path(v: Json, segs: list[str]) -> Json:
     return out
 
 
+def _nested_arrays(v: list[Json], stage: str) -> None:
+    if any(isinstance(e, list) for e in v):
+        unpromised(f"{stage} of a path through an array of arrays")
+
+
 def include_paths(v: Json, tree: dict[str, Any]) -> Json:
     """``$project`` inclusion of stored paths: ``tree`` maps a segment to ``True`` (keep the
     value) or a subtree; arrays on the way keep their object elements' sub-fields and drop
     their scalar elements. Missing for a scalar."""
     if isinstance(v, list):
+        _nested_arrays(v, "$project")
         return [r for e in v if (r := include_paths(e, tree)) is not MISSING]
     if not isinstance(v, dict):
         return MISSING

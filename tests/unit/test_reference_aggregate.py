@@ -467,3 +467,8 @@ def test_promised_flags_object_order_and_non_integral_to_string() -> None:
     assert promised({"c": ids(1, v=[2.0])}, "c", [{"$set": {"s": {"$toString": "$v"}}}])
     assert promised({"c": ids(1, v=["x"])}, "c", [{"$set": {"s": {"$add": ["$v"]}}}])
     assert not promised({"c": ids(1, v=["x"])}, "c", [{"$set": {"s": {"$add": ["$v", None]}}}])
+
+
+def test_exclusion_of_id_alone() -> None:
+    doc = {"_id": "1", "a": 1, "b": 2}
+    assert run([doc], [{"$project": {"_id": 0}}]) == [{"a": 1, "b": 2}]
