@@ -1,6 +1,5 @@
-"""Hypothesis strategies for the aggregation differential tests: ``documents()`` (collections)
-and ``pipelines()`` (valid raw pipelines); check ``reference_aggregate.promised`` with assume().
-"""
+"""Hypothesis strategies for the aggregation differential tests: ``documents()`` (collections),
+``pipelines()`` (valid raw pipelines); ``assume(reference_aggregate.promised(...))`` with them."""
 
 from __future__ import annotations
 

@@ -179,5 +179,5 @@ def _bool_ops(d: int, scope: Scope) -> Strategy[Json]:
         ),
         st.one_of(b.map(_u("$not")), typed("any", d, scope).map(_u("$not"))),
         _op("$in", typed("any", d, scope), typed("arr", d, scope)),
-        _op("$cond", b, b, b),
+        st.builds(lambda c, t, e: {"$cond": {"if": c, "then": t, "else": e}}, b, b, b),
     )
