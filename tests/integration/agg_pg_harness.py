@@ -12,7 +12,7 @@ import orjson
 
 from proxy.backends.postgres.ddl import create_schema, create_table
 from proxy.backends.postgres.errors import translate
-from proxy.query.aggregate.ast import Pipeline, Stage, View
+from proxy.query.aggregate.ast import Facet, Lookup, Pipeline, Stage, View
 from proxy.query.aggregate.pg import compile_pipeline
 
 
@@ -52,7 +52,10 @@ class AggDb:
         views: Mapping[str, View] | None = None,
         cap: int = 1000,
     ) -> tuple[str, list[Any]]:
-        pipeline = stages if isinstance(stages, Pipeline) else Pipeline(tuple(stages))
+        if isinstance(stages, Pipeline):
+            pipeline = stages
+        else:
+            pipeline = Pipeline(tuple(stages), tuple(sorted(_lookups(stages))))
         views = dict(views or {})
         base = views.get(collection, View(collection))
         names = {collection, *pipeline.lookups}
@@ -80,3 +83,14 @@ class AggDb:
                 if isinstance(d, dict):
                     d.pop("_version", None)
         return out
+
+
+def _lookups(stages: Sequence[Stage]) -> set[str]:
+    out: set[str] = set()
+    for s in stages:
+        if isinstance(s, Lookup):
+            out.add(s.collection)
+        elif isinstance(s, Facet):
+            for _, sub in s.facets:
+                out |= _lookups(sub)
+    return out

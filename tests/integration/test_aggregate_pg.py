@@ -14,20 +14,25 @@ from proxy.errors import ProxyError
 from proxy.query.aggregate.ast import (
     Accumulator,
     AddFields,
+    Bucket,
     Call,
     Count,
+    Facet,
     Field,
     Group,
     Limit,
     Lit,
+    Lookup,
     Match,
     Obj,
     Project,
+    ReplaceRoot,
     Skip,
     Sort,
     SortKey,
     Unset,
     Unwind,
+    View,
 )
 from proxy.query.ast import Cmp, Eq, FieldCond, Path
 from tests.integration.agg_pg_harness import AggDb
@@ -181,3 +186,90 @@ async def test_group_object_key(db: AggDb) -> None:
     )
     out = await db.run([Group(Obj((("a", F("a")),)), (("n", acc("sum", 1)),))], "k")
     assert out == [{"_id": {"a": None}, "n": 2}, {"_id": {"a": 1}, "n": 2}]
+
+
+async def test_lookup_facet_bucket_replace_root(db: AggDb) -> None:
+    await db.load("sales", SALES)
+    await db.load(
+        "cats", [{"_id": "c1", "name": "x"}, {"_id": "c2", "name": ["y", "x"]}, {"_id": "c3"}]
+    )
+    out = await db.run(
+        [Lookup("cats", ("cat",), ("name",), ("cs",)), Project(((("cs", "_id"), None),))],
+        "sales",
+        cap=10,
+    )
+    assert out == [
+        {"_id": "a1", "cs": [{"_id": "c1"}, {"_id": "c2"}]},
+        {"_id": "a2", "cs": [{"_id": "c2"}]},
+        {"_id": "a3", "cs": [{"_id": "c1"}, {"_id": "c2"}]},
+        {"_id": "a4", "cs": [{"_id": "c3"}]},
+        {"_id": "a5", "cs": [{"_id": "c3"}]},
+        {"_id": "a6", "cs": [{"_id": "c2"}]},
+    ]
+    out = await db.run(
+        [Facet((("all", (Count("n"),)), ("none", (Match(FieldCond(Path(("n",)), (Eq(99),))),))))],
+        "sales",
+    )
+    assert out == [{"all": [{"n": 6}], "none": []}]
+    out = await db.run(
+        [
+            Bucket(
+                F("n"),
+                (0, 2, 5),
+                "other",
+                True,
+                (("c", acc("sum", 1)), ("ids", acc("push", F("_id")))),
+            )
+        ],
+        "sales",
+    )
+    assert out == [
+        {"_id": 0, "c": 1, "ids": ["a1"]},
+        {"_id": 2, "c": 2, "ids": ["a2", "a4"]},
+        {"_id": "other", "c": 3, "ids": ["a3", "a5", "a6"]},
+    ]
+    with pytest.raises(ProxyError) as info:
+        await db.run([Bucket(F("n"), (0, 2, 5), None, False, (("c", acc("sum", 1)),))], "sales")
+    assert info.value.code == "expression_failed"
+    out = await db.run(
+        [
+            Match(FieldCond(Path(("_id",)), (Eq("a1"),))),
+            ReplaceRoot(Obj((("t", F("tags")), ("z", F("zz"))))),
+        ],
+        "sales",
+    )
+    assert out == [{"t": ["p", "q"]}]
+    with pytest.raises(ProxyError):
+        await db.run([ReplaceRoot(F("n"))], "sales")
+
+
+async def test_readable_and_guard(db: AggDb) -> None:
+    await db.load(
+        "sec",
+        [
+            {"_id": "1", "a": {"b": 1, "c": 2}, "d": 3, "e": [{"b": 1}]},
+            {"_id": "2", "a": {"c": 5}, "d": 4},
+        ],
+    )
+    view = View(
+        "sec", guard=FieldCond(Path(("d",)), (Cmp("lt", 4),)), readable=frozenset({"a.b", "e.b"})
+    )
+    out = await db.run([], "sec", {"sec": view}, strip=False)
+    assert out == [{"_id": "1", "_version": 1, "a": {"b": 1}}]
+    # a $match on a hidden field sees nothing there
+    hidden = Match(FieldCond(Path(("a", "c")), (Eq(2),)))
+    assert await db.run([hidden], "sec", {"sec": view}) == []
+    assert await db.run([hidden], "sec") == [
+        {"_id": "1", "a": {"b": 1, "c": 2}, "d": 3, "e": [{"b": 1}]}
+    ]
+
+
+async def test_missing_table(db: AggDb) -> None:
+    assert await db.run([Count("n")], "nothing_here") == []
+    out = await db.run([Facet((("x", (Count("n"),)),))], "nothing_here")
+    assert out == [{"x": []}]
+
+
+async def test_cap(db: AggDb) -> None:
+    await db.load("sales", SALES)
+    assert len(await db.run([], "sales", cap=3)) == 4
