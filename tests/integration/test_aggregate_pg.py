@@ -273,3 +273,131 @@ async def test_missing_table(db: AggDb) -> None:
 async def test_cap(db: AggDb) -> None:
     await db.load("sales", SALES)
     assert len(await db.run([], "sales", cap=3)) == 4
+
+
+async def test_sort_cross_type_arrays_stable(db: AggDb) -> None:
+    docs = [
+        {"_id": "1", "v": 5},
+        {"_id": "2", "v": [7, 1]},
+        {"_id": "3", "v": []},
+        {"_id": "4"},
+        {"_id": "5", "v": None},
+        {"_id": "6", "v": "a"},
+        {"_id": "7", "v": True},
+        {"_id": "8", "v": 5.0},
+        {"_id": "9", "v": [{"w": 1}]},
+    ]
+    await db.load("srt", docs)
+    asc = await db.run([Sort((SortKey(("v",), False),)), Project((), True)], "srt")
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("v",), False),))], "srt")]
+    assert asc == [{}] * 9
+    assert ids == ["3", "4", "5", "2", "1", "8", "6", "9", "7"]
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("v",), True),))], "srt")]
+    assert ids == ["7", "9", "6", "2", "1", "8", "4", "5", "3"]
+    await db.load(
+        "srt2",
+        [
+            {"_id": "1", "a": [{"b": 3}, {"b": 1}]},
+            {"_id": "2", "a": {"b": 2}},
+            {"_id": "3", "a": [{"b": [0, 9]}]},
+        ],
+    )
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("a", "b"), False),))], "srt2")]
+    assert ids == ["3", "1", "2"]
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("a", "b"), True),))], "srt2")]
+    assert ids == ["3", "1", "2"]
+
+
+async def test_group_after_sort_first_last_order(db: AggDb) -> None:
+    await db.load("sales", SALES)
+    out = await db.run(
+        [
+            Sort((SortKey(("n",), True),)),
+            Group(
+                F("cat"),
+                (
+                    ("f", acc("first", F("_id"))),
+                    ("l", acc("last", F("_id"))),
+                    ("p", acc("push", F("_id"))),
+                ),
+            ),
+        ],
+        "sales",
+    )
+    # sorted by n descending: "str" a3, 10 a6, 4 a4, 2.5 a2, 1 a1, null a5
+    assert out == [
+        {"_id": "x", "f": "a3", "l": "a1", "p": ["a3", "a1"]},
+        {"_id": "y", "f": "a6", "l": "a2", "p": ["a6", "a2"]},
+        {"_id": None, "f": "a4", "l": "a5", "p": ["a4", "a5"]},
+    ]
+    # $sortByCount: group then a stable sort on count descending
+    out = await db.run(
+        [Group(F("cat"), (("count", acc("sum", 1)),)), Sort((SortKey(("count",), True),))], "sales"
+    )
+    assert out == [{"_id": "x", "count": 2}, {"_id": "y", "count": 2}, {"_id": None, "count": 2}]
+
+
+async def test_paths_into_arrays(db: AggDb) -> None:
+    await db.load(
+        "arr",
+        [{"_id": "1", "a": [{"b": 1, "c": 1}, 5, [{"b": 2}], {"c": 3}], "k": {"x": 1, "y": 2}}],
+    )
+    out = await db.run([AddFields(((("a", "b"), Lit(0)), (("k", "z"), F("k.x"))))], "arr")
+    assert out == [
+        {
+            "_id": "1",
+            "a": [{"b": 0, "c": 1}, {"b": 0}, [{"b": 0}], {"c": 3, "b": 0}],
+            "k": {"x": 1, "y": 2, "z": 1},
+        }
+    ]
+    out = await db.run([Unset((("a", "b"), ("k", "y")))], "arr")
+    assert out == [{"_id": "1", "a": [{"c": 1}, 5, [{}], {"c": 3}], "k": {"x": 1}}]
+    out = await db.run([Project(((("a", "b"), None), (("k", "x"), None)))], "arr")
+    assert out == [{"_id": "1", "a": [{"b": 1}, [{"b": 2}], {}], "k": {"x": 1}}]
+    out = await db.run(
+        [Project(((("k",), None), (("n",), C("add", F("k.x"), F("k.y")))), True)], "arr"
+    )
+    assert out == [{"k": {"x": 1, "y": 2}, "n": 3}]
+    out = await db.run([Unwind(("k", "x"))], "arr")
+    assert out[0]["k"] == {"x": 1, "y": 2}
+    await db.load(
+        "arr2",
+        [
+            {"_id": "1", "k": {"l": [1, 2]}},
+            {"_id": "2", "k": {"l": []}},
+            {"_id": "3", "k": {"l": None}},
+        ],
+    )
+    out = await db.run([Unwind(("k", "l"), ("k", "i"), True)], "arr2")
+    assert out == [
+        {"_id": "1", "k": {"l": 1, "i": 0}},
+        {"_id": "1", "k": {"l": 2, "i": 1}},
+        {"_id": "2", "k": {"i": None}},
+        {"_id": "3", "k": {"l": None, "i": None}},
+    ]
+    out = await db.run([Unwind(("k", "l"))], "arr2")
+    assert out == [{"_id": "1", "k": {"l": 1}}, {"_id": "1", "k": {"l": 2}}]
+
+
+async def test_facet_sub_pipelines(db: AggDb) -> None:
+    await db.load("sales", SALES)
+    out = await db.run(
+        [
+            Sort((SortKey(("n",), False),)),
+            Facet(
+                (
+                    ("top", (Skip(1), Limit(2), Project((), True))),
+                    ("ids", (Group(Lit(None), (("ids", acc("push", F("_id"))),)),)),
+                    ("u", (Unwind(("tags",)), Group(F("tags"), (("n", acc("sum", 1)),)))),
+                )
+            ),
+        ],
+        "sales",
+    )
+    assert out == [
+        {
+            "top": [{}, {}],
+            "ids": [{"_id": None, "ids": ["a5", "a1", "a2", "a4", "a6", "a3"]}],
+            "u": [{"_id": "solo", "n": 1}, {"_id": "p", "n": 1}, {"_id": "q", "n": 2}],
+        }
+    ]
