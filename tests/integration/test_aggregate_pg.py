@@ -401,3 +401,19 @@ async def test_facet_sub_pipelines(db: AggDb) -> None:
             "u": [{"_id": "solo", "n": 1}, {"_id": "p", "n": 1}, {"_id": "q", "n": 2}],
         }
     ]
+
+
+async def test_leading_match_uses_the_index(db: AggDb) -> None:
+    await db.load(
+        "big",
+        [{"_id": f"d{i:05d}", "k": f"k{i % 500}", "n": i, "pad": "x" * 200} for i in range(20000)],
+    )
+    await db.conn.execute(f"VACUUM ANALYZE {db.table('big')}")  # GIN's pending list flushed
+    stages = [
+        Match(FieldCond(Path(("k",)), (Eq("k7"),))),
+        Group(F("k"), (("s", acc("sum", F("n"))),)),
+    ]
+    sql, args = db.compile(stages, "big")
+    plan = "\n".join(r[0] for r in await db.conn.fetch("EXPLAIN " + sql, *args))
+    assert "Bitmap Index Scan on gin_" in plan, plan
+    assert await db.run(stages, "big") == [{"_id": "k7", "s": sum(range(7, 20000, 500))}]
