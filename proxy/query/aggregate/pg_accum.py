@@ -30,10 +30,8 @@ def accumulator_sql(c: ExprCompiler, acc: Accumulator, x: str, order: Order) -> 
     op = acc.op
     if counts(acc):
         assert isinstance(acc.arg, Lit)
-        v = acc.arg.value
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            return f"to_jsonb(count(*) * ({c.lit(v)})::numeric)"
-        return "'0'::jsonb"
+        v = c.lit(acc.arg.value)
+        return f"to_jsonb(count(*) * CASE WHEN {is_type(v, 'number')} THEN {num(v)} ELSE 0 END)"
     numbers = f"CASE WHEN {is_type(x, 'number')} THEN {num(x)} END"
     if op in ("sum", "count"):
         return f"to_jsonb(COALESCE(sum({numbers}), 0))"

@@ -74,8 +74,6 @@ class ExprCompiler:
         return f"{self.schema}.dbproxy_refuse('expression_failed', {msg})"
 
     def lit(self, value: Any) -> str:
-        if value is None:
-            return NULL
         sql = self.p.add(jsonb(value), "jsonb")
         self.simple.add(sql)
         return sql
