@@ -1,0 +1,282 @@
+"""The SQLite aggregation compiler against a real store file: pipelines run as one
+statement, results compared exactly (docs/aggregation.md)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy.backends.sqlite.connection import ConnState, connect
+from proxy.backends.sqlite.ddl import create_table, table_name
+from proxy.errors import InvalidQuery
+from proxy.query.aggregate.ast import View
+from proxy.query.aggregate.sqlite import compile_pipeline
+from tests.integration import agg_build
+
+Docs = list[dict[str, Any]]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.state = ConnState(timeout=10)
+        self.conn = connect(str(path), self.state, writes=True, busy_ms=1000)
+        self.tables: dict[str, str | None] = {}
+
+    def put(self, collection: str, docs: Docs) -> None:
+        create_table(self.conn, collection)
+        self.tables[collection] = table_name(collection)
+        for doc in docs:
+            doc = {"_version": 1, **doc}
+            self.conn.execute(
+                f"INSERT INTO {table_name(collection)} (_id, doc) VALUES (?1, ?2)",
+                (doc["_id"], orjson.dumps(doc).decode()),
+            )
+
+    def sql(
+        self,
+        raw: list[dict[str, Any]],
+        collection: str = "items",
+        *,
+        cap: int = 1000,
+        views: dict[str, View] | None = None,
+    ) -> tuple[str, list[Any]]:
+        pipeline = agg_build.pipeline(raw)
+        views = views or {}
+        base = views.get(collection, View(collection))
+        lookups = {n: views.get(n, View(n)) for n in pipeline.lookups}
+        tables = {n: self.tables.get(n) for n in (collection, *pipeline.lookups)}
+        return compile_pipeline(pipeline, base, lookups, tables=tables, cap=cap)
+
+    def run(self, raw: list[dict[str, Any]], collection: str = "items", **kw: Any) -> Docs:
+        sql, args = self.sql(raw, collection, **kw)
+        self.state.arm()
+        try:
+            return [orjson.loads(row[0]) for row in self.conn.execute(sql, args)]
+        except sqlite3.Error:
+            if self.state.failure is not None:
+                raise self.state.failure from None
+            raise
+        finally:
+            self.state.disarm()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "agg.sqlite3")
+    try:
+        yield s
+    finally:
+        s.conn.close()
+
+
+def strip(docs: Docs) -> Docs:
+    return [{k: v for k, v in d.items() if k != "_version"} for d in docs]
+
+
+def fails(store: Store, raw: list[dict[str, Any]], word: str, collection: str = "items") -> None:
+    with pytest.raises(InvalidQuery) as info:
+        store.run(raw, collection)
+    assert info.value.code == "expression_failed"
+    assert word in str(info.value)
+    assert "update" not in str(info.value)
+
+
+PEOPLE = [
+    {"_id": "p1", "name": "ann", "age": 31, "city": "oslo", "tags": ["a", "b"], "score": 2.5},
+    {"_id": "p2", "name": "bob", "age": 25, "city": "rome", "tags": [], "score": 4},
+    {"_id": "p3", "name": "cy", "age": 31, "city": "oslo", "tags": ["b"], "score": None},
+    {"_id": "p4", "name": "di", "city": "rome", "tags": "solo", "score": "x"},
+    {"_id": "p5", "name": "ed", "age": 40.0, "city": None},
+]
+
+
+@pytest.fixture
+def people(store: Store) -> Store:
+    store.put("items", PEOPLE)
+    return store
+
+
+# ---- $match, $skip, $limit, $count, $sort --------------------------------------------------
+
+
+def test_match_in_base_scan_and_later(people: Store) -> None:
+    sql, _ = people.sql([{"$match": {"city": "oslo"}}, {"$match": {"age": {"$gt": 30}}}])
+    assert sql.count("MATERIALIZED") == 1  # both in the base scan's WHERE
+    out = people.run([{"$match": {"city": "oslo"}}, {"$match": {"age": {"$gt": 30}}}])
+    assert [d["_id"] for d in out] == ["p1", "p3"]
+    out = people.run([{"$skip": 1}, {"$match": {"tags": "b"}}])
+    assert [d["_id"] for d in out] == ["p3"]
+
+
+def test_guard_and_missing_table(people: Store) -> None:
+    from proxy.config import Limits
+    from proxy.query.parse import parse_filter
+
+    guard = parse_filter({"city": "rome"}, Limits())
+    out = people.run([{"$project": {"name": 1}}], views={"items": View("items", guard)})
+    assert out == [{"_id": "p2", "name": "bob"}, {"_id": "p4", "name": "di"}]
+    assert people.run([{"$count": "n"}], "nothing") == []
+    assert people.run([{"$facet": {"a": [{"$count": "n"}]}}], "nothing") == [{"a": []}]
+
+
+def test_readable_fields(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": {"x": 1, "y": 2}, "b": 3, "c": {"z": 1}}])
+    view = View("items", None, frozenset({"a.x", "b"}))
+    assert store.run([], views={"items": view}) == [
+        {"_id": "1", "_version": 1, "a": {"x": 1}, "b": 3}
+    ]
+
+
+def test_skip_limit_count(people: Store) -> None:
+    out = people.run([{"$skip": 1}, {"$limit": 2}])
+    assert [d["_id"] for d in out] == ["p2", "p3"]
+    assert people.run([{"$match": {"age": {"$gte": 31}}}, {"$count": "n"}]) == [{"n": 3}]
+    assert people.run([{"$match": {"age": 99}}, {"$count": "n"}]) == []
+
+
+def test_cap_plus_one(people: Store) -> None:
+    assert len(people.run([], cap=2)) == 3
+
+
+def test_sort_stable_cross_type(people: Store) -> None:
+    out = people.run([{"$sort": {"age": -1}}])
+    assert [d["_id"] for d in out] == ["p5", "p1", "p3", "p2", "p4"]
+    out = people.run([{"$sort": {"city": 1, "name": -1}}])
+    assert [d["_id"] for d in out] == ["p5", "p3", "p1", "p4", "p2"]
+    out = people.run([{"$sort": {"score": 1}}])  # missing/null, numbers, strings
+    assert [d["_id"] for d in out] == ["p3", "p5", "p1", "p2", "p4"]
+
+
+def test_sort_arrays_min_max_and_empty(store: Store) -> None:
+    store.put(
+        "items",
+        [
+            {"_id": "1", "v": [3, 9]},
+            {"_id": "2", "v": 5},
+            {"_id": "3", "v": []},
+            {"_id": "4", "v": None},
+            {"_id": "5", "v": [1, "z"]},
+        ],
+    )
+    assert [d["_id"] for d in store.run([{"$sort": {"v": 1}}])] == ["3", "4", "5", "1", "2"]
+    assert [d["_id"] for d in store.run([{"$sort": {"v": -1}}])] == ["5", "1", "2", "4", "3"]
+
+
+def test_sort_path_into_array_of_objects(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": [{"b": 7}, {"b": 2}]}, {"_id": "2", "a": {"b": 4}}])
+    assert [d["_id"] for d in store.run([{"$sort": {"a.b": 1}}])] == ["1", "2"]
+    assert [d["_id"] for d in store.run([{"$sort": {"a.b": -1}}])] == ["1", "2"]
+
+
+# ---- $group ----------------------------------------------------------------------------------
+
+
+def test_group_all_accumulators(people: Store) -> None:
+    out = people.run(
+        [
+            {
+                "$group": {
+                    "_id": "$city",
+                    "n": {"$sum": 1},
+                    "c": {"$count": {}},
+                    "total": {"$sum": "$score"},
+                    "avg": {"$avg": "$age"},
+                    "lo": {"$min": "$score"},
+                    "hi": {"$max": "$score"},
+                    "first": {"$first": "$age"},
+                    "last": {"$last": "$age"},
+                    "names": {"$push": "$name"},
+                    "ages": {"$push": "$age"},
+                    "tags": {"$addToSet": "$tags"},
+                }
+            }
+        ]
+    )
+    assert out == [
+        {
+            "_id": "oslo",
+            "n": 2,
+            "c": 2,
+            "total": 2.5,
+            "avg": 31.0,
+            "lo": 2.5,
+            "hi": 2.5,
+            "first": 31,
+            "last": 31,
+            "names": ["ann", "cy"],
+            "ages": [31, 31],
+            "tags": [["a", "b"], ["b"]],
+        },
+        {
+            "_id": "rome",
+            "n": 2,
+            "c": 2,
+            "total": 4,
+            "avg": 25.0,
+            "lo": 4,
+            "hi": "x",
+            "first": 25,
+            "last": None,
+            "names": ["bob", "di"],
+            "ages": [25],
+            "tags": [[], "solo"],
+        },
+        {
+            "_id": None,
+            "n": 1,
+            "c": 1,
+            "total": 0,
+            "avg": 40.0,
+            "lo": None,
+            "hi": None,
+            "first": 40.0,
+            "last": 40.0,
+            "names": ["ed"],
+            "ages": [40.0],
+            "tags": [],
+        },
+    ]
+
+
+def test_group_keys_canonical_and_object_keys(store: Store) -> None:
+    store.put(
+        "items",
+        [
+            {"_id": "1", "k": 1, "v": 1},
+            {"_id": "2", "k": 1.0, "v": 1.0},
+            {"_id": "3", "v": 2},
+            {"_id": "4", "k": None, "v": 2},
+            {"_id": "5", "k": {"b": 1, "a": 2}, "v": "s"},
+            {"_id": "6", "k": {"a": 2, "b": 1}, "v": 1},
+        ],
+    )
+    out = store.run([{"$group": {"_id": "$k", "n": {"$sum": 1}, "s": {"$addToSet": "$v"}}}])
+    assert out == [
+        {"_id": 1, "n": 2, "s": [1]},
+        {"_id": None, "n": 2, "s": [2]},
+        {"_id": {"b": 1, "a": 2}, "n": 2, "s": ["s", 1]},
+    ]
+    out = store.run([{"$group": {"_id": {"k": "$k"}, "n": {"$sum": 1}}}, {"$match": {"n": 2}}])
+    assert out[0] == {"_id": {"k": 1}, "n": 2}
+    assert {"_id": {"k": None}, "n": 2} in out
+
+
+def test_group_over_nothing_and_constant_key(people: Store) -> None:
+    assert people.run([{"$match": {"age": 1000}}, {"$group": {"_id": None}}]) == []
+    out = people.run([{"$group": {"_id": None, "m": {"$max": "$age"}, "s": {"$sum": "$age"}}}])
+    assert out == [{"_id": None, "m": 40.0, "s": 127.0}]
+
+
+def test_sort_by_count(people: Store) -> None:
+    out = people.run([{"$sortByCount": "$age"}])
+    assert out == [
+        {"_id": 31, "count": 2},
+        {"_id": 25, "count": 1},
+        {"_id": None, "count": 1},
+        {"_id": 40.0, "count": 1},
+    ]
