@@ -69,10 +69,33 @@ class Chain:
         return f"{FN_SET}({doc}, {self.p.add(json_text(list(path)))}, {value.text})"
 
     def set_all(self, doc: str, fields: Sequence[tuple[FieldPath, Expr]], src: str) -> str:
-        out = doc
-        for path, expr in fields:
-            out = self.set_path(out, path, self.expr.compile(expr, src))
-        return out
+        """``doc`` with each path set to its expression (all read from ``src``): runs of
+        top-level fields in one json_set, the document a column every few helper calls."""
+        values = [(path, self.expr.ref(self.expr.compile(expr, src))) for path, expr in fields]
+        out, depth, run = doc, 0, []
+        for path, value in values:
+            if len(path) == 1 and not value.missing:
+                run.append(f"{self.p.add(key_path(path))}, json({value.text})")
+                continue
+            if run:
+                out, run = f"json_set({out}, {', '.join(run)})", []
+            out, depth = self.set_path(out, path, value), depth + 1
+            if depth % 4 == 0:
+                out = self.expr.lift(out)
+        return f"json_set({out}, {', '.join(run)})" if run else out
+
+    def layered(self, cur: str) -> str:
+        """``cur`` with the columns the expressions compiled since the last call need."""
+        scope = self.expr.scope
+        if not scope.layers:
+            return cur
+        ctes, last = scope.ctes(cur, "s", self.names)
+        self.ctes.extend(ctes)
+        self.expr.scope = type(scope)()
+        return last
+
+    def reshape(self, prefix: str, cur: str, doc: str) -> str:
+        return self.add(prefix, f"SELECT o, {doc} FROM {self.layered(cur)} s")
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -87,15 +110,13 @@ class Chain:
                 "m", f"SELECT o, doc FROM {cur} s WHERE {self.where(stage.filter, 's.doc')}"
             )
         if isinstance(stage, AddFields):
-            return self.add(
-                "af", f"SELECT o, {self.set_all('s.doc', stage.fields, 's.doc')} FROM {cur} s"
-            )
+            return self.reshape("af", cur, self.set_all("s.doc", stage.fields, "s.doc"))
         if isinstance(stage, Unset):
             return self.add("un", f"SELECT o, {self.unset('s.doc', stage.paths)} FROM {cur} s")
         if isinstance(stage, Project):
-            return self.add("pr", f"SELECT o, {self.project(stage)} FROM {cur} s")
+            return self.reshape("pr", cur, self.project(stage))
         if isinstance(stage, ReplaceRoot):
-            return self.add("rr", f"SELECT o, {self.replace_root(stage)} FROM {cur} s")
+            return self.reshape("rr", cur, self.replace_root(stage))
         if isinstance(stage, Group):
             return sqlite_group.group(self, cur, stage)
         if isinstance(stage, Bucket):
@@ -196,7 +217,7 @@ class Chain:
             return f"(SELECT json_group_array(json(d)) FROM {ordered(matched, 'i')})"
 
         value = Sql(self.expr.bind([local], found), missing=False)
-        return self.add("lk", f"SELECT o, {self.set_path('s.doc', stage.as_, value)} FROM {cur} s")
+        return self.reshape("lk", cur, self.set_path("s.doc", stage.as_, value))
 
     def facet(self, cur: str, stage: Facet) -> str:
         parts = []

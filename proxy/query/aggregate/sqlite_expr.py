@@ -3,7 +3,9 @@ NULL is *missing*; paths, arithmetic, comparison, boolean and conditional operat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from proxy.errors import InvalidQuery
@@ -11,6 +13,35 @@ from proxy.query.aggregate.ast import Arr, Call, Expr, Field, Iterate, Lit, Obj,
 from proxy.query.sqlite.agg_functions import FN_AGG_FAIL, FN_GET, FN_JNUM, FN_ROUND
 from proxy.query.sqlite.functions import FN_CMP
 from proxy.query.sqlite.values import BARRIER, Names, Params, json_text, key_path
+
+_LIFTED = re.compile(r"\blx\d+_")
+
+
+class Scope:
+    """Columns computed per row, in layers: a column's layer is one above the highest
+    layer of the columns it reads (columns of enclosing scopes are there already)."""
+
+    def __init__(self) -> None:
+        self.layers: list[list[tuple[str, str]]] = []
+        self._layer: dict[str, int] = {}
+
+    def add(self, name: str, text: str) -> None:
+        depth = 1 + max((self._layer.get(n, 0) for n in _LIFTED.findall(text)), default=0)
+        while len(self.layers) < depth:
+            self.layers.append([])
+        self.layers[depth - 1].append((name, text))
+        self._layer[name] = depth
+
+    def ctes(self, source: str, alias: str, names: Names) -> tuple[list[str], str]:
+        """CTEs adding the layers to ``source`` (a FROM item), and the last one's name."""
+        ctes: list[str] = []
+        prev = source
+        for layer in self.layers:
+            name = names.fresh("ly")
+            cols = ", ".join(f"{text} AS {col}" for col, text in layer)
+            ctes.append(f"{name} AS MATERIALIZED (SELECT {alias}.*, {cols} FROM {prev} {alias})")
+            prev = name
+        return ctes, prev
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +94,7 @@ def ordered(select: str, order: str) -> str:
 
 
 _ARITH = {"add", "multiply", "subtract", "divide", "mod", "abs", "floor", "ceil", "round"}
+_LAZY = {"cond", "ifNull", "and", "or"}
 _CMP = {"eq": "= 0", "ne": "<> 0", "gt": "> 0", "gte": ">= 0", "lt": "< 0", "lte": "<= 0"}
 
 
@@ -73,6 +105,8 @@ class ExprCompiler:
     def __init__(self, params: Params, names: Names) -> None:
         self.p = params
         self.names = names
+        self.scope = Scope()
+        self.guard: str | None = None
         from proxy.query.aggregate import sqlite_ops
 
         self._ops: dict[str, Callable[[ExprCompiler, str, Sequence[Sql]], Sql]] = dict(
@@ -89,22 +123,46 @@ class ExprCompiler:
         refuse = self.fail(f"${op} gives a number beyond the range of a double")
         return f"COALESCE({FN_JNUM}({value}), {refuse})"
 
+    def lift(self, text: str) -> str:
+        """``text`` computed once per row as a column of the current scope (under the
+        current guard: not evaluated where a conditional does not take its branch)."""
+        if self.guard is not None:
+            text = f"(CASE WHEN {self.guard} THEN {text} END)"
+        name = self.names.fresh("lx")
+        self.scope.add(name, text)
+        return name
+
     def bind(self, args: Sequence[Sql], body: Callable[[list[str]], str]) -> str:
-        """``body`` over references to ``args``, each computed once (a subquery binds the
-        ones that are not leaves)."""
-        refs: list[str] = []
-        cols: list[str] = []
-        for arg in args:
-            if arg.leaf:
-                refs.append(arg.text)
-            else:
-                name = self.names.fresh("b")
-                cols.append(f"{arg.text} AS {name}")
-                refs.append(name)
-        out = body(refs)
-        if not cols:
-            return out
-        return f"(SELECT {out} FROM (SELECT {', '.join(cols)} {BARRIER}))"
+        """``body`` over references to ``args``; those that are not leaves become columns,
+        so no SQL text nests deeper than one operator (SQLite's parser stack is small)."""
+        return body([a.text if a.leaf else self.lift(a.text) for a in args])
+
+    def ref(self, arg: Sql) -> Sql:
+        """``arg`` as a leaf (a column when it is not one)."""
+        if arg.leaf:
+            return arg
+        return Sql(self.lift(arg.text), leaf=True, missing=arg.missing)
+
+    @contextmanager
+    def guarded(self, cond: str) -> Iterator[None]:
+        """Compile under ``cond`` (an SQL boolean) as well as the current guard."""
+        outer = self.guard
+        if cond != "1":
+            self.guard = self.lift(cond)
+        try:
+            yield
+        finally:
+            self.guard = outer
+
+    @contextmanager
+    def inner_scope(self) -> Iterator[Scope]:
+        """A fresh scope (and no guard) for the per-element columns of ``$filter``/``$map``."""
+        outer, outer_guard = self.scope, self.guard
+        self.scope, self.guard = Scope(), None
+        try:
+            yield self.scope
+        finally:
+            self.scope, self.guard = outer, outer_guard
 
     def truthy(self, arg: Sql) -> str:
         """An SQL boolean: false, null, missing and 0 are false."""
@@ -143,7 +201,7 @@ class ExprCompiler:
         if isinstance(expr, Obj):
             return self.obj([(k, self.compile(v, doc, env)) for k, v in expr.fields])
         if isinstance(expr, Arr):
-            items = [self.compile(v, doc, env) for v in expr.items]
+            items = [self.ref(self.compile(v, doc, env)) for v in expr.items]
             inner = ", ".join(f"json(COALESCE({i.text}, 'null'))" for i in items)
             return Sql(f"json_array({inner})", missing=False)
         if isinstance(expr, Switch):
@@ -153,13 +211,15 @@ class ExprCompiler:
 
             return iterate(self, expr, doc, env)
         assert isinstance(expr, Call)
-        return self.call(expr, doc, env)
+        if expr.op in _LAZY:
+            return self.lazy(expr, doc, env)
+        return self.call(expr.op, [self.compile(a, doc, env) for a in expr.args])
 
     def compile_key(self, expr: Expr, doc: str) -> Sql:
         """A ``$group`` key: inside an object key a missing part is null."""
         if not isinstance(expr, Obj):
             return self.compile(expr, doc)
-        parts = [(k, self.compile_key(v, doc)) for k, v in expr.fields]
+        parts = [(k, self.ref(self.compile_key(v, doc))) for k, v in expr.fields]
         inner = ", ".join(f"{self.p.add(k)}, json(COALESCE({v.text}, 'null'))" for k, v in parts)
         return Sql(f"json_object({inner})", missing=False)
 
@@ -172,6 +232,7 @@ class ExprCompiler:
         return Sql(f"COALESCE({direct}, {FN_GET}({base}, {self.p.add(json_text(list(segs)))}))")
 
     def obj(self, fields: list[tuple[str, Sql]]) -> Sql:
+        fields = [(k, self.ref(v)) for k, v in fields]
         if not any(v.missing for _, v in fields):
             inner = ", ".join(f"{self.p.add(k)}, json({v.text})" for k, v in fields)
             return Sql(f"json_object({inner})", missing=False)
@@ -181,24 +242,65 @@ class ExprCompiler:
             missing=False,
         )
 
+    # -- conditionals: each branch computed only where it is taken ---------------------------
+
+    def test(self, expr: Expr, doc: str, env: Mapping[str, str]) -> str:
+        """A column holding the truthiness of ``expr`` (0/1)."""
+        return self.lift(self.truthy(self.compile(expr, doc, env)))
+
     def switch(self, expr: Switch, doc: str, env: Mapping[str, str]) -> Sql:
         whens = []
         missing = False
+        previous: list[str] = []  # cases already false
         for case, then in expr.branches:
-            t = self.compile(then, doc, env)
+            with self.guarded(" AND ".join(f"NOT {p}" for p in previous) or "1"):
+                hit = self.test(case, doc, env)
+            with self.guarded(f"{hit}{''.join(f' AND NOT {p}' for p in previous)}"):
+                t = self.ref(self.compile(then, doc, env))
+            previous.append(hit)
             missing = missing or t.missing
-            whens.append(f"WHEN {self.truthy(self.compile(case, doc, env))} THEN {t.text}")
+            whens.append(f"WHEN {hit} THEN {t.text}")
         if expr.default is None:
             other = self.fail("$switch: no branch matched and there is no default")
         else:
-            d = self.compile(expr.default, doc, env)
+            with self.guarded(" AND ".join(f"NOT {p}" for p in previous) or "1"):
+                d = self.ref(self.compile(expr.default, doc, env))
             missing = missing or d.missing
             other = d.text
         return Sql(f"(CASE {' '.join(whens)} ELSE {other} END)", missing=missing)
 
-    def call(self, expr: Call, doc: str, env: Mapping[str, str]) -> Sql:
-        op = expr.op
-        args = [self.compile(a, doc, env) for a in expr.args]
+    def lazy(self, expr: Call, doc: str, env: Mapping[str, str]) -> Sql:
+        op, args = expr.op, expr.args
+        if op == "cond":
+            hit = self.test(args[0], doc, env)
+            with self.guarded(hit):
+                t = self.ref(self.compile(args[1], doc, env))
+            with self.guarded(f"NOT {hit}"):
+                e = self.ref(self.compile(args[2], doc, env))
+            text = f"(CASE WHEN {hit} THEN {t.text} ELSE {e.text} END)"
+            return Sql(text, missing=t.missing or e.missing)
+        if op == "ifNull":
+            firsts: list[str] = []
+            for i, arg in enumerate(args):
+                with self.guarded(" AND ".join(f"{f} IS NULL" for f in firsts) or "1"):
+                    value = self.ref(self.compile(arg, doc, env))
+                    if i == len(args) - 1:
+                        return Sql(
+                            f"COALESCE({', '.join([*firsts, value.text])})", missing=value.missing
+                        )
+                    r = value.text
+                    firsts.append(self.lift(f"(CASE WHEN {nullish(r)} THEN NULL ELSE {r} END)"))
+        # $and / $or: an argument is looked at only while the answer is open
+        tests: list[str] = []
+        stop = "NOT " if op == "and" else ""
+        for arg in args:
+            with self.guarded(" AND ".join(f"{'' if stop else 'NOT '}{t}" for t in tests) or "1"):
+                tests.append(self.test(arg, doc, env))
+        answer = ("'false'", "'true'") if op == "and" else ("'true'", "'false'")
+        whens = " ".join(f"WHEN {stop}{t} THEN {answer[0]}" for t in tests)
+        return Sql(f"(CASE {whens} ELSE {answer[1]} END)" if tests else answer[1], missing=False)
+
+    def call(self, op: str, args: list[Sql]) -> Sql:
         if op in _ARITH:
             return self.arith(op, args)
         if op in _CMP:
@@ -210,33 +312,12 @@ class ExprCompiler:
             return Sql(
                 self.bind(args, lambda r: f"CAST({self.cmp(r[0], r[1])} AS TEXT)"), missing=False
             )
-        if op in ("and", "or"):
-            return self.logic(op, args)
         if op == "not":
             return Sql(jbool(f"NOT {self.truthy(args[0])}"), missing=False)
-        if op == "cond":
-            c, t, e = args
-            return Sql(
-                f"(CASE WHEN {self.truthy(c)} THEN {t.text} ELSE {e.text} END)",
-                missing=t.missing or e.missing,
-            )
-        if op == "ifNull":
-            firsts = [
-                self.bind([a], lambda r: f"(CASE WHEN {nullish(r[0])} THEN NULL ELSE {r[0]} END)")
-                for a in args[:-1]
-            ]
-            return Sql(f"COALESCE({', '.join(firsts)}, {args[-1].text})", missing=args[-1].missing)
         fn = self._ops.get(op)
         if fn is None:
             raise InvalidQuery(f"unknown operator ${op}", code="unknown_operator")
         return fn(self, op, args)
-
-    def logic(self, op: str, args: list[Sql]) -> Sql:
-        if op == "and":
-            whens = " ".join(f"WHEN NOT {self.truthy(a)} THEN 'false'" for a in args)
-            return Sql(f"(CASE {whens} ELSE 'true' END)" if args else "'true'", missing=False)
-        whens = " ".join(f"WHEN {self.truthy(a)} THEN 'true'" for a in args)
-        return Sql(f"(CASE {whens} ELSE 'false' END)" if args else "'false'", missing=False)
 
     # -- arithmetic ----------------------------------------------------------------------------
 

@@ -81,7 +81,7 @@ def group(ch: Chain, cur: str, stage: Group) -> str:
     keyed = ch.add(
         "gk",
         f"SELECT s.o AS o, COALESCE({key.text}, 'null') AS k{_args(ch, stage.accumulators)} "
-        f"FROM {cur} s",
+        f"FROM {ch.layered(cur)} s",
         columns="",
     )
     inputs = f"(SELECT *, {FN_CANON}(k) AS g FROM {keyed})"
@@ -113,9 +113,8 @@ def bucket(ch: Chain, cur: str, stage: Bucket) -> str:
     g = ch.expr.bind([value], index)
     ids = " ".join(f"WHEN {i} THEN {ch.p.add(json_text(b))}" for i, b in enumerate(bounds[:-1]))
     default = ch.p.add(json_text(stage.default)) if stage.has_default else "'null'"
-    keyed = ch.add(
-        "bk", f"SELECT s.o AS o, {g} AS g{_args(ch, stage.output)} FROM {cur} s", columns=""
-    )
+    args = _args(ch, stage.output)
+    keyed = ch.add("bk", f"SELECT s.o AS o, {g} AS g{args} FROM {ch.layered(cur)} s", columns="")
     inputs = f"(SELECT *, (CASE g {ids} ELSE {default} END) AS k FROM {keyed})"
     return accumulate(ch, inputs, stage.output, "g")
 

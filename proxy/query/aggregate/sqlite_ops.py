@@ -225,38 +225,38 @@ def concat_arrays(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
 
 
 def iterate(c: ExprCompiler, expr: Iterate, doc: str, env: Mapping[str, str]) -> Sql:
-    """``$filter`` / ``$map`` over the elements of ``input`` in order."""
+    """``$filter`` / ``$map`` over the elements of ``input`` in order: a subquery whose own
+    CTEs hold the per-element columns."""
+    source = c.ref(c.compile(expr.input, doc, env))
+    limit = c.ref(c.compile(expr.limit, doc, env)) if expr.limit is not None else None
     m = c.names.fresh("m")
-    inner_env = {**env, expr.var: f"{m}.v"}
-    body_sql = c.compile(expr.body, doc, inner_env)
-    source = c.compile(expr.input, doc, env)
-    limit = c.compile(expr.limit, doc, env) if expr.limit is not None else None
-
-    def body(r: list[str]) -> str:
-        a = r[0]
-        rows = f"(SELECT {elem_json('e')} AS v, e.key AS k FROM json_each({a}) e) {m}"
-        refuse = c.fail(f"${expr.op} takes an array")
-        guard = f"WHEN {nullish(a)} THEN 'null' WHEN {not_type(a, 'array')} THEN {refuse}"
-        if expr.op == "map":
-            result = (
-                f"(SELECT json_group_array(json(COALESCE({body_sql.text}, 'null'))) FROM "
-                f"{ordered(f'SELECT {m}.v AS v, {m}.k AS k FROM {rows}', 'k')} {m})"
-            )
-            return f"(CASE {guard} ELSE {result} END)"
-        kept = f"SELECT {m}.v AS v, {m}.k AS k FROM {rows} WHERE {c.truthy(body_sql)}"
-        if limit is None:
-            kept_array = f"(SELECT json_group_array(json(v)) FROM {ordered(kept, 'k')})"
-            return f"(CASE {guard} ELSE {kept_array} END)"
-        lim = r[1]
-        numbered = f"SELECT v, k, row_number() OVER (ORDER BY k) AS rn FROM ({kept})"
-        cut = f"SELECT v, k FROM ({numbered}) WHERE {nullish(lim)} OR rn <= {jval(lim)}"
-        bad = f"NOT {nullish(lim)} AND ({not_type(lim, 'integer')} OR {jval(lim)} < 1)"
-        return (
-            f"(CASE {guard} WHEN {bad} THEN {c.fail('$filter takes a positive integer limit')} "
-            f"ELSE (SELECT json_group_array(json(v)) FROM {ordered(cut, 'k')}) END)"
-        )
-
-    return _value(c, [source] if limit is None else [source, limit], body)
+    with c.inner_scope() as scope:
+        body = c.ref(c.compile(expr.body, doc, {**env, expr.var: f"{m}.v"}))
+        keep = c.lift(c.truthy(body)) if expr.op == "filter" else ""
+    a = source.text
+    rows = f"(SELECT {elem_json('e')} AS v, e.key AS k FROM json_each({a}) e)"
+    ctes, last = scope.ctes(rows, m, c.names)
+    head = f"WITH {', '.join(ctes)} " if ctes else ""
+    refuse = c.fail(f"${expr.op} takes an array")
+    guard = f"WHEN {nullish(a)} THEN 'null' WHEN {not_type(a, 'array')} THEN {refuse}"
+    if expr.op == "map":
+        mapped = f"SELECT json(COALESCE({body.text}, 'null')) AS v, {m}.k AS k FROM {last} {m}"
+        result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(mapped, 'k')})"
+        return Sql(f"(CASE {guard} ELSE {result} END)", missing=False)
+    kept = f"SELECT {m}.v AS v, {m}.k AS k FROM {last} {m} WHERE {keep}"
+    if limit is None:
+        result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(kept, 'k')})"
+        return Sql(f"(CASE {guard} ELSE {result} END)", missing=False)
+    lim = limit.text
+    numbered = f"SELECT v, k, row_number() OVER (ORDER BY k) AS rn FROM ({kept})"
+    cut = f"SELECT v, k FROM ({numbered}) WHERE {nullish(lim)} OR rn <= {jval(lim)}"
+    bad = f"NOT {nullish(lim)} AND ({not_type(lim, 'integer')} OR {jval(lim)} < 1)"
+    result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(cut, 'k')})"
+    return Sql(
+        f"(CASE {guard} WHEN {bad} THEN {c.fail('$filter takes a positive integer limit')} "
+        f"ELSE {result} END)",
+        missing=False,
+    )
 
 
 # ---- types -----------------------------------------------------------------------------
