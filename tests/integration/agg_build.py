@@ -108,7 +108,7 @@ def stage(raw: dict[str, Any]) -> A.Stage:
             arg["from"], _path(arg["localField"]), _path(arg["foreignField"]), _path(arg["as"])
         )
     if name == "$facet":
-        return A.Facet(tuple((k, tuple(stage(s) for s in v)) for k, v in arg.items()))
+        return A.Facet(tuple((k, _stages(v)) for k, v in arg.items()))
     if name == "$bucket":
         out = _accs(arg.get("output", {"count": {"$sum": 1}}))
         return A.Bucket(
@@ -132,7 +132,7 @@ def _lookups(stages: tuple[A.Stage, ...]) -> set[str]:
     return out
 
 
-def pipeline(raw: list[dict[str, Any]]) -> A.Pipeline:
+def _stages(raw: list[dict[str, Any]]) -> tuple[A.Stage, ...]:
     stages: list[A.Stage] = []
     for r in raw:
         if "$sortByCount" in r:
@@ -142,5 +142,9 @@ def pipeline(raw: list[dict[str, Any]]) -> A.Pipeline:
             stages.append(A.Sort((A.SortKey(("count",), True),)))
         else:
             stages.append(stage(r))
-    st = tuple(stages)
+    return tuple(stages)
+
+
+def pipeline(raw: list[dict[str, Any]]) -> A.Pipeline:
+    st = _stages(raw)
     return A.Pipeline(st, tuple(sorted(_lookups(st))))

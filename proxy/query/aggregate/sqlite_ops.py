@@ -23,8 +23,9 @@ from proxy.query.sqlite.functions import FN_CMP
 if TYPE_CHECKING:
     from proxy.query.aggregate.sqlite_expr import ExprCompiler
 
+# U+0000 is left out: no stored string holds it (refused on the way in, as PostgreSQL does)
 WHITESPACE = (
-    "\x00\t\n\x0b\x0c\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
+    "\t\n\x0b\x0c\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
     "\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
 )
 _INT32 = "BETWEEN -2147483648 AND 2147483647"
