@@ -758,3 +758,12 @@ def test_bucket(people: Store) -> None:
         {"_id": "c", "names": ["cy", "di", "ed"], "avg": 35.5},
     ]
     fails(people, [{"$bucket": {"groupBy": "$age", "boundaries": [20, 35]}}], "$bucket")
+
+
+def test_first_match_sees_only_readable_fields(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": 1, "secret": 5}, {"_id": "2", "a": 2}])
+    view = View("items", None, frozenset({"a"}))
+    out = store.run([{"$match": {"secret": {"$exists": False}}}], views={"items": view})
+    assert [d["_id"] for d in out] == ["1", "2"]
+    out = store.run([{"$match": {"a": 2}}, {"$project": {"a": 1}}], views={"items": view})
+    assert out == [{"_id": "2", "a": 2}]

@@ -36,6 +36,8 @@ from proxy.query.sqlite.filter import FilterCompiler
 from proxy.query.sqlite.functions import FN_CANON
 from proxy.query.sqlite.values import Names, Params, json_text, key_path
 
+_FULL = "ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING"
+
 
 class Chain:
     """The CTEs of one statement, its parameters and names."""
@@ -190,34 +192,43 @@ class Chain:
         )
 
     def lookup(self, cur: str, stage: Lookup) -> str:
+        """Set-based: the canonical keys of each side, joined on equality; each input's
+        matches gathered in ``_id`` order by a window, joined back on ``o``."""
         view = self.views[stage.collection]
         cands = FilterCompiler(self.p, self.names).candidates_sql(Path(stage.foreign), "f.doc")
         key = f"CASE WHEN c.ty IS NULL THEN 'null' ELSE {FN_CANON}({elem_json('c', 'ty', 'v')}) END"
         keys = f"(SELECT json_group_array({key}) FROM ({cands}) c)"
-        per_doc = self.add("lkd", f"SELECT f._id, {keys} FROM {view} f", columns="(id, keys)")
-        pairs = self.add(
-            "lkk",
-            f"SELECT d.id, k.value FROM {per_doc} d, json_each(d.keys) k",
-            columns="(id, key)",
-        )
-        local = self.expr.compile(Field(stage.local), "s.doc")
+        theirs = self.add("lkf", f"SELECT f._id, {keys} FROM {view} f", columns="(id, keys)")
 
-        def found(r: list[str]) -> str:
+        def my_keys(r: list[str]) -> str:
             x = r[0]
             mine = (
-                f"SELECT {FN_CANON}(COALESCE({x}, 'null')) "
+                f"SELECT {FN_CANON}(COALESCE({x}, 'null')) AS k "
                 f"WHERE COALESCE(json_type({x}), '') <> 'array' "
                 f"UNION ALL SELECT {FN_CANON}({elem_json('le')}) FROM "
                 f"json_each(CASE WHEN json_type({x}) = 'array' THEN {x} END) le"
             )
-            matched = (
-                f"SELECT l.doc AS d, l._id AS i FROM {view} l WHERE l._id IN "
-                f"(SELECT k.id FROM {pairs} k WHERE k.key IN ({mine}))"
-            )
-            return f"(SELECT json_group_array(json(d)) FROM {ordered(matched, 'i')})"
+            return f"(SELECT json_group_array(k) FROM ({mine}))"
 
-        value = Sql(self.expr.bind([local], found), missing=False)
-        return self.reshape("lk", cur, self.set_path("s.doc", stage.as_, value))
+        local = self.expr.compile(Field(stage.local), "s.doc")
+        mine = self.expr.bind([local], my_keys)
+        src = self.layered(cur)
+        ours = self.add("lkl", f"SELECT s.o, {mine} FROM {src} s", columns="(o, keys)")
+        pairs = (
+            f"SELECT DISTINCT l.o AS o, f.id AS id FROM {ours} l, json_each(l.keys) lk, "
+            f"{theirs} f, json_each(f.keys) fk WHERE lk.value = fk.value"
+        )
+        gathered = (
+            f"SELECT p.o AS o, row_number() OVER (PARTITION BY p.o ORDER BY v._id) AS rn, "
+            f"json_group_array(json(v.doc)) OVER (PARTITION BY p.o ORDER BY v._id {_FULL}) "
+            f"AS found FROM ({pairs}) p JOIN {view} v ON v._id = p.id"
+        )
+        found = self.add(
+            "lkj", f"SELECT o, found FROM ({gathered}) WHERE rn = 1", columns="(o, found)"
+        )
+        value = Sql("COALESCE(j.found, '[]')", missing=False)
+        doc = self.set_path("s.doc", stage.as_, value)
+        return self.add("lk", f"SELECT s.o, {doc} FROM {src} s LEFT JOIN {found} j ON j.o = s.o")
 
     def facet(self, cur: str, stage: Facet) -> str:
         parts = []
@@ -232,9 +243,16 @@ class Chain:
 def _scan(ch: Chain, view: View, table: str | None, matches: Sequence[Filter]) -> str:
     if table is None:
         return "SELECT NULL, NULL WHERE 0"
-    conds = [f for f in (view.guard, *matches) if f is not None]
+    """The caller's rows of ``table`` (the guard reads the stored document), readable parts
+    only; ``matches`` read what the caller sees (the stored document when all is readable)."""
+    hidden = view.readable is not None
+    conds = [f for f in (view.guard, *([] if hidden else matches)) if f is not None]
     where = f" WHERE {ch.where(And(tuple(conds)), 't.doc')}" if conds else ""
-    return f"SELECT t._id, {ch.readable(view, 't.doc')} FROM {table} t{where}"
+    scan = f"SELECT t._id AS _id, {ch.readable(view, 't.doc')} AS doc FROM {table} t{where}"
+    if not hidden or not matches:
+        return scan
+    seen = ch.where(And(tuple(matches)), "r.doc")
+    return f"SELECT r._id, r.doc FROM ({scan}) r WHERE {seen}"
 
 
 def compile_pipeline(
