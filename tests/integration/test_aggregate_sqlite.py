@@ -13,10 +13,11 @@ import pytest
 
 from proxy.backends.sqlite.connection import ConnState, connect
 from proxy.backends.sqlite.ddl import create_table, table_name
+from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.query.aggregate.ast import View
+from proxy.query.aggregate.parse import parse_pipeline
 from proxy.query.aggregate.sqlite import compile_pipeline
-from tests.integration import agg_build
 
 Docs = list[dict[str, Any]]
 
@@ -45,7 +46,7 @@ class Store:
         cap: int = 1000,
         views: dict[str, View] | None = None,
     ) -> tuple[str, list[Any]]:
-        pipeline = agg_build.pipeline(raw)
+        pipeline = parse_pipeline(raw, Limits())
         views = views or {}
         base = views.get(collection, View(collection))
         lookups = {n: views.get(n, View(n)) for n in pipeline.lookups}
@@ -390,6 +391,7 @@ DOC = {
     "f": 2.5,
     "z": 0,
     "s": "Héllo",
+    "empty": "",
     "t": True,
     "nul": None,
     "arr": [1, 2, 3],
@@ -501,8 +503,8 @@ def test_expression(one: Store, expr: Any, expected: Any) -> None:
         ({"$mod": ["$i", 0]}, "$mod"),
         ({"$abs": "$s"}, "$abs"),
         ({"$floor": "$o"}, "$floor"),
-        ({"$round": ["$f", 1.5]}, "$round"),
-        ({"$round": ["$f", 101]}, "$round"),
+        ({"$round": ["$f", "$f"]}, "$round"),
+        ({"$round": ["$f", {"$add": [100, "$i"]}]}, "$round"),
         ({"$round": "$s"}, "$round"),
         ({"$switch": {"branches": [{"case": "$z", "then": 1}]}}, "$switch"),
         ({"$multiply": [1e300, 1e300]}, "$multiply"),
@@ -521,11 +523,11 @@ def test_short_circuit_does_not_fail(one: Store) -> None:
 
 def test_deep_nesting_stays_small(one: Store) -> None:
     expr: Any = "$i"
-    for _ in range(40):
+    for _ in range(14):  # as deep as the front end's JSON nesting limit lets it be
         expr = {"$add": [expr, 1]}
     sql, _ = one.sql([{"$project": {"r": expr}}])
     assert len(sql) < 40_000
-    assert ev(one, expr) == 47
+    assert ev(one, expr) == 21
 
 
 @pytest.mark.parametrize(
@@ -620,21 +622,21 @@ def test_string_array_type_operators(one: Store, expr: Any, expected: Any) -> No
     [
         ({"$concat": ["$s", 1]}, "$concat"),
         ({"$toLower": 5}, "$toLower"),
-        ({"$substrCP": ["$s", -1, 2]}, "$substrCP"),
+        ({"$substrCP": ["$s", "$n", 2]}, "$substrCP"),
         ({"$substrCP": ["$arr", 0, 2]}, "$substrCP"),
         ({"$strLenCP": "$missing"}, "$strLenCP"),
-        ({"$split": ["a", ""]}, "$split"),
+        ({"$split": ["a", "$empty"]}, "$split"),
         ({"$split": ["$i", ","]}, "$split"),
         ({"$trim": {"input": "$i"}}, "$trim"),
         ({"$size": "$s"}, "$size"),
         ({"$size": "$missing"}, "$size"),
         ({"$arrayElemAt": ["$s", 0]}, "$arrayElemAt"),
-        ({"$arrayElemAt": ["$arr", 1.5]}, "$arrayElemAt"),
+        ({"$arrayElemAt": ["$arr", "$f"]}, "$arrayElemAt"),
         ({"$in": [1, "$s"]}, "$in"),
         ({"$filter": {"input": "$s", "cond": True}}, "$filter"),
-        ({"$filter": {"input": "$arr", "cond": True, "limit": 0}}, "$filter"),
+        ({"$filter": {"input": "$arr", "cond": True, "limit": "$z"}}, "$filter"),
         ({"$map": {"input": 5, "in": 1}}, "$map"),
-        ({"$slice": ["$arr", 1, 0]}, "$slice"),
+        ({"$slice": ["$arr", 1, "$z"]}, "$slice"),
         ({"$slice": ["$s", 1]}, "$slice"),
         ({"$concatArrays": ["$arr", 1]}, "$concatArrays"),
         ({"$toString": "$arr"}, "$toString"),
