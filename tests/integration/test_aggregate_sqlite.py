@@ -769,3 +769,14 @@ def test_first_match_sees_only_readable_fields(store: Store) -> None:
     assert [d["_id"] for d in out] == ["1", "2"]
     out = store.run([{"$match": {"a": 2}}, {"$project": {"a": 1}}], views={"items": view})
     assert out == [{"_id": "2", "a": 2}]
+
+
+def test_nested_map_limit_is_a_clean_refusal(one: Store) -> None:
+    from proxy.errors import UnsupportedByBackend
+
+    expr: Any = "$$this"
+    for _ in range(5):
+        expr = {"$map": {"input": "$arr", "in": expr}}
+    assert ev(one, {"$size": expr}) == 3
+    with pytest.raises(UnsupportedByBackend):
+        ev(one, {"$map": {"input": "$arr", "in": expr}})

@@ -107,6 +107,7 @@ class ExprCompiler:
         self.names = names
         self.scope = Scope()
         self.guard: str | None = None
+        self.nesting = 0  # $filter/$map bodies being compiled
         from proxy.query.aggregate import sqlite_ops
 
         self._ops: dict[str, Callable[[ExprCompiler, str, Sequence[Sql]], Sql]] = dict(
@@ -159,10 +160,12 @@ class ExprCompiler:
         """A fresh scope (and no guard) for the per-element columns of ``$filter``/``$map``."""
         outer, outer_guard = self.scope, self.guard
         self.scope, self.guard = Scope(), None
+        self.nesting += 1
         try:
             yield self.scope
         finally:
             self.scope, self.guard = outer, outer_guard
+            self.nesting -= 1
 
     def truthy(self, arg: Sql) -> str:
         """An SQL boolean: false, null, missing and 0 are false."""

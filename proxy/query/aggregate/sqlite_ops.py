@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from proxy.errors import UnsupportedByBackend
 from proxy.query.aggregate.ast import Iterate
 from proxy.query.aggregate.sqlite_expr import (
     Sql,
@@ -19,6 +20,7 @@ from proxy.query.aggregate.sqlite_expr import (
 )
 from proxy.query.sqlite.agg_functions import FN_JNUM, FN_TODOUBLE, FN_TOSTR
 from proxy.query.sqlite.functions import FN_CMP
+from proxy.query.sqlite.values import BARRIER
 
 if TYPE_CHECKING:
     from proxy.query.aggregate.sqlite_expr import ExprCompiler
@@ -225,39 +227,53 @@ def concat_arrays(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
+MAX_ITERATE_NESTING = 5  # $filter/$map inside one another (SQLite's parser stack is small)
+
+
 def iterate(c: ExprCompiler, expr: Iterate, doc: str, env: Mapping[str, str]) -> Sql:
     """``$filter`` / ``$map`` over the elements of ``input`` in order: a subquery whose own
-    CTEs hold the per-element columns."""
+    CTEs (siblings, not nested) hold the per-element columns."""
+    if c.nesting >= MAX_ITERATE_NESTING:
+        raise UnsupportedByBackend(
+            f"the embedded store nests $filter/$map at most {MAX_ITERATE_NESTING} deep",
+            details={"feature": "deeply nested $filter/$map"},
+        )
     source = c.ref(c.compile(expr.input, doc, env))
     limit = c.ref(c.compile(expr.limit, doc, env)) if expr.limit is not None else None
+    a = source.text
+    refuse = c.fail(f"${expr.op} takes an array")
+    checks = f"WHEN {nullish(a)} THEN 'null' WHEN {not_type(a, 'array')} THEN {refuse}"
+    if limit is not None:
+        lim = limit.text
+        bad = f"NOT {nullish(lim)} AND ({not_type(lim, 'integer')} OR {jval(lim)} < 1)"
+        checks += f" WHEN {bad} THEN {c.fail('$filter takes a positive integer limit')}"
+    status = c.lift(f"(CASE {checks} END)")  # NULL: the input is an array
     m = c.names.fresh("m")
     with c.inner_scope() as scope:
         body = c.ref(c.compile(expr.body, doc, {**env, expr.var: f"{m}.v"}))
         keep = c.lift(c.truthy(body)) if expr.op == "filter" else ""
-    a = source.text
-    rows = f"(SELECT {elem_json('e')} AS v, e.key AS k FROM json_each({a}) e)"
-    ctes, last = scope.ctes(rows, m, c.names)
-    head = f"WITH {', '.join(ctes)} " if ctes else ""
-    refuse = c.fail(f"${expr.op} takes an array")
-    guard = f"WHEN {nullish(a)} THEN 'null' WHEN {not_type(a, 'array')} THEN {refuse}"
-    if expr.op == "map":
-        mapped = f"SELECT json(COALESCE({body.text}, 'null')) AS v, {m}.k AS k FROM {last} {m}"
-        result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(mapped, 'k')})"
-        return Sql(f"(CASE {guard} ELSE {result} END)", missing=False)
-    kept = f"SELECT {m}.v AS v, {m}.k AS k FROM {last} {m} WHERE {keep}"
-    if limit is None:
-        result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(kept, 'k')})"
-        return Sql(f"(CASE {guard} ELSE {result} END)", missing=False)
-    lim = limit.text
-    numbered = f"SELECT v, k, row_number() OVER (ORDER BY k) AS rn FROM ({kept})"
-    cut = f"SELECT v, k FROM ({numbered}) WHERE {nullish(lim)} OR rn <= {jval(lim)}"
-    bad = f"NOT {nullish(lim)} AND ({not_type(lim, 'integer')} OR {jval(lim)} < 1)"
-    result = f"({head}SELECT json_group_array(json(v)) FROM {ordered(cut, 'k')})"
-    return Sql(
-        f"(CASE {guard} WHEN {bad} THEN {c.fail('$filter takes a positive integer limit')} "
-        f"ELSE {result} END)",
-        missing=False,
+    elements = f"json_each(CASE WHEN json_type({a}) = 'array' THEN {a} END) e"
+    ctes, last = scope.ctes(
+        f"(SELECT {elem_json('e')} AS v, e.key AS k FROM {elements})", m, c.names
     )
+    fin = c.names.fresh("it")
+    if expr.op == "map":
+        rows = f"SELECT json(COALESCE({body.text}, 'null')) AS v, {m}.k AS k FROM {last} {m}"
+    elif limit is None:
+        rows = f"SELECT {m}.v AS v, {m}.k AS k FROM {last} {m} WHERE {keep}"
+    else:
+        numbered = (
+            f"SELECT {m}.v AS v, {m}.k AS k, row_number() OVER (ORDER BY {m}.k) AS rn "
+            f"FROM {last} {m} WHERE {keep}"
+        )
+        rows = (
+            f"SELECT v, k FROM ({numbered}) WHERE {nullish(limit.text)} OR rn <= {jval(limit.text)}"
+        )
+    ctes.append(f"{fin} AS ({rows} ORDER BY k {BARRIER})")
+    result = (
+        f"(WITH {', '.join(ctes)} SELECT COALESCE({status}, json_group_array(json(v))) FROM {fin})"
+    )
+    return Sql(result, missing=False)
 
 
 # ---- types -----------------------------------------------------------------------------
