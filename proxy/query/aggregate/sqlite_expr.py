@@ -230,8 +230,8 @@ class ExprCompiler:
         if not segs:
             return Sql(base, leaf=True, missing=not top)
         direct = f"{base} -> {self.p.add(key_path(segs))}"
-        if top and len(segs) == 1:  # the current document is an object
-            return Sql(direct)
+        if top and len(segs) == 1:  # the current document is an object: one lookup
+            return Sql(direct, leaf=True)
         return Sql(f"COALESCE({direct}, {FN_GET}({base}, {self.p.add(json_text(list(segs)))}))")
 
     def obj(self, fields: list[tuple[str, Sql]]) -> Sql:
