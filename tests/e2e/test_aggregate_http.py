@@ -58,11 +58,19 @@ async def test_group_sort_and_lookup(server: Server) -> None:
         lookup = [
             {"$match": {"_id": {"$in": ["s1", "s2"]}}},
             {"$lookup": {"from": other, "localField": "item", "foreignField": "sku", "as": "inv"}},
-            {"$project": {"item": 1, "stock": {"$sum": "$inv.stock"}, "n": {"$size": "$inv"}}},
+            {
+                "$project": {
+                    "stock": {"$ifNull": [{"$arrayElemAt": ["$inv.stock", 0]}, 0]},
+                    "n": {"$size": "$inv"},
+                }
+            },
         ]
         st, data, _ = await call(s, "POST", f"{base}/aggregate", json={"pipeline": lookup})
         assert st == 200, data
-        assert [(d["_id"], d["n"]) for d in data["items"]] == [("s1", 1), ("s2", 0)]
+        assert data["items"] == [
+            {"_id": "s1", "stock": 7, "n": 1},
+            {"_id": "s2", "stock": 0, "n": 0},
+        ]
 
 
 async def test_explain_answers_the_statement_and_its_plan(server: Server) -> None:
@@ -72,7 +80,7 @@ async def test_explain_answers_the_statement_and_its_plan(server: Server) -> Non
         body = {"pipeline": TOTALS, "explain": True}
         st, data, _ = await call(s, "POST", f"{base}/aggregate", json=body)
         assert st == 200, data
-        assert set(data) == {"sql", "plan"} and "GROUP BY" in data["sql"].upper()
+        assert set(data) == {"sql", "plan"} and data["sql"].lstrip().upper().startswith("WITH")
         assert "abc" not in data["sql"]  # values are bound, never in the text
         assert data["plan"]
 
