@@ -417,3 +417,20 @@ async def test_leading_match_uses_the_index(db: AggDb) -> None:
     plan = "\n".join(r[0] for r in await db.conn.fetch("EXPLAIN " + sql, *args))
     assert "Bitmap Index Scan on gin_" in plan, plan
     assert await db.run(stages, "big") == [{"_id": "k7", "s": sum(range(7, 20000, 500))}]
+
+
+async def test_sort_dead_ends_are_null(db: AggDb) -> None:
+    await db.load(
+        "srt3",
+        [
+            {"_id": "1", "a": [{"b": []}, {"c": 1}]},  # [] and a dead end: null
+            {"_id": "2", "a": [{"b": []}]},  # only an empty array: below null
+            {"_id": "3", "a": [{"x": 1}, {"b": 5}]},  # null (the dead end) and 5
+            {"_id": "4", "a": {"b": 0}},
+            {"_id": "5", "a": [1, 2]},  # no object on the way: null
+        ],
+    )
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("a", "b"), False),))], "srt3")]
+    assert ids == ["2", "1", "3", "5", "4"]
+    ids = [d["_id"] for d in await db.run([Sort((SortKey(("a", "b"), True),))], "srt3")]
+    assert ids == ["3", "4", "1", "5", "2"]

@@ -51,7 +51,7 @@ def compile_pipeline(
 ) -> tuple[str, list[Any]]:
     """One SQL statement yielding the pipeline's output documents (column ``doc``, text) in
     the contract's order, at most ``cap + 1`` of them, and its bound values."""
-    c = PipelineCompiler(schema, tables, views)
+    c = PipelineCompiler(schema, tables, {base.collection: base, **views})
     stages = list(pipeline.stages)
     early: list[Filter] = []
     while stages and isinstance(stages[0], Match):
