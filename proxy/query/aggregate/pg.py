@@ -58,6 +58,7 @@ def compile_pipeline(
         early.append(stages.pop(0).filter)  # type: ignore[union-attr]
     rel = c.base(base, early)
     rel = c.stages(stages, rel)
+    c.ctes[-1] = c.ctes[-1].replace(" AS MATERIALIZED (", " AS (", 1)
     order = f" ORDER BY {order_sql(rel.order)}" if rel.order else ""
     cap_sql = c.p.add(cap + 1, "bigint")
     sql = (
@@ -99,6 +100,7 @@ class PipelineCompiler(StageSql):
         self.names = itertools.count()
         self.x = ExprCompiler(self.p, schema, self.names)
         self.ctes: list[str] = []
+        self.computed = False  # the CTE being built computes its documents (carry says)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -106,13 +108,19 @@ class PipelineCompiler(StageSql):
         return f"o{next(self.names)}"
 
     def cte(self, select: str, cols: Sequence[str], order: Order) -> Rel:
+        """One CTE. One that computes its documents is MATERIALIZED: inlined, each later
+        reference to its ``doc`` would repeat the whole computation (subqueries included);
+        compile_pipeline un-materializes the last one (read once)."""
         name = f"s{next(self.names)}"
-        self.ctes.append(f"{name} AS ({select})")
+        mode = "MATERIALIZED " if self.computed else ""
+        self.computed = False
+        self.ctes.append(f"{name} AS {mode}({select})")
         return Rel(name, tuple(cols), tuple(order))
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
         """The select list: ``r``'s ordering columns, ``extra`` items, the new doc."""
         items = [f"p.{c}" for c in r.cols] + list(extra) + [f"{doc} AS doc"]
+        self.computed = doc not in ("p.doc", "u.d")
         return ", ".join(items)
 
     def readable(self, doc: str, names: frozenset[str] | None) -> str:
@@ -141,6 +149,7 @@ class PipelineCompiler(StageSql):
             doc = "t.doc"
         col = self.col()
         where = f" WHERE {' AND '.join(conds)}" if conds else ""
+        self.computed = doc != "t.doc"
         return self.cte(
             f"SELECT t._id AS {col}, {doc} AS doc FROM {src} t{where}", [col], [(col, False)]
         )

@@ -187,6 +187,8 @@ class StageSql:
             try:
                 sub = self.stages(stages, r)
                 inner = self.ctes
+                if inner:
+                    inner[-1] = inner[-1].replace(" AS MATERIALIZED (", " AS (", 1)
             finally:
                 self.ctes = outer
             order = f" ORDER BY {order_sql(sub.order)}" if sub.order else ""
