@@ -167,28 +167,8 @@ class PipelineCompiler(StageSql):
             return self.cte(
                 f"SELECT {self.carry(r, 'p.doc')} FROM {r.name} p WHERE {where}", r.cols, r.order
             )
-        if isinstance(s, AddFields):
-            doc = "p.doc"
-            values = [(path, self.x.expr(e, "p.doc")) for path, e in s.fields]
-            for path, v in values:
-                doc = self.set_path(doc, path, v)
-            return self.cte(f"SELECT {self.carry(r, doc)} FROM {r.name} p", r.cols, r.order)
-        if isinstance(s, Unset):
-            return self.cte(
-                f"SELECT {self.carry(r, self.unset('p.doc', s.paths))} FROM {r.name} p",
-                r.cols,
-                r.order,
-            )
-        if isinstance(s, Project):
-            return self.cte(
-                f"SELECT {self.carry(r, self.project(s))} FROM {r.name} p", r.cols, r.order
-            )
-        if isinstance(s, ReplaceRoot):
-            fail = self.x.fail("$replaceRoot: the new root must be an object")
-            doc = self.x.bind(
-                [self.x.expr(s.expr, "p.doc")],
-                lambda v: f"(CASE WHEN {is_type(v, 'object')} THEN {v} ELSE {fail} END)",
-            )
+        if isinstance(s, AddFields | Unset | Project | ReplaceRoot):
+            doc = self.reshaped(s)
             return self.cte(f"SELECT {self.carry(r, doc)} FROM {r.name} p", r.cols, r.order)
         if isinstance(s, Group):
             return self.group(s, r)
@@ -220,6 +200,24 @@ class PipelineCompiler(StageSql):
         if isinstance(s, Bucket):
             return self.bucket(s, r)
         raise TypeError(f"not a stage: {s!r}")
+
+    def reshaped(self, s: AddFields | Unset | Project | ReplaceRoot) -> str:
+        """The new document of a stage that rewrites each one (over ``p.doc``)."""
+        if isinstance(s, AddFields):  # every value from the input document, set in order
+            doc = "p.doc"
+            values = [(path, self.x.expr(e, "p.doc")) for path, e in s.fields]
+            for path, v in values:
+                doc = self.set_path(doc, path, v)
+            return doc
+        if isinstance(s, Unset):
+            return self.unset("p.doc", s.paths)
+        if isinstance(s, Project):
+            return self.project(s)
+        fail = self.x.fail("$replaceRoot: the new root must be an object")
+        return self.x.bind(
+            [self.x.expr(s.expr, "p.doc")],
+            lambda v: f"(CASE WHEN {is_type(v, 'object')} THEN {v} ELSE {fail} END)",
+        )
 
     def set_path(self, doc: str, path: FieldPath, value: str) -> str:
         if len(path) == 1:
