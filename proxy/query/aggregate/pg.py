@@ -58,11 +58,11 @@ def compile_pipeline(
         early.append(stages.pop(0).filter)  # type: ignore[union-attr]
     rel = c.base(base, early)
     rel = c.stages(stages, rel)
-    c.ctes[-1] = c.ctes[-1].replace(" AS MATERIALIZED (", " AS (", 1)
+    forced = c.finish(rel)
     order = f" ORDER BY {order_sql(rel.order)}" if rel.order else ""
     cap_sql = c.p.add(cap + 1, "bigint")
     sql = (
-        f"WITH {', '.join(c.ctes)} SELECT r.doc::text AS doc FROM {rel.name} r{order} "
+        f"WITH {', '.join(c.ctes)} SELECT r.doc::text AS doc FROM {rel.name} r{forced}{order} "
         f"LIMIT {cap_sql}"
     )
     return sql, c.p.values
@@ -101,6 +101,7 @@ class PipelineCompiler(StageSql):
         self.x = ExprCompiler(self.p, schema, self.names)
         self.ctes: list[str] = []
         self.computed = False  # the CTE being built computes its documents (carry says)
+        self.forced: list[str] = []  # CTEs that may fail: every row of them is computed
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -109,13 +110,27 @@ class PipelineCompiler(StageSql):
 
     def cte(self, select: str, cols: Sequence[str], order: Order) -> Rel:
         """One CTE. One that computes its documents is MATERIALIZED: inlined, each later
-        reference to its ``doc`` would repeat the whole computation (subqueries included);
-        compile_pipeline un-materializes the last one (read once)."""
+        reference to its ``doc`` would repeat the whole computation (subqueries included).
+        One that may fail is computed in full (``finish``), as the reference evaluates every
+        stage on every document, whatever later stages read of it."""
         name = f"s{next(self.names)}"
-        mode = "MATERIALIZED " if self.computed else ""
+        risky = "dbproxy_refuse(" in select
+        mode = "MATERIALIZED " if self.computed or risky else ""
         self.computed = False
+        if risky:
+            self.forced.append(name)
         self.ctes.append(f"{name} AS {mode}({select})")
         return Rel(name, tuple(cols), tuple(order))
+
+    def finish(self, last: Rel) -> str:
+        """Closes a chain: the last CTE (read once) is inlined unless it may fail; the
+        WHERE clause (a one-time filter) that reads every CTE that may fail in full."""
+        if last.name not in self.forced:
+            self.ctes[-1] = self.ctes[-1].replace(" AS MATERIALIZED (", " AS (", 1)
+        if not self.forced:
+            return ""
+        counts = " + ".join(f"(SELECT count(*) FROM {n})" for n in self.forced)
+        return f" WHERE {counts} >= 0"
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
         """The select list: ``r``'s ordering columns, ``extra`` items, the new doc."""

@@ -47,7 +47,12 @@ class StageSql:
     def col(self) -> str:
         raise NotImplementedError
 
+    forced: list[str]
+
     def cte(self, select: str, cols: Sequence[str], order: Order) -> Rel:
+        raise NotImplementedError
+
+    def finish(self, last: Rel) -> str:
         raise NotImplementedError
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
@@ -197,16 +202,15 @@ class StageSql:
     def facet(self, s: Facet, r: Rel) -> Rel:
         pairs = []
         for name, stages in s.facets:
-            outer, self.ctes = self.ctes, []
+            (outer, self.ctes), (forced, self.forced) = (self.ctes, []), (self.forced, [])
             try:
                 sub = self.stages(stages, r)
                 inner = self.ctes
-                if inner:
-                    inner[-1] = inner[-1].replace(" AS MATERIALIZED (", " AS (", 1)
+                where = self.finish(sub) if inner else ""
             finally:
-                self.ctes = outer
+                self.ctes, self.forced = outer, forced
             order = f" ORDER BY {order_sql(sub.order)}" if sub.order else ""
-            agg = f"SELECT COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb) FROM {sub.name} x"
+            agg = f"SELECT COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb) FROM {sub.name} x{where}"
             if inner:
                 agg = f"WITH {', '.join(inner)} {agg}"
             pairs.append(f"{self.p.add(name, 'text')}, ({agg})")
