@@ -179,9 +179,10 @@ def _split(c: ExprCompiler, args: list[str]) -> str:
 
 
 def _trim(c: ExprCompiler, args: list[str]) -> str:
+    """``chars`` null or missing (or absent) strips whitespace (docs/aggregation.md)."""
     default = args[1] == DEFAULT_CHARS
     operands = args[:1] if default else args
-    whitespace = c.p.add(WHITESPACE, "text") if default else ""
+    whitespace = c.p.add(WHITESPACE, "text")
 
     def body(s: str, chars: str | None = None) -> str:
         head = (
@@ -191,7 +192,7 @@ def _trim(c: ExprCompiler, args: list[str]) -> str:
         if chars is None:
             return f"{head}ELSE to_jsonb(btrim({txt(s)}, {whitespace})) END)"
         return (
-            f"{head}WHEN {nullish(chars)} THEN {NULL} "
+            f"{head}WHEN {nullish(chars)} THEN to_jsonb(btrim({txt(s)}, {whitespace})) "
             f"WHEN NOT {is_type(chars, 'string')} THEN {c.fail('$trim: chars must be a string')} "
             f"ELSE to_jsonb(btrim({txt(s)}, {txt(chars)})) END)"
         )
