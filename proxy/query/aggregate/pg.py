@@ -285,21 +285,19 @@ class PipelineCompiler(StageSql):
 
     def group(self, s: Group, r: Rel) -> Rel:
         raw = self.x.expr(s.key, "p.doc", key=True)
-        simple = raw in self.x.simple
         key = raw if isinstance(s.key, Lit | Obj | Arr) else f"COALESCE({raw}, {NULL})"
-        return self.grouped(r, key, simple, s.accumulators, None)
+        return self.grouped(r, key, s.accumulators, None)
 
     def grouped(
         self,
         r: Rel,
         key: str,
-        simple: bool,
         accs: Sequence[tuple[str, Accumulator]],
         ids: str | None,
     ) -> Rel:
         """Rows grouped by ``key`` (a pre-computed column ``g``); the group's document is
         ``_id`` (``g``, or ``ids -> g`` for buckets) and the accumulators. Arguments are
-        computed once per row (a fenced sub-select) unless they are cheap to repeat."""
+        computed once per row (a fenced sub-select)."""
         r, first = self.single_order(r)
         cols = [f"{key} AS g"]
         args: list[str] = []
@@ -308,10 +306,11 @@ class PipelineCompiler(StageSql):
                 args.append("")
                 continue
             v = self.x.expr(a.arg, "p.doc")
-            simple = simple and v in self.x.simple
             cols.append(f"{v} AS a{i}")
             args.append(f"q.a{i}")
-        fence = "" if simple else " OFFSET 0"
+        # fenced: the grouping's sort (or hash) then carries the key, the arguments and the
+        # ordering column only, never the whole document (twice as fast on 100k documents)
+        fence = " OFFSET 0"
         inner = f"SELECT p.*, {', '.join(cols)} FROM {r.name} p{fence}"
         values = [
             accumulator_sql(self.x, a, x, r.order) for (_, a), x in zip(accs, args, strict=True)

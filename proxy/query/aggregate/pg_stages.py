@@ -74,7 +74,6 @@ class StageSql:
         self,
         r: Rel,
         key: str,
-        simple: bool,
         accs: Sequence[tuple[str, Accumulator]],
         ids: str | None,
     ) -> Rel:
@@ -250,5 +249,4 @@ class StageSql:
 
         ids: list[Any] = list(s.boundaries[:-1]) + ([s.default] if s.has_default else [])
         ids_sql = self.p.add(jsonb(ids), "jsonb")
-        simple = value in self.x.simple
-        return self.grouped(r, self.x.bind([value], key), simple, s.output, ids_sql)
+        return self.grouped(r, self.x.bind([value], key), s.output, ids_sql)
