@@ -502,3 +502,22 @@ async def test_lookup_of_a_scalar_uses_the_index(db: AggDb) -> None:
     plan = "\n".join(r[0] for r in await db.conn.fetch("EXPLAIN " + sql, *args))
     assert "Bitmap Index Scan on gin_" in plan, plan
     assert await db.run(stages, "lsrc") == [{"j": [{"_id": "d00007"}]}]
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        [Match(FieldCond(Path(("nothing",)), (Eq(1),)))],
+        [Limit(1)],
+        [Group(Lit(None), ())],
+        [Facet((("f", (Count("n"),)),)), Group(Lit(None), ())],
+    ],
+)
+async def test_a_failure_is_never_skipped(db: AggDb, after: list[Any]) -> None:
+    """The reference evaluates every stage on every document: a later stage that reads
+    nothing of a failing one's output does not hide the failure."""
+    await db.load("sales", SALES)  # a3's n is a string
+    stages = [AddFields(((("d",), C("multiply", F("n"), 2)),)), *after]
+    with pytest.raises(ProxyError) as info:
+        await db.run(stages, "sales")
+    assert info.value.code == "expression_failed"
