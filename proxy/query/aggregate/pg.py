@@ -258,12 +258,11 @@ class PipelineCompiler(StageSql):
             kept.append(("_id",))
         if not kept:
             doc = "'{}'::jsonb"
-        elif all(len(p) == 1 for p in kept):
-            keys = self.p.add([p[0] for p in kept], "text[]")
-            doc = (
-                f"(SELECT COALESCE(jsonb_object_agg(e.key, e.value), '{{}}'::jsonb) "
-                f"FROM jsonb_each(p.doc) e WHERE e.key = ANY({keys}))"
-            )
+        elif all(len(p) == 1 for p in kept):  # each kept field copied when present
+            doc = "'{}'::jsonb"
+            for (k,) in kept:
+                key = self.p.add(k, "text")
+                doc = f"jsonb_set_lax({doc}, ARRAY[{key}], p.doc -> {key}, true, 'delete_key')"
         else:
             paths = self.p.add(_json([list(p) for p in kept]), "jsonb")
             doc = f"COALESCE({self.schema}.dbproxy_agg_keep(p.doc, {paths}), '{{}}'::jsonb)"
