@@ -93,6 +93,7 @@ PIPELINES: list[list[dict[str, Any]]] = [
         }
     ],
     [{"$group": {"_id": {"c": "$cat", "flag": "$flag"}, "n": {"$sum": 1}}}],
+    [{"$group": {"_id": {"o": {"k": "$o.k", "z": "$z"}, "a": [{"f": "$f"}, "$z"]}}}],
     [{"$group": {"_id": None, "mn": {"$min": "$tags"}, "mx": {"$max": "$tags"}}}],
     [
         {

@@ -115,7 +115,7 @@ class ExprCompiler:
 
     def expr(self, e: Expr, doc: str, *, key: bool = False) -> str:
         """jsonb SQL of ``e`` over the document ``doc``; with ``key`` (a group key) the
-        missing parts of objects and arrays become null."""
+        missing parts of objects (nested ones too) become null."""
         if isinstance(e, Field):
             if not e.path:
                 self.simple.add(doc)
@@ -132,7 +132,7 @@ class ExprCompiler:
         if isinstance(e, Arr):
             if not e.items:
                 return "'[]'::jsonb"
-            items = ", ".join(f"COALESCE({self.expr(i, doc, key=key)}, {NULL})" for i in e.items)
+            items = ", ".join(f"COALESCE({self.expr(i, doc)}, {NULL})" for i in e.items)
             return f"jsonb_build_array({items})"
         if isinstance(e, Switch):
             return self.switch(e, doc)
