@@ -43,7 +43,6 @@ class AggDb:
             full = {"_version": 1, **d}
             rows.append((str(full["_id"]), orjson.dumps(full).decode()))
         await self.conn.executemany(f"INSERT INTO {table} (_id, doc) VALUES ($1, $2::jsonb)", rows)
-        await self.conn.execute(f"ANALYZE {table}")
 
     def compile(
         self,

@@ -171,6 +171,10 @@ CASES: list[tuple[Expr, Any]] = [
     (C("arrayElemAt", F("arr"), -1), 2),
     (C("arrayElemAt", F("arr"), 5), MISSING),
     (C("arrayElemAt", F("arr"), 0.5), FAIL),
+    (C("arrayElemAt", F("arr"), 1.0), FAIL),  # an integer is written without fraction
+    (C("round", F("f"), 1.0), FAIL),
+    (C("trim", F("ws"), F("nope")), "pad"),  # chars null or missing: whitespace
+    (C("toDouble", " 1"), FAIL),
     (C("arrayElemAt", F("s"), 0), FAIL),
     (C("in", 1, F("arr")), True),
     (C("in", 1.0, F("arr")), True),

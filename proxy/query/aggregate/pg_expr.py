@@ -23,6 +23,7 @@ from proxy.query.pg import Params, jsonb
 
 NULL = "'null'::jsonb"
 TEXT = "#>> '{}'"  # a jsonb string as text
+DEFAULT_CHARS = "DEFAULT"  # $trim without chars (never SQL: the operator replaces it)
 
 
 def nullish(x: str) -> str:
@@ -48,8 +49,9 @@ def truthy(x: str) -> str:
 
 
 def integral(x: str) -> str:
-    """``x`` (known a number) has no fractional part."""
-    return f"{num(x)} = trunc({num(x)})"
+    """``x`` (known a number) is an integer: written without fraction or exponent (jsonb
+    keeps ``1.0`` as written)."""
+    return f"({x} {TEXT}) ~ '^-?[0-9]+$'"
 
 
 class ExprCompiler:
@@ -113,7 +115,7 @@ class ExprCompiler:
 
     def expr(self, e: Expr, doc: str, *, key: bool = False) -> str:
         """jsonb SQL of ``e`` over the document ``doc``; with ``key`` (a group key) the
-        missing parts of objects and arrays become null."""
+        missing parts of objects (nested ones too) become null."""
         if isinstance(e, Field):
             if not e.path:
                 self.simple.add(doc)
@@ -130,7 +132,7 @@ class ExprCompiler:
         if isinstance(e, Arr):
             if not e.items:
                 return "'[]'::jsonb"
-            items = ", ".join(f"COALESCE({self.expr(i, doc, key=key)}, {NULL})" for i in e.items)
+            items = ", ".join(f"COALESCE({self.expr(i, doc)}, {NULL})" for i in e.items)
             return f"jsonb_build_array({items})"
         if isinstance(e, Switch):
             return self.switch(e, doc)
@@ -218,5 +220,6 @@ class ExprCompiler:
         compile_op = OPERATORS.get(e.op)
         if compile_op is None:
             raise TypeError(f"unknown operator ${e.op}")
-        args = [self.expr(a, doc) for a in e.args]
-        return compile_op(self, args)
+        if e.op == "trim" and e.args[1] == Lit(None):  # no chars: whitespace
+            return compile_op(self, [self.expr(e.args[0], doc), DEFAULT_CHARS])
+        return compile_op(self, [self.expr(a, doc) for a in e.args])

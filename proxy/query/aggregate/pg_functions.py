@@ -62,35 +62,43 @@ CREATE OR REPLACE AGGREGATE {schema}.dbproxy_agg_min(jsonb)
 CREATE OR REPLACE AGGREGATE {schema}.dbproxy_agg_max(jsonb)
   (SFUNC = {schema}.dbproxy_agg_max_step, STYPE = jsonb);
 
+CREATE OR REPLACE FUNCTION {schema}.dbproxy_agg_sort_cands(v jsonb, path text[])
+RETURNS SETOF jsonb LANGUAGE plpgsql IMMUTABLE AS $f$
+DECLARE e jsonb; found boolean := false;
+BEGIN
+  -- the values a sort path reaches (docs/aggregation.md, $sort): SQL NULL is an empty
+  -- array reached (below null), a dead end is null
+  IF cardinality(path) = 0 THEN
+    IF jsonb_typeof(v) = 'array' THEN
+      IF jsonb_array_length(v) = 0 THEN RETURN NEXT NULL;
+      ELSE RETURN QUERY SELECT jsonb_array_elements(v); END IF;
+    ELSE RETURN NEXT COALESCE(v, 'null'::jsonb); END IF;
+    RETURN;
+  END IF;
+  IF jsonb_typeof(v) = 'object' THEN
+    RETURN QUERY SELECT * FROM {schema}.dbproxy_agg_sort_cands(v -> path[1], path[2:]);
+    RETURN;
+  END IF;
+  IF jsonb_typeof(v) = 'array' THEN
+    FOR e IN SELECT a FROM jsonb_array_elements(v) a WHERE jsonb_typeof(a) = 'object' LOOP
+      found := true;
+      RETURN QUERY SELECT * FROM {schema}.dbproxy_agg_sort_cands(e, path);
+    END LOOP;
+    IF found THEN RETURN; END IF;
+  END IF;
+  RETURN NEXT 'null'::jsonb;
+END $f$;
+
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_agg_sortkey(d jsonb, path text[], descending boolean)
 RETURNS jsonb LANGUAGE sql IMMUTABLE AS $f$
-  WITH RECURSIVE w(v, i) AS (
-    SELECT d, 1
-    UNION ALL
-    SELECT x.v, w.i + 1 FROM w, LATERAL (
-      SELECT w.v -> path[w.i] WHERE jsonb_typeof(w.v) = 'object'
-      UNION ALL
-      SELECT e -> path[w.i] FROM jsonb_array_elements(
-        CASE WHEN jsonb_typeof(w.v) = 'array' THEN w.v END) e WHERE jsonb_typeof(e) = 'object'
-    ) x(v) WHERE w.i <= cardinality(path) AND x.v IS NOT NULL
-  ), leaf AS (SELECT v FROM w WHERE i = cardinality(path) + 1),
-  cand AS (
-    SELECT v AS c FROM leaf WHERE jsonb_typeof(v) <> 'array'
-    UNION ALL
-    SELECT jsonb_array_elements(v) FROM leaf WHERE jsonb_typeof(v) = 'array'
-  )
-  SELECT CASE
-    WHEN EXISTS (SELECT 1 FROM cand) THEN (
-      SELECT c FROM cand ORDER BY
-        CASE WHEN descending THEN {schema}.dbproxy_rank(c) END DESC,
-        CASE WHEN descending THEN CASE WHEN jsonb_typeof(c) = 'string' THEN c #>> '{{}}' END
-          END COLLATE "C" DESC,
-        CASE WHEN descending THEN c END DESC,
-        {schema}.dbproxy_rank(c),
-        CASE WHEN jsonb_typeof(c) = 'string' THEN c #>> '{{}}' END COLLATE "C", c
-      LIMIT 1)
-    WHEN EXISTS (SELECT 1 FROM leaf) THEN NULL
-    ELSE 'null'::jsonb END
+  SELECT c FROM {schema}.dbproxy_agg_sort_cands(d, path) c WHERE c IS NOT NULL ORDER BY
+    CASE WHEN descending THEN {schema}.dbproxy_rank(c) END DESC,
+    CASE WHEN descending THEN CASE WHEN jsonb_typeof(c) = 'string' THEN c #>> '{{}}' END
+      END COLLATE "C" DESC,
+    CASE WHEN descending THEN c END DESC,
+    {schema}.dbproxy_rank(c),
+    CASE WHEN jsonb_typeof(c) = 'string' THEN c #>> '{{}}' END COLLATE "C", c
+  LIMIT 1
 $f$;
 
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_agg_unset(d jsonb, path text[]) RETURNS jsonb

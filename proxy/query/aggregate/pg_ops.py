@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from proxy.numbers import DOUBLE_MAX_EXACT
 from proxy.query.aggregate.pg_expr import (
+    DEFAULT_CHARS,
     NULL,
     ExprCompiler,
     integral,
@@ -22,7 +23,7 @@ INT32 = (-(2**31), 2**31 - 1)
 WHITESPACE = "".join(
     map(chr, [9, 10, 11, 12, 13, 32, 0xA0, 0x1680, *range(0x2000, 0x200B)])
 ) + "".join(map(chr, [0x2028, 0x2029, 0x202F, 0x205F, 0x3000]))
-_DECIMAL = r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,4})?\s*$"
+_DECIMAL = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,4})?$"
 
 
 def _any_nullish(xs: list[str]) -> str:
@@ -178,18 +179,25 @@ def _split(c: ExprCompiler, args: list[str]) -> str:
 
 
 def _trim(c: ExprCompiler, args: list[str]) -> str:
-    default = c.p.add(WHITESPACE, "text")
+    """``chars`` null or missing (or absent) strips whitespace (docs/aggregation.md)."""
+    default = args[1] == DEFAULT_CHARS
+    operands = args[:1] if default else args
+    whitespace = c.p.add(WHITESPACE, "text")
 
-    def body(s: str, chars: str) -> str:
-        return (
+    def body(s: str, chars: str | None = None) -> str:
+        head = (
             f"(CASE WHEN {nullish(s)} THEN {NULL} "
             f"WHEN NOT {is_type(s, 'string')} THEN {c.fail('$trim needs a string')} "
-            f"WHEN {nullish(chars)} THEN to_jsonb(btrim({txt(s)}, {default})) "
+        )
+        if chars is None:
+            return f"{head}ELSE to_jsonb(btrim({txt(s)}, {whitespace})) END)"
+        return (
+            f"{head}WHEN {nullish(chars)} THEN to_jsonb(btrim({txt(s)}, {whitespace})) "
             f"WHEN NOT {is_type(chars, 'string')} THEN {c.fail('$trim: chars must be a string')} "
             f"ELSE to_jsonb(btrim({txt(s)}, {txt(chars)})) END)"
         )
 
-    return c.bind(args, body)
+    return c.bind(operands, body)
 
 
 def _size(c: ExprCompiler, args: list[str]) -> str:
@@ -271,7 +279,7 @@ def _concat_arrays(c: ExprCompiler, args: list[str]) -> str:
 
 
 def _int_text(x: str) -> str:
-    return f"({x} {'#>>'} '{{}}') ~ '^-?[0-9]+$'"
+    return integral(x)
 
 
 def _type(c: ExprCompiler, args: list[str]) -> str:
@@ -324,7 +332,7 @@ def _to_double(c: ExprCompiler, args: list[str]) -> str:
             f"CASE WHEN {is_type(x, 'boolean')} THEN CASE WHEN {x} = 'true' THEN 1 ELSE 0 END "
             f"WHEN {is_type(x, 'number')} THEN {num(x)} "
             f"WHEN {is_type(x, 'string')} AND {txt(x)} ~ '{_DECIMAL}' "
-            f"THEN btrim({txt(x)})::numeric END"
+            f"THEN {txt(x)}::numeric END"
         )
         return (
             f"(CASE WHEN {nullish(x)} THEN {NULL} ELSE (SELECT CASE WHEN abs(q.n) <= "

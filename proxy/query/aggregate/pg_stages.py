@@ -47,7 +47,12 @@ class StageSql:
     def col(self) -> str:
         raise NotImplementedError
 
+    forced: list[str]
+
     def cte(self, select: str, cols: Sequence[str], order: Order) -> Rel:
+        raise NotImplementedError
+
+    def finish(self, last: Rel) -> str:
         raise NotImplementedError
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
@@ -69,7 +74,6 @@ class StageSql:
         self,
         r: Rel,
         key: str,
-        simple: bool,
         accs: Sequence[tuple[str, Accumulator]],
         ids: str | None,
     ) -> Rel:
@@ -135,22 +139,24 @@ class StageSql:
     # -- $lookup -----------------------------------------------------------------------
 
     def lookup(self, s: Lookup, r: Rel) -> Rel:
+        """The foreign documents matching as ``{foreignField: {$in: L}}`` would; a local
+        scalar on a top-level foreign field runs on the GIN index (containment)."""
         from proxy.query.aggregate.pg import raw_is_view
 
         view = self.views[s.collection]
         fc = FilterCompiler(self.p)
         src = self.source(s.collection)
-        guard = [fc.where(view.guard, "f.doc")] if view.guard is not None else []
         foreign = Path(s.foreign)
         null_test = FieldCond(foreign, (Eq(None),))
-        fdoc = "f.doc"
-        if not raw_is_view(null_test, view.readable):
-            where = f" WHERE {' AND '.join(guard)}" if guard else ""
+        indexed = len(s.foreign) == 1
+        if not raw_is_view(null_test, view.readable):  # match on the readable part only
+            where = f" WHERE {fc.where(view.guard, 't.doc')}" if view.guard is not None else ""
             shown = self.readable("t.doc", view.readable)
             src = f"(SELECT t._id, {shown} AS doc FROM {src} t{where})"
-            guard = []
+            fdoc, guard, indexed = "f.doc", "TRUE", False
         else:
             fdoc = self.readable("f.doc", view.readable)
+            guard = fc.where(view.guard, "f.doc") if view.guard is not None else "TRUE"
         local = self.x.path("p.doc", s.local, False)
 
         def match(lv: str) -> str:
@@ -169,10 +175,22 @@ class StageSql:
             )
 
         def joined(lv: str) -> str:
-            conds = " AND ".join([*guard, match(lv)])
+            rows = f"SELECT f._id, f.doc FROM {src} f WHERE {guard} AND "
+            if indexed:
+                key = self.p.add(s.foreign[0], "text")
+                scalar = f"jsonb_typeof({lv}) IN ('string', 'number', 'boolean')"
+                contains = (
+                    f"(f.doc @> jsonb_build_object({key}, {lv}) OR "
+                    f"f.doc @> jsonb_build_object({key}, jsonb_build_array({lv})))"
+                )
+                rows = (
+                    f"{rows}{scalar} AND {contains} UNION ALL "
+                    f"{rows}NOT COALESCE({scalar}, false) AND {match(lv)}"
+                )
+            else:
+                rows += match(lv)
             return (
-                f"(SELECT COALESCE(jsonb_agg({fdoc} ORDER BY f._id), '[]'::jsonb) "
-                f"FROM {src} f WHERE {conds})"
+                f"(SELECT COALESCE(jsonb_agg({fdoc} ORDER BY f._id), '[]'::jsonb) FROM ({rows}) f)"
             )
 
         doc = self.set_path("p.doc", s.as_, self.x.bind([local], joined))
@@ -183,14 +201,15 @@ class StageSql:
     def facet(self, s: Facet, r: Rel) -> Rel:
         pairs = []
         for name, stages in s.facets:
-            outer, self.ctes = self.ctes, []
+            (outer, self.ctes), (forced, self.forced) = (self.ctes, []), (self.forced, [])
             try:
                 sub = self.stages(stages, r)
                 inner = self.ctes
+                where = self.finish(sub) if inner else ""
             finally:
-                self.ctes = outer
+                self.ctes, self.forced = outer, forced
             order = f" ORDER BY {order_sql(sub.order)}" if sub.order else ""
-            agg = f"SELECT COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb) FROM {sub.name} x"
+            agg = f"SELECT COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb) FROM {sub.name} x{where}"
             if inner:
                 agg = f"WITH {', '.join(inner)} {agg}"
             pairs.append(f"{self.p.add(name, 'text')}, ({agg})")
@@ -230,5 +249,4 @@ class StageSql:
 
         ids: list[Any] = list(s.boundaries[:-1]) + ([s.default] if s.has_default else [])
         ids_sql = self.p.add(jsonb(ids), "jsonb")
-        simple = value in self.x.simple
-        return self.grouped(r, self.x.bind([value], key), simple, s.output, ids_sql)
+        return self.grouped(r, self.x.bind([value], key), s.output, ids_sql)
