@@ -33,7 +33,7 @@ from proxy.query.aggregate.ast import (
 )
 from proxy.query.aggregate.pg_accum import Order, accumulator_sql, counts, order_sql
 from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type
-from proxy.query.aggregate.pg_stages import Rel, StageSql
+from proxy.query.aggregate.pg_stages import Rel, StageSql, raw_is_view
 from proxy.query.ast import Filter
 from proxy.query.pg import FilterCompiler, Params
 
@@ -66,27 +66,6 @@ def compile_pipeline(
         f"LIMIT {cap_sql}"
     )
     return sql, c.p.values
-
-
-def top_fields(flt: Filter) -> set[str]:
-    """The first segments of every path a filter reads."""
-    from proxy.query.ast import And, FieldCond, Nor, Or
-
-    if isinstance(flt, FieldCond):
-        return {flt.path.segments[0]}
-    assert isinstance(flt, And | Or | Nor)
-    out: set[str] = set()
-    for child in flt.children:
-        out |= top_fields(child)
-    return out
-
-
-def raw_is_view(flt: Filter | None, readable: frozenset[str] | None) -> bool:
-    """Whether a filter gives the same answer on the stored document as on its readable
-    part: every field it reads is readable as a whole."""
-    if readable is None or flt is None:
-        return True
-    return all(f in readable or f in ("_id", "_version") for f in top_fields(flt))
 
 
 class PipelineCompiler(StageSql):

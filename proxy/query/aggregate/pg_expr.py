@@ -19,39 +19,32 @@ from proxy.query.aggregate.ast import (
     Switch,
     Var,
 )
+from proxy.query.aggregate.pg_ops import OPERATORS
+from proxy.query.aggregate.pg_values import (
+    DEFAULT_CHARS,
+    NULL,
+    TEXT,
+    integral,
+    is_type,
+    nullish,
+    num,
+    truthy,
+    txt,
+)
 from proxy.query.pg import Params, jsonb
 
-NULL = "'null'::jsonb"
-TEXT = "#>> '{}'"  # a jsonb string as text
-DEFAULT_CHARS = "DEFAULT"  # $trim without chars (never SQL: the operator replaces it)
-
-
-def nullish(x: str) -> str:
-    """``x`` is JSON null or missing."""
-    return f"COALESCE(jsonb_typeof({x}), 'null') = 'null'"
-
-
-def is_type(x: str, kind: str) -> str:
-    return f"jsonb_typeof({x}) = '{kind}'"
-
-
-def num(x: str) -> str:
-    return f"({x})::numeric"
-
-
-def txt(x: str) -> str:
-    return f"({x} {TEXT})"
-
-
-def truthy(x: str) -> str:
-    """SQL boolean, never NULL: false, null, missing and 0 are false."""
-    return f"COALESCE({x} NOT IN ('false'::jsonb, 'null'::jsonb, '0'::jsonb), false)"
-
-
-def integral(x: str) -> str:
-    """``x`` (known a number) is an integer: written without fraction or exponent (jsonb
-    keeps ``1.0`` as written)."""
-    return f"({x} {TEXT}) ~ '^-?[0-9]+$'"
+__all__ = [
+    "DEFAULT_CHARS",
+    "NULL",
+    "TEXT",
+    "ExprCompiler",
+    "integral",
+    "is_type",
+    "nullish",
+    "num",
+    "truthy",
+    "txt",
+]
 
 
 class ExprCompiler:
@@ -215,8 +208,6 @@ class ExprCompiler:
         return self.bind([src, limit], run)
 
     def call(self, e: Call, doc: str) -> str:
-        from proxy.query.aggregate.pg_ops import OPERATORS
-
         compile_op = OPERATORS.get(e.op)
         if compile_op is None:
             raise TypeError(f"unknown operator ${e.op}")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.numbers import DOUBLE_MAX_EXACT
-from proxy.query.aggregate.pg_expr import (
+from proxy.query.aggregate.pg_values import (
     DEFAULT_CHARS,
     NULL,
-    ExprCompiler,
+    OpCompiler,
     integral,
     is_type,
     nullish,
@@ -18,7 +18,7 @@ from proxy.query.aggregate.pg_expr import (
     txt,
 )
 
-Op = Callable[[ExprCompiler, list[str]], str]
+Op = Callable[[OpCompiler, list[str]], str]
 INT32 = (-(2**31), 2**31 - 1)
 WHITESPACE = "".join(
     map(chr, [9, 10, 11, 12, 13, 32, 0xA0, 0x1680, *range(0x2000, 0x200B)])
@@ -39,7 +39,7 @@ def _numeric(
 ) -> Op:
     """An operator on numbers: null/missing → null, a non-number fails, else ``result``."""
 
-    def op(c: ExprCompiler, args: list[str]) -> str:
+    def op(c: OpCompiler, args: list[str]) -> str:
         if not args:
             return c.lit(0 if name == "add" else 1)
 
@@ -56,7 +56,7 @@ def _numeric(
     return op
 
 
-def _round(c: ExprCompiler, args: list[str]) -> str:
+def _round(c: OpCompiler, args: list[str]) -> str:
     def body(x: str, place: str) -> str:
         ok = (
             f"{is_type(place, 'number')} AND {integral(place)} AND {num(place)} BETWEEN -20 AND 100"
@@ -72,35 +72,35 @@ def _round(c: ExprCompiler, args: list[str]) -> str:
 
 
 def _compare(sql_op: str | None) -> Op:
-    def op(c: ExprCompiler, args: list[str]) -> str:
+    def op(c: OpCompiler, args: list[str]) -> str:
         cmp = f"{c.schema}.dbproxy_agg_cmp({args[0]}, {args[1]})"
         return f"to_jsonb({cmp} {sql_op} 0)" if sql_op else f"to_jsonb({cmp})"
 
     return op
 
 
-def _and(c: ExprCompiler, args: list[str]) -> str:
+def _and(c: OpCompiler, args: list[str]) -> str:
     return f"to_jsonb({' AND '.join(truthy(a) for a in args)})" if args else "'true'::jsonb"
 
 
-def _or(c: ExprCompiler, args: list[str]) -> str:
+def _or(c: OpCompiler, args: list[str]) -> str:
     return f"to_jsonb({' OR '.join(truthy(a) for a in args)})" if args else "'false'::jsonb"
 
 
-def _not(c: ExprCompiler, args: list[str]) -> str:
+def _not(c: OpCompiler, args: list[str]) -> str:
     return f"to_jsonb(NOT {truthy(args[0])})"
 
 
-def _cond(c: ExprCompiler, args: list[str]) -> str:
+def _cond(c: OpCompiler, args: list[str]) -> str:
     return f"(CASE WHEN {truthy(args[0])} THEN {args[1]} ELSE {args[2]} END)"
 
 
-def _if_null(c: ExprCompiler, args: list[str]) -> str:
+def _if_null(c: OpCompiler, args: list[str]) -> str:
     firsts = ", ".join(f"NULLIF({a}, {NULL})" for a in args[:-1])
     return f"COALESCE({firsts}, {args[-1]})"
 
 
-def _concat(c: ExprCompiler, args: list[str]) -> str:
+def _concat(c: OpCompiler, args: list[str]) -> str:
     if not args:
         return "'\"\"'::jsonb"
 
@@ -119,7 +119,7 @@ def _case(upper: bool) -> Op:
     lo, up = "abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     name = "$toUpper" if upper else "$toLower"
 
-    def op(c: ExprCompiler, args: list[str]) -> str:
+    def op(c: OpCompiler, args: list[str]) -> str:
         src, dst = (lo, up) if upper else (up, lo)
 
         def body(x: str) -> str:
@@ -138,7 +138,7 @@ def _non_negative_int(x: str) -> str:
     return f"{is_type(x, 'number')} AND {integral(x)} AND {num(x)} >= 0"
 
 
-def _substr(c: ExprCompiler, args: list[str]) -> str:
+def _substr(c: OpCompiler, args: list[str]) -> str:
     def body(s: str, start: str, count: str) -> str:
         ok = f"{_non_negative_int(start)} AND {_non_negative_int(count)}"
         # beyond int range is past any string's end
@@ -155,7 +155,7 @@ def _substr(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _strlen(c: ExprCompiler, args: list[str]) -> str:
+def _strlen(c: OpCompiler, args: list[str]) -> str:
     def body(s: str) -> str:
         return (
             f"(CASE WHEN {is_type(s, 'string')} THEN to_jsonb(length({txt(s)})) "
@@ -165,7 +165,7 @@ def _strlen(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _split(c: ExprCompiler, args: list[str]) -> str:
+def _split(c: OpCompiler, args: list[str]) -> str:
     def body(s: str, sep: str) -> str:
         return (
             f"(CASE WHEN {nullish(s)} OR {nullish(sep)} THEN {NULL} "
@@ -178,7 +178,7 @@ def _split(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _trim(c: ExprCompiler, args: list[str]) -> str:
+def _trim(c: OpCompiler, args: list[str]) -> str:
     """``chars`` null or missing (or absent) strips whitespace (docs/aggregation.md)."""
     default = args[1] == DEFAULT_CHARS
     operands = args[:1] if default else args
@@ -200,7 +200,7 @@ def _trim(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(operands, body)
 
 
-def _size(c: ExprCompiler, args: list[str]) -> str:
+def _size(c: OpCompiler, args: list[str]) -> str:
     def body(a: str) -> str:
         return (
             f"(CASE WHEN {is_type(a, 'array')} THEN to_jsonb(jsonb_array_length({a})) "
@@ -210,7 +210,7 @@ def _size(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _elem_at(c: ExprCompiler, args: list[str]) -> str:
+def _elem_at(c: OpCompiler, args: list[str]) -> str:
     def body(a: str, i: str) -> str:
         return (
             f"(CASE WHEN {nullish(a)} OR {nullish(i)} THEN {NULL} "
@@ -223,7 +223,7 @@ def _elem_at(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _in(c: ExprCompiler, args: list[str]) -> str:
+def _in(c: OpCompiler, args: list[str]) -> str:
     def body(x: str, a: str) -> str:
         found = f"EXISTS (SELECT 1 FROM jsonb_array_elements({a}) i(v) WHERE i.v = {x})"
         return (
@@ -235,7 +235,7 @@ def _in(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _slice(c: ExprCompiler, args: list[str]) -> str:
+def _slice(c: OpCompiler, args: list[str]) -> str:
     def body(a: str, *rest: str) -> str:
         ints = " AND ".join(f"{is_type(x, 'number')} AND {integral(x)}" for x in rest)
         n = num(rest[-1])
@@ -264,7 +264,7 @@ def _slice(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _concat_arrays(c: ExprCompiler, args: list[str]) -> str:
+def _concat_arrays(c: OpCompiler, args: list[str]) -> str:
     if not args:
         return "'[]'::jsonb"
 
@@ -282,7 +282,7 @@ def _int_text(x: str) -> str:
     return integral(x)
 
 
-def _type(c: ExprCompiler, args: list[str]) -> str:
+def _type(c: OpCompiler, args: list[str]) -> str:
     def body(x: str) -> str:
         lo, hi = INT32
         return (
@@ -295,7 +295,7 @@ def _type(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _to_string(c: ExprCompiler, args: list[str]) -> str:
+def _to_string(c: OpCompiler, args: list[str]) -> str:
     def body(x: str) -> str:
         return (
             f"(CASE WHEN {nullish(x)} THEN {NULL} "
@@ -307,7 +307,7 @@ def _to_string(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _to_int(c: ExprCompiler, args: list[str]) -> str:
+def _to_int(c: OpCompiler, args: list[str]) -> str:
     lo, hi = INT32
 
     def body(x: str) -> str:
@@ -326,7 +326,7 @@ def _to_int(c: ExprCompiler, args: list[str]) -> str:
     return c.bind(args, body)
 
 
-def _to_double(c: ExprCompiler, args: list[str]) -> str:
+def _to_double(c: OpCompiler, args: list[str]) -> str:
     def body(x: str) -> str:
         as_num = (
             f"CASE WHEN {is_type(x, 'boolean')} THEN CASE WHEN {x} = 'true' THEN 1 ELSE 0 END "

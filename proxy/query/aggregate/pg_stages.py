@@ -21,9 +21,28 @@ from proxy.query.aggregate.ast import (
 )
 from proxy.query.aggregate.pg_accum import Order, order_sql
 from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type, txt
-from proxy.query.ast import Eq, FieldCond, Path
+from proxy.query.ast import And, Eq, FieldCond, Filter, Nor, Or, Path
 from proxy.query.pg import FilterCompiler, Params, jsonb
 from proxy.query.pg_typed import RANK_SQL, TEXT_KEY_SQL
+
+
+def top_fields(flt: Filter) -> set[str]:
+    """The first segments of every path a filter reads."""
+    if isinstance(flt, FieldCond):
+        return {flt.path.segments[0]}
+    assert isinstance(flt, And | Or | Nor)
+    out: set[str] = set()
+    for child in flt.children:
+        out |= top_fields(child)
+    return out
+
+
+def raw_is_view(flt: Filter | None, readable: frozenset[str] | None) -> bool:
+    """Whether a filter gives the same answer on the stored document as on its readable
+    part: every field it reads is readable as a whole."""
+    if readable is None or flt is None:
+        return True
+    return all(f in readable or f in ("_id", "_version") for f in top_fields(flt))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +160,6 @@ class StageSql:
     def lookup(self, s: Lookup, r: Rel) -> Rel:
         """The foreign documents matching as ``{foreignField: {$in: L}}`` would; a local
         scalar on a top-level foreign field runs on the GIN index (containment)."""
-        from proxy.query.aggregate.pg import raw_is_view
-
         view = self.views[s.collection]
         fc = FilterCompiler(self.p)
         src = self.source(s.collection)
