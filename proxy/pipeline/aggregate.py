@@ -10,7 +10,7 @@ from proxy.backends.base import Backend, Documents, Unsupported, check_collectio
 from proxy.config import Limits
 from proxy.errors import BadRequest
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
-from proxy.policy.decide import Decision
+from proxy.policy.decide import Decision, denial
 from proxy.query.aggregate.ast import Aggregated, AggregateSpec, Pipeline, View
 from proxy.query.aggregate.parse import foreign_paths, parse_body, source_paths
 
@@ -33,6 +33,9 @@ class AggregateOps:
         d = caller.decisions.get(collection, "aggregate")
         d.authorize(in_transaction=target is not None)
         pipeline, explain = parse_body(body, self.limits)
+        if explain and not caller.decisions.service_wide("monitor"):
+            # a plan shows the whole table's estimates, rows the caller may not read included
+            raise denial("monitor", "*")
         if not self.backend().capabilities.aggregate:
             raise Unsupported.refusal("aggregation")
         d.check_paths(".".join(p) for p, _ in source_paths(pipeline))

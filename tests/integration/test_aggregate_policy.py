@@ -236,3 +236,12 @@ async def test_cost_weighted_rate_limit(core: Core, policies: PolicySet) -> None
         await run(core, billing, "invoices", [{"$count": "n"}])
     with pytest.raises(RateLimited):
         await run(core, billing, "invoices", [{"$count": "n"}])
+
+
+async def test_explain_needs_the_monitor_grant(core: Core, policies: PolicySet) -> None:
+    body = {"pipeline": [{"$count": "n"}], "explain": True}
+    with pytest.raises(Forbidden) as info:  # billing may aggregate invoices, not monitor
+        await core.aggregate("invoices", body, caller=who(policies, "billing"))
+    assert info.value.details["missing"]["operation"] == "monitor"
+    result = await core.aggregate("invoices", body, caller=who(policies, "analytics"))
+    assert result.explain is not None and result.explain["plan"]
