@@ -69,6 +69,7 @@ class Limits:
     max_expression_nodes: int = 500  # aggregation: expression nodes over the whole pipeline
     max_lookups: int = 3  # aggregation: $lookup stages, inside $facet included
     max_aggregate_rows: int = 10_000  # aggregation output cap (a policy's max_rows is lower)
+    max_aggregate_document_bytes: int = 16 * 1024 * 1024  # one output document (MongoDB's)
 
 
 @dataclass(frozen=True, slots=True)

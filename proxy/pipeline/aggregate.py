@@ -41,7 +41,12 @@ class AggregateOps:
         d.check_paths(".".join(p) for p, _ in source_paths(pipeline))
         views = tuple(self._lookup_view(n, pipeline, caller, target) for n in pipeline.lookups)
         spec = AggregateSpec(
-            pipeline, _view(d, collection, caller), views, self._cap(caller), explain
+            pipeline,
+            _view(d, collection, caller),
+            views,
+            self._cap(caller),
+            explain,
+            self.limits.max_aggregate_document_bytes,
         )
         if caller.metered:  # after validation: bad input costs nothing
             await self.gate.admit(caller, "aggregate")

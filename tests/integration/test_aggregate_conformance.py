@@ -242,3 +242,22 @@ async def test_runtime_failures_are_expression_failed(core: Core) -> None:
         with pytest.raises(InvalidQuery) as info:
             await agg(core, name, [{"$project": {"x": expr}}])
         assert info.value.code == "expression_failed", expr
+
+
+async def test_an_output_document_over_the_byte_cap_is_refused(
+    kind: str, pg_dsn: str, tmp_path: Path
+) -> None:
+    if kind != "postgresql":
+        pytest.skip("the embedded store's byte cap comes with its compiler")
+    limits = Limits(max_aggregate_document_bytes=2000)
+    async with open_core(kind, pg_dsn, limits, str(tmp_path)) as core:
+        name = await load(core, [{"_id": f"d{i:03}", "text": "x" * 50} for i in range(100)])
+        pushed = [{"$group": {"_id": None, "all": {"$push": "$text"}}}]
+        with pytest.raises(InvalidQuery) as info:
+            await agg(core, name, pushed)
+        assert info.value.code == "result_too_large"
+        with pytest.raises(InvalidQuery) as info:
+            await agg(core, name, [{"$facet": {"all": []}}])
+        assert info.value.code == "result_too_large"
+        small = await agg(core, name, [{"$limit": 10}, *pushed])
+        assert len(small[0]["all"]) == 10

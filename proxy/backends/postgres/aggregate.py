@@ -63,5 +63,11 @@ class PgAggregate:
     def _compile(self, spec: AggregateSpec, tables: dict[str, str | None]) -> tuple[str, list[Any]]:
         views = {v.collection: v for v in spec.views}
         return compile_pipeline(
-            spec.pipeline, spec.base, views, schema=self._schema_ident, tables=tables, cap=spec.cap
+            spec.pipeline,
+            spec.base,
+            views,
+            schema=self._schema_ident,
+            tables=tables,
+            cap=spec.cap,
+            max_bytes=spec.max_bytes,
         )

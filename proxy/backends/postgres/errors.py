@@ -28,7 +28,7 @@ from proxy.errors import (
 log = logging.getLogger(__name__)
 
 # codes dbproxy_refuse() may raise
-_REFUSALS = frozenset({"array_index_too_large", "expression_failed"})
+_REFUSALS = frozenset({"array_index_too_large", "expression_failed", "result_too_large"})
 MISSING_RETRY_AFTER = 5.0  # seconds: a missing database is a configuration problem
 
 

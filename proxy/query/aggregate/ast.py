@@ -244,6 +244,7 @@ class AggregateSpec:
     views: tuple[View, ...]
     cap: int
     explain: bool = False
+    max_bytes: int = 16 * 1024 * 1024  # one output document as JSON text, at most
 
     def view(self, collection: str) -> View:
         for v in self.views:

@@ -48,9 +48,11 @@ def compile_pipeline(
     schema: str,
     tables: Mapping[str, str | None],
     cap: int,
+    max_bytes: int = 16 * 1024 * 1024,
 ) -> tuple[str, list[Any]]:
     """One SQL statement yielding the pipeline's output documents (column ``doc``, text) in
-    the contract's order, at most ``cap + 1`` of them, and its bound values."""
+    the contract's order, at most ``cap + 1`` of them, and its bound values. An output
+    document over ``max_bytes`` (as JSON text) fails the statement (result_too_large)."""
     c = PipelineCompiler(schema, tables, {base.collection: base, **views})
     stages = list(pipeline.stages)
     early: list[Filter] = []
@@ -61,9 +63,12 @@ def compile_pipeline(
     forced = c.finish(rel)
     order = f" ORDER BY {order_sql(rel.order)}" if rel.order else ""
     cap_sql = c.p.add(cap + 1, "bigint")
+    big = c.p.add(max_bytes, "int")
+    refuse = c.x.fail_with("result_too_large", f"an output document is over {max_bytes} bytes")
     sql = (
-        f"WITH {', '.join(c.ctes)} SELECT r.doc::text AS doc FROM {rel.name} r{forced}{order} "
-        f"LIMIT {cap_sql}"
+        f"WITH {', '.join(c.ctes)} SELECT CASE WHEN octet_length(x.t) > {big} THEN "
+        f"({refuse})::text ELSE x.t END AS doc FROM {rel.name} r "
+        f"CROSS JOIN LATERAL (SELECT r.doc::text AS t OFFSET 0) x{forced}{order} LIMIT {cap_sql}"
     )
     return sql, c.p.values
 

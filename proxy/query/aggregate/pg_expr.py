@@ -65,8 +65,12 @@ class ExprCompiler:
         return f"{prefix}{next(self.names)}"
 
     def fail(self, message: str) -> str:
+        return self.fail_with("expression_failed", message)
+
+    def fail_with(self, code: str, message: str) -> str:
+        """SQL raising ``code`` (one of the codes dbproxy_refuse may raise) with ``message``."""
         msg = self.p.add(message, "text")
-        return f"{self.schema}.dbproxy_refuse('expression_failed', {msg})"
+        return f"{self.schema}.dbproxy_refuse('{code}', {msg})"
 
     def lit(self, value: Any) -> str:
         sql = self.p.add(jsonb(value), "jsonb")
