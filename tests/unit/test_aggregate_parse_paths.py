@@ -290,7 +290,9 @@ SIMPLE_STAGES = st.one_of(
     PATHS.map(lambda p: {"$project": {p: 1}}),
     PATHS.map(lambda p: {"$project": {p: 0, "_id": 0}}),
     EXPRS.map(lambda e: {"$project": {"out": e, "_id": 0}}),
-    st.tuples(EXPRS, ACCS, EXPRS).map(lambda t: {"$group": {"_id": t[0], "n": {t[1]: t[2]}}}),
+    st.tuples(EXPRS, ACCS, EXPRS.filter(lambda e: not isinstance(e, list))).map(
+        lambda t: {"$group": {"_id": t[0], "n": {t[1]: t[2]}}}
+    ),  # an accumulator takes one expression, never an array
     st.tuples(PATHS, st.sampled_from([1, -1])).map(lambda t: {"$sort": {t[0]: t[1]}}),
     st.integers(1, 10).map(lambda n: {"$limit": n}),
     st.integers(0, 10).map(lambda n: {"$skip": n}),
