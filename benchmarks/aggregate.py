@@ -138,3 +138,21 @@ def memory_target(results: dict[str, Any]) -> dict[str, Any]:
         "met": "yes" if peak <= MEMORY_LIMIT_MB else "no",
         "value": round(peak, 1),
     }
+
+
+def cpu_lines(results: dict[str, Any]) -> list[str]:
+    """Where an aggregation's time goes: PostgreSQL's CPU per request (all ``postgres``
+    processes) next to the server's own, per target, for the report under the table."""
+    out = []
+    for name in SEEDED:
+        for conns, cell in (results["scenarios"].get(name) or {}).get("cells", {}).items():
+            parts = [
+                f"{t} {d['median']['db_cpu_us_per_req'] / 1e3:.1f} ms database + "
+                f"{d['median']['cpu_us_per_req'] / 1e3:.2f} ms own"
+                for t, d in cell["targets"].items()
+            ]
+            out.append(f"- {name} @ {conns}, CPU per request: {'; '.join(parts)}")
+    if out:
+        out.insert(0, "Aggregations, CPU per request (medians; direct: the client's own):")
+        out.insert(1, "")
+    return out

@@ -372,7 +372,7 @@ def _header(results: dict) -> list[str]:
     ol = m["open_loop"]
     conns = "/".join(str(c) for c in m["connections"])
     heavy = m.get("agg_connections") or {}
-    if heavy:
+    if isinstance(heavy, dict) and heavy:
         each = (f"{n} {'/'.join(str(c) for c in cs)}" for n, cs in heavy.items())
         conns += f" ({', '.join(each)})"
     lines = [
@@ -568,6 +568,7 @@ def markdown(results: dict) -> str:
         *closed_loop_table(results),
         "",
         *_with_blank(failure_notes(results)),
+        *_with_blank(aggregate.cpu_lines(results)),
         _host_line(results),
         "",
         "req/s: successful (2xx) answers per second. "
