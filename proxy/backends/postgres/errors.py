@@ -27,7 +27,8 @@ from proxy.errors import (
 
 log = logging.getLogger(__name__)
 
-_REFUSALS = frozenset({"array_index_too_large", "expression_failed"})  # codes dbproxy_refuse() may raise
+# codes dbproxy_refuse() may raise
+_REFUSALS = frozenset({"array_index_too_large", "expression_failed"})
 MISSING_RETRY_AFTER = 5.0  # seconds: a missing database is a configuration problem
 
 
