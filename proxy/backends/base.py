@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.ast import Filter
 from proxy.query.spec import (
     AuditScope,
@@ -84,6 +85,10 @@ class Documents(Protocol):
     async def find(self, collection: str, spec: FindSpec) -> Page: ...
 
     async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int: ...
+
+    async def aggregate(self, collection: str, spec: AggregateSpec) -> Aggregated:
+        """The pipeline as one statement over the caller's views (``Capabilities.aggregate``)."""
+        ...
 
     async def preview(
         self,
@@ -184,6 +189,7 @@ class Capabilities:
     endpoints: bool = False  # ``connections`` lists pools, roles and breakers
     coalesce: bool = False  # concurrent point reads share one statement
     schemas: bool = False  # ``load_schemas``, ``describe_collection``, ``migrations``
+    aggregate: bool = False  # ``aggregate``: pipelines compiled to one statement
 
 
 class Backend(Documents, Protocol):

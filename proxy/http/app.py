@@ -13,6 +13,7 @@ from proxy.cache import TwoLevelCache
 from proxy.config import Config
 from proxy.errors import ProxyError
 from proxy.http import migrations, monitor
+from proxy.http.aggregate import aggregate
 from proxy.http.documents import (
     count_documents,
     create,
@@ -78,6 +79,7 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/api/db/{collection}/{id}", patch_one, "update"),
     Route("DELETE", "/api/db/{collection}/{id}", delete_one, "delete"),
     QUERY,
+    Route("POST", "/api/db/{collection}/aggregate", aggregate, "aggregate"),
     Route("POST", "/api/db/{collection}", create, "insert"),
     Route("GET", "/api/db/{collection}", list_documents, "find"),
 )

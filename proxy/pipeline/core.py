@@ -14,6 +14,7 @@ from proxy.cache.read_through import Fills, ReadThrough
 from proxy.config import Config
 from proxy.errors import NotFound, ProxyError
 from proxy.migrate.runner import MigrationRunner
+from proxy.pipeline.aggregate import AggregateOps
 from proxy.pipeline.atomic import AtomicOps
 from proxy.pipeline.batch import BatchTarget
 from proxy.pipeline.describe import SchemaOps
@@ -27,7 +28,7 @@ PlanNote = Callable[[bool, str], None]
 log = logging.getLogger(__name__)
 
 
-class Core(DocumentOps, AtomicOps, SchemaOps):
+class Core(DocumentOps, AtomicOps, SchemaOps, AggregateOps):
     """Runs document operations against the configured backends. Every collaborator comes
     in through the constructor (``proxy.wiring`` builds them); defaults make a bare core."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -138,6 +138,14 @@ class Decision:
             for path in fields:
                 if not rule.can_read(path.dotted):
                     raise _hidden(path.dotted)
+
+    def check_paths(self, paths: Iterable[str]) -> None:
+        """Paths a request names (an aggregation's stages): every one readable, or 403."""
+        rule = self.readable
+        if rule is not None:
+            for path in paths:
+                if not rule.can_read(path):
+                    raise _hidden(path)
 
     def visible(self, doc: dict[str, Any]) -> dict[str, Any]:
         """The document as the caller may see it: only readable fields."""

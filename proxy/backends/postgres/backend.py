@@ -84,6 +84,7 @@ class PostgresBackend(CoalescingDocuments):
         endpoints=True,
         coalesce=True,
         schemas=True,
+        aggregate=True,
     )
 
     def __init__(
@@ -269,6 +270,9 @@ class PostgresBackend(CoalescingDocuments):
             raise
         except Exception as exc:
             raise translate(exc) from None
+
+    async def _analytics(self, collection: str, sql: str, *args: Any) -> list[Any] | None:
+        return await self._read(collection, sql, *args, kind="aggregate")
 
     def connections(self) -> dict[str, Any]:
         """Per endpoint: role, pool figures, breaker, lag, last error (never secrets)."""

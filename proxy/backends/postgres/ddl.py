@@ -16,6 +16,7 @@ from proxy.backends.postgres.sql import (
     SCHEMAS_DDL,
     TABLE_DDL,
 )
+from proxy.query.aggregate.pg_functions import AGGREGATE_FUNCTIONS
 from proxy.query.pg import HELPER_FUNCTIONS
 
 
@@ -25,6 +26,7 @@ async def create_schema(conn: asyncpg.Connection, schema: str) -> None:
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:schema'))")
     await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     await conn.execute(HELPER_FUNCTIONS.format(schema=schema))
+    await conn.execute(AGGREGATE_FUNCTIONS.format(schema=schema))
     await conn.execute(KEEP_FUNCTION.format(schema=schema))
     await conn.execute(AUDIT_DDL.format(schema=schema))
     await conn.execute(IDEMPOTENCY_DDL.format(schema=schema))

@@ -11,6 +11,7 @@ import asyncpg
 
 from proxy import context, numbers
 from proxy.backends.base import check_collection
+from proxy.backends.postgres.aggregate import PgAggregate
 from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.sql import insert_documents, with_audit
@@ -49,7 +50,7 @@ _dumps = numbers.dumps_document
 _SINGLE_ROW = "VALUES ($1, $2::jsonb, 1)"  # the rows of a one-document insert
 
 
-class PgDocuments:
+class PgDocuments(PgAggregate):
     """The document operations, written once over two primitives: ``_write`` (creates the
     table on first use) and ``_read`` (None when the table does not exist). The pooled
     backend and a pinned transaction provide them differently."""
@@ -81,6 +82,9 @@ class PgDocuments:
 
     async def _read(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record] | None:
         raise NotImplementedError
+
+    async def _analytics(self, collection: str, sql: str, *args: Any) -> list[Any] | None:
+        return await self._read(collection, sql, *args)
 
     def _audited(self, sql: str, params: Params, operation: str, collection: str) -> str:
         """Wrap a write (whose RETURNING ends with ``audit_id``) so its audit row is written

@@ -16,6 +16,7 @@ import orjson
 from proxy.errors import InternalError, InvalidQuery, ProxyError
 from proxy.query import sqlite as dialect
 from proxy.query.spec import Keep, keep_protected
+from proxy.query.sqlite import agg_functions
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ def connect(path: str, state: ConnState, *, writes: bool, busy_ms: int) -> sqlit
             conn.create_function(name, n_args, _guarded(state, fn), deterministic=True)
         conn.create_function(dialect.FN_FAIL, 2, _guarded(state, _fail))  # never constant-folded
         conn.create_function(FN_KEEP, 3, _guarded(state, _keep), deterministic=True)
+        for helper in agg_functions.HELPERS:
+            conn.create_function(
+                helper.name, helper.n_args, _guarded(state, helper.fn), deterministic=True
+            )
+        fail = _guarded(state, agg_functions.agg_fail)
+        conn.create_function(agg_functions.FN_AGG_FAIL, 1, fail)  # never constant-folded
         conn.create_collation(dialect.COLLATION, dialect.compare_json)
         conn.set_progress_handler(lambda: time.monotonic() > state.deadline, _PROGRESS_STEPS)
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")

@@ -231,3 +231,31 @@ class View:
     collection: str
     guard: Filter | None = None
     readable: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateSpec:
+    """One aggregation as a backend runs it: the pipeline over the caller's view of the
+    collection (``base``) and of each looked-up one (``views``), at most ``cap`` output
+    documents wanted (the backend returns up to ``cap + 1``: one more tells "over")."""
+
+    pipeline: Pipeline
+    base: View
+    views: tuple[View, ...]
+    cap: int
+    explain: bool = False
+
+    def view(self, collection: str) -> View:
+        for v in self.views:
+            if v.collection == collection:
+                return v
+        raise KeyError(collection)
+
+
+@dataclass(frozen=True, slots=True)
+class Aggregated:
+    """What a backend answers: the output documents as JSON text (at most ``cap + 1``), or
+    with ``explain`` the statement and its plan instead."""
+
+    items: list[bytes]
+    explain: dict[str, Any] | None = None

@@ -1,0 +1,78 @@
+"""PostgreSQL SQL of the accumulators of ``$group`` and ``$bucket`` (docs/aggregation.md,
+"Accumulators"): built-in aggregates per type bracket, ordered ones by the input order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from proxy.query.aggregate.ast import Accumulator, Lit
+from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type, num, txt
+
+Order = Sequence[tuple[str, bool]]
+
+
+def order_sql(order: Order, flip: bool = False) -> str:
+    return ", ".join(f"{e}{' DESC' if d != flip else ''}" for e, d in order)
+
+
+def _ordered(order: Order, flip: bool = False) -> str:
+    return f" ORDER BY {order_sql(order, flip)}" if order else ""
+
+
+def counts(acc: Accumulator) -> bool:
+    """``$sum`` / ``$count`` of a constant: no argument to evaluate per row."""
+    return acc.op in ("sum", "count") and isinstance(acc.arg, Lit)
+
+
+def accumulator_sql(c: ExprCompiler, acc: Accumulator, x: str, order: Order) -> str:
+    """One aggregate expression (jsonb) over the rows of a group, ``x`` the argument's
+    value in a row; ``order`` is their input order (SQL over the rows' columns)."""
+    op = acc.op
+    if counts(acc):
+        assert isinstance(acc.arg, Lit)
+        v = c.lit(acc.arg.value)
+        return f"to_jsonb(count(*) * CASE WHEN {is_type(v, 'number')} THEN {num(v)} ELSE 0 END)"
+    numbers = f"CASE WHEN {is_type(x, 'number')} THEN {num(x)} END"
+    if op in ("sum", "count"):
+        return f"to_jsonb(COALESCE(sum({numbers}), 0))"
+    if op == "avg":
+        return f"COALESCE(to_jsonb(avg({numbers})), {NULL})"
+    if op in ("min", "max"):
+        return _min_max(c, x, numbers, op)
+    if op == "first":
+        return f"(array_agg(COALESCE({x}, {NULL}){_ordered(order)}))[1]"
+    if op == "last":
+        return f"(array_agg(COALESCE({x}, {NULL}){_ordered(order, flip=True)}))[1]"
+    pushed = (
+        f"COALESCE(jsonb_agg({x}{_ordered(order)}) FILTER (WHERE {x} IS NOT NULL), '[]'::jsonb)"
+    )
+    if op == "push":
+        return pushed
+    if op == "addToSet":
+        return f"{c.schema}.dbproxy_agg_distinct({pushed})"
+    raise TypeError(f"unknown accumulator ${op}")
+
+
+def _min_max(c: ExprCompiler, x: str, numbers: str, op: str) -> str:
+    """The smallest / largest value in the type order (numbers < strings < objects < arrays
+    < booleans), null and missing ignored: one built-in aggregate per bracket."""
+    strings = f'CASE WHEN {is_type(x, "string")} THEN {txt(x)} END COLLATE "C"'
+    bools = f"CASE WHEN {is_type(x, 'boolean')} THEN {x} = 'true' END"
+    containers = (
+        f"{c.schema}.dbproxy_agg_{op}({x}) FILTER (WHERE jsonb_typeof({x}) IN ('object', 'array'))"
+    )
+    if op == "min":
+        parts = [
+            f"to_jsonb(min({numbers}))",
+            f"to_jsonb(min({strings}))",
+            containers,
+            f"to_jsonb(bool_and({bools}))",
+        ]
+    else:
+        parts = [
+            f"to_jsonb(bool_or({bools}))",
+            containers,
+            f"to_jsonb(max({strings}))",
+            f"to_jsonb(max({numbers}))",
+        ]
+    return f"COALESCE({', '.join(parts)}, {NULL})"

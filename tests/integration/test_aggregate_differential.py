@@ -1,0 +1,97 @@
+"""Differential tests of aggregation: every backend must give what the reference evaluator
+(tests/reference_aggregate.py) gives, on random documents and random pipelines — the same
+documents in the same order, or the same run-time failure."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+
+from proxy.config import Limits
+from proxy.errors import InvalidQuery
+from proxy.pipeline.core import Core
+from tests import reference_aggregate as ref
+from tests.backends import KINDS, open_core
+from tests.strategies_aggregate import documents, pipelines
+
+pytestmark = pytest.mark.integration
+
+LOOKUP = "lookup_target"  # the name the strategies use; each example gets fresh tables
+_names = itertools.count()
+
+
+class Env:
+    """A backend opened once per module, driven from synchronous hypothesis tests."""
+
+    def __init__(self, runner: asyncio.Runner, core: Core) -> None:
+        self.runner = runner
+        self.core = core
+
+    def run(self, coro: Any) -> Any:
+        return self.runner.run(coro)
+
+    def load(self, docs: list[dict[str, Any]]) -> str:
+        name = f"g{next(_names)}"
+        if docs:
+            result = self.run(self.core.create(name, [dict(d) for d in docs]))
+            assert all(r.status == 201 for r in result), result
+        return name
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def env(request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any) -> Iterator[Env]:
+    runner = asyncio.Runner()
+    tmp: Path = tmp_path_factory.mktemp("aggdiff")
+    cm = open_core(request.param, pg_dsn, Limits(), str(tmp))
+    core = runner.run(cm.__aenter__())
+    try:
+        yield Env(runner, core)
+    finally:
+        runner.run(cm.__aexit__(None, None, None))
+        runner.close()
+
+
+def stored(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The documents as the store holds them (it adds ``_version``)."""
+    return [{**d, "_version": 1} for d in docs]
+
+
+def renamed(pipeline: list[Any], foreign: str) -> list[Any]:
+    text = orjson.dumps(pipeline).replace(
+        f'"from":"{LOOKUP}"'.encode(), f'"from":"{foreign}"'.encode()
+    )
+    return list(orjson.loads(text))
+
+
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(docs=documents(), foreign=documents(max_size=5), pipeline=pipelines(LOOKUP))
+def test_backend_agrees_with_the_reference(
+    env: Env, docs: list[dict[str, Any]], foreign: list[dict[str, Any]], pipeline: list[Any]
+) -> None:
+    collections = {"main": stored(docs), LOOKUP: stored(foreign)}
+    assume(ref.promised(collections, "main", pipeline))
+    try:
+        want: list[Any] | None = ref.aggregate(collections, "main", pipeline)
+    except ref.ExpressionFailed:
+        want = None
+    name, other = env.load(docs), env.load(foreign)
+    body = {"pipeline": renamed(pipeline, other)}
+    if want is None:
+        with pytest.raises(InvalidQuery) as info:
+            env.run(env.core.aggregate(name, body))
+        assert info.value.code == "expression_failed", info.value
+        return
+    result = env.run(env.core.aggregate(name, body))
+    got = [orjson.loads(b) for b in result.items]
+    assert ref.results_equal(got, want), f"\npipeline: {pipeline}\n got: {got}\nwant: {want}"
