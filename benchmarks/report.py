@@ -373,8 +373,8 @@ def _header(results: dict) -> list[str]:
     conns = "/".join(str(c) for c in m["connections"])
     heavy = m.get("agg_connections") or {}
     if isinstance(heavy, dict) and heavy:
-        each = (f"{n} {'/'.join(str(c) for c in cs)}" for n, cs in heavy.items())
-        conns += f" ({', '.join(each)})"
+        each = ", ".join(f"{n} {'/'.join(str(c) for c in cs)}" for n, cs in heavy.items())
+        conns = f"{conns} ({each})" if set(m["scenarios"]) - set(heavy) else each
     lines = [
         "# dbproxy benchmark: sidecar vs minimal baseline vs direct asyncpg",
         "",
