@@ -16,6 +16,11 @@ aiohttp on uvloop plus one asyncpg pool, no policy, no stats, no cache:
 - ``PUT  /api/db/{collection}/{id}`` takes ``{"$inc": {"<field>": <number>}}`` (one top-level
   field) and runs one ``UPDATE ... SET doc = jsonb_set(doc, '{field}', field + number)``,
   bumping ``_version`` like the sidecar, and returns the new document.
+- ``POST /api/db/{collection}/aggregate`` takes exactly one of the two pipelines of the
+  aggregation scenarios (``workload.AGG_GROUP_PIPELINE``, ``workload.AGG_TOP_PIPELINE``) and
+  runs the same aggregation written by hand in SQL (``workload.AGG_GROUP_SQL``: ``WHERE doc
+  @> '{"ok": true}' GROUP BY doc -> 'cat'``; ``workload.AGG_TOP_SQL``: ``ORDER BY doc ->
+  'price' DESC, _id LIMIT 1000``), answering ``{"items": [...]}``.
 - ``GET  /api/db/health`` answers 200 once the pool is up.
 
 Tables are not created here: the harness makes sure they exist before load starts.
@@ -38,6 +43,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+from benchmarks import workload
 from benchmarks.workload import new_id
 
 COLLECTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -54,6 +60,8 @@ class Statements:
     query: str
     listing: str
     inc: str
+    agg_group: str
+    agg_top: str
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -84,6 +92,8 @@ def _sql(app: web.Application, collection: str) -> Statements | None:
             "|| jsonb_build_object('_version', t._version + 1), "
             "_version = t._version + 1, updated_at = now() WHERE t._id = $1 RETURNING t.doc"
         ),
+        agg_group=workload.AGG_GROUP_SQL.format(c=collection),
+        agg_top=workload.AGG_TOP_SQL.format(c=collection),
     )
     cache[collection] = stmts
     return stmts
@@ -159,6 +169,27 @@ async def _listing(
     return web.Response(text=f'{{"items":[{items}],"next":null}}', content_type=JSON)
 
 
+async def aggregate(request: web.Request) -> web.Response:
+    """The two pipelines of the aggregation scenarios only, each as hand-written SQL."""
+    sql = _sql(request.app, request.match_info["collection"])
+    if sql is None:
+        return _error(400, "invalid_collection", "bad collection name")
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "invalid_json", "body is not JSON")
+    pipeline = body.get("pipeline") if isinstance(body, dict) else None
+    if pipeline == workload.AGG_GROUP_PIPELINE:
+        statement = sql.agg_group
+    elif pipeline == workload.AGG_TOP_PIPELINE:
+        statement = sql.agg_top
+    else:
+        return _error(400, "invalid_pipeline", "baseline runs the benchmark's pipelines only")
+    rows = await request.app[POOL].fetch(statement)
+    items = ",".join(r[0] for r in rows)
+    return web.Response(text=f'{{"items":[{items}]}}', content_type=JSON)
+
+
 async def update_one(request: web.Request) -> web.Response:
     sql = _sql(request.app, request.match_info["collection"])
     if sql is None:
@@ -200,6 +231,7 @@ def build_app(database: str, pool_size: int) -> web.Application:
     app.router.add_get("/api/db/{collection}/{id}", get_one)
     app.router.add_post("/api/db/{collection}", create_one)
     app.router.add_post("/api/db/{collection}/query", query)
+    app.router.add_post("/api/db/{collection}/aggregate", aggregate)
     app.router.add_put("/api/db/{collection}/{id}", update_one)
     return app
 

@@ -62,6 +62,8 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
         workload.CREATE6_BODY if scenario == "create_schema6" else workload.CREATE_BODY
     )
     listing = LIST.format(c=collection)
+    agg_group_sql = workload.AGG_GROUP_SQL.format(c=collection)
+    agg_top_sql = workload.AGG_TOP_SQL.format(c=collection)
 
     async def get(conn: asyncpg.Connection) -> bool:
         return await conn.fetchval(select, picker.id()) is not None
@@ -80,6 +82,13 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
         await conn.execute(insert, doc_id, orjson.dumps(doc).decode())
         return True
 
+    async def agg_group(conn: asyncpg.Connection) -> bool:
+        return len(await conn.fetch(agg_group_sql)) > 0
+
+    async def agg_memory(conn: asyncpg.Connection) -> bool:
+        top = rng.random() * 100 < workload.AGG_TOP_PCT
+        return len(await conn.fetch(agg_top_sql if top else agg_group_sql)) > 0
+
     async def mixed(conn: asyncpg.Connection) -> bool:
         if rng.random() * 100 < workload.WRITE_PCT:
             return await conn.fetchval(inc, picker.id(), "n", 1) is not None
@@ -93,6 +102,8 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
         "create_schema6": create,
         "mixed": mixed,
         "list_indexed": list_indexed,
+        "agg_group": agg_group,
+        "agg_memory": agg_memory,
     }
     return ops[scenario]
 

@@ -94,7 +94,44 @@ def create_tables(url: str, collections: list[str]) -> None:
     asyncio.run(_admin(url, *stmts))
 
 
-async def _seed(url: str, collections: list[str], n: int) -> None:
+async def _seed_agg(conn: asyncpg.Connection) -> None:
+    """bench_agg: workload.AGG_DOCS documents of workload.agg_doc, by COPY."""
+    rows = [
+        (d["_id"], orjson.dumps(d).decode(), 1)
+        for d in map(workload.agg_doc, range(1, workload.AGG_DOCS + 1))
+    ]
+    await conn.copy_records_to_table(
+        "bench_agg", schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
+    )
+    await conn.execute('VACUUM ANALYZE dbproxy."bench_agg"', timeout=120)
+
+
+async def _seed_agg_big(conn: asyncpg.Connection, n: int = workload.AGG_BIG_DOCS) -> None:
+    """bench_agg_big: ``n`` documents of workload.agg_doc built by PostgreSQL itself (one
+    INSERT ... SELECT over generate_series). The table's secondary indexes (the sidecar's
+    GIN index) are dropped first and built again after, which is several times faster than
+    maintaining them row by row."""
+    indexes = await conn.fetch(
+        "SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS ddl "
+        "FROM pg_index i WHERE i.indrelid = 'dbproxy.bench_agg_big'::regclass "
+        "AND NOT i.indisprimary",
+        timeout=10,
+    )
+    for ix in indexes:
+        await conn.execute(f"DROP INDEX {ix['name']}", timeout=60)
+    await conn.execute(
+        'INSERT INTO dbproxy."bench_agg_big" (_id, doc, _version) '
+        f"SELECT 'a-' || lpad(i::text, 7, '0'), {workload.AGG_DOC_SQL}, 1 "
+        "FROM generate_series(1, $1::bigint) AS i",
+        n,
+        timeout=900,
+    )
+    for ix in indexes:
+        await conn.execute(ix["ddl"], timeout=900)
+    await conn.execute('VACUUM ANALYZE dbproxy."bench_agg_big"', timeout=900)
+
+
+async def _seed(url: str, collections: list[str], n: int, agg: tuple[str, ...] = ()) -> None:
     rng = random.Random(42)
     groups = workload.n_groups(n)
     rows = []
@@ -122,6 +159,10 @@ async def _seed(url: str, collections: list[str], n: int) -> None:
             )
             await conn.execute(LIST_RAW_INDEX, timeout=120)
             await conn.execute('VACUUM ANALYZE dbproxy."bench_list"', timeout=120)
+        if "bench_agg" in agg:
+            await _seed_agg(conn)
+        if "bench_agg_big" in agg:
+            await _seed_agg_big(conn)
     finally:
         await asyncio.wait_for(conn.close(), timeout=10)
 
@@ -152,8 +193,10 @@ def analyze(url: str, collections: list[str]) -> None:
     asyncio.run(_analyze(url, collections))
 
 
-def seed(url: str, collections: list[str], n: int) -> None:
-    asyncio.run(_seed(url, collections, n))
+def seed(url: str, collections: list[str], n: int, agg: tuple[str, ...] = ()) -> None:
+    """Empty every collection, seed ``bench`` (n documents) and ``bench_list``, and the
+    aggregation collections named in ``agg`` (``bench_agg``, ``bench_agg_big``)."""
+    asyncio.run(_seed(url, collections, n, agg))
 
 
 async def _reset(url: str, sc: Scenario) -> None:

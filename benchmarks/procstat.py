@@ -92,6 +92,18 @@ def tree_hwm_mb(pids: list[int]) -> float:
     return sum(_status_kb(p, "VmHWM") for p in pids) / 1024
 
 
+def reset_hwm(pids: list[int]) -> bool:
+    """Reset each process's VmHWM to its current RSS (``/proc/PID/clear_refs``, value 5), so
+    that a later VmHWM is the peak since now; False when the kernel refused it."""
+    ok = True
+    for p in pids:
+        try:
+            Path(f"/proc/{p}/clear_refs").write_text("5")
+        except OSError:
+            ok = False
+    return ok
+
+
 class RssSampler:
     """Samples the summed VmRSS of each registered process tree every ``interval`` seconds
     (the tree's members are refreshed every ``rescan`` seconds) and keeps the peak."""
@@ -101,6 +113,7 @@ class RssSampler:
         self.roots: dict[str, int] = {}
         self.members: dict[str, list[int]] = {}
         self.peak: dict[str, float] = {}
+        self.window: dict[str, float] = {}  # peak since the last start_window()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -126,7 +139,20 @@ class RssSampler:
                 self.members[name] = tree_pids(pid)
             rss = tree_rss_mb(self.members[name])
             self.peak[name] = max(self.peak.get(name, 0.0), rss)
+            self.window[name] = max(self.window.get(name, 0.0), rss)
             return rss
+
+    def start_window(self) -> bool:
+        """Start a new window of peaks (``window``) for every tree, the kernel's VmHWM
+        reset too; False when a VmHWM could not be reset (then ``hwm`` is the lifetime peak)."""
+        with self._lock:
+            self.window.clear()
+            ok = True
+            for name, pid in self.roots.items():
+                self.members[name] = tree_pids(pid)
+                ok = reset_hwm(self.members[name]) and ok
+                self.window[name] = tree_rss_mb(self.members[name])
+            return ok
 
     def hwm(self, name: str) -> float:
         with self._lock:

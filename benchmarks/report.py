@@ -8,6 +8,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks import aggregate, workload
+
 MEDIAN_KEYS = (
     "rps",
     "p50_ms",
@@ -268,6 +270,14 @@ def check_targets(results: dict) -> list[dict]:
         _self_ratio_target(
             results, "create with a 6-field schema, 64 conns", "create_schema6", "create", 0.9
         ),
+        _rps_target(
+            results,
+            f"aggregation ($match + $group) over {workload.AGG_DOCS:,} documents",
+            "agg_group",
+            "sidecar",
+            0.9,
+        ),
+        aggregate.memory_target(results),
     ]
     ol = results.get("open_loop")
     row = {"name": "open-loop p99 (sidecar)", "threshold": "<= baseline p99 + 1 ms"}
@@ -361,6 +371,10 @@ def _header(results: dict) -> list[str]:
     pools = m["pool_size"]
     ol = m["open_loop"]
     conns = "/".join(str(c) for c in m["connections"])
+    heavy = m.get("agg_connections") or {}
+    if isinstance(heavy, dict) and heavy:
+        each = ", ".join(f"{n} {'/'.join(str(c) for c in cs)}" for n, cs in heavy.items())
+        conns = f"{conns} ({each})" if set(m["scenarios"]) - set(heavy) else each
     lines = [
         "# dbproxy benchmark: sidecar vs minimal baseline vs direct asyncpg",
         "",
@@ -554,6 +568,7 @@ def markdown(results: dict) -> str:
         *closed_loop_table(results),
         "",
         *_with_blank(failure_notes(results)),
+        *_with_blank(aggregate.cpu_lines(results)),
         _host_line(results),
         "",
         "req/s: successful (2xx) answers per second. "

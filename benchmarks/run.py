@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from benchmarks import load, procstat, report, workload
+from benchmarks import aggregate, load, procstat, report, workload
 from benchmarks.pgsetup import (
     analyze,
     create_database,
@@ -63,7 +63,7 @@ from benchmarks.servers import (
     start_target,
     write_yaml,
 )
-from benchmarks.workload import SCENARIOS, Scenario
+from benchmarks.workload import DEFAULT_SCENARIOS, SCENARIOS, Scenario
 
 DB_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 
@@ -166,6 +166,7 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
                 )[:10]
                 if [d.get("n") for d in items] != want:
                     problems.append(f"{t.name}: list query answered {got[:300]!r}")
+    problems += aggregate.preflight(targets, scenarios, a.header)
     if problems:
         raise BenchError("preflight failed:\n" + "\n".join(problems))
 
@@ -402,8 +403,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--bench-db", default="dbproxy_bench", help="name of the scratch database")
     p.add_argument("--keep-db", action="store_true", help="do not drop the scratch database")
     p.add_argument("--quick", action="store_true", help="smoke run, about 2 minutes")
-    p.add_argument("--scenarios", help=f"comma list of {','.join(SCENARIOS)} (default all)")
+    slow = [n for n in SCENARIOS if n not in DEFAULT_SCENARIOS]
+    p.add_argument(
+        "--scenarios",
+        help=f"comma list of {','.join(SCENARIOS)} (default all but the slow {','.join(slow)})",
+    )
     p.add_argument("--connections", type=_ints, help="closed-loop connection counts (8,64,256)")
+    p.add_argument(
+        "--agg-connections",
+        type=_ints,
+        help="connection counts of the aggregation scenarios (agg_group 8, agg_memory 4)",
+    )
     p.add_argument("--concurrency", type=int, help=argparse.SUPPRESS)  # old: one count
     p.add_argument("--duration", type=int, help="seconds per measured round (default 5)")
     p.add_argument("--rounds", type=int, help="measured rounds per target and cell (default 3)")
@@ -460,6 +470,10 @@ def _problems(a: argparse.Namespace) -> list[str]:
             problems.append(f"--{k.replace('_', '-')} must be in [{lo}, {hi}]")
     if not a.connections or any(not 1 <= c <= 10_000 for c in a.connections):
         problems.append("--connections must be integers in [1, 10000]")
+    if a.agg_connections is not None and (
+        not a.agg_connections or any(not 1 <= c <= 10_000 for c in a.agg_connections)
+    ):
+        problems.append("--agg-connections must be integers in [1, 10000]")
     return problems
 
 
@@ -475,7 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.baseline_pool_size = a.baseline_pool_size or a.pool_size
     a.direct_pool_size = a.direct_pool_size or a.pool_size
     a.header = tuple(a.header)
-    names = [s.strip() for s in (a.scenarios or ",".join(SCENARIOS)).split(",") if s.strip()]
+    names = [s.strip() for s in (a.scenarios or ",".join(DEFAULT_SCENARIOS)).split(",")]
+    names = [s for s in names if s]
     a.scenario_list = [workload.ALIASES.get(s, s) for s in names]
     problems = _problems(a)
     if problems:
@@ -490,13 +505,23 @@ def targets_of(sc: Scenario, targets: dict[str, Target]) -> list[Target]:
     return [targets[n] for n in names]
 
 
+def connections_of(a: argparse.Namespace, sc: Scenario) -> list[int]:
+    """The closed-loop connection counts of a scenario: a heavy one (aggregations over the
+    whole collection, whose database CPU saturates the cores at a few connections) has its
+    own, since more connections would only queue for the pool."""
+    if not sc.heavy_connections:
+        return list(a.connections)
+    return list(a.agg_connections or sc.heavy_connections)
+
+
 def estimate_s(a: argparse.Namespace, n_targets: dict[str, int]) -> float:
     """Rough wall time of the measuring part (for the progress line)."""
     total = 0.0
     for name in a.scenario_list:
         k = n_targets[name]
         per_round = a.duration + a.pause + 0.4 + (0.3 if SCENARIOS[name].reset else 0)
-        total += k * (a.warmup + 0.5) + len(a.connections) * a.rounds * k * per_round
+        cells = len(connections_of(a, SCENARIOS[name]))
+        total += k * (a.warmup + 0.5) + cells * a.rounds * k * per_round
     if a.open_rate:
         total += a.open_rounds * min(3, n_targets["get_uniform"]) * (a.open_duration + 1.5)
     return total
@@ -524,6 +549,11 @@ def collect_meta(a: argparse.Namespace, targets: dict[str, Target], notes: list)
         "wrk": wrk,
         "quick": a.quick,
         "connections": a.connections,
+        "agg_connections": {
+            n: connections_of(a, SCENARIOS[n])
+            for n in a.scenario_list
+            if SCENARIOS[n].heavy_connections
+        },
         "duration_s": a.duration,
         "rounds": a.rounds,
         "warmup_s": a.warmup,
@@ -596,8 +626,11 @@ def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
     create_database(a.database, a.bench_db)
     targets, notes = start_all(a, procs, workdir)
     collections = sorted({s.collection for s in SCENARIOS.values()})
+    agg = aggregate.seeded_collections(a.scenario_list)
     print(f"seeding {a.seed_docs} documents into dbproxy.bench", flush=True)
-    seed(a.db_url, collections, a.seed_docs)
+    if agg:
+        print(f"  and the aggregation collections {', '.join(agg)}", flush=True)
+    seed(a.db_url, collections, a.seed_docs, agg)
     sidecar = targets.get("sidecar")
     if (
         sidecar is not None
@@ -624,10 +657,14 @@ def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
     try:
         for name in a.scenario_list:
             sc = SCENARIOS[name]
-            cells = {}
-            for i, conns in enumerate(a.connections):
+            cells, hwm_reset = {}, False
+            if name == aggregate.MEMORY_SCENARIO:
+                hwm_reset = aggregate.start_memory_window(rss)
+            for i, conns in enumerate(connections_of(a, sc)):
                 cells[str(conns)] = run_cell(a, sc, targets_of(sc, targets), conns, i == 0, rss)
             scenarios[name] = {"name": name, "description": sc.description, "cells": cells}
+            if name == aggregate.MEMORY_SCENARIO:
+                scenarios[name]["rss_peak"] = aggregate.memory_window(rss, hwm_reset)
             if a.open_rate and name == open_after:
                 open_loop = run_open_loop(a, list(targets.values()), rss)
         processes = {}

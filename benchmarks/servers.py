@@ -64,7 +64,11 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def http(
-    method: str, url: str, body: bytes | None = None, headers: tuple[str, ...] = ()
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: tuple[str, ...] = (),
+    timeout: float = 5,
 ) -> tuple[int, bytes]:
     """One loopback request; (0, reason) when nothing answered."""
     hdrs = dict(h.split(":", 1) for h in headers)
@@ -73,7 +77,7 @@ def http(
         hdrs["Content-Type"] = "application/json"
     req = urllib.request.Request(url, data=body, method=method, headers=hdrs)
     try:
-        with _OPENER.open(req, timeout=5) as r:
+        with _OPENER.open(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()

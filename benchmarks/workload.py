@@ -43,6 +43,47 @@ CREATE6_BODY = (
 LIST_DOCS = 50_000
 LIST_GROUPS = 100
 LIST_MAX_K = LIST_DOCS - 20 * LIST_GROUPS
+# agg_group / agg_memory: AGG_DOCS (AGG_BIG_DOCS) documents of ``agg_doc`` in ``bench_agg``
+# (``bench_agg_big``), aggregated through POST /api/db/{c}/aggregate (the baseline: the same
+# aggregations written by hand in SQL, baseline.AGG_SQL)
+AGG_DOCS = 100_000
+AGG_BIG_DOCS = 1_000_000
+AGG_GROUPS = 20
+AGG_GROUP_PIPELINE: list[dict[str, Any]] = [
+    {"$match": {"ok": True}},
+    {
+        "$group": {
+            "_id": "$cat",
+            "total": {"$sum": "$n"},
+            "avg": {"$avg": "$price"},
+            "max": {"$max": "$n"},
+        }
+    },
+]
+# agg_memory's second pipeline: the 1,000 most expensive ok documents (ties in _id order)
+AGG_TOP_LIMIT = 1000
+AGG_TOP_PIPELINE: list[dict[str, Any]] = [
+    {"$match": {"ok": True}},
+    {"$sort": {"price": -1}},
+    {"$limit": AGG_TOP_LIMIT},
+]
+AGG_GROUP_BODY = orjson.dumps({"pipeline": AGG_GROUP_PIPELINE}).decode()
+AGG_TOP_BODY = orjson.dumps({"pipeline": AGG_TOP_PIPELINE}).decode()
+AGG_TOP_PCT = 50  # agg_memory: share of AGG_TOP_BODY requests, the rest AGG_GROUP_BODY
+# the same two aggregations written by hand (the baseline and the direct client; {c} the
+# collection): one row of JSON text per group / per document
+AGG_GROUP_SQL = (  # the fields taken out once in a fenced subquery (OFFSET 0): the
+    # planner then hashes 20 small rows per group instead of sorting whole documents (it
+    # cannot know doc -> 'cat' has 20 values), about twice as fast as the flat GROUP BY
+    "SELECT jsonb_build_object('_id', cat, 'total', sum(n), 'avg', avg(price), "
+    "'max', max(n))::text FROM (SELECT doc -> 'cat' AS cat, (doc ->> 'n')::bigint AS n, "
+    "(doc ->> 'price')::float8 AS price FROM dbproxy.\"{c}\" "
+    "WHERE doc @> '{{\"ok\": true}}' OFFSET 0) AS d GROUP BY cat"
+)
+AGG_TOP_SQL = (
+    'SELECT doc::text FROM dbproxy."{c}" WHERE doc @> \'{{"ok": true}}\' '
+    f"ORDER BY doc -> 'price' DESC, _id LIMIT {AGG_TOP_LIMIT}"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +94,11 @@ class Scenario:
     reset: str | None  # before every round: "truncate" (table emptied) | "checkpoint" | None
     description: str
     baseline_sql: str
+    # heavy scenarios run at these connection counts instead of --connections (or at
+    # --agg-connections when given)
+    heavy_connections: tuple[int, ...] = ()
+    # slow scenarios run only when --scenarios names them (not in the default list)
+    slow: bool = False
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -109,6 +155,28 @@ SCENARIOS: dict[str, Scenario] = {
             "INSERT INTO dbproxy.bench_create6 (_id, doc, _version) VALUES ($1, $2, 1)",
         ),
         Scenario(
+            "agg_group",
+            "bench_agg",
+            "POST",
+            None,
+            f"POST /api/db/bench_agg/aggregate {AGG_GROUP_BODY} over {AGG_DOCS:,} documents "
+            f"({AGG_GROUPS} groups)",
+            AGG_GROUP_SQL.format(c="bench_agg"),
+            heavy_connections=(8,),
+        ),
+        Scenario(
+            "agg_memory",
+            "bench_agg_big",
+            "POST",
+            None,
+            f"POST /api/db/bench_agg_big/aggregate over {AGG_BIG_DOCS:,} documents: "
+            f"{100 - AGG_TOP_PCT}% the agg_group $group, {AGG_TOP_PCT}% "
+            f"{AGG_TOP_BODY}; the sidecar's peak RSS",
+            AGG_GROUP_SQL.format(c="bench_agg_big") + " / " + AGG_TOP_SQL.format(c="bench_agg_big"),
+            heavy_connections=(4,),
+            slow=True,
+        ),
+        Scenario(
             "mixed",
             "bench",
             "GET",
@@ -119,6 +187,7 @@ SCENARIOS: dict[str, Scenario] = {
     )
 }
 ALIASES = {"get": "get_uniform"}
+DEFAULT_SCENARIOS = [n for n, s in SCENARIOS.items() if not s.slow]
 
 
 def doc_id(i: int) -> str:
@@ -218,6 +287,80 @@ def list_body(grp: int, k: int) -> str:
     ).decode()
 
 
+def agg_id(i: int) -> str:
+    return f"a-{i:07d}"
+
+
+def agg_doc(i: int) -> dict[str, Any]:
+    """The i-th document (1-based) of ``bench_agg`` / ``bench_agg_big``; ``AGG_DOC_SQL``
+    builds the same in SQL from ``i`` (tests/unit/test_bench_agg.py checks they agree)."""
+    return {
+        "_id": agg_id(i),
+        "_version": 1,
+        "cat": f"c{i % AGG_GROUPS}",
+        "n": (i * 7919) % 1000,
+        "price": ((i * 37) % 4000) / 4 + 0.125,  # a multiple of 1/8, never integral
+        "ok": i % 3 != 0,
+    }
+
+
+# agg_doc in SQL over ``i`` (a bigint): for INSERT ... SELECT ... FROM generate_series
+AGG_DOC_SQL = (
+    "jsonb_build_object('_id', 'a-' || lpad(i::text, 7, '0'), '_version', 1, "
+    f"'cat', 'c' || (i % {AGG_GROUPS}), 'n', (i * 7919) % 1000, "
+    "'price', (((i * 37) % 4000) / 4.0 + 0.125)::float8, 'ok', i % 3 <> 0)"
+)
+
+
+def agg_group_answer(n_docs: int) -> dict[str, dict[str, float]]:
+    """The right answer of AGG_GROUP_PIPELINE over agg_doc(1..n_docs): {cat: fields}."""
+    acc: dict[str, list[float]] = {}
+    for i in range(1, n_docs + 1):
+        d = agg_doc(i)
+        if not d["ok"]:
+            continue
+        a = acc.setdefault(d["cat"], [0, 0.0, 0, -1])  # sum n, sum price, count, max n
+        a[0] += d["n"]
+        a[1] += d["price"]
+        a[2] += 1
+        a[3] = max(a[3], d["n"])
+    return {k: {"total": a[0], "avg": a[1] / a[2], "max": a[3]} for k, a in acc.items()}
+
+
+def agg_group_problems(items: Any, want: dict[str, dict[str, float]]) -> list[str]:
+    """Differences between an aggregate answer's items and ``want``, compared as a set of
+    groups with a relative numeric tolerance of 1e-9 (docs/aggregation.md)."""
+    if not isinstance(items, list):
+        return [f"items is not a list: {str(items)[:200]}"]
+    got: dict[str, Any] = {}
+    for it in items:
+        if not isinstance(it, dict) or set(it) != {"_id", "total", "avg", "max"}:
+            return [f"unexpected item {str(it)[:200]}"]
+        if it["_id"] in got:
+            return [f"group {it['_id']!r} answered twice"]
+        got[str(it["_id"])] = it
+    problems = []
+    if set(got) != set(want):
+        problems.append(f"groups {sorted(got)} instead of {sorted(want)}")
+    for k in sorted(set(got) & set(want)):
+        for f, v in want[k].items():
+            g = got[k][f]
+            if isinstance(g, bool) or not isinstance(g, int | float):
+                problems.append(f"group {k}: {f} = {g!r} is not a number")
+            elif abs(g - v) > 1e-9 * max(1.0, abs(v)):
+                problems.append(f"group {k}: {f} = {g!r}, expected {v!r}")
+    return problems
+
+
+def agg_top_answer(n_docs: int) -> list[str]:
+    """The _ids AGG_TOP_PIPELINE answers over agg_doc(1..n_docs), in order."""
+    docs = (agg_doc(i) for i in range(1, n_docs + 1))
+    ok = [(d["price"], d["_id"]) for d in docs if d["ok"]]
+    ok.sort(key=lambda pd: pd[1])  # input order (_id), then a stable sort on price desc
+    ok.sort(key=lambda pd: pd[0], reverse=True)
+    return [i for _, i in ok[:AGG_TOP_LIMIT]]
+
+
 _NEW_ID_PREFIX = os.urandom(3).hex()
 _NEW_ID_COUNTER = itertools.count()
 
@@ -253,6 +396,9 @@ class RequestMaker:
         if scenario == "create_schema6":
             body = CREATE6_BODY
         self.create = self._with_body("POST", f"/api/db/{collection}", body)
+        agg = f"/api/db/{collection}/aggregate"
+        self.agg_group = self._with_body("POST", agg, AGG_GROUP_BODY)
+        self.agg_top = self._with_body("POST", agg, AGG_TOP_BODY)
 
     def _with_body(self, method: str, path: str, body: str) -> bytes:
         raw = body.encode()
@@ -271,6 +417,10 @@ class RequestMaker:
             return self._get()
         if sc in ("create", "create_schema6"):
             return self.create
+        if sc == "agg_group":
+            return self.agg_group
+        if sc == "agg_memory":
+            return self.agg_top if self.rng.random() * 100 < AGG_TOP_PCT else self.agg_group
         if sc == "list_indexed":
             body = list_body(self.rng.randrange(LIST_GROUPS), self.rng.randint(0, LIST_MAX_K))
             return self._with_body("POST", f"/api/db/{self.collection}/query", body)
