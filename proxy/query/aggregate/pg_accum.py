@@ -55,24 +55,16 @@ def accumulator_sql(c: ExprCompiler, acc: Accumulator, x: str, order: Order) -> 
 
 def _min_max(c: ExprCompiler, x: str, numbers: str, op: str) -> str:
     """The smallest / largest value in the type order (numbers < strings < objects < arrays
-    < booleans), null and missing ignored: one built-in aggregate per bracket."""
+    < booleans), null and missing ignored: built-in aggregates for numbers and strings, the
+    rare brackets (objects, arrays, booleans) through one comparing aggregate that only
+    their rows reach (each aggregate costs every row its call: fewer is faster)."""
     strings = f'CASE WHEN {is_type(x, "string")} THEN {txt(x)} END COLLATE "C"'
-    bools = f"CASE WHEN {is_type(x, 'boolean')} THEN {x} = 'true' END"
-    containers = (
-        f"{c.schema}.dbproxy_agg_{op}({x}) FILTER (WHERE jsonb_typeof({x}) IN ('object', 'array'))"
+    rare = (
+        f"{c.schema}.dbproxy_agg_{op}({x}) "
+        f"FILTER (WHERE jsonb_typeof({x}) IN ('object', 'array', 'boolean'))"
     )
     if op == "min":
-        parts = [
-            f"to_jsonb(min({numbers}))",
-            f"to_jsonb(min({strings}))",
-            containers,
-            f"to_jsonb(bool_and({bools}))",
-        ]
+        parts = [f"to_jsonb(min({numbers}))", f"to_jsonb(min({strings}))", rare]
     else:
-        parts = [
-            f"to_jsonb(bool_or({bools}))",
-            containers,
-            f"to_jsonb(max({strings}))",
-            f"to_jsonb(max({numbers}))",
-        ]
+        parts = [rare, f"to_jsonb(max({strings}))", f"to_jsonb(max({numbers}))"]
     return f"COALESCE({', '.join(parts)}, {NULL})"
