@@ -12,7 +12,7 @@ import pytest
 from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.query.aggregate.parse import parse_pipeline
-from tests.integration.test_aggregate_sqlite import Store
+from tests.integration.aggregate_sqlite_support import Store
 
 ref = pytest.importorskip("tests.reference_aggregate")
 
