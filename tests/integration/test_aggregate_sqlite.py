@@ -398,3 +398,9 @@ def test_first_match_sees_only_readable_fields(store: Store) -> None:
     assert [d["_id"] for d in out] == ["1", "2"]
     out = store.run([{"$match": {"a": 2}}, {"$project": {"a": 1}}], views={"items": view})
     assert out == [{"_id": "2", "a": 2}]
+
+
+def test_set_missing_removes_and_creates_nothing(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": 5, "b": [1, {"c": 1}], "d": {"e": 1}}])
+    raw = [{"$set": {"a.x": "$nope", "b.c": "$nope", "d.e": "$nope", "f.g": "$nope"}}]
+    assert strip(store.run(raw)) == [{"_id": "1", "a": 5, "b": [1, {}], "d": {}}]

@@ -70,17 +70,14 @@ def _set(node: Any, segs: tuple[str, ...], value: Any) -> Any:
     if isinstance(node, list):
         return [_set(v, segs, value) for v in node]
     if not isinstance(node, dict):
-        return {} if value is _MISSING else _build(segs, value)
+        return _build(segs, value)
     out = dict(node)
     key = segs[0]
     if len(segs) == 1:
-        if value is _MISSING:
-            out.pop(key, None)
-        else:
-            out[key] = value
+        out[key] = value
     elif key in out:
         out[key] = _set(out[key], segs[1:], value)
-    elif value is not _MISSING:
+    else:
         out[key] = _build(segs[1:], value)
     return out
 
@@ -88,8 +85,9 @@ def _set(node: Any, segs: tuple[str, ...], value: Any) -> Any:
 def set_path(raw: str, path: str, value: str | None) -> str:
     """``$addFields`` of one dotted path (``value`` NULL: the path removed)."""
     segs = _segments(path)
-    new = _MISSING if value is None else loads(value)
-    return json_text(_set(loads(raw), segs, new))
+    if value is None:  # missing: the path is removed, nothing is created
+        return json_text(_unset(loads(raw), segs))
+    return json_text(_set(loads(raw), segs, loads(value)))
 
 
 def _unset(node: Any, segs: tuple[str, ...]) -> Any:
