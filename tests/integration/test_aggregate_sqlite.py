@@ -404,3 +404,11 @@ def test_set_missing_removes_and_creates_nothing(store: Store) -> None:
     store.put("items", [{"_id": "1", "a": 5, "b": [1, {"c": 1}], "d": {"e": 1}}])
     raw = [{"$set": {"a.x": "$nope", "b.c": "$nope", "d.e": "$nope", "f.g": "$nope"}}]
     assert strip(store.run(raw)) == [{"_id": "1", "a": 5, "b": [1, {}], "d": {}}]
+
+
+def test_sum_past_64_bits(store: Store) -> None:
+    big = 2**62
+    store.put("items", [{"_id": str(i), "v": big} for i in range(4)] + [{"_id": "9", "v": -1}])
+    out = store.run([{"$group": {"_id": None, "s": {"$sum": "$v"}, "n": {"$sum": -1}}}])
+    assert out == [{"_id": None, "s": float(4 * big - 1), "n": -5}]
+    assert isinstance(out[0]["n"], int)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from proxy.query.aggregate.ast import Accumulator, Bucket, Group, Sort
 from proxy.query.aggregate.sqlite_expr import elem_json, jval, not_type
-from proxy.query.sqlite.agg_functions import FN_JNUM
+from proxy.query.sqlite.agg_functions import FN_JNUM, FN_SUM
 from proxy.query.sqlite.functions import COLLATION, FN_CANON
 from proxy.query.sqlite.values import BARRIER, json_text, key_path, sql_number, text
 
@@ -24,8 +24,14 @@ _PRESENT = "(CASE WHEN COALESCE(json_type({a}), 'null') <> 'null' THEN {a} END)"
 def _window(acc: Accumulator, a: str, distinct: str) -> tuple[str, str]:
     """(window expression over ``w``, its JSON text from the column ``x``)."""
     op = acc.op
-    if op in ("sum", "count"):
-        return f"sum({_NUMERIC.format(a=a)}) OVER w", f"COALESCE({FN_JNUM}({{x}}), '0')"
+    if op in ("sum", "count"):  # integers in two halves: no 64-bit overflow on the way
+        v, ty = f"json_extract({a}, '$')", f"json_type({a})"
+        halves = (
+            f"sum(CASE WHEN {ty} = 'integer' THEN {v} >> 32 END) OVER w, "
+            f"sum(CASE WHEN {ty} = 'integer' THEN {v} & 4294967295 END) OVER w, "
+            f"sum(CASE WHEN {ty} = 'real' THEN {v} END) OVER w"
+        )
+        return f"{FN_SUM}({halves})", "{x}"
     if op == "avg":
         return f"avg({_NUMERIC.format(a=a)}) OVER w", f"COALESCE({FN_JNUM}({{x}}), 'null')"
     if op in ("min", "max"):
