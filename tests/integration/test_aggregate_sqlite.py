@@ -412,3 +412,14 @@ def test_sum_past_64_bits(store: Store) -> None:
     out = store.run([{"$group": {"_id": None, "s": {"$sum": "$v"}, "n": {"$sum": -1}}}])
     assert out == [{"_id": None, "s": float(4 * big - 1), "n": -5}]
     assert isinstance(out[0]["n"], int)
+
+
+def test_lookup_inside_facet_and_after_group(store: Store) -> None:
+    store.put("items", [{"_id": "1", "k": 1}, {"_id": "2", "k": 2}, {"_id": "3", "k": 1}])
+    store.put("other", [{"_id": "a", "f": 1, "name": "one"}])
+    lookup = {"from": "other", "localField": "_id", "foreignField": "f", "as": "o"}
+    raw = [
+        {"$group": {"_id": "$k", "n": {"$sum": 1}}},
+        {"$facet": {"j": [{"$lookup": lookup}, {"$project": {"_id": 1, "names": "$o.name"}}]}},
+    ]
+    assert store.run(raw) == [{"j": [{"_id": 1, "names": ["one"]}, {"_id": 2, "names": []}]}]
