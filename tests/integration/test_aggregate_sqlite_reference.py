@@ -12,9 +12,8 @@ import pytest
 from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.query.aggregate.parse import parse_pipeline
+from tests import reference_aggregate as ref
 from tests.integration.aggregate_sqlite_support import Store
-
-ref = pytest.importorskip("tests.reference_aggregate")
 
 ITEMS: list[dict[str, Any]] = [
     {
