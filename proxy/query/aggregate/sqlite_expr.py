@@ -232,7 +232,15 @@ class ExprCompiler:
         direct = f"{base} -> {self.p.add(key_path(segs))}"
         if top and len(segs) == 1:  # the current document is an object: one lookup
             return Sql(direct, leaf=True)
-        return Sql(f"COALESCE({direct}, {FN_GET}({base}, {self.p.add(json_text(list(segs)))}))")
+        # the helper only where an array is on the way (else missing is missing)
+        prefixes = [
+            f"json_type({base}, {self.p.add(key_path(segs[:i]))})" for i in range(1, len(segs))
+        ]
+        if not top:
+            prefixes.insert(0, f"json_type({base})")
+        arrays = " OR ".join(f"{t} = 'array'" for t in prefixes)
+        mapped = f"{FN_GET}({base}, {self.p.add(json_text(list(segs)))})"
+        return Sql(f"COALESCE({direct}, CASE WHEN {arrays} THEN {mapped} END)")
 
     def obj(self, fields: list[tuple[str, Sql]]) -> Sql:
         fields = [(k, self.ref(v)) for k, v in fields]

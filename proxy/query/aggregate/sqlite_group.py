@@ -9,11 +9,9 @@ from typing import TYPE_CHECKING
 
 from proxy.query.aggregate.ast import Accumulator, Bucket, Group, Sort
 from proxy.query.aggregate.sqlite_expr import elem_json, jval, not_type
-from proxy.query.ast import Path
-from proxy.query.sqlite.agg_functions import FN_JNUM
-from proxy.query.sqlite.filter import FilterCompiler
+from proxy.query.sqlite.agg_functions import FN_JNUM, FN_SUM
 from proxy.query.sqlite.functions import COLLATION, FN_CANON
-from proxy.query.sqlite.values import json_text, sql_number, text
+from proxy.query.sqlite.values import BARRIER, json_text, key_path, sql_number, text
 
 if TYPE_CHECKING:
     from proxy.query.aggregate.sqlite import Chain
@@ -26,8 +24,14 @@ _PRESENT = "(CASE WHEN COALESCE(json_type({a}), 'null') <> 'null' THEN {a} END)"
 def _window(acc: Accumulator, a: str, distinct: str) -> tuple[str, str]:
     """(window expression over ``w``, its JSON text from the column ``x``)."""
     op = acc.op
-    if op in ("sum", "count"):
-        return f"sum({_NUMERIC.format(a=a)}) OVER w", f"COALESCE({FN_JNUM}({{x}}), '0')"
+    if op in ("sum", "count"):  # integers in two halves: no 64-bit overflow on the way
+        v, ty = f"json_extract({a}, '$')", f"json_type({a})"
+        halves = (
+            f"sum(CASE WHEN {ty} = 'integer' THEN {v} >> 32 END) OVER w, "
+            f"sum(CASE WHEN {ty} = 'integer' THEN {v} & 4294967295 END) OVER w, "
+            f"sum(CASE WHEN {ty} = 'real' THEN {v} END) OVER w"
+        )
+        return f"{FN_SUM}({halves})", "{x}"
     if op == "avg":
         return f"avg({_NUMERIC.format(a=a)}) OVER w", f"COALESCE({FN_JNUM}({{x}}), 'null')"
     if op in ("min", "max"):
@@ -123,10 +127,28 @@ def _bound(ch: Chain, b: object) -> str:
     return ch.p.add(text(b) if isinstance(b, str) else sql_number(b))  # type: ignore[arg-type]
 
 
+def _sort_values(ch: Chain, segs: tuple[str, ...], doc: str) -> str:
+    """Rows (ty, v) of the values a sort path reaches: objects by key (a numeric segment
+    too), arrays of objects entered; a row with ty NULL where nothing is there."""
+    n = ch.names.fresh("sv")
+    first = ch.p.add(key_path(segs[:1]))
+    ctes = [f"{n}0(ty, v) AS (SELECT json_type({doc}, {first}), json_extract({doc}, {first}))"]
+    for i, seg in enumerate(segs[1:], start=1):
+        key = ch.p.add(key_path((seg,)))
+        ctes.append(
+            f"{n}{i}(ty, v) AS (SELECT CASE w.ty WHEN 'object' THEN json_type(w.v, {key}) "
+            f"ELSE json_type(e.value, {key}) END, CASE w.ty WHEN 'object' THEN "
+            f"json_extract(w.v, {key}) ELSE json_extract(e.value, {key}) END FROM {n}{i - 1} w "
+            f"LEFT JOIN json_each(CASE WHEN w.ty = 'array' THEN w.v END) e "
+            f"WHERE w.ty IS NOT 'array' OR e.type = 'object' {BARRIER})"
+        )
+    return f"WITH {', '.join(ctes)} SELECT ty, v FROM {n}{len(segs) - 1}"
+
+
 def sort_key(ch: Chain, segs: tuple[str, ...], descending: bool) -> str:
     """A text key: '0null' for a path reaching only empty arrays, else '1' and the JSON
     text of the value it sorts by (arrays: their smallest / largest element)."""
-    values = FilterCompiler(ch.p, ch.names).values_sql(Path(segs), "s.doc")
+    values = _sort_values(ch, segs, "s.doc")
     q, e = ch.names.fresh("q"), ch.names.fresh("e")
     own = elem_json(q, "ty", "v")
     cands = (
@@ -136,8 +158,8 @@ def sort_key(ch: Chain, segs: tuple[str, ...], descending: bool) -> str:
     )
     direction = "DESC" if descending else "ASC"
     return (
-        f"(SELECT CASE WHEN empty THEN '0null' ELSE '1' || j END FROM ({cands}) "
-        f"ORDER BY empty, j COLLATE {COLLATION} {direction} LIMIT 1)"
+        f"COALESCE((SELECT CASE WHEN empty THEN '0null' ELSE '1' || j END FROM ({cands}) "
+        f"ORDER BY empty, j COLLATE {COLLATION} {direction} LIMIT 1), '1null')"
     )
 
 

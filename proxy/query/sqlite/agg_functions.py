@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from proxy.errors import InvalidQuery
+from proxy.numbers import INT64_MAX, INT64_MIN
 from proxy.policy.model import is_listed
 from proxy.query.sqlite.functions import loads
 from proxy.query.sqlite.values import json_text
@@ -26,6 +27,7 @@ FN_READABLE = "dbp_agg_readable"  # (doc, readable names json) -> the readable p
 FN_JNUM = "dbp_agg_jnum"  # (SQL number) -> JSON number text; NULL when not finite
 FN_ROUND = "dbp_agg_round"  # (json number, place) -> json number, half to even
 FN_TOSTR = "dbp_agg_tostr"  # (json number) -> json string of its digits
+FN_SUM = "dbp_agg_sum"  # (sum of high halves, of low halves, of doubles) -> json number
 FN_TODOUBLE = "dbp_agg_todouble"  # (text) -> real, NULL when not a finite decimal
 
 _MISSING: Any = object()
@@ -70,17 +72,14 @@ def _set(node: Any, segs: tuple[str, ...], value: Any) -> Any:
     if isinstance(node, list):
         return [_set(v, segs, value) for v in node]
     if not isinstance(node, dict):
-        return {} if value is _MISSING else _build(segs, value)
+        return _build(segs, value)
     out = dict(node)
     key = segs[0]
     if len(segs) == 1:
-        if value is _MISSING:
-            out.pop(key, None)
-        else:
-            out[key] = value
+        out[key] = value
     elif key in out:
         out[key] = _set(out[key], segs[1:], value)
-    elif value is not _MISSING:
+    else:
         out[key] = _build(segs[1:], value)
     return out
 
@@ -88,8 +87,9 @@ def _set(node: Any, segs: tuple[str, ...], value: Any) -> Any:
 def set_path(raw: str, path: str, value: str | None) -> str:
     """``$addFields`` of one dotted path (``value`` NULL: the path removed)."""
     segs = _segments(path)
-    new = _MISSING if value is None else loads(value)
-    return json_text(_set(loads(raw), segs, new))
+    if value is None:  # missing: the path is removed, nothing is created
+        return json_text(_unset(loads(raw), segs))
+    return json_text(_set(loads(raw), segs, loads(value)))
 
 
 def _unset(node: Any, segs: tuple[str, ...]) -> Any:
@@ -183,6 +183,17 @@ def jnum(value: Any) -> str | None:
     return str(int(value))
 
 
+def sum_parts(high: int | None, low: int | None, doubles: float | None) -> str:
+    """``$sum``: the integers summed exactly from their 32-bit halves (past 64 bits the sum
+    is a double, as in MongoDB), plus the doubles; ``0`` of nothing."""
+    total: int | float = (high or 0) * 2**32 + (low or 0)
+    if not INT64_MIN <= total <= INT64_MAX:
+        total = float(total)
+    if doubles is not None:
+        total += doubles
+    return jnum(total) or "null"
+
+
 def round_half_even(raw: str | None, place: int | None) -> str | None:
     if raw is None or place is None:
         return None
@@ -232,6 +243,7 @@ HELPERS = tuple(
         (FN_JNUM, 1, jnum),
         (FN_ROUND, 2, round_half_even),
         (FN_TOSTR, 1, to_string),
+        (FN_SUM, 3, sum_parts),
         (FN_TODOUBLE, 1, to_double),
     )
 )
