@@ -109,7 +109,13 @@ def _unset(cols: Collections, docs: Docs, spec: Json) -> Docs:
 
 
 def _is_flag(v: Json, flag: bool) -> bool:
-    return (v is flag) or (not isinstance(v, bool) and isinstance(v, int) and v == int(flag))
+    """``$project``'s flags: true or any non-zero number includes, false or 0 excludes
+    (MongoDB: "non-zero integers are also treated as true")."""
+    if isinstance(v, bool):
+        return v is flag
+    if isinstance(v, int | float):
+        return (v != 0) is flag
+    return False
 
 
 def _project(cols: Collections, docs: Docs, spec: Json) -> Docs:

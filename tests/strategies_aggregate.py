@@ -159,9 +159,15 @@ def _group(draw: st.DrawFn) -> Json:
     return {"$group": spec}
 
 
+def _unary(e: Strategy[Json]) -> Strategy[Json]:
+    """An accumulator's argument: one expression, never an array (the front end refuses
+    ``{"$sum": [...]}`` as MongoDB does: accumulators are unary)."""
+    return e.filter(lambda v: not isinstance(v, list))
+
+
 def _accumulator() -> Strategy[Json]:
-    num = typed("num", 1)
-    scalar = st.one_of(st.sampled_from(("$a", "$b", "$c.x", "$tags")), typed("str", 1))
+    num = _unary(typed("num", 1))
+    scalar = st.one_of(st.sampled_from(("$a", "$b", "$c.x", "$tags")), _unary(typed("str", 1)))
     return pick(
         st.one_of(st.just(1), num).map(lambda e: {"$sum": e}),
         num.map(lambda e: {"$avg": e}),
@@ -169,7 +175,7 @@ def _accumulator() -> Strategy[Json]:
         st.builds(
             lambda op, e: {op: e},
             st.sampled_from(("$first", "$last", "$push", "$addToSet")),
-            expressions(1),
+            _unary(expressions(1)),
         ),
         st.just({"$count": {}}),
     )

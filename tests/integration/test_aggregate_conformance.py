@@ -247,8 +247,6 @@ async def test_runtime_failures_are_expression_failed(core: Core) -> None:
 async def test_an_output_document_over_the_byte_cap_is_refused(
     kind: str, pg_dsn: str, tmp_path: Path
 ) -> None:
-    if kind != "postgresql":
-        pytest.skip("the embedded store's byte cap comes with its compiler")
     limits = Limits(max_aggregate_document_bytes=2000)
     async with open_core(kind, pg_dsn, limits, str(tmp_path)) as core:
         name = await load(core, [{"_id": f"d{i:03}", "text": "x" * 50} for i in range(100)])

@@ -289,7 +289,9 @@ SIMPLE_STAGES = st.one_of(
     st.tuples(PATHS, EXPRS).map(lambda t: {"$addFields": {"new": t[1], t[0] + "x": 1}}),
     PATHS.map(lambda p: {"$project": {p: 1}}),
     PATHS.map(lambda p: {"$project": {p: 0, "_id": 0}}),
-    EXPRS.map(lambda e: {"$project": {"out": e, "_id": 0}}),
+    EXPRS.filter(lambda e: "{}" not in repr(e)).map(  # an empty sub-projection is refused
+        lambda e: {"$project": {"out": e, "_id": 0}}
+    ),
     st.tuples(EXPRS, ACCS, EXPRS.filter(lambda e: not isinstance(e, list))).map(
         lambda t: {"$group": {"_id": t[0], "n": {t[1]: t[2]}}}
     ),  # an accumulator takes one expression, never an array

@@ -32,7 +32,14 @@ class SqliteAggregate:
                 n: table_name(n) if present is None or table_name(n)[1:-1] in present else None
                 for n in names
             }
-            return compile_pipeline(spec.pipeline, spec.base, views, tables=tables, cap=spec.cap)
+            return compile_pipeline(
+                spec.pipeline,
+                spec.base,
+                views,
+                tables=tables,
+                cap=spec.cap,
+                max_bytes=spec.max_bytes,
+            )
 
         sql, args = compiled(None)
         context.last_statement.set((sql, tuple(args)))

@@ -98,6 +98,8 @@ def connect(path: str, state: ConnState, *, writes: bool, busy_ms: int) -> sqlit
             )
         fail = _guarded(state, agg_functions.agg_fail)
         conn.create_function(agg_functions.FN_AGG_FAIL, 1, fail)  # never constant-folded
+        too_large = _guarded(state, agg_functions.agg_too_large)
+        conn.create_function(agg_functions.FN_AGG_TOO_LARGE, 1, too_large)
         conn.create_collation(dialect.COLLATION, dialect.compare_json)
         conn.set_progress_handler(lambda: time.monotonic() > state.deadline, _PROGRESS_STEPS)
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")

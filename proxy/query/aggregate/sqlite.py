@@ -31,7 +31,13 @@ from proxy.query.aggregate.ast import (
 )
 from proxy.query.aggregate.sqlite_expr import ExprCompiler, Sql, elem_json, ordered
 from proxy.query.ast import And, Filter, Path
-from proxy.query.sqlite.agg_functions import FN_KEEP, FN_READABLE, FN_SET, FN_UNSET
+from proxy.query.sqlite.agg_functions import (
+    FN_AGG_TOO_LARGE,
+    FN_KEEP,
+    FN_READABLE,
+    FN_SET,
+    FN_UNSET,
+)
 from proxy.query.sqlite.filter import FilterCompiler
 from proxy.query.sqlite.functions import FN_CANON
 from proxy.query.sqlite.values import Names, Params, json_text, key_path
@@ -262,9 +268,11 @@ def compile_pipeline(
     *,
     tables: Mapping[str, str | None],
     cap: int,
+    max_bytes: int = 16 * 1024 * 1024,
 ) -> tuple[str, list[Any]]:
     """One statement whose rows (one column, ``doc``) are the pipeline's output in order,
-    at most ``cap + 1`` of them."""
+    at most ``cap + 1`` of them; an output document over ``max_bytes`` of JSON text fails
+    it (result_too_large)."""
     ch = Chain()
     stages = list(pipeline.stages)
     matches: list[Filter] = []
@@ -276,5 +284,12 @@ def compile_pipeline(
         )
     first = ch.add("t", _scan(ch, base, tables.get(base.collection), matches))
     last = ch.run(first, stages)
-    sql = f"WITH {', '.join(ch.ctes)} SELECT doc FROM {last} ORDER BY o LIMIT {ch.p.add(cap + 1)}"
+    big, msg = ch.p.add(max_bytes), ch.p.add(f"an output document is over {max_bytes} bytes")
+    checked = (
+        f"CASE WHEN length(CAST(doc AS BLOB)) > {big} THEN {FN_AGG_TOO_LARGE}({msg}) ELSE doc END"
+    )
+    sql = (
+        f"WITH {', '.join(ch.ctes)} SELECT {checked} AS doc FROM {last} ORDER BY o "
+        f"LIMIT {ch.p.add(cap + 1)}"
+    )
     return sql, ch.p.values

@@ -19,6 +19,7 @@ from proxy.query.sqlite.functions import loads
 from proxy.query.sqlite.values import json_text
 
 FN_AGG_FAIL = "dbp_agg_fail"  # (message) -> raises expression_failed; not deterministic
+FN_AGG_TOO_LARGE = "dbp_agg_too_large"  # (message) -> raises result_too_large; the same
 FN_GET = "dbp_agg_get"  # (json, path json) -> json at the path, arrays mapped; NULL: missing
 FN_SET = "dbp_agg_set"  # (doc, path json, json | NULL) -> doc with the path set / removed
 FN_UNSET = "dbp_agg_unset"  # (doc, paths json) -> doc without the paths
@@ -36,6 +37,10 @@ _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 def agg_fail(message: str) -> None:
     raise InvalidQuery(message, code="expression_failed")
+
+
+def agg_too_large(message: str) -> None:
+    raise InvalidQuery(message, code="result_too_large")
 
 
 @functools.lru_cache(maxsize=1024)
