@@ -29,7 +29,8 @@ from proxy.query.aggregate.ast import (
     Unwind,
     View,
 )
-from proxy.query.aggregate.sqlite_expr import ExprCompiler, Sql, elem_json, ordered
+from proxy.query.aggregate.sqlite_expr import ExprCompiler
+from proxy.query.aggregate.sqlite_values import Sql, elem_json, ordered
 from proxy.query.ast import And, Filter, Path
 from proxy.query.sqlite.agg_functions import (
     FN_AGG_TOO_LARGE,

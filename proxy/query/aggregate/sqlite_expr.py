@@ -3,95 +3,16 @@ NULL is *missing*; paths, arithmetic, comparison, boolean and conditional operat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from proxy.errors import InvalidQuery
 from proxy.query.aggregate.ast import Arr, Call, Expr, Field, Iterate, Lit, Obj, Switch, Var
+from proxy.query.aggregate.sqlite_ops import OPS, Op, iterate
+from proxy.query.aggregate.sqlite_values import Scope, Sql, jbool, jval, not_type, nullish
 from proxy.query.sqlite.agg_functions import FN_AGG_FAIL, FN_GET, FN_JNUM, FN_ROUND
 from proxy.query.sqlite.functions import FN_CMP
-from proxy.query.sqlite.values import BARRIER, Names, Params, json_text, key_path
-
-_LIFTED = re.compile(r"\blx\d+_")
-
-
-class Scope:
-    """Columns computed per row, in layers: a column's layer is one above the highest
-    layer of the columns it reads (columns of enclosing scopes are there already)."""
-
-    def __init__(self) -> None:
-        self.layers: list[list[tuple[str, str]]] = []
-        self._layer: dict[str, int] = {}
-
-    def add(self, name: str, text: str) -> None:
-        depth = 1 + max((self._layer.get(n, 0) for n in _LIFTED.findall(text)), default=0)
-        while len(self.layers) < depth:
-            self.layers.append([])
-        self.layers[depth - 1].append((name, text))
-        self._layer[name] = depth
-
-    def ctes(self, source: str, alias: str, names: Names) -> tuple[list[str], str]:
-        """CTEs adding the layers to ``source`` (a FROM item), and the last one's name."""
-        ctes: list[str] = []
-        prev = source
-        for layer in self.layers:
-            name = names.fresh("ly")
-            cols = ", ".join(f"{text} AS {col}" for col, text in layer)
-            ctes.append(f"{name} AS MATERIALIZED (SELECT {alias}.*, {cols} FROM {prev} {alias})")
-            prev = name
-        return ctes, prev
-
-
-@dataclass(frozen=True, slots=True)
-class Sql:
-    """A compiled expression: SQL giving JSON text, or NULL for missing."""
-
-    text: str
-    leaf: bool = False  # a column or a parameter: cheap to repeat in the SQL text
-    missing: bool = True  # may give missing
-
-
-# ---- small SQL builders over a repeatable reference ---------------------------------------
-
-
-def jtype(r: str) -> str:
-    return f"COALESCE(json_type({r}), 'missing')"
-
-
-def jval(r: str) -> str:
-    return f"json_extract({r}, '$')"
-
-
-def nullish(r: str) -> str:
-    return f"COALESCE(json_type({r}), 'null') = 'null'"
-
-
-def not_type(r: str, *types: str) -> str:
-    listed = ", ".join(f"'{t}'" for t in types)
-    return f"{jtype(r)} NOT IN ({listed})"
-
-
-def jbool(cond: str) -> str:
-    return f"(CASE WHEN {cond} THEN 'true' ELSE 'false' END)"
-
-
-def elem_json(e: str, ty: str = "type", v: str = "value") -> str:
-    """The JSON text of a row ``e`` of json_each (or of a (ty, v) row of a filter's values)."""
-    t, x = f"{e}.{ty}", f"{e}.{v}"
-    return (
-        f"(CASE {t} WHEN 'text' THEN json_quote({x}) WHEN 'real' THEN {FN_JNUM}({x}) "
-        f"WHEN 'integer' THEN json_quote({x}) WHEN 'true' THEN 'true' WHEN 'false' THEN "
-        f"'false' WHEN 'null' THEN 'null' ELSE {x} END)"
-    )
-
-
-def ordered(select: str, order: str) -> str:
-    """A subquery whose rows an enclosing aggregate sees in ``order`` (the LIMIT keeps
-    SQLite from dropping the ORDER BY of a FROM-clause subquery)."""
-    return f"({select} ORDER BY {order} {BARRIER})"
-
+from proxy.query.sqlite.values import Names, Params, json_text, key_path
 
 _ARITH = {"add", "multiply", "subtract", "divide", "mod", "abs", "floor", "ceil", "round"}
 _LAZY = {"cond", "ifNull", "and", "or"}
@@ -108,11 +29,7 @@ class ExprCompiler:
         self.scope = Scope()
         self.guard: str | None = None
         self.nesting = 0  # $filter/$map bodies being compiled
-        from proxy.query.aggregate import sqlite_ops
-
-        self._ops: dict[str, Callable[[ExprCompiler, str, Sequence[Sql]], Sql]] = dict(
-            sqlite_ops.OPS
-        )
+        self._ops: dict[str, Op] = dict(OPS)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -210,8 +127,6 @@ class ExprCompiler:
         if isinstance(expr, Switch):
             return self.switch(expr, doc, env)
         if isinstance(expr, Iterate):
-            from proxy.query.aggregate.sqlite_ops import iterate
-
             return iterate(self, expr, doc, env)
         assert isinstance(expr, Call)
         if expr.op in _LAZY:

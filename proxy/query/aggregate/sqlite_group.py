@@ -5,16 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import pairwise
-from typing import TYPE_CHECKING
 
 from proxy.query.aggregate.ast import Accumulator, Bucket, Group, Sort
-from proxy.query.aggregate.sqlite_expr import elem_json, jval, not_type
+from proxy.query.aggregate.sqlite_values import StageChain, elem_json, jval, not_type
 from proxy.query.sqlite.agg_functions import FN_JNUM, FN_SUM
 from proxy.query.sqlite.functions import COLLATION, FN_CANON
 from proxy.query.sqlite.values import BARRIER, json_text, key_path, sql_number, text
-
-if TYPE_CHECKING:
-    from proxy.query.aggregate.sqlite import Chain
 
 _FULL = "ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING"
 _NUMERIC = "(CASE WHEN json_type({a}) IN ('integer', 'real') THEN json_extract({a}, '$') END)"
@@ -48,7 +44,7 @@ def _window(acc: Accumulator, a: str, distinct: str) -> tuple[str, str]:
 
 
 def accumulate(
-    ch: Chain, inputs: str, accs: Sequence[tuple[str, Accumulator]], out_order: str
+    ch: StageChain, inputs: str, accs: Sequence[tuple[str, Accumulator]], out_order: str
 ) -> str:
     """Groups of ``inputs`` (columns o, g, k, a0..): one document per ``g`` with ``_id`` k
     and each accumulator over the group's inputs in ``o`` order; ordered by ``out_order``
@@ -74,13 +70,13 @@ def accumulate(
     return ch.add("g", f"SELECT {out_order} AS o, {doc} AS doc FROM {win_cte} WHERE rn = 1")
 
 
-def _args(ch: Chain, accs: Sequence[tuple[str, Accumulator]]) -> str:
+def _args(ch: StageChain, accs: Sequence[tuple[str, Accumulator]]) -> str:
     return "".join(
         f", {ch.expr.compile(acc.arg, 's.doc').text} AS a{i}" for i, (_, acc) in enumerate(accs)
     )
 
 
-def group(ch: Chain, cur: str, stage: Group) -> str:
+def group(ch: StageChain, cur: str, stage: Group) -> str:
     key = ch.expr.compile_key(stage.key, "s.doc")
     keyed = ch.add(
         "gk",
@@ -92,7 +88,7 @@ def group(ch: Chain, cur: str, stage: Group) -> str:
     return accumulate(ch, inputs, stage.accumulators, "o")
 
 
-def bucket(ch: Chain, cur: str, stage: Bucket) -> str:
+def bucket(ch: StageChain, cur: str, stage: Bucket) -> str:
     value = ch.expr.compile(stage.group_by, "s.doc")
     bounds = stage.boundaries
     numeric = not isinstance(bounds[0], str)
@@ -123,11 +119,11 @@ def bucket(ch: Chain, cur: str, stage: Bucket) -> str:
     return accumulate(ch, inputs, stage.output, "g")
 
 
-def _bound(ch: Chain, b: object) -> str:
+def _bound(ch: StageChain, b: object) -> str:
     return ch.p.add(text(b) if isinstance(b, str) else sql_number(b))  # type: ignore[arg-type]
 
 
-def _sort_values(ch: Chain, segs: tuple[str, ...], doc: str) -> str:
+def _sort_values(ch: StageChain, segs: tuple[str, ...], doc: str) -> str:
     """Rows (ty, v) of the values a sort path reaches: objects by key (a numeric segment
     too), arrays of objects entered; a row with ty NULL where nothing is there."""
     n = ch.names.fresh("sv")
@@ -145,7 +141,7 @@ def _sort_values(ch: Chain, segs: tuple[str, ...], doc: str) -> str:
     return f"WITH {', '.join(ctes)} SELECT ty, v FROM {n}{len(segs) - 1}"
 
 
-def sort_key(ch: Chain, segs: tuple[str, ...], descending: bool) -> str:
+def sort_key(ch: StageChain, segs: tuple[str, ...], descending: bool) -> str:
     """A text key: '0null' for a path reaching only empty arrays, else '1' and the JSON
     text of the value it sorts by (arrays: their smallest / largest element)."""
     values = _sort_values(ch, segs, "s.doc")
@@ -163,7 +159,7 @@ def sort_key(ch: Chain, segs: tuple[str, ...], descending: bool) -> str:
     )
 
 
-def sort(ch: Chain, cur: str, stage: Sort) -> str:
+def sort(ch: StageChain, cur: str, stage: Sort) -> str:
     keys = [sort_key(ch, k.path, k.descending) for k in stage.keys]
     cols = "".join(f", {k} AS k{i}" for i, k in enumerate(keys))
     order = ", ".join(

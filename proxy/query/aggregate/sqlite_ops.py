@@ -4,11 +4,11 @@ SQLite SQL over JSON text (the expression compiler calls these)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 from proxy.errors import UnsupportedByBackend
 from proxy.query.aggregate.ast import Iterate
-from proxy.query.aggregate.sqlite_expr import (
+from proxy.query.aggregate.sqlite_values import (
+    OpCompiler,
     Sql,
     elem_json,
     jbool,
@@ -22,9 +22,6 @@ from proxy.query.sqlite.agg_functions import FN_JNUM, FN_TODOUBLE, FN_TOSTR
 from proxy.query.sqlite.functions import FN_CMP
 from proxy.query.sqlite.values import BARRIER
 
-if TYPE_CHECKING:
-    from proxy.query.aggregate.sqlite_expr import ExprCompiler
-
 # U+0000 is left out: no stored string holds it (refused on the way in, as PostgreSQL does)
 WHITESPACE = (
     "\t\n\x0b\x0c\r \u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008"
@@ -32,17 +29,17 @@ WHITESPACE = (
 )
 _INT32 = "BETWEEN -2147483648 AND 2147483647"
 
-Op = Callable[["ExprCompiler", str, Sequence[Sql]], Sql]
+Op = Callable[[OpCompiler, str, Sequence[Sql]], Sql]
 
 
-def _value(c: ExprCompiler, args: Sequence[Sql], body: Callable[[list[str]], str]) -> Sql:
+def _value(c: OpCompiler, args: Sequence[Sql], body: Callable[[list[str]], str]) -> Sql:
     return Sql(c.bind(args, body), missing=False)
 
 
 # ---- strings ---------------------------------------------------------------------------
 
 
-def concat(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def concat(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     if not args:
         return Sql("'\"\"'", leaf=True, missing=False)
 
@@ -58,7 +55,7 @@ def concat(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def case_map(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def case_map(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     fn = "lower" if op == "toLower" else "upper"
 
     def body(r: list[str]) -> str:
@@ -71,7 +68,7 @@ def case_map(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def substr_cp(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def substr_cp(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         s, start, count = r
         bad = " OR ".join(f"{not_type(x, 'integer')} OR {jval(x)} < 0" for x in (start, count))
@@ -85,7 +82,7 @@ def substr_cp(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def str_len(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def str_len(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         return (
@@ -96,7 +93,7 @@ def str_len(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def split(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def split(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         s, sep = r
         parts = (
@@ -116,7 +113,7 @@ def split(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def trim(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def trim(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     default = args[1].text == "'null'"
 
     def body(r: list[str]) -> str:
@@ -140,13 +137,13 @@ def trim(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
 # ---- arrays ----------------------------------------------------------------------------
 
 
-def _array_guard(c: ExprCompiler, op: str, arrays: Sequence[str], others: Sequence[str]) -> str:
+def _array_guard(c: OpCompiler, op: str, arrays: Sequence[str], others: Sequence[str]) -> str:
     null = " OR ".join(nullish(x) for x in (*arrays, *others))
     bad = " OR ".join(not_type(x, "array") for x in arrays)
     return f"WHEN {null} THEN 'null' WHEN {bad} THEN {c.fail(f'${op} takes an array')}"
 
 
-def size(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def size(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         return (
@@ -157,7 +154,7 @@ def size(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def elem_at(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def elem_at(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         a, i = r
         idx = (
@@ -171,7 +168,7 @@ def elem_at(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return Sql(c.bind(args, body))
 
 
-def in_array(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def in_array(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x, a = r
         e = c.names.fresh("e")
@@ -184,13 +181,13 @@ def in_array(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def _elements(c: ExprCompiler, source: str, where: str) -> str:
+def _elements(c: OpCompiler, source: str, where: str) -> str:
     """JSON array of the elements of ``source`` (a FROM item with rows ``e``) in order."""
     rows = f"SELECT {elem_json('e')} AS v, e.key AS k FROM {source} WHERE {where}"
     return f"(SELECT json_group_array(json(v)) FROM {ordered(rows, 'k')})"
 
 
-def slice_(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def slice_(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         a, rest = r[0], r[1:]
         n = jval(rest[-1])
@@ -212,7 +209,7 @@ def slice_(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def concat_arrays(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def concat_arrays(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     if not args:
         return Sql("'[]'", leaf=True, missing=False)
 
@@ -230,7 +227,7 @@ def concat_arrays(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
 MAX_ITERATE_NESTING = 5  # $filter/$map inside one another (SQLite's parser stack is small)
 
 
-def iterate(c: ExprCompiler, expr: Iterate, doc: str, env: Mapping[str, str]) -> Sql:
+def iterate(c: OpCompiler, expr: Iterate, doc: str, env: Mapping[str, str]) -> Sql:
     """``$filter`` / ``$map`` over the elements of ``input`` in order: a subquery whose own
     CTEs (siblings, not nested) hold the per-element columns."""
     if c.nesting >= MAX_ITERATE_NESTING:
@@ -279,7 +276,7 @@ def iterate(c: ExprCompiler, expr: Iterate, doc: str, env: Mapping[str, str]) ->
 # ---- types -----------------------------------------------------------------------------
 
 
-def type_of(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def type_of(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         return (
@@ -293,7 +290,7 @@ def type_of(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def to_string(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def to_string(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         return (
@@ -306,7 +303,7 @@ def to_string(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def to_int(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def to_int(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         v = jval(x)
@@ -327,7 +324,7 @@ def to_int(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
     return _value(c, args, body)
 
 
-def to_double(c: ExprCompiler, op: str, args: Sequence[Sql]) -> Sql:
+def to_double(c: OpCompiler, op: str, args: Sequence[Sql]) -> Sql:
     def body(r: list[str]) -> str:
         x = r[0]
         v = jval(x)
