@@ -423,3 +423,71 @@ def test_lookup_inside_facet_and_after_group(store: Store) -> None:
         {"$facet": {"j": [{"$lookup": lookup}, {"$project": {"_id": 1, "names": "$o.name"}}]}},
     ]
     assert store.run(raw) == [{"j": [{"_id": 1, "names": ["one"]}, {"_id": 2, "names": []}]}]
+
+
+# ---- every stage on every document: a failure is never skipped ---------------------------
+
+_NONE = {"$gt": None}  # a filter nothing matches (SQLite compiles it to FALSE)
+
+
+def test_failure_not_skipped_when_a_later_match_removes_all(store: Store) -> None:
+    store.put("items", [{"_id": "0", "a": -2, "tags": []}])
+    raw = [
+        {"$group": {"_id": "$a"}},
+        {"$match": {"a": None}},
+        {"$group": {"_id": "$a", "a": {"$avg": {"$size": "$tags"}}}},
+        {"$match": {"a": {"$gt": None}}},
+    ]
+    fails(store, raw, "$size")
+    # the same without the failure: nothing out, no error
+    raw[2] = {"$group": {"_id": "$a", "a": {"$avg": {"$size": {"$ifNull": ["$tags", []]}}}}}
+    assert store.run(raw) == []
+
+
+def test_failure_not_skipped_when_a_later_project_drops_the_field(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": 1}, {"_id": "2", "a": [1, 2]}])
+    fails(store, [{"$addFields": {"x": {"$size": "$a"}}}, {"$project": {"a": 1}}], "$size")
+    raw = [
+        {"$addFields": {"x": {"$divide": ["$a", 0]}}},
+        {"$project": {"_id": 0, "a": 1}},
+        {"$match": {"a": _NONE}},
+    ]
+    fails(store, raw, "$divide")
+    raw = [{"$set": {"x": {"$toInt": "abc"}}}, {"$unset": "x"}, {"$count": "n"}]
+    fails(store, raw, "$toInt")
+    raw = [{"$replaceRoot": {"newRoot": "$a"}}, {"$match": {"a": _NONE}}]
+    fails(store, raw, "$replaceRoot")
+    raw = [{"$bucket": {"groupBy": "$a", "boundaries": [5, 6]}}, {"$match": {"a": _NONE}}]
+    fails(store, raw, "$bucket")
+
+
+def test_failure_not_skipped_in_a_facet_branch_that_yields_nothing(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": 1}, {"_id": "2", "a": "x"}])
+    branch = [{"$addFields": {"x": {"$size": "$a"}}}, {"$match": {"x": _NONE}}]
+    fails(store, [{"$facet": {"f": branch, "n": [{"$count": "n"}]}}], "$size")
+    fails(store, [{"$facet": {"f": branch}}, {"$match": {"f": _NONE}}], "$size")
+    branch = [{"$project": {"x": {"$add": ["$a", 1]}}}, {"$limit": 1}, {"$match": {"x": 0}}]
+    fails(store, [{"$facet": {"f": branch}}], "$add")
+    # over no input a branch has nothing to evaluate: no failure
+    raw = [{"$match": {"a": 99}}, {"$facet": {"f": branch}}]
+    assert store.run(raw) == [{"f": []}]
+
+
+def test_forced_only_where_an_expression_may_fail(store: Store) -> None:
+    store.put("items", [{"_id": "1", "a": 1, "b": 4}, {"_id": "2", "a": 1, "b": 0}])
+    plain = [
+        {"$match": {"a": 1}},
+        {"$group": {"_id": "$a", "s": {"$sum": "$b"}, "m": {"$avg": "$b"}, "x": {"$max": "$b"}}},
+        {"$sort": {"s": -1}},
+        {"$project": {"s": 1, "m": 1, "x": 1}},
+    ]
+    sql, _ = store.sql(plain)
+    assert "CROSS JOIN" not in sql and "count(*)" not in sql
+    assert store.run(plain) == [{"_id": 1, "s": 4, "m": 2.0, "x": 4}]
+    # may fail, does not: the lazy branch is not taken, the result is exact
+    safe = {"$cond": [{"$eq": ["$b", 0]}, None, {"$divide": [8, "$b"]}]}
+    raw = [{"$addFields": {"q": safe}}, {"$project": {"q": 1}}]
+    sql, _ = store.sql(raw)
+    assert "CROSS JOIN" in sql
+    assert store.run(raw) == [{"_id": "1", "q": 2.0}, {"_id": "2", "q": None}]
+    assert store.run([*raw, {"$match": {"q": _NONE}}]) == []

@@ -33,6 +33,7 @@ from proxy.query.aggregate.sqlite_expr import ExprCompiler
 from proxy.query.aggregate.sqlite_values import Sql, elem_json, ordered
 from proxy.query.ast import And, Filter, Path
 from proxy.query.sqlite.agg_functions import (
+    FN_AGG_FAIL,
     FN_AGG_TOO_LARGE,
     FN_KEEP,
     FN_READABLE,
@@ -44,6 +45,7 @@ from proxy.query.sqlite.functions import FN_CANON
 from proxy.query.sqlite.values import Names, Params, json_text, key_path
 
 _FULL = "ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING"
+_RISKY = f"{FN_AGG_FAIL}("  # in a CTE's SQL: an expression there may fail
 
 
 class Chain:
@@ -55,11 +57,30 @@ class Chain:
         self.ctes: list[str] = []
         self.expr = ExprCompiler(self.p, self.names)
         self.views: dict[str, str] = {}  # looked-up collection → its CTE (_id, doc)
+        self.forced: list[str] = []  # CTEs that may fail: every row of them is computed
 
     def add(self, prefix: str, body: str, columns: str = "(o, doc)") -> str:
+        """One CTE (MATERIALIZED: computed once, in full, when first read). One that may
+        fail is also read in full by the statement (``finish``), as the reference evaluates
+        every stage on every document, whatever later stages read of it."""
         name = self.names.fresh(prefix)
         self.ctes.append(f"{name}{columns} AS MATERIALIZED ({body})")
+        if _RISKY in body:
+            self.forced.append(name)
         return name
+
+    def finish(self, last: str) -> str:
+        """The FROM clause of the statement over ``last``: when some CTE may fail, a
+        one-row CTE counting every such CTE is read first (CROSS JOIN: SQLite keeps that
+        order), so each is computed in full even when nothing later reads its rows (a
+        ``$match`` SQLite knows is false, a field a ``$project`` drops). A one-time filter
+        in a WHERE clause would not do: SQLite evaluates it only once a row of ``last``
+        is there."""
+        if not self.forced:
+            return f"{last} r"
+        counts = " + ".join(f"(SELECT count(*) FROM {n})" for n in self.forced)
+        checked = self.add("fc", f"SELECT {counts}", columns="(n)")
+        return f"{checked} CROSS JOIN {last} r"
 
     def where(self, flt: Filter, doc: str) -> str:
         return FilterCompiler(self.p, self.names).where(flt, doc)
@@ -100,6 +121,8 @@ class Chain:
             return cur
         ctes, last = scope.ctes(cur, "s", self.names)
         self.ctes.extend(ctes)
+        if any(_RISKY in c for c in ctes):  # the last reads each layer before it in full
+            self.forced.append(last)
         self.expr.scope = type(scope)()
         return last
 
@@ -287,10 +310,12 @@ def compile_pipeline(
     last = ch.run(first, stages)
     big, msg = ch.p.add(max_bytes), ch.p.add(f"an output document is over {max_bytes} bytes")
     checked = (
-        f"CASE WHEN length(CAST(doc AS BLOB)) > {big} THEN {FN_AGG_TOO_LARGE}({msg}) ELSE doc END"
+        f"CASE WHEN length(CAST(r.doc AS BLOB)) > {big} THEN {FN_AGG_TOO_LARGE}({msg}) "
+        "ELSE r.doc END"
     )
+    source = ch.finish(last)
     sql = (
-        f"WITH {', '.join(ch.ctes)} SELECT {checked} AS doc FROM {last} ORDER BY o "
+        f"WITH {', '.join(ch.ctes)} SELECT {checked} AS doc FROM {source} ORDER BY r.o "
         f"LIMIT {ch.p.add(cap + 1)}"
     )
     return sql, ch.p.values
