@@ -12,7 +12,17 @@ import orjson
 
 from proxy.backends.postgres.ddl import create_schema, create_table
 from proxy.backends.postgres.errors import translate
-from proxy.query.aggregate.ast import Facet, Lookup, Pipeline, Stage, View
+from proxy.query.aggregate.ast import (
+    Accumulator,
+    Call,
+    Facet,
+    Field,
+    Lit,
+    Lookup,
+    Pipeline,
+    Stage,
+    View,
+)
 from proxy.query.aggregate.pg import compile_pipeline
 
 
@@ -93,3 +103,30 @@ def _lookups(stages: Sequence[Stage]) -> set[str]:
             for _, sub in s.facets:
                 out |= _lookups(sub)
     return out
+
+
+# shorthands of the hand-built pipelines, and the documents both stage test modules use
+
+
+def F(path: str) -> Field:
+    return Field(tuple(path.split(".")) if path else ())
+
+
+def C(op: str, *args: Any) -> Call:
+    return Call(
+        op, tuple(a if not isinstance(a, int | float | str | None) else Lit(a) for a in args)
+    )
+
+
+def acc(op: str, arg: Any) -> Accumulator:
+    return Accumulator(op, arg if not isinstance(arg, int | str) else Lit(arg))
+
+
+SALES = [
+    {"_id": "a1", "cat": "x", "n": 1, "tags": ["p", "q"]},
+    {"_id": "a2", "cat": "y", "n": 2.5, "tags": []},
+    {"_id": "a3", "cat": "x", "n": "str", "tags": ["q"]},
+    {"_id": "a4", "n": 4},
+    {"_id": "a5", "cat": None, "n": None, "tags": "solo"},
+    {"_id": "a6", "cat": "y", "n": 10},
+]

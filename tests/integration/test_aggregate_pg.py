@@ -4,7 +4,6 @@ docs/aggregation.md, exact results (order included), run-time failures as expres
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import asyncpg
 import pytest
@@ -12,13 +11,10 @@ import pytest_asyncio
 
 from proxy.errors import ProxyError
 from proxy.query.aggregate.ast import (
-    Accumulator,
     AddFields,
     Bucket,
-    Call,
     Count,
     Facet,
-    Field,
     Group,
     Limit,
     Lit,
@@ -35,7 +31,7 @@ from proxy.query.aggregate.ast import (
     View,
 )
 from proxy.query.ast import Cmp, Eq, FieldCond, Path
-from tests.integration.agg_pg_harness import AggDb
+from tests.integration.agg_pg_harness import SALES, AggDb, C, F, acc
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -50,30 +46,6 @@ async def db(pg_dsn: str) -> AsyncIterator[AggDb]:
     finally:
         await d.drop()
         await conn.close()
-
-
-def F(path: str) -> Field:
-    return Field(tuple(path.split(".")) if path else ())
-
-
-def C(op: str, *args: Any) -> Call:
-    return Call(
-        op, tuple(a if not isinstance(a, int | float | str | None) else Lit(a) for a in args)
-    )
-
-
-def acc(op: str, arg: Any) -> Accumulator:
-    return Accumulator(op, arg if not isinstance(arg, int | str) else Lit(arg))
-
-
-SALES = [
-    {"_id": "a1", "cat": "x", "n": 1, "tags": ["p", "q"]},
-    {"_id": "a2", "cat": "y", "n": 2.5, "tags": []},
-    {"_id": "a3", "cat": "x", "n": "str", "tags": ["q"]},
-    {"_id": "a4", "n": 4},
-    {"_id": "a5", "cat": None, "n": None, "tags": "solo"},
-    {"_id": "a6", "cat": "y", "n": 10},
-]
 
 
 async def test_group_accumulators(db: AggDb) -> None:

@@ -13,12 +13,9 @@ import pytest_asyncio
 
 from proxy.errors import ProxyError
 from proxy.query.aggregate.ast import (
-    Accumulator,
     AddFields,
-    Call,
     Count,
     Facet,
-    Field,
     Group,
     Limit,
     Lit,
@@ -33,7 +30,7 @@ from proxy.query.aggregate.ast import (
     View,
 )
 from proxy.query.ast import Eq, FieldCond, Path
-from tests.integration.agg_pg_harness import AggDb
+from tests.integration.agg_pg_harness import SALES, AggDb, C, F, acc
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -48,30 +45,6 @@ async def db(pg_dsn: str) -> AsyncIterator[AggDb]:
     finally:
         await d.drop()
         await conn.close()
-
-
-def F(path: str) -> Field:
-    return Field(tuple(path.split(".")) if path else ())
-
-
-def C(op: str, *args: Any) -> Call:
-    return Call(
-        op, tuple(a if not isinstance(a, int | float | str | None) else Lit(a) for a in args)
-    )
-
-
-def acc(op: str, arg: Any) -> Accumulator:
-    return Accumulator(op, arg if not isinstance(arg, int | str) else Lit(arg))
-
-
-SALES = [
-    {"_id": "a1", "cat": "x", "n": 1, "tags": ["p", "q"]},
-    {"_id": "a2", "cat": "y", "n": 2.5, "tags": []},
-    {"_id": "a3", "cat": "x", "n": "str", "tags": ["q"]},
-    {"_id": "a4", "n": 4},
-    {"_id": "a5", "cat": None, "n": None, "tags": "solo"},
-    {"_id": "a6", "cat": "y", "n": 10},
-]
 
 
 async def test_sort_cross_type_arrays_stable(db: AggDb) -> None:
