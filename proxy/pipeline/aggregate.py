@@ -3,7 +3,7 @@ looked-up one's) → validate the paths named → limit → one statement → th
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from proxy.backends.base import Backend, Documents, Unsupported, check_collection
@@ -11,7 +11,7 @@ from proxy.config import Limits
 from proxy.errors import BadRequest
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
 from proxy.policy.decide import Decision, denial
-from proxy.query.aggregate.ast import Aggregated, AggregateSpec, Pipeline, View
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec, FieldPath, View
 from proxy.query.aggregate.parse import foreign_paths, parse_body, source_paths
 
 
@@ -39,7 +39,8 @@ class AggregateOps:
         if not self.backend().capabilities.aggregate:
             raise Unsupported.refusal("aggregation")
         d.check_paths(".".join(p) for p, _ in source_paths(pipeline))
-        views = tuple(self._lookup_view(n, pipeline, caller, target) for n in pipeline.lookups)
+        foreign = foreign_paths(pipeline)
+        views = tuple(_lookup_view(n, foreign.get(n, ()), caller, target) for n in pipeline.lookups)
         spec = AggregateSpec(
             pipeline,
             _view(d, collection, caller),
@@ -61,19 +62,24 @@ class AggregateOps:
             )
         return result
 
-    def _lookup_view(
-        self, name: str, pipeline: Pipeline, caller: Caller, target: Documents | None
-    ) -> View:
-        """A looked-up collection as the caller may read it (``read`` granted, or 403)."""
-        ld = caller.decisions.get(check_collection(name), "read")
-        ld.authorize(in_transaction=target is not None)
-        ld.check_paths(".".join(p) for p, _ in foreign_paths(pipeline).get(name, ()))
-        return _view(ld, name, caller)
-
     def _cap(self, caller: Caller) -> int:
         cap = self.limits.max_aggregate_rows
         policy_cap = self.gate.max_rows(caller)
         return cap if policy_cap is None else min(cap, policy_cap)
+
+
+def _lookup_view(
+    name: str,
+    paths: Iterable[tuple[FieldPath, str]],
+    caller: Caller,
+    target: Documents | None,
+) -> View:
+    """A looked-up collection as the caller may read it (``read`` granted, or 403), the
+    fields the pipeline matches on in it readable."""
+    ld = caller.decisions.get(check_collection(name), "read")
+    ld.authorize(in_transaction=target is not None)
+    ld.check_paths(".".join(p) for p, _ in paths)
+    return _view(ld, name, caller)
 
 
 def _view(d: Decision, collection: str, caller: Caller) -> View:
