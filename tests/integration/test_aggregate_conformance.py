@@ -244,6 +244,37 @@ async def test_runtime_failures_are_expression_failed(core: Core) -> None:
         assert info.value.code == "expression_failed", expr
 
 
+NOTHING = {"$gt": None}  # a filter nothing matches: both compilers know it is false
+
+
+async def test_a_failure_is_not_hidden_by_a_later_stage_known_to_yield_nothing(
+    core: Core,
+) -> None:
+    """The reference evaluates every stage on every document, so a failing expression
+    fails the pipeline even where a later stage that the planner knows is empty reads none
+    of its output (found by the differential test: PostgreSQL dropped the check with the
+    empty relation)."""
+    name = await load(core, [{"_id": "1", "a": None, "b": -2}, {"_id": "2", "a": 1, "b": [1]}])
+    cases = [
+        [{"$project": {"a": 1, "p": {"$toLower": "$b"}}}, {"$match": {"a": NOTHING}}],
+        [{"$addFields": {"x": {"$size": "$b"}}}, {"$match": {"x": NOTHING}}, {"$count": "n"}],
+        [{"$facet": {"f": [{"$set": {"x": {"$size": "$b"}}}, {"$match": {"x": NOTHING}}]}}],
+        [
+            {"$facet": {"f": [{"$set": {"x": {"$size": "$b"}}}, {"$match": {"x": NOTHING}}]}},
+            {"$match": {"f": NOTHING}},
+        ],
+    ]
+    for pipeline in cases:
+        with pytest.raises(InvalidQuery) as info:
+            await agg(core, name, pipeline)
+        assert info.value.code == "expression_failed", pipeline
+    # the same pipelines without the failing document: nothing out, no error
+    strings = await load(core, [{"_id": "3", "a": 1, "b": "X"}, {"_id": "4", "b": None}])
+    assert await agg(core, strings, cases[0]) == []
+    arrays = await load(core, [{"_id": "2", "a": 1, "b": [1]}])
+    assert await agg(core, arrays, cases[2]) == [{"f": []}]
+
+
 async def test_an_output_document_over_the_byte_cap_is_refused(
     kind: str, pg_dsn: str, tmp_path: Path
 ) -> None:

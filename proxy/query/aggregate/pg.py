@@ -63,12 +63,14 @@ def compile_pipeline(
     forced = c.finish(rel)
     order = f" ORDER BY {order_sql(rel.order)}" if rel.order else ""
     cap_sql = c.p.add(cap + 1, "bigint")
+    if forced is not None:  # the Limit node evaluates its count before reading any row
+        cap_sql = f"(CASE WHEN {forced} THEN {cap_sql} END)"
     big = c.p.add(max_bytes, "int")
     refuse = c.x.fail_with("result_too_large", f"an output document is over {max_bytes} bytes")
     sql = (
         f"WITH {', '.join(c.ctes)} SELECT CASE WHEN octet_length(x.t) > {big} THEN "
         f"({refuse})::text ELSE x.t END AS doc FROM {rel.name} r "
-        f"CROSS JOIN LATERAL (SELECT r.doc::text AS t OFFSET 0) x{forced}{order} LIMIT {cap_sql}"
+        f"CROSS JOIN LATERAL (SELECT r.doc::text AS t OFFSET 0) x{order} LIMIT {cap_sql}"
     )
     return sql, c.p.values
 
@@ -106,15 +108,18 @@ class PipelineCompiler(StageSql):
         self.ctes.append(f"{name} AS {mode}({select})")
         return Rel(name, tuple(cols), tuple(order))
 
-    def finish(self, last: Rel) -> str:
-        """Closes a chain: the last CTE (read once) is inlined unless it may fail; the
-        WHERE clause (a one-time filter) that reads every CTE that may fail in full."""
+    def finish(self, last: Rel) -> str | None:
+        """Closes a chain: the last CTE (read once) is inlined unless it may fail. Answers
+        a condition, always true, that reads every CTE that may fail in full (None when
+        none may). The caller puts it where it is evaluated whatever the planner knows of
+        the rows: never in a WHERE, which a relation known to be empty (``WHERE FALSE``)
+        drops unevaluated."""
         if last.name not in self.forced:
             self.ctes[-1] = self.ctes[-1].replace(" AS MATERIALIZED (", " AS (", 1)
         if not self.forced:
-            return ""
+            return None
         counts = " + ".join(f"(SELECT count(*) FROM {n})" for n in self.forced)
-        return f" WHERE {counts} >= 0"
+        return f"{counts} >= 0"
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
         """The select list: ``r``'s ordering columns, ``extra`` items, the new doc."""

@@ -71,7 +71,7 @@ class StageSql:
     def cte(self, select: str, cols: Sequence[str], order: Order) -> Rel:
         raise NotImplementedError
 
-    def finish(self, last: Rel) -> str:
+    def finish(self, last: Rel) -> str | None:
         raise NotImplementedError
 
     def carry(self, r: Rel, doc: str, *extra: str) -> str:
@@ -218,15 +218,18 @@ class StageSql:
     def facet(self, s: Facet, r: Rel) -> Rel:
         pairs = []
         for name, stages in s.facets:
-            (outer, self.ctes), (forced, self.forced) = (self.ctes, []), (self.forced, [])
+            (outer, self.ctes), (kept, self.forced) = (self.ctes, []), (self.forced, [])
             try:
                 sub = self.stages(stages, r)
                 inner = self.ctes
-                where = self.finish(sub) if inner else ""
+                guard = self.finish(sub) if inner else None
             finally:
-                self.ctes, self.forced = outer, forced
+                self.ctes, self.forced = outer, kept
             order = f" ORDER BY {order_sql(sub.order)}" if sub.order else ""
-            agg = f"SELECT COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb) FROM {sub.name} x{where}"
+            agg = f"COALESCE(jsonb_agg(x.doc{order}), '[]'::jsonb)"
+            if guard is not None:  # a select list without GROUP BY: evaluated on no rows too
+                agg = f"CASE WHEN {guard} THEN {agg} END"
+            agg = f"SELECT {agg} FROM {sub.name} x"
             if inner:
                 agg = f"WITH {', '.join(inner)} {agg}"
             pairs.append(f"{self.p.add(name, 'text')}, ({agg})")
