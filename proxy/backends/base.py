@@ -13,6 +13,7 @@ from proxy.errors import BadRequest, InvalidCollection, ProxyError, Unavailable
 from proxy.policy import RESERVED_COLLECTIONS
 from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.ast import Filter
+from proxy.query.search import SearchHits, SearchRequest
 from proxy.query.spec import (
     AuditScope,
     Change,
@@ -88,6 +89,16 @@ class Documents(Protocol):
 
     async def aggregate(self, collection: str, spec: AggregateSpec) -> Aggregated:
         """The pipeline as one statement over the caller's views (``Capabilities.aggregate``)."""
+        ...
+
+    async def search(self, request: SearchRequest) -> SearchHits:
+        """Full-text search over the request's targets, ranked as one list
+        (``Capabilities.search``; see proxy.query.search for every rule). A target whose
+        table does not exist has no hits."""
+        ...
+
+    async def collection_names(self) -> list[str]:
+        """Every collection that has a table, sorted (``Capabilities.search``)."""
         ...
 
     async def preview(
@@ -190,6 +201,7 @@ class Capabilities:
     coalesce: bool = False  # concurrent point reads share one statement
     schemas: bool = False  # ``load_schemas``, ``describe_collection``, ``migrations``
     aggregate: bool = False  # ``aggregate``: pipelines compiled to one statement
+    search: bool = False  # ``search`` and ``collection_names``: full-text search
 
 
 class Backend(Documents, Protocol):

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from proxy.query.ast import Filter, Update
-from proxy.schema.model import IndexSpec
+from proxy.schema.model import IndexSpec, SearchDeclaration
 
 _PHYSICAL_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9_]{0,39})__([0-9a-f]{12})")
 
@@ -72,6 +72,13 @@ class MigrationTx(Protocol):
         ...
 
     async def drop_index(self, collection: str, name: str) -> None: ...
+
+    async def set_search(self, collection: str, declared: SearchDeclaration | None) -> None:
+        """Make the collection's full-text index the one ``declared`` describes (None: no
+        index), built from the stored documents and kept by every later write in the same
+        statement (PostgreSQL: a stored generated ``tsvector`` column with a GIN index; the
+        embedded store: an FTS5 table kept by triggers). Creates the table if absent."""
+        ...
 
     async def sql(self, text: str) -> None: ...
 

@@ -19,9 +19,11 @@ from proxy.schema.model import (
     INDEX_NAME_RE,
     CollectionSchema,
     IndexSpec,
+    SearchDeclaration,
     parse_index,
     parse_path,
     parse_schema,
+    parse_search,
 )
 
 ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -49,6 +51,7 @@ OPERATION_KEYS: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     "set_schema": (frozenset({"collection", "schema"}), frozenset()),
     "create_index": (frozenset({"collection", "index"}), frozenset()),
     "drop_index": (frozenset({"collection", "name"}), frozenset()),
+    "set_search": (frozenset({"collection", "search"}), frozenset()),
     "rename_field": (frozenset({"collection", "from", "to"}), frozenset()),
     "backfill": (frozenset({"collection", "filter", "update"}), frozenset({"batch_size"})),
     "drop_collection": (frozenset({"collection"}), frozenset()),
@@ -71,6 +74,7 @@ class Operation:
     collection: str | None = None  # None only for sql and alembic_upgrade
     schema: CollectionSchema | None = None  # create_collection, set_schema
     index: IndexSpec | None = None  # create_index
+    search: SearchDeclaration | None = None  # set_search (None: the declaration removed)
     name: str | None = None  # drop_index
     source: tuple[str, ...] = ()  # rename_field
     target: tuple[str, ...] = ()  # rename_field
@@ -88,6 +92,7 @@ class Operation:
             "set_schema",
             "create_index",
             "drop_index",
+            "set_search",
             "rename_field",
             "drop_collection",
         ) or (self.kind == "create_collection" and self.schema is not None)
@@ -246,6 +251,10 @@ def _build(
         return Operation(kind, coll, schema=schema, raw=raw)
     if kind == "create_index":
         return Operation(kind, coll, index=parse_index(body["index"], f"{where}.index"), raw=raw)
+    if kind == "set_search":
+        raw_search = body["search"]
+        search = None if raw_search is None else parse_search(raw_search, f"{where}.search")
+        return Operation(kind, coll, search=search, raw=raw)
     if kind == "drop_index":
         name = body["name"]
         if not isinstance(name, str) or not INDEX_NAME_RE.fullmatch(name):

@@ -407,6 +407,9 @@ class MigrationRunner:
                 await steps.save_schema(tx, state, c, new)
         elif op.kind == "drop_index":
             await steps.drop_index(tx, state, op)
+        elif op.kind == "set_search":
+            assert c is not None
+            await steps.set_search(tx, state, c, op.search)
         elif op.kind == "rename_field":
             await steps.rename_field(tx, state, op, m.id)
         elif op.kind == "drop_collection":

@@ -11,7 +11,13 @@ from typing import Any, Final
 from proxy.backends.migrations import MigrationTx
 from proxy.errors import BadRequest, Conflict, NotFound
 from proxy.migrate.ops import Operation
-from proxy.schema.model import CollectionSchema, FieldSpec, IndexSpec, parse_schema
+from proxy.schema.model import (
+    CollectionSchema,
+    FieldSpec,
+    IndexSpec,
+    SearchDeclaration,
+    parse_schema,
+)
 from proxy.schema.validate import SchemaValidator, compile_schema
 
 MAX_LISTED: Final = 10  # invalid documents named in existing_documents_invalid
@@ -134,7 +140,22 @@ async def set_schema(
         await tx.create_collection(collection)
     await check_existing(tx, collection, new)
     await reconcile_indexes(tx, collection, old, new)
+    if (old.search if old is not None else None) != new.search:
+        await tx.set_search(collection, new.search)
     await save_schema(tx, state, collection, new)
+
+
+async def set_search(
+    tx: MigrationTx, state: TxState, collection: str, declared: SearchDeclaration | None
+) -> None:
+    """Declare (or, with None, remove) what full-text search indexes; a rerun of the same
+    declaration changes nothing."""
+    old = await current_schema(tx, state, collection)
+    if (old.search if old is not None else None) == declared:
+        return
+    await tx.set_search(collection, declared)
+    base = old or CollectionSchema(collection)
+    await save_schema(tx, state, collection, dataclasses.replace(base, search=declared))
 
 
 def with_index(
@@ -183,6 +204,12 @@ def renamed_schema(schema: CollectionSchema | None, op: Operation) -> Collection
         return None
     src, dst = op.source, op.target
     n = len(src)
+    if schema.search is not None and any(p[:n] == src for p, _ in schema.search.fields):
+        raise BadRequest(
+            f"full-text search uses {'.'.join(src)!r}: change set_search before renaming it",
+            code="field_indexed",
+            details={"search": ".".join(src)},
+        )
     moved = [f for f in schema.fields if f.path[:n] == src]
     if not moved:
         return None

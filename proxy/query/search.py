@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from proxy.config import Limits
 from proxy.errors import BadRequest, InvalidCollection, LimitExceeded
 from proxy.query.ast import MATCH_ALL, Filter, Path
 from proxy.query.parse import parse_filter, parse_path
+from proxy.schema.model import SearchDeclaration
 
 MAX_QUERY_CHARS = 1000
 MAX_SEARCH_LIMIT = 100
@@ -309,3 +311,113 @@ def _parse_fields(raw: Any, limits: Limits) -> tuple[Path, ...] | None:
     if len(raw) > MAX_SEARCH_FIELDS:
         raise LimitExceeded(f"at most {MAX_SEARCH_FIELDS} fields", code="too_many_fields")
     return tuple(parse_path(f, limits) for f in raw)
+
+
+# ---- what a backend is asked and answers ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SearchTarget:
+    """One collection searched, as the caller may see it.
+
+    ``guard``: the row rules and the request's ``filter`` together (None: every row).
+    ``readable``: the fields the caller may read (FieldRule semantics: a listed path covers
+    everything under it; None: every field). ``declared``: the collection's set_search.
+
+    What is searched (and ranked on, and highlighted): with a declaration, each declared
+    field the caller may read whole (a declared field only partly readable is left out),
+    at its weight, in the declaration's language; without one, every string in the
+    document (nested, in arrays) but ``_id`` and ``_version``, readable fields only, at
+    weight D, language ``simple``. A hidden field is never searched: search is no oracle."""
+
+    collection: str
+    guard: Filter | None = None
+    readable: frozenset[str] | None = None
+    declared: SearchDeclaration | None = None
+
+    def searched(self) -> tuple[tuple[tuple[str, ...], str], ...] | None:
+        """The declared fields searched for this caller (path, weight); None: undeclared."""
+        if self.declared is None:
+            return None
+        return tuple((p, w) for p, w in self.declared.fields if covered(p, self.readable))
+
+
+def covered(path: tuple[str, ...], readable: frozenset[str] | None) -> bool:
+    """``path`` (and everything under it) is readable."""
+    if readable is None:
+        return True
+    return any(".".join(path[:i]) in readable for i in range(1, len(path) + 1))
+
+
+Keyset = tuple[float, str, str]  # (score, collection, _id) of the last hit of a page
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRequest:
+    """One search as a backend runs it: the hits of every target in one ranking, best first
+    (``score`` descending, then ``collection``, then ``_id``, both by code point), after
+    ``after`` (exclusive), at most ``limit + 1`` of them (one more tells "there is a next
+    page"); ``total``: the exact number of matches too (ignoring ``after``)."""
+
+    query: SearchQuery
+    targets: tuple[SearchTarget, ...]
+    limit: int
+    after: Keyset | None = None
+    highlight: bool = True
+    total: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHit:
+    """``score``: higher is better, > 0, from the searched fields' weights and the density
+    of the query's terms in them (PostgreSQL ``ts_rank_cd``, the embedded store bm25),
+    normalised the same way in every collection so the ranking can mix them.
+    ``document``: the stored document, JSON text (the pipeline hides what the caller may not
+    read). ``highlights``: for each searched field whose text matches (dotted path; an
+    array's matching strings joined by " … "), the text HTML-escaped with each matched word
+    in ``<mark>…</mark>``, a long text cut to fragments around the matches (see ``marked``)."""
+
+    collection: str
+    id: str
+    score: float
+    document: bytes
+    highlights: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchHits:
+    hits: list[SearchHit]
+    total: int | None = None
+
+
+# A backend's highlighter brackets each matched word in these two characters (which it
+# first removes from the text); ``marked`` escapes the rest and turns them into <mark>s.
+MARK_START = "\x02"
+MARK_STOP = "\x03"
+FRAGMENT_SEPARATOR = " … "
+FRAGMENT_WORDS = 24  # a long text is cut to at most 3 fragments of about this many words
+
+
+def marked(text: str) -> str:
+    """A highlighter's output as HTML: everything escaped, the bracketed words marked;
+    an unbalanced bracket is dropped rather than left as an unclosed element."""
+    out: list[str] = []
+    inside = False
+    for chunk in re.split(f"([{MARK_START}{MARK_STOP}])", text):
+        if chunk == MARK_START:
+            if not inside:
+                out.append("<mark>")
+                inside = True
+        elif chunk == MARK_STOP:
+            if inside:
+                out.append("</mark>")
+                inside = False
+        elif chunk:
+            out.append(html.escape(chunk, quote=True))
+    if inside:
+        out.append("</mark>")
+    return "".join(out)
+
+
+def has_mark(text: str) -> bool:
+    return MARK_START in text

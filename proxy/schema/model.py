@@ -167,7 +167,7 @@ class CollectionSchema:
     indexes: tuple[IndexSpec, ...] = ()
     validation: Validation = field(default_factory=Validation)
     security: Mapping[str, Any] | None = None
-    search: Mapping[str, Any] | None = None  # issue 17: stored as given
+    search: SearchDeclaration | None = None  # set_search: what full-text search indexes
 
     def field(self, path: tuple[str, ...]) -> FieldSpec | None:
         for f in self.fields:
@@ -221,7 +221,7 @@ class CollectionSchema:
             "partitioning": None,
             "security": dict(self.security) if self.security is not None else None,
             "validation": {"level": self.validation.level, "action": self.validation.action},
-            "search": dict(self.search) if self.search is not None else None,
+            "search": self.search.to_dict() if self.search is not None else None,
         }
 
 
@@ -252,9 +252,8 @@ def parse_schema(raw: Any, collection: str, where: str = "schema") -> Collection
     security = raw.get("security")
     if security is not None and not isinstance(security, dict):
         raise invalid("must be an object", f"{where}.security")
-    search = raw.get("search")
-    if search is not None and not isinstance(search, dict):
-        raise invalid("must be an object", f"{where}.search")
+    search_raw = raw.get("search")
+    search = None if search_raw is None else parse_search(search_raw, f"{where}.search")
     fields = _parse_fields(raw.get("fields", []), f"{where}.fields")
     indexes_raw = raw.get("indexes", [])
     if not isinstance(indexes_raw, list) or len(indexes_raw) > MAX_INDEXES:
@@ -276,6 +275,77 @@ def parse_schema(raw: Any, collection: str, where: str = "schema") -> Collection
     if len(set(all_names)) != len(all_names):
         raise invalid("an index is named like a unique constraint's index", f"{where}.indexes")
     return schema
+
+
+# ---- full-text search (set_search) --------------------------------------------------------
+
+SEARCH_WEIGHTS: Final = ("A", "B", "C", "D")
+MAX_SEARCH_FIELDS: Final = 32
+# PostgreSQL's built-in text-search configurations (a fixed list: the name may be written
+# into DDL). The embedded store stems ``english`` (FTS5's porter) and no other language.
+SEARCH_LANGUAGES: Final = frozenset(
+    {
+        "simple", "arabic", "armenian", "basque", "catalan", "danish", "dutch", "english",
+        "finnish", "french", "german", "greek", "hindi", "hungarian", "indonesian", "irish",
+        "italian", "lithuanian", "nepali", "norwegian", "portuguese", "romanian", "russian",
+        "serbian", "spanish", "swedish", "tamil", "turkish", "yiddish",
+    }
+)  # fmt: skip
+UNDECLARED_LANGUAGE: Final = "simple"  # collections without set_search: no stemming
+
+
+@dataclass(frozen=True, slots=True)
+class SearchDeclaration:
+    """A collection's full-text declaration: the fields searched, each with its weight
+    (``A`` counts most), in the order declared, and the text-search configuration."""
+
+    fields: tuple[tuple[tuple[str, ...], str], ...]
+    language: str = "english"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fields": {".".join(path): weight for path, weight in self.fields},
+            "language": self.language,
+        }
+
+
+def parse_search(raw: Any, where: str = "search") -> SearchDeclaration:
+    """``{"fields": {"title": "A", "body": "C"}, "language": "english"?}``."""
+    if not isinstance(raw, dict):
+        raise invalid("must be an object", where)
+    unknown = sorted(set(raw) - {"fields", "language"})
+    if unknown:
+        raise invalid(f"unknown key {unknown[0]!r}", where)
+    fields = raw.get("fields")
+    if not isinstance(fields, dict) or not fields or len(fields) > MAX_SEARCH_FIELDS:
+        raise invalid(
+            f"fields must map 1 to {MAX_SEARCH_FIELDS} field paths to a weight (A-D)",
+            f"{where}.fields",
+        )
+    out: list[tuple[tuple[str, ...], str]] = []
+    for name, weight in fields.items():
+        path = parse_path(name, f"{where}.fields")
+        if path[0] == "_id":
+            raise invalid("_id is not searchable text", f"{where}.fields")
+        if weight not in SEARCH_WEIGHTS:
+            raise invalid(f"the weight of {name!r} must be one of A, B, C, D", f"{where}.fields")
+        out.append((path, weight))
+    paths = [p for p, _ in out]
+    for p in paths:
+        for q in paths:
+            if p != q and q[: len(p)] == p:
+                raise invalid(
+                    f"{'.'.join(q)!r} is inside {'.'.join(p)!r}, declared already",
+                    f"{where}.fields",
+                )
+    language = raw.get("language", "english")
+    if language not in SEARCH_LANGUAGES:
+        raise invalid(
+            "language must be one of PostgreSQL's text-search configurations: "
+            + ", ".join(sorted(SEARCH_LANGUAGES)),
+            f"{where}.language",
+        )
+    return SearchDeclaration(tuple(out), language)
 
 
 def parse_path(raw: Any, where: str) -> tuple[str, ...]:
