@@ -27,6 +27,7 @@ from proxy.http.documents import (
 from proxy.http.keys import CONFIG, CORE, OPERATIONS
 from proxy.http.middleware import Handler, envelope, identity, json_response, observed_identity
 from proxy.http.schema import describe_schema
+from proxy.http.search import search
 from proxy.http.transactions import transaction
 from proxy.pipeline.core import Core
 
@@ -72,6 +73,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/db/migrations", migrations.list_records, None),
     Route("POST", "/api/db/migrations", migrations.submit, None),
     Route("POST", "/api/db/transaction", transaction, "transaction"),
+    Route("POST", "/api/db/search", search, "search"),
     Route("GET", "/api/db/schema/{collection}", describe_schema, "schema"),
     Route("GET", "/api/db/{collection}/count", count_documents, "count"),
     BY_ID,

@@ -21,6 +21,7 @@ from proxy.pipeline.describe import SchemaOps
 from proxy.pipeline.documents import DocumentOps
 from proxy.pipeline.gate import Gatekeeper
 from proxy.pipeline.schemas import SchemaRegistry
+from proxy.pipeline.search import SearchOps
 from proxy.pipeline.transactions import TransactionRegistry
 
 PlanNote = Callable[[bool, str], None]
@@ -28,7 +29,7 @@ PlanNote = Callable[[bool, str], None]
 log = logging.getLogger(__name__)
 
 
-class Core(DocumentOps, AtomicOps, SchemaOps, AggregateOps):
+class Core(DocumentOps, AtomicOps, SchemaOps, AggregateOps, SearchOps):
     """Runs document operations against the configured backends. Every collaborator comes
     in through the constructor (``proxy.wiring`` builds them); defaults make a bare core."""
 

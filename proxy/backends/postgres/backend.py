@@ -85,6 +85,7 @@ class PostgresBackend(CoalescingDocuments):
         coalesce=True,
         schemas=True,
         aggregate=True,
+        search=True,
     )
 
     def __init__(

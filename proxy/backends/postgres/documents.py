@@ -14,6 +14,7 @@ from proxy.backends.base import check_collection
 from proxy.backends.postgres.aggregate import PgAggregate
 from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
+from proxy.backends.postgres.search import PgSearch
 from proxy.backends.postgres.sql import insert_documents, with_audit
 from proxy.config import Limits
 from proxy.errors import (
@@ -50,7 +51,7 @@ _dumps = numbers.dumps_document
 _SINGLE_ROW = "VALUES ($1, $2::jsonb, 1)"  # the rows of a one-document insert
 
 
-class PgDocuments(PgAggregate):
+class PgDocuments(PgAggregate, PgSearch):
     """The document operations, written once over two primitives: ``_write`` (creates the
     table on first use) and ``_read`` (None when the table does not exist). The pooled
     backend and a pinned transaction provide them differently."""

@@ -21,7 +21,8 @@ from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
 from proxy.query.ast import Filter, Update
 from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
 from proxy.query.pg_typed import declared_order
-from proxy.schema.model import IndexSpec
+from proxy.query.search_pg import SEARCH_COLUMN, column_ddl
+from proxy.schema.model import IndexSpec, SearchDeclaration
 
 
 class PgHost(Protocol):
@@ -397,6 +398,22 @@ class PgTx:
 
     async def drop_collection(self, collection: str) -> None:
         await self.conn.execute(f"DROP TABLE IF EXISTS {self.store.table(collection)}")
+
+    async def set_search(self, collection: str, declared: SearchDeclaration | None) -> None:
+        """The stored ``tsvector`` column (generated: PostgreSQL computes it in the
+        statement of every write) and its GIN index, replaced whole; adding the column
+        rewrites the table under this transaction's lock."""
+        import hashlib
+
+        if not await self.table_exists(collection):
+            await self.create_collection(collection)
+        table = self.store.table(collection)
+        await self.conn.execute(f"ALTER TABLE {table} DROP COLUMN IF EXISTS {SEARCH_COLUMN}")
+        if declared is None:
+            return
+        index = "fts_" + hashlib.blake2s(collection.encode(), digest_size=8).hexdigest()
+        for ddl in column_ddl(table, index, declared):
+            await self.conn.execute(ddl)
 
     async def create_index(
         self, collection: str, index: IndexSpec, kinds: dict[tuple[str, ...], str]
