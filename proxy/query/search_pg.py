@@ -96,8 +96,9 @@ class _Compiler:
 SEARCH_COLUMN = "_search"
 _SEGMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 HEADLINE_OPTIONS = (
-    f"StartSel={MARK_START}, StopSel={MARK_STOP}, MaxFragments=3, MaxWords={FRAGMENT_WORDS}, ShortWord=0, "
-    f'MinWords={FRAGMENT_WORDS // 3}, FragmentDelimiter="{FRAGMENT_SEPARATOR}"'
+    f"StartSel={MARK_START}, StopSel={MARK_STOP}, MaxFragments=3, "
+    f"MaxWords={FRAGMENT_WORDS}, MinWords={FRAGMENT_WORDS // 3}, ShortWord=0, "
+    f'FragmentDelimiter="{FRAGMENT_SEPARATOR}"'
 )
 
 
