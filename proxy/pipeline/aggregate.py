@@ -10,6 +10,7 @@ from proxy.backends.base import Backend, Documents, Unsupported, check_collectio
 from proxy.config import Limits
 from proxy.errors import BadRequest
 from proxy.pipeline.gate import OPEN, Caller, Gatekeeper
+from proxy.pipeline.schemas import ActiveSchema, SchemaRegistry
 from proxy.policy.decide import Decision, denial
 from proxy.query.aggregate.ast import Aggregated, AggregateSpec, FieldPath, View
 from proxy.query.aggregate.parse import foreign_paths, parse_body, source_paths
@@ -20,6 +21,7 @@ class AggregateOps:
 
     gate: Gatekeeper
     limits: Limits
+    schemas: SchemaRegistry
     backend: Callable[[], Backend]
 
     async def aggregate(
@@ -41,9 +43,10 @@ class AggregateOps:
         d.check_paths(".".join(p) for p, _ in source_paths(pipeline))
         foreign = foreign_paths(pipeline)
         views = tuple(_lookup_view(n, foreign.get(n, ()), caller, target) for n in pipeline.lookups)
+        active = await self.schemas.of(self.backend(), collection)
         spec = AggregateSpec(
             pipeline,
-            _view(d, collection, caller),
+            _view(d, collection, caller, active),
             views,
             self._cap(caller),
             explain,
@@ -82,6 +85,15 @@ def _lookup_view(
     return _view(ld, name, caller)
 
 
-def _view(d: Decision, collection: str, caller: Caller) -> View:
+def _view(d: Decision, collection: str, caller: Caller, active: ActiveSchema | None = None) -> View:
     readable = d.readable.readable if d.readable is not None else None
-    return View(collection, d.row_filter(caller.headers), readable)
+    if active is None or not active.kinds:
+        return View(collection, d.row_filter(caller.headers), readable)
+    never_null = active.schema.never_null()
+    return View(
+        collection,
+        d.row_filter(caller.headers),
+        readable,
+        scalars=frozenset(path for path, _ in active.kinds),
+        numbers=frozenset(p for p, kind in active.kinds if kind == "number" and p in never_null),
+    )

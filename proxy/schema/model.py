@@ -212,6 +212,11 @@ class CollectionSchema:
                 out[f.path] = kinds.pop()
         return out
 
+    def never_null(self) -> frozenset[tuple[str, ...]]:
+        """Declared paths whose value, when present, is never null (``null`` is not one of
+        their types): with ``scalar_kinds``, a value the compilers may cast directly."""
+        return frozenset(f.path for f in self.fields if "null" not in f.types)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from proxy import context
+from proxy.errors import InvalidQuery
 from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.aggregate.pg import compile_pipeline
 
@@ -53,11 +54,22 @@ class PgAggregate:
             plan = orjson.loads(raw) if isinstance(raw, str) else raw
             return Aggregated([], {"sql": sql, "plan": plan})
         context.last_statement.set((sql, tuple(args)))
-        rows = await self._analytics(collection, sql, *args)
-        if rows is None:  # no table yet: an empty collection ($facet still answers once)
-            tables[collection] = None
-            sql, args = self._compile(spec, tables)
+        try:
             rows = await self._analytics(collection, sql, *args)
+            if rows is None:  # no table yet: an empty collection ($facet still answers once)
+                tables[collection] = None
+                sql, args = self._compile(spec, tables)
+                rows = await self._analytics(collection, sql, *args)
+        except InvalidQuery as err:
+            if err.code != "update_type_mismatch":
+                raise
+            # the one cast a pipeline makes without a type test: a declared number path
+            # (View.numbers) holding something else, written around dbproxy
+            raise InvalidQuery(
+                "a stored document does not have the types its collection's schema "
+                "declares (a declared number holds another value)",
+                code="expression_failed",
+            ) from None
         return Aggregated([r[0].encode() for r in rows or ()])
 
     def _compile(self, spec: AggregateSpec, tables: dict[str, str | None]) -> tuple[str, list[Any]]:

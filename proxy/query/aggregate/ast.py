@@ -226,11 +226,16 @@ class Pipeline:
 class View:
     """The rows of ``collection`` the caller may see (``guard``, the row rules; None: all)
     with only the fields it may read (``readable``, FieldRule semantics: a listed path
-    covers everything under it; None: every field). ``_id`` and ``_version`` always pass."""
+    covers everything under it; None: every field). ``_id`` and ``_version`` always pass.
+    ``scalars``/``numbers``: what its enforced schema declares (see below)."""
 
     collection: str
     guard: Filter | None = None
     readable: frozenset[str] | None = None
+    # from an enforced schema: top-level declared scalar paths (any kind), and declared
+    # number paths never null; a compiler may use them while documents are as stored
+    scalars: frozenset[FieldPath] = frozenset()
+    numbers: frozenset[FieldPath] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

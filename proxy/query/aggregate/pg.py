@@ -14,6 +14,7 @@ from proxy.query.aggregate.ast import (
     Bucket,
     Count,
     Facet,
+    Field,
     FieldPath,
     Group,
     Limit,
@@ -34,8 +35,8 @@ from proxy.query.aggregate.ast import (
 from proxy.query.aggregate.pg_accum import Order, accumulator_sql, counts, order_sql
 from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type
 from proxy.query.aggregate.pg_stages import Rel, StageSql, raw_is_view
-from proxy.query.ast import Filter
-from proxy.query.pg import FilterCompiler, Params
+from proxy.query.ast import Filter, Path
+from proxy.query.pg import FilterCompiler, Params, jsonb
 
 EMPTY = "(SELECT NULL::text AS _id, NULL::jsonb AS doc WHERE false)"
 
@@ -88,6 +89,9 @@ class PipelineCompiler(StageSql):
         self.ctes: list[str] = []
         self.computed = False  # the CTE being built computes its documents (carry says)
         self.forced: list[str] = []  # CTEs that may fail: every row of them is computed
+        # declared never-null number paths of the documents as stored (View.numbers), while
+        # the stages so far have not reshaped them
+        self.numbers: frozenset[tuple[str, ...]] = frozenset()
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -139,7 +143,8 @@ class PipelineCompiler(StageSql):
     # -- the base scan -----------------------------------------------------------------
 
     def base(self, view: View, early: list[Filter]) -> Rel:
-        fc = FilterCompiler(self.p)
+        fc = DeclaredFilterCompiler(self.p, view.scalars)
+        self.numbers = view.numbers
         conds = [fc.where(view.guard, "t.doc")] if view.guard is not None else []
         src = self.source(view.collection)
         raw = [f for f in early if raw_is_view(f, view.readable)]
@@ -163,6 +168,8 @@ class PipelineCompiler(StageSql):
     def stages(self, stages: Sequence[Stage], r: Rel) -> Rel:
         for stage in stages:
             r = self.stage(stage, r)
+            if not isinstance(stage, Match | Sort | Skip | Limit):
+                self.numbers = frozenset()  # documents reshaped: declared kinds no longer hold
         return r
 
     def stage(self, s: Stage, r: Rel) -> Rel:
@@ -276,6 +283,9 @@ class PipelineCompiler(StageSql):
         key = raw if isinstance(s.key, Lit | Obj | Arr) else f"COALESCE({raw}, {NULL})"
         return self.grouped(r, key, s.accumulators, None)
 
+    def _declared_number(self, a: Accumulator) -> bool:
+        return isinstance(a.arg, Field) and a.arg.path in self.numbers
+
     def grouped(
         self,
         r: Rel,
@@ -305,7 +315,8 @@ class PipelineCompiler(StageSql):
         carried = "".join(f"p.{c}, " for c in r.cols)
         inner = f"SELECT {carried}{', '.join(cols)} FROM {r.name} p OFFSET 0"
         values = [
-            accumulator_sql(self.x, a, x, r.order) for (_, a), x in zip(accs, args, strict=True)
+            accumulator_sql(self.x, a, x, r.order, self._declared_number(a))
+            for (_, a), x in zip(accs, args, strict=True)
         ]
         id_sql = "q.g" if ids is None else f"{ids} -> q.g"
         pairs = [("'_id'", id_sql)] + [
@@ -323,6 +334,29 @@ class PipelineCompiler(StageSql):
             order_col = f"min(q.{first}) AS {col}" if first else f"NULL::int AS {col}"
         sql = f"SELECT {order_col}, {doc} AS doc FROM ({inner}) q GROUP BY q.g"
         return self.cte(sql, [col], [(col, False)])
+
+
+class DeclaredFilterCompiler(FilterCompiler):
+    """The filter compiler over stored documents whose enforced schema declares scalar
+    paths: equality with a scalar there is one containment test (a declared scalar and its
+    parents are never arrays, so MongoDB's array arm can be left out), served by the GIN
+    index."""
+
+    def __init__(self, params: Params, scalars: frozenset[tuple[str, ...]]) -> None:
+        super().__init__(params)
+        self.scalars = scalars
+
+    def _eq(self, path: Path, value: Any, doc: str) -> str:
+        if (
+            path.segments in self.scalars
+            and value is not None
+            and not isinstance(value, dict | list)
+        ):
+            nested: Any = value
+            for seg in reversed(path.segments):  # parents are declared objects, never arrays
+                nested = {seg: nested}
+            return f"{doc} @> {self.p.add(jsonb(nested), 'jsonb')}"
+        return super()._eq(path, value, doc)
 
 
 def _json(value: Any) -> str:

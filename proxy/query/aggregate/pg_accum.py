@@ -24,10 +24,20 @@ def counts(acc: Accumulator) -> bool:
     return acc.op in ("sum", "count") and isinstance(acc.arg, Lit)
 
 
-def accumulator_sql(c: ExprCompiler, acc: Accumulator, x: str, order: Order) -> str:
+def accumulator_sql(
+    c: ExprCompiler, acc: Accumulator, x: str, order: Order, declared_number: bool = False
+) -> str:
     """One aggregate expression (jsonb) over the rows of a group, ``x`` the argument's
-    value in a row; ``order`` is their input order (SQL over the rows' columns)."""
+    value in a row; ``order`` is their input order (SQL over the rows' columns).
+    ``declared_number``: ``x`` is, by an enforced schema, a number or missing (never null,
+    never another type), so numeric aggregates take it as it is; a value stored around
+    dbproxy that breaks the schema fails the statement (expression_failed)."""
     op = acc.op
+    if declared_number and op in ("sum", "avg", "min", "max"):
+        n = f"({x})::numeric"
+        if op == "sum":
+            return f"to_jsonb(COALESCE(sum({n}), 0))"
+        return f"COALESCE(to_jsonb({op}({n})), {NULL})"
     if counts(acc):
         assert isinstance(acc.arg, Lit)
         v = c.lit(acc.arg.value)
