@@ -293,3 +293,16 @@ async def test_a_failure_is_never_skipped(db: AggDb, after: list[Any]) -> None:
     with pytest.raises(ProxyError) as info:
         await db.run(stages, "sales")
     assert info.value.code == "expression_failed"
+
+
+async def test_a_facet_is_computed_once_whatever_reads_it(db: AggDb) -> None:
+    """A $facet's document is MATERIALIZED: a later stage that reads ``doc`` several times
+    (a $sort on two keys reads it four times) must not repeat the whole $facet in each read
+    (found by the differential test: four stages planned for a second on three documents)."""
+    await db.load("sales", SALES)
+    sort = Sort((SortKey(("a",), False), SortKey(("_id",), False)))
+    stages = [Facet((("f", (Count("n"),)),)), sort, Facet((("g", (sort,)),)), sort]
+    sql, _ = db.compile(stages, "sales")
+    assert sql.count("AS MATERIALIZED (SELECT jsonb_build_object(") == 2, sql
+    got = await db.run(stages, "sales")
+    assert got == [{"g": [{"f": [{"n": len(SALES)}]}]}]

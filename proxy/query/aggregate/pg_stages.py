@@ -233,6 +233,10 @@ class StageSql:
             if inner:
                 agg = f"WITH {', '.join(inner)} {agg}"
             pairs.append(f"{self.p.add(name, 'text')}, ({agg})")
+        # computed: a later stage's every reference to ``doc`` would otherwise repeat the
+        # whole $facet (the planner pulls a FROM-less select up into each one), which
+        # grows exponentially with each $facet and $sort that follows
+        self.computed = True
         return self.cte(f"SELECT jsonb_build_object({', '.join(pairs)}) AS doc", [], [])
 
     # -- $bucket -----------------------------------------------------------------------
