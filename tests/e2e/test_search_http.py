@@ -110,3 +110,32 @@ async def test_one_statement_per_search(pg_server: Server) -> None:
         st, data, _ = await call(s, "POST", f"{pg_server.url}/api/db/search", json=body)
         assert st == 200 and data["total"] == 3, data
         assert await statements(s, pg_server) - before == 1
+
+
+async def test_search_inside_a_transaction_sees_its_writes(server: Server) -> None:
+    url = f"{server.url}/api/db/search"
+    async with aiohttp.ClientSession() as s:
+        name = await declared(s, server)
+        st, tx, _ = await call(
+            s, "POST", f"{server.url}/api/db/transaction", json={"action": "begin"}
+        )
+        assert st in (200, 201), tx
+        inside = {"X-Transaction-Id": tx["transaction_id"]}
+        new = {"_id": "t1", "title": "zebra crossing", "body": ""}
+        st, _, _ = await call(s, "POST", f"{server.url}/api/db/{name}", json=new, headers=inside)
+        assert st == 201
+        body = {"q": "zebra", "collections": [name]}
+        st, data, _ = await call(s, "POST", url, json=body, headers=inside)
+        assert st == 200 and [i["_id"] for i in data["items"]] == ["t1"], data
+        st, data, _ = await call(s, "POST", url, json=body)
+        assert st == 200 and data["items"] == [], data
+        st, _, _ = await call(
+            s,
+            "POST",
+            f"{server.url}/api/db/transaction",
+            json={"action": "rollback"},
+            headers=inside,
+        )
+        assert st == 200
+        st, data, _ = await call(s, "POST", url, json=body)
+        assert st == 200 and data["items"] == [], data
