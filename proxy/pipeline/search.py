@@ -64,7 +64,7 @@ class SearchOps:
             declared = active.schema.search if active is not None else None
             readable = d.readable.readable if d.readable is not None else None
             targets.append(SearchTarget(d.collection, _guard(d, spec, caller), readable, declared))
-        tag = _tag(spec, [t.collection for t in targets])
+        tag = _tag(spec)
         after = _after(spec.cursor, tag)
         if caller.metered:  # after validation: bad input costs nothing
             await self.gate.admit(caller, "search")
@@ -91,9 +91,11 @@ def _guard(d: Decision, spec: SearchSpec, caller: Caller) -> Filter | None:
     return And((rows, given))
 
 
-def _tag(spec: SearchSpec, collections: list[str]) -> str:
-    """A cursor belongs to one query over one set of collections."""
-    shape = orjson.dumps([spec.q, collections, repr(spec.filter)])
+def _tag(spec: SearchSpec) -> str:
+    """A cursor belongs to one query over the collections it names (or all of them: one
+    created between two pages then takes part, its hits placed by the same keyset)."""
+    named = sorted(spec.collections) if spec.collections is not None else None
+    shape = orjson.dumps([spec.q, named, repr(spec.filter)])
     return cursors.sort_tag("search:" + shape.decode())
 
 
