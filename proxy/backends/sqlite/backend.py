@@ -65,7 +65,9 @@ def _give_back(loan: concurrent.futures.Future[threading.Event]) -> None:
 class SqliteBackend(Unsupported, SqliteDocuments):
     """Documents in ``"c_<collection>"``: _id TEXT PK, doc TEXT (JSON), _version, timestamps."""
 
-    capabilities = Capabilities(audit_log=True, explain=True, schemas=True, aggregate=True)
+    capabilities = Capabilities(
+        audit_log=True, explain=True, schemas=True, aggregate=True, search=True
+    )
 
     def __init__(
         self,

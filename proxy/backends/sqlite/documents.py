@@ -15,6 +15,7 @@ from proxy.backends.sqlite.aggregate import SqliteAggregate
 from proxy.backends.sqlite.connection import FN_KEEP, Job, T, keep_text
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, table_name
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.backends.sqlite.search import SqliteSearch
 from proxy.config import Limits
 from proxy.errors import DuplicateId, DuplicateKey, NotFound, PreconditionFailed, ProxyError
 from proxy.ids import IdGenerator
@@ -58,7 +59,7 @@ def _version_param(if_match: int) -> int:
     return if_match if 0 < if_match <= _INT64_MAX else -1
 
 
-class SqliteDocuments(SqliteAggregate):
+class SqliteDocuments(SqliteAggregate, SqliteSearch):
     """The document operations, written once over two primitives: ``_write`` (a job that
     may create the collection's table) and ``_read``. The backend runs them on its writer
     and readers, a transaction on its own connection."""

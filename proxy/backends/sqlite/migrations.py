@@ -22,12 +22,13 @@ from proxy.backends.migrations import Batch, declared_index_name, physical_index
 from proxy.backends.sqlite.connection import ConnState, Job, connect
 from proxy.backends.sqlite.ddl import AUDIT_INSERT, NOW, create_table, table_name
 from proxy.backends.sqlite.errors import no_table, translate
+from proxy.backends.sqlite.search import drop_ddl, search_ddl
 from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, DuplicateKey, ProxyError
 from proxy.query.ast import Filter, Update
 from proxy.query.sqlite import FilterCompiler, Names, Params, UpdateCompiler
 from proxy.query.sqlite.values import declared_expr, key_path
-from proxy.schema.model import IndexSpec
+from proxy.schema.model import IndexSpec, SearchDeclaration
 
 
 class SqliteHost(Protocol):
@@ -333,7 +334,24 @@ class SqliteTx:
         await self.call(lambda conn: create_table(conn, collection))
 
     async def drop_collection(self, collection: str) -> None:
-        await self.call(lambda conn: conn.execute(f"DROP TABLE IF EXISTS {table_name(collection)}"))
+        def run(conn: sqlite3.Connection) -> None:
+            for ddl in drop_ddl(collection):
+                conn.execute(ddl)
+            conn.execute(f"DROP TABLE IF EXISTS {table_name(collection)}")
+
+        await self.call(run)
+
+    async def set_search(self, collection: str, declared: SearchDeclaration | None) -> None:
+        """The FTS5 table and its triggers, replaced whole in the migration's transaction."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            create_table(conn, collection)
+            for ddl in drop_ddl(collection):
+                conn.execute(ddl)
+            for ddl in search_ddl(collection, declared) if declared is not None else ():
+                conn.execute(ddl)
+
+        await self.call(run)
 
     async def create_index(
         self, collection: str, index: IndexSpec, kinds: dict[tuple[str, ...], str]
