@@ -189,7 +189,12 @@ def compile_search(
 
             vector = f"jsonb_to_tsvector({cfg}, {strings('t.doc')}, '[\"string\"]')"
         else:
-            keys = [(p.add(".".join(path), "text"), _path_literal(path)) for path, _ in searched]
+            # the highlighter's field names: bound only when used (an unused parameter has
+            # no type PostgreSQL can infer)
+            keys = [
+                (p.add(".".join(path), "text") if request.highlight else "", _path_literal(path))
+                for path, _ in searched
+            ]
             strings = _fields(keys)
 
             assert declared is not None

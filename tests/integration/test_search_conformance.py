@@ -73,6 +73,8 @@ async def articles(core: Core, declared: bool = True) -> None:
 
 async def test_declared_search_ranks_the_title_weight_first(core: Core) -> None:
     await articles(core)
+    plain = await search(core, "dogs running", collections=["articles"], highlight=False)
+    assert ids(plain) == ["a1", "a2"] and all("highlights" not in i for i in plain["items"])
     got = await search(core, "dogs running", collections=["articles"])
     assert ids(got) == ["a1", "a2"]  # both words in the title (A) beat the body (C)
     first, second = got["items"]
