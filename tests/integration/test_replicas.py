@@ -4,6 +4,7 @@ against a private PostgreSQL primary and a real streaming replica of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from proxy import context
+from proxy.backends.base import TxKind
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.postgres.pool import EndpointSet
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings, ReplicaConfig
@@ -268,6 +270,49 @@ async def test_hung_primary_fails_fast_then_recovers(primary_dsn: str) -> None:
         assert backend.endpoints.primary.breaker.state.value == "closed"
     finally:
         proxy.blackhole = False
+        await drop(backend)
+        await proxy.stop()
+
+
+async def test_a_batch_waiting_behind_transactions_stuck_on_a_silent_server_is_told_so(
+    primary_dsn: str,
+) -> None:
+    """Transactions hold the whole share and their statements hang on a server that stopped
+    answering: a batch waiting for a slot hears that the database is not answering, not that
+    transactions are too many (found by the frozen-server deadline test)."""
+    primary_port = int(primary_dsn.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = FaultProxy("127.0.0.1", primary_port)
+    await proxy.start()
+    dsn = primary_dsn.replace(f"127.0.0.1:{primary_port}", f"127.0.0.1:{proxy.port}")
+    limits = Limits(statement_timeout_seconds=5.0)
+    backend = await open_backend(dsn, [], limits=limits, pool=PoolSettings(1, 4, 1.0))
+    held = []
+    try:
+        share = backend.transaction_share
+        assert share.limit == 3
+        held = [await backend.begin("read_committed", TxKind.BATCH) for _ in range(share.limit)]
+        # healthy: the share is full and the server answers, so it is the honest refusal
+        with pytest.raises(Unavailable) as busy:
+            await backend.begin("read_committed", TxKind.BATCH)
+        assert busy.value.code == "too_many_transactions"
+        proxy.blackhole = True
+        stuck = [asyncio.create_task(tx._fetch("SELECT 1")) for tx in held]
+        await asyncio.sleep(0.6)  # longer than the endpoint set's stall time
+        started = time.perf_counter()
+        with pytest.raises(Unavailable) as silent:
+            await backend.begin("read_committed", TxKind.BATCH)
+        assert silent.value.code == "database_unavailable", silent.value
+        assert silent.value.retry_after
+        assert time.perf_counter() - started < 1.5
+        for task in stuck:
+            task.cancel()
+        await asyncio.gather(*stuck, return_exceptions=True)
+    finally:
+        proxy.blackhole = False
+        proxy.reset_all()
+        for tx in held:
+            with contextlib.suppress(Exception):
+                await tx.rollback()
         await drop(backend)
         await proxy.stop()
 

@@ -414,8 +414,15 @@ class PostgresBackend(CoalescingDocuments):
         share = self.transaction_share
         try:
             shared = await share.take(kind, min(self._acquire_timeout, wait))
-        except BaseException:
+        except BaseException as exc:
             ep.breaker.release()
+            if isinstance(exc, Unavailable) and self.endpoints.not_answering(ep):
+                # the holders are stuck on a server that does not answer: say that, not
+                # that transactions are too many
+                raise Unavailable(
+                    "the database is not answering",
+                    retry_after=max(1.0, ep.breaker.retry_after()),
+                ) from None
             raise
         try:
             conn = await self.endpoints.acquire(ep, min(self._acquire_timeout, self._wait()))

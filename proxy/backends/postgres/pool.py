@@ -321,9 +321,7 @@ class EndpointSet:
                     "the database did not accept a connection in time", retry_after=1
                 ) from None
             ep.breaker.release()
-            if ep.breaker.state is not BreakerState.CLOSED or ep.stalled(
-                self._clock(), self.stall_seconds
-            ):  # the connections are stuck on a server that does not answer
+            if self.not_answering(ep):  # the connections are stuck on a server that does not answer
                 raise Unavailable(
                     "the database is not answering", retry_after=max(1.0, ep.breaker.retry_after())
                 ) from None
@@ -335,6 +333,12 @@ class EndpointSet:
             raise
         finally:
             ep.waiting -= 1
+
+    def not_answering(self, ep: Endpoint) -> bool:
+        """The breaker is not closed, or work waits on a server silent for the stall time."""
+        return ep.breaker.state is not BreakerState.CLOSED or ep.stalled(
+            self._clock(), self.stall_seconds
+        )
 
     def record(self, ep: Endpoint, exc: BaseException | None, ms: float | None = None) -> None:
         """Feed one outcome to the endpoint's breaker (only sickness counts as failure)."""
