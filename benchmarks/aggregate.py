@@ -11,7 +11,11 @@ from benchmarks import procstat, workload
 from benchmarks.servers import Target, http
 
 # scenario -> the collection pgsetup.seed fills for it
-SEEDED = {"agg_group": "bench_agg", "agg_memory": "bench_agg_big"}
+SEEDED = {
+    "agg_group": "bench_agg",
+    "agg_group_schema": "bench_agg_s",
+    "agg_memory": "bench_agg_big",
+}
 MEMORY_SCENARIO = "agg_memory"
 MEMORY_LIMIT_MB = 80.0
 PREFLIGHT_TIMEOUT_S = 60.0  # one aggregation over 1,000,000 documents, alone
@@ -87,8 +91,9 @@ def preflight(targets: list[Target], scenarios: list[str], headers: tuple[str, .
     """The answer checks of the aggregation scenarios on every HTTP server."""
     servers = [t for t in targets if t.kind == "http"]
     problems = []
-    if "agg_group" in scenarios:
-        problems += _check_group(servers, "bench_agg", workload.AGG_DOCS, headers)
+    for name in ("agg_group", "agg_group_schema"):
+        if name in scenarios:
+            problems += _check_group(servers, SEEDED[name], workload.AGG_DOCS, headers)
     if MEMORY_SCENARIO in scenarios:
         big = SEEDED[MEMORY_SCENARIO]
         problems += _check_group(servers, big, workload.AGG_BIG_DOCS, headers)

@@ -21,6 +21,10 @@ aiohttp on uvloop plus one asyncpg pool, no policy, no stats, no cache:
   runs the same aggregation written by hand in SQL (``workload.AGG_GROUP_SQL``: ``WHERE doc
   @> '{"ok": true}' GROUP BY doc -> 'cat'``; ``workload.AGG_TOP_SQL``: ``ORDER BY doc ->
   'price' DESC, _id LIMIT 1000``), answering ``{"items": [...]}``.
+- ``POST /api/db/search`` takes ``{"q": "w1 w2", "collections": [c], ...}`` (two plain
+  words, the search scenario's requests) and runs ``search.SQL``: ``_search @@
+  plainto_tsquery(w1) && to_tsquery(w2:*) ORDER BY ts_rank_cd ... LIMIT 20`` over the
+  sidecar's stored vector and GIN index, with ``ts_headline`` of title and body.
 - ``GET  /api/db/health`` answers 200 once the pool is up.
 
 Tables are not created here: the harness makes sure they exist before load starts.
@@ -43,7 +47,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from benchmarks import workload
+from benchmarks import search, workload
 from benchmarks.workload import new_id
 
 COLLECTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
@@ -190,6 +194,31 @@ async def aggregate(request: web.Request) -> web.Response:
     return web.Response(text=f'{{"items":[{items}]}}', content_type=JSON)
 
 
+async def text_search(request: web.Request) -> web.Response:
+    """The search scenario's requests only, as hand-written SQL (search.SQL)."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return _error(400, "invalid_json", "body is not JSON")
+    if not isinstance(body, dict):
+        return _error(400, "invalid_search", "body is not an object")
+    names = body.get("collections")
+    args = search.baseline_args(body.get("q"))
+    if not isinstance(names, list) or len(names) != 1 or args is None:
+        return _error(400, "invalid_search", "baseline searches two words in one collection")
+    collection = names[0]
+    if not isinstance(collection, str) or not COLLECTION_RE.match(collection):
+        return _error(400, "invalid_collection", "bad collection name")
+    cache = request.app[SQL_CACHE]
+    key = ("search", collection)
+    sql = cache.get(key)
+    if sql is None:
+        sql = cache[key] = search.SQL.format(c=collection, limit=search.LIMIT)
+    rows = await request.app[POOL].fetch(sql, *args, search.HEADLINE, collection)
+    items = ",".join(r[0] for r in rows)
+    return web.Response(text=f'{{"items":[{items}],"next":null}}', content_type=JSON)
+
+
 async def update_one(request: web.Request) -> web.Response:
     sql = _sql(request.app, request.match_info["collection"])
     if sql is None:
@@ -229,6 +258,7 @@ def build_app(database: str, pool_size: int) -> web.Application:
     app.cleanup_ctx.append(pool_ctx)
     app.router.add_get("/api/db/health", health)
     app.router.add_get("/api/db/{collection}/{id}", get_one)
+    app.router.add_post("/api/db/search", text_search)  # before /api/db/{collection}
     app.router.add_post("/api/db/{collection}", create_one)
     app.router.add_post("/api/db/{collection}/query", query)
     app.router.add_post("/api/db/{collection}/aggregate", aggregate)

@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 import uvloop
 
-from benchmarks import workload
+from benchmarks import search, workload
 from benchmarks.load import MARKER
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -89,6 +89,14 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
         top = rng.random() * 100 < workload.AGG_TOP_PCT
         return len(await conn.fetch(agg_top_sql if top else agg_group_sql)) > 0
 
+    search_sql = search.SQL.format(c=collection, limit=search.LIMIT)
+
+    async def text_search(conn: asyncpg.Connection) -> bool:
+        words = search.QUERY_WORDS
+        args = search.baseline_args(f"{rng.choice(words)} {rng.choice(words)}")
+        assert args is not None
+        return len(await conn.fetch(search_sql, *args, search.HEADLINE, collection)) > 0
+
     async def mixed(conn: asyncpg.Connection) -> bool:
         if rng.random() * 100 < workload.WRITE_PCT:
             return await conn.fetchval(inc, picker.id(), "n", 1) is not None
@@ -103,7 +111,9 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
         "mixed": mixed,
         "list_indexed": list_indexed,
         "agg_group": agg_group,
+        "agg_group_schema": agg_group,
         "agg_memory": agg_memory,
+        "search": text_search,
     }
     return ops[scenario]
 

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import orjson
 
-from benchmarks import workload
+from benchmarks import search, workload
 from benchmarks.workload import Scenario
 
 DDL = """CREATE TABLE IF NOT EXISTS dbproxy."{c}" (_id text COLLATE "C" PRIMARY KEY,
@@ -30,6 +30,17 @@ LIST_SCHEMA: dict[str, Any] = {
         {"name": "n", "type": "integer", "required": True},
     ],
     "indexes": [{"name": "bench_list_grp_n", "fields": ["grp", "n"]}],
+    "validation": {"level": "strict", "action": "error"},
+}
+# agg_group_schema: bench_agg's documents (workload.agg_doc) in a collection declaring them
+AGG_SCHEMA: dict[str, Any] = {
+    "name": "bench_agg_s",
+    "fields": [
+        {"name": "cat", "type": "string", "required": True},
+        {"name": "n", "type": "integer", "required": True},
+        {"name": "price", "type": "number", "required": True},
+        {"name": "ok", "type": "boolean", "required": True},
+    ],
     "validation": {"level": "strict", "action": "error"},
 }
 SCHEMA6 = {
@@ -94,16 +105,16 @@ def create_tables(url: str, collections: list[str]) -> None:
     asyncio.run(_admin(url, *stmts))
 
 
-async def _seed_agg(conn: asyncpg.Connection) -> None:
-    """bench_agg: workload.AGG_DOCS documents of workload.agg_doc, by COPY."""
+async def _seed_agg(conn: asyncpg.Connection, collection: str) -> None:
+    """bench_agg / bench_agg_s: workload.AGG_DOCS documents of workload.agg_doc, by COPY."""
     rows = [
         (d["_id"], orjson.dumps(d).decode(), 1)
         for d in map(workload.agg_doc, range(1, workload.AGG_DOCS + 1))
     ]
     await conn.copy_records_to_table(
-        "bench_agg", schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
+        collection, schema_name="dbproxy", columns=["_id", "doc", "_version"], records=rows
     )
-    await conn.execute('VACUUM ANALYZE dbproxy."bench_agg"', timeout=120)
+    await conn.execute(f'VACUUM ANALYZE dbproxy."{collection}"', timeout=120)
 
 
 async def _seed_agg_big(conn: asyncpg.Connection, n: int = workload.AGG_BIG_DOCS) -> None:
@@ -159,8 +170,17 @@ async def _seed(url: str, collections: list[str], n: int, agg: tuple[str, ...] =
             )
             await conn.execute(LIST_RAW_INDEX, timeout=120)
             await conn.execute('VACUUM ANALYZE dbproxy."bench_list"', timeout=120)
-        if "bench_agg" in agg:
-            await _seed_agg(conn)
+        for name in ("bench_agg", "bench_agg_s"):
+            if name in agg:
+                await _seed_agg(conn, name)
+        if search.COLLECTION in agg:
+            await conn.copy_records_to_table(
+                search.COLLECTION,
+                schema_name="dbproxy",
+                columns=["_id", "doc", "_version"],
+                records=search.rows(),
+            )
+            await conn.execute(f'VACUUM ANALYZE dbproxy."{search.COLLECTION}"', timeout=120)
         if "bench_agg_big" in agg:
             await _seed_agg_big(conn)
     finally:
@@ -169,14 +189,16 @@ async def _seed(url: str, collections: list[str], n: int, agg: tuple[str, ...] =
 
 def schema_migration() -> dict[str, Any]:
     """The migration the harness POSTs to the sidecar (``POST /api/db/migrations``): the
-    declared schemas of ``bench_list`` and ``bench_create6`` and bench_list's (grp, n)
-    index, built by the migration on the compiler's declared expressions."""
+    declared schemas of ``bench_list``, ``bench_create6`` and ``bench_agg_s``, bench_list's
+    (grp, n) index (built on the compiler's declared expressions) and what is searched in
+    ``bench_search``."""
     ops: list[dict[str, Any]] = [
         {"op": "create_collection", "collection": raw["name"], "schema": raw}
-        for raw in (LIST_SCHEMA, SCHEMA6)
+        for raw in (LIST_SCHEMA, SCHEMA6, AGG_SCHEMA)
     ]
     for ix in LIST_SCHEMA["indexes"]:
         ops.append({"op": "create_index", "collection": "bench_list", "index": ix})
+    ops += search.migration_ops()
     return {
         "id": "bench-schemas",
         "name": "benchmark schemas",

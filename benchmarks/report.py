@@ -277,6 +277,21 @@ def check_targets(results: dict) -> list[dict]:
             "sidecar",
             0.9,
         ),
+        _rps_target(
+            results,
+            f"aggregation ($match + $group) over {workload.AGG_DOCS:,} documents "
+            "of a declared schema",
+            "agg_group_schema",
+            "sidecar",
+            0.9,
+        ),
+        _rps_target(
+            results,
+            "search (two words, 20 hits, highlights) over 100,000 declared documents",
+            "search",
+            "sidecar",
+            0.8,
+        ),
         aggregate.memory_target(results),
     ]
     ol = results.get("open_loop")

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from benchmarks import aggregate, load, procstat, report, workload
+from benchmarks import aggregate, load, procstat, report, search, workload
 from benchmarks.pgsetup import (
     analyze,
     create_database,
@@ -70,6 +70,8 @@ DB_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 # the order of the targets inside a round of alternation
 TARGET_ORDER = ("sidecar", "sidecar_cached", "baseline", "direct")
 CACHED_SCENARIOS = ("get_uniform", "get_zipf", "mixed")  # the cache-on sidecar runs these
+# the scenarios that need the schema migration (declared schemas, an index, search)
+SCHEMA_SCENARIOS = {"list_indexed", "create_schema6", "agg_group_schema", "search"}
 OPEN_LOOP_TARGETS = ("sidecar", "sidecar_cached", "baseline")
 
 
@@ -120,7 +122,7 @@ def declare_schemas(a: argparse.Namespace, sidecar: Target) -> None:
         st, got = http("GET", f"{sidecar.url}/api/db/migrations/{mig['id']}", None, a.header)
     if st not in (200, 201) or orjson.loads(got).get("status") != "completed":
         raise BenchError(f"the schema migration failed: {st} {got[:500]!r}")
-    analyze(a.db_url, ["bench_list", "bench_create6"])
+    analyze(a.db_url, ["bench_list", "bench_create6", "bench_agg_s", search.COLLECTION])
 
 
 def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace) -> None:
@@ -167,6 +169,16 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
                 if [d.get("n") for d in items] != want:
                     problems.append(f"{t.name}: list query answered {got[:300]!r}")
     problems += aggregate.preflight(targets, scenarios, a.header)
+    if "search" in scenarios:
+        words = search.QUERY_WORDS
+        for first, second in ((words[0], words[1]), (words[50], words[7])):
+            body = search.body(first, second).encode()
+            answers = {}
+            for t in targets:
+                if t.kind == "http":
+                    st, got = http("POST", t.url + "/api/db/search", body, a.header)
+                    answers[t.name] = got if st == 200 else f"{st} {got[:300]!r}".encode()
+            problems += search.check(answers)
     if problems:
         raise BenchError("preflight failed:\n" + "\n".join(problems))
 
@@ -627,6 +639,8 @@ def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
     targets, notes = start_all(a, procs, workdir)
     collections = sorted({s.collection for s in SCENARIOS.values()})
     agg = aggregate.seeded_collections(a.scenario_list)
+    if "search" in a.scenario_list:
+        agg += (search.COLLECTION,)
     print(f"seeding {a.seed_docs} documents into dbproxy.bench", flush=True)
     if agg:
         print(f"  and the aggregation collections {', '.join(agg)}", flush=True)
@@ -635,7 +649,7 @@ def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
     if (
         sidecar is not None
         and sidecar.mode != "baseline"
-        and ({"list_indexed", "create_schema6"} & set(a.scenario_list))
+        and (SCHEMA_SCENARIOS & set(a.scenario_list))
     ):
         print("declaring schemas and indexes: POST /api/db/migrations", flush=True)
         declare_schemas(a, sidecar)

@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 
+from benchmarks import search
+
 ID_PREFIX, ID_WIDTH = "doc-", 6
 ZIPF_S = 1.1
 WRITE_PCT = 20  # mixed load: share of writes (PUT $inc), the rest are GET by id
@@ -162,6 +164,28 @@ SCENARIOS: dict[str, Scenario] = {
             f"POST /api/db/bench_agg/aggregate {AGG_GROUP_BODY} over {AGG_DOCS:,} documents "
             f"({AGG_GROUPS} groups)",
             AGG_GROUP_SQL.format(c="bench_agg"),
+            heavy_connections=(8,),
+        ),
+        Scenario(
+            "agg_group_schema",
+            "bench_agg_s",
+            "POST",
+            None,
+            f"POST /api/db/bench_agg_s/aggregate {AGG_GROUP_BODY} over {AGG_DOCS:,} documents "
+            f"({AGG_GROUPS} groups) of a declared schema (cat string, n integer, price number, "
+            "ok boolean; all required)",
+            AGG_GROUP_SQL.format(c="bench_agg_s"),
+            heavy_connections=(8,),
+        ),
+        Scenario(
+            "search",
+            "bench_search",
+            "POST",
+            None,
+            "POST /api/db/search, two words (the second a prefix), 20 hits with highlights, "
+            "over 100,000 documents declared {title: A, body: C}, english",
+            "tsvector @@ plainto_tsquery(w1) && to_tsquery(w2:*) ORDER BY ts_rank_cd LIMIT 20, "
+            "ts_headline of title and body (the sidecar's stored vector and GIN index)",
             heavy_connections=(8,),
         ),
         Scenario(
@@ -417,10 +441,14 @@ class RequestMaker:
             return self._get()
         if sc in ("create", "create_schema6"):
             return self.create
-        if sc == "agg_group":
+        if sc in ("agg_group", "agg_group_schema"):
             return self.agg_group
         if sc == "agg_memory":
             return self.agg_top if self.rng.random() * 100 < AGG_TOP_PCT else self.agg_group
+        if sc == "search":
+            words = search.QUERY_WORDS
+            body = search.body(self.rng.choice(words), self.rng.choice(words))
+            return self._with_body("POST", "/api/db/search", body)
         if sc == "list_indexed":
             body = list_body(self.rng.randrange(LIST_GROUPS), self.rng.randint(0, LIST_MAX_K))
             return self._with_body("POST", f"/api/db/{self.collection}/query", body)
