@@ -1,4 +1,4 @@
-"""Command line: ``dbproxy serve|policy|collector|migrate`` parsed, then handed to
+"""Command line: ``dbproxy serve|policy|collector|migrate|injector`` parsed, then handed to
 ``proxy.wiring``."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import typing
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
@@ -16,6 +17,7 @@ from proxy.config import DATABASE_URL_ENV, Config, ServerConfig, load_config
 from proxy.errors import ConfigError
 from proxy.http.collector import CollectorSettings
 from proxy.http.server import AddressInUse
+from proxy.inject import InjectorSettings
 from proxy.policy import check_directory
 from proxy.wiring import (
     ServeOptions,
@@ -24,8 +26,10 @@ from proxy.wiring import (
     make_gate,
     migrate_directory,
     run_collector,
+    run_injector,
     serve,
     serve_workers,
+    tls_context,
 )
 
 COLLECTOR_TOKEN_ENV = "DBPROXY_COLLECTOR_TOKEN"  # noqa: S105 (a variable name, no secret)
@@ -118,8 +122,10 @@ def _add_server_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dbproxy", description="Database access sidecar")
+def _parser(
+    cls: type[argparse.ArgumentParser] = argparse.ArgumentParser,
+) -> argparse.ArgumentParser:
+    p = cls(prog="dbproxy", description="Database access sidecar")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the sidecar")
     s.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
@@ -182,7 +188,63 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--data-dir", default=None, help="embedded store directory")
     m.add_argument("--dry-run", action="store_true", help="print the plans, change nothing")
     _add_log_level(m)
+    _add_injector(sub)
     return p
+
+
+def _add_injector(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    i = sub.add_parser("injector", help="run the Kubernetes sidecar-injection webhook (HTTPS)")
+    i.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")  # noqa: S104
+    i.add_argument("--port", type=int, default=8443, help="listen port (default 8443)")
+    i.add_argument("--tls-cert", required=True, help="PEM certificate (chain) file")
+    i.add_argument("--tls-key", required=True, help="PEM private key file")
+    i.add_argument("--sidecar-image", required=True, help="the image the sidecar runs")
+    i.add_argument(
+        "--sidecar-pull-policy",
+        choices=("Always", "IfNotPresent", "Never"),
+        default="IfNotPresent",
+        help="the sidecar's imagePullPolicy (default IfNotPresent)",
+    )
+    i.add_argument("--collector", default=None, help="the collector URL the sidecars push to")
+    i.add_argument("--sidecar-port", type=int, default=8700, help="sidecar port (default 8700)")
+    i.add_argument("--sidecar-cpu", default="100m", help="CPU request (default 100m)")
+    i.add_argument("--sidecar-memory", default="128Mi", help="memory request+limit (128Mi)")
+    i.add_argument("--sidecar-log-level", type=_log_level, default="INFO", help="sidecar's")
+    i.add_argument(
+        "--no-native-sidecar",
+        dest="native",
+        action="store_false",
+        help="inject a regular container instead of an init container with restartPolicy "
+        "Always (clusters before Kubernetes 1.29; pods may opt back in by annotation)",
+    )
+    i.add_argument(
+        "--cert-reload-interval", type=_positive_float, default=30.0, help=argparse.SUPPRESS
+    )
+    _add_log_level(i)
+
+
+class _ArgsRejected(Exception):
+    pass
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """The real parser, raising where argparse would print and exit."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise _ArgsRejected(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
+        raise _ArgsRejected(message or "the arguments would make dbproxy exit")
+
+
+def serve_args_problem(argv: Sequence[str]) -> str | None:
+    """Why ``dbproxy ARGV`` would not parse (None when it does): what the injector checks
+    every sidecar command line with."""
+    try:
+        _parser(_CheckingParser).parse_args(list(argv))
+    except _ArgsRejected as err:
+        return str(err)[:300]
+    return None
 
 
 _SERVER_FLAGS: Final = {
@@ -225,6 +287,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _main_collector(args)
     if args.command == "migrate":
         return _main_migrate(args)
+    if args.command == "injector":
+        return _main_injector(args)
+    return 0
+
+
+def _main_injector(args: argparse.Namespace) -> int:
+    """``dbproxy injector``: the admission webhook, HTTPS only."""
+    settings = InjectorSettings(
+        image=args.sidecar_image,
+        collector_url=args.collector,
+        pull_policy=args.sidecar_pull_policy,
+        port=args.sidecar_port,
+        cpu=args.sidecar_cpu,
+        memory=args.sidecar_memory,
+        log_level=args.sidecar_log_level.lower(),
+        native=args.native,
+        check_args=serve_args_problem,
+    )
+    try:
+        context = tls_context(args.tls_cert, args.tls_key)
+    except ConfigError as err:
+        print(f"dbproxy: {err}", file=sys.stderr)
+        return 2
+    sockets = bind_or_say_why(args.host, args.port)
+    if sockets is None:
+        return 1
+    import uvloop
+
+    try:
+        uvloop.run(
+            run_injector(
+                settings,
+                context,
+                ServerConfig(host=args.host, port=args.port),
+                sockets,
+                cert_files=(args.tls_cert, args.tls_key),
+                reload_interval=args.cert_reload_interval,
+            )
+        )
+    except OSError as err:
+        print(f"dbproxy: cannot start: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

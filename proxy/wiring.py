@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -30,8 +31,10 @@ from proxy.errors import ConfigError, ProxyError
 from proxy.http.app import build_app
 from proxy.http.collector import CollectorSettings, build_collector_app, collector_store
 from proxy.http.fast_path import fast_get
+from proxy.http.inject import build_injector_app
 from proxy.http.monitor import Monitoring, Observer
 from proxy.http.server import AddressInUse, bind, inherited, start, tune_gc
+from proxy.inject import InjectorSettings
 from proxy.migrate.files import Progress as MigrateProgress
 from proxy.migrate.files import load_directory
 from proxy.migrate.runner import MigrationRunner, SchemasChanged
@@ -413,6 +416,77 @@ async def run_collector(
         log.info("collector shutting down")
     finally:
         await running.stop()  # stop accepting, then finish in-flight pushes
+    log.info("stopped")
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server TLS context (TLS 1.2 at least) with the certificate chain and key loaded;
+    ConfigError when they cannot be read or do not match."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError([f"cannot load --tls-cert/--tls-key: {err}"]) from None
+    return context
+
+
+def _file_stamp(*paths: str) -> tuple[int, ...]:
+    try:
+        return tuple(os.stat(p).st_mtime_ns for p in paths)
+    except OSError:
+        return ()
+
+
+async def _watch_certificate(
+    context: ssl.SSLContext, cert_file: str, key_file: str, interval: float
+) -> None:
+    """Reload the certificate when its files change (cert-manager renews the Secret, the
+    kubelet swaps the mounted files); new connections get the new one."""
+    stamp = _file_stamp(cert_file, key_file)
+    while True:
+        await asyncio.sleep(interval)
+        fresh = _file_stamp(cert_file, key_file)
+        if fresh and fresh != stamp:
+            stamp = fresh
+            try:
+                context.load_cert_chain(cert_file, key_file)
+                log.info("injector: certificate reloaded from %s", cert_file)
+            except (OSError, ssl.SSLError) as err:
+                log.warning("injector: new certificate not loaded (keeping the old): %s", err)
+
+
+async def run_injector(
+    settings: InjectorSettings,
+    context: ssl.SSLContext,
+    server_settings: ServerConfig,
+    sockets: Sequence[socket.socket],
+    *,
+    cert_files: tuple[str, str] | None = None,
+    reload_interval: float = 30.0,
+) -> None:
+    """``dbproxy injector``: the admission webhook over HTTPS until SIGTERM/SIGINT."""
+    app = build_injector_app(settings)
+    running = await start(app, server_settings, sockets, tls=context)
+    log.info(
+        "dbproxy injector listening on https://%s:%d (sidecar image %s)",
+        server_settings.host,
+        server_settings.port,
+        settings.image,
+    )
+    watcher = (
+        asyncio.create_task(_watch_certificate(context, *cert_files, reload_interval))
+        if cert_files
+        else None
+    )
+    try:
+        await _until_stopped()
+        log.info("injector shutting down")
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+        await running.stop()
     log.info("stopped")
 
 
