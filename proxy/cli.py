@@ -233,6 +233,9 @@ class _CheckingParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise _ArgsRejected(message)
 
+    def print_help(self, file: typing.IO[str] | None = None) -> None:
+        pass  # ``-h`` among a sidecar's arguments is rejected (by exit), never printed
+
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
         raise _ArgsRejected(message or "the arguments would make dbproxy exit")
 
