@@ -233,7 +233,7 @@ class _CheckingParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise _ArgsRejected(message)
 
-    def print_help(self, file: typing.IO[str] | None = None) -> None:
+    def print_help(self, file: typing.Any = None) -> None:
         pass  # ``-h`` among a sidecar's arguments is rejected (by exit), never printed
 
     def exit(self, status: int = 0, message: str | None = None) -> typing.NoReturn:
