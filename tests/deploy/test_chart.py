@@ -115,6 +115,7 @@ def test_defaults_render_collector_injector_generated_tls_and_dashboard() -> Non
         ("Deployment", "dbproxy-collector"),
         ("Deployment", "dbproxy-injector"),
         ("MutatingWebhookConfiguration", "dbproxy-injector"),
+        ("PodDisruptionBudget", "dbproxy-injector"),  # 2 replicas: keep one during drains
         ("Secret", "dbproxy-injector-tls"),
         ("Service", "dbproxy-collector"),
         ("Service", "dbproxy-injector"),
@@ -302,6 +303,10 @@ def test_collector_database_secret_made_only_when_a_url_is_given() -> None:
     ]["env"][0]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "dbproxy-collector-db", "key": "url"}
     assert url not in json.dumps(one(objects, "Deployment", "dbproxy-collector"))
+
+
+def test_a_single_injector_has_no_disruption_budget() -> None:
+    assert not by_kind(render({"injector": {"replicas": 1}}), "PodDisruptionBudget")
 
 
 def test_the_fallback_sidecar_flag_reaches_the_injector() -> None:

@@ -201,3 +201,32 @@ def test_a_renewed_certificate_is_served_without_a_restart(
             time.sleep(0.1)
     assert status == 400  # served, with the new certificate
     assert "certificate reloaded" in injector.log.read_text()
+
+
+def test_unreadable_certificates_stop_the_injector_with_the_reason(tmp_path: Path) -> None:
+    certs = make_certificates(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    mismatched = make_certificates(other)
+    for cert, key in ((tmp_path / "missing.crt", certs.key), (certs.cert, mismatched.key)):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy.cli",
+                "injector",
+                "--port",
+                str(port_in_range()),
+                "--tls-cert",
+                str(cert),
+                "--tls-key",
+                str(key),
+                "--sidecar-image",
+                IMAGE,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2
+        assert "cannot load --tls-cert/--tls-key" in done.stderr
