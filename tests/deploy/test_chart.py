@@ -338,3 +338,16 @@ def test_notes_say_how_to_opt_a_workload_in() -> None:
     assert 'dbproxy.io/inject: "true"' in text
     assert "dbproxy.io/service" in text
     assert "dbproxy-collector-db" in text
+
+
+def test_the_chart_sidecar_defaults_are_the_injector_defaults() -> None:
+    with helm_python.Chart.load(CHART) as chart:
+        sidecar = chart.values["injector"]["sidecar"]
+    defaults = InjectorSettings(image="x")
+    assert (sidecar["port"], sidecar["cpu"], sidecar["memory"], sidecar["native"]) == (
+        defaults.port,
+        defaults.cpu,
+        defaults.memory,
+        defaults.native,
+    )
+    assert sidecar["logLevel"] == defaults.log_level
