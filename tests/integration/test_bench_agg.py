@@ -31,7 +31,7 @@ def bench_db() -> Iterator[str]:
 async def _load_and_read(url: str, n_big: int) -> dict[str, Any]:
     conn = await asyncpg.connect(url)
     try:
-        await pgsetup._seed_agg(conn)
+        await pgsetup._seed_agg(conn, "bench_agg")
         await pgsetup._seed_agg_big(conn, n_big)
         big = workload.AGG_TOP_SQL.format(c="bench_agg_big")
         return {
