@@ -12,7 +12,7 @@ from aiohttp import web
 from proxy.cache import TwoLevelCache
 from proxy.config import Config
 from proxy.errors import ProxyError
-from proxy.http import migrations, monitor
+from proxy.http import migrations, monitor, openapi
 from proxy.http.aggregate import aggregate
 from proxy.http.documents import (
     count_documents,
@@ -108,6 +108,7 @@ def build_app(
     app.cleanup_ctx.append(_backends_ctx)
     app.cleanup_ctx.append(_housekeeping_ctx)
     app.cleanup_ctx.append(_cache_ctx(cache))
+    openapi.install(app.router)  # static paths, tried before /api/db/{collection}
     app[OPERATIONS] = _add_routes(app.router, ROUTES)
     monitor.install(app, monitoring)
     return app

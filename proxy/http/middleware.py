@@ -96,7 +96,8 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
-OPEN_PATHS = frozenset({"/api/db/health", "/metrics"})  # liveness and scraping need no token
+# liveness, scraping and the API's description (it names no collection or policy) need no token
+OPEN_PATHS = frozenset({"/api/db/health", "/metrics", "/api/db/openapi.json", "/api/db/docs"})
 
 
 def begin(request: web.Request, gate: Gatekeeper) -> tuple[Caller, ConcurrencyLimiter | None]:

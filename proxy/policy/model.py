@@ -51,6 +51,7 @@ RESERVED_COLLECTIONS: Final[frozenset[str]] = frozenset(
         "migrations",
         "audit",
         "metrics",
+        "docs",
     }
 )
 
