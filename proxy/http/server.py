@@ -9,6 +9,7 @@ import gc
 import logging
 import resource
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final, cast
@@ -348,13 +349,20 @@ def connection_guard(s: ServerConfig) -> Guard:
 
 
 async def listen(
-    server: web.Server, settings: ServerConfig, sockets: Sequence[socket.socket]
+    server: web.Server,
+    settings: ServerConfig,
+    sockets: Sequence[socket.socket],
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[ConnectionGate, list[asyncio.Server]]:
     """Accept on ``sockets`` through the connection guard (cap, header/body/idle timeouts,
-    parser errors in the envelope): what ``serve`` and ``collector`` both listen with."""
+    parser errors in the envelope): what ``serve`` and ``collector`` both listen with;
+    ``tls``: HTTPS (the handshake is done before the guard sees a byte)."""
     loop = asyncio.get_running_loop()
     gate = ConnectionGate(server, connection_guard(settings))
-    listeners = [await loop.create_server(gate, sock=sock, backlog=1024) for sock in sockets]
+    listeners = [
+        await loop.create_server(gate, sock=sock, backlog=1024, ssl=tls, ssl_handshake_timeout=10)
+        for sock in sockets
+    ]
     return gate, listeners
 
 
@@ -406,6 +414,7 @@ async def start(
     *,
     shutdown_timeout: float = 10.0,
     wrap: Callable[[ServerHandler], ServerHandler] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Running:
     """Start ``app`` (its startup contexts run) and accept on ``sockets``; ``wrap``
     replaces the server's request handler (the sidecar's by-id fast path)."""
@@ -415,5 +424,5 @@ async def start(
     assert server is not None
     if wrap is not None:
         server.request_handler = wrap(server.request_handler)
-    gate, listeners = await listen(server, settings, sockets)
+    gate, listeners = await listen(server, settings, sockets, tls)
     return Running(runner, server, gate, listeners)
