@@ -22,6 +22,7 @@ from proxy.policy import check_directory
 from proxy.wiring import (
     ServeOptions,
     bind_or_say_why,
+    listener_tls,
     make_core,
     make_gate,
     migrate_directory,
@@ -149,6 +150,20 @@ def _parser(
         "fail mode decides (default 0.05)",
     )
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port")
+    s.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS")
+    s.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    s.add_argument(
+        "--tls-client-ca",
+        default=None,
+        help="PEM CA: clients must present a certificate it signed (mutual TLS)",
+    )
+    s.add_argument(
+        "--secrets-interval",
+        type=_positive_float,
+        default=2.0,
+        help="seconds between looks at the ${file:} secrets of connection strings; a "
+        "change reconnects with the new credentials (also on SIGHUP) (default 2)",
+    )
     _add_server_flags(s)
     s.add_argument("--listen-fds", type=_fd_list, default=(), help=argparse.SUPPRESS)
     s.add_argument(
@@ -371,9 +386,14 @@ def _serve_settings(args: argparse.Namespace) -> tuple[Config, ServeOptions]:
         fast_path=args.fast_path,
         listen_fds=args.listen_fds,
         collector_token=os.environ.get(COLLECTOR_TOKEN_ENV),
+        secrets_interval=args.secrets_interval,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     make_core(config, announce=False)
     make_gate(config, opts)
+    listener_tls(opts)  # a certificate that cannot be loaded stops the start here
     return config, opts
 
 

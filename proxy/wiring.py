@@ -27,6 +27,7 @@ from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqli
 from proxy.cache import NearCache, TwoLevelCache
 from proxy.cache.read_through import Fills
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
+from proxy.config.rotation import DEFAULT_INTERVAL, CredentialWatcher
 from proxy.errors import ConfigError, ProxyError
 from proxy.http.app import build_app
 from proxy.http.collector import CollectorSettings, build_collector_app, collector_store
@@ -45,6 +46,7 @@ from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
 from proxy.pipeline.schemas import SchemaRegistry
 from proxy.policy import load_policies
+from proxy.tls import server_context
 
 log = logging.getLogger("dbproxy")
 
@@ -151,6 +153,10 @@ class ServeOptions:
     fast_path: bool = True
     listen_fds: tuple[int, ...] = ()  # a --workers child: the sockets its parent bound
     collector_token: str | None = None  # the bearer token stats pushes carry
+    secrets_interval: float = DEFAULT_INTERVAL  # seconds between looks at ${file:} secrets
+    tls_cert: str | None = None  # the listener's certificate (with tls_key: HTTPS)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients must present a certificate
 
 
 def make_gate(
@@ -184,6 +190,24 @@ def make_gate(
         policy_dir=opts.policies,
         load_caps=caps,
     )
+
+
+def listener_tls(opts: ServeOptions) -> ssl.SSLContext | None:
+    """The listener's TLS context (``--tls-cert``/``--tls-key``, ``--tls-client-ca``), or
+    None for plain HTTP; ConfigError naming the file when one cannot be loaded."""
+    if opts.tls_cert is None and opts.tls_key is None:
+        if opts.tls_client_ca is not None:
+            raise ConfigError(["--tls-client-ca needs --tls-cert and --tls-key"])
+        return None
+    if opts.tls_cert is None or opts.tls_key is None:
+        raise ConfigError(["--tls-cert and --tls-key go together"])
+    try:
+        return server_context(opts.tls_cert, opts.tls_key, opts.tls_client_ca)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise ConfigError(
+            [f"cannot load the listener's TLS certificate, key or client CA: {reason}"]
+        ) from None
 
 
 def _loopback(host: str) -> bool:
@@ -252,6 +276,16 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
     return Monitoring(metrics, stats, observer, pusher)
 
 
+def build_credentials(config: Config, core: Core, interval: float) -> CredentialWatcher:
+    """The watcher of the ``${file:}`` secrets of the PostgreSQL connection strings."""
+    watched = {}
+    for db in config.databases:
+        backend = core.backends.get(db.name)
+        if isinstance(backend, PostgresBackend):
+            watched[db.name] = (db, backend.rotate_credentials)
+    return CredentialWatcher(watched, interval)
+
+
 async def serve(
     config: Config,
     opts: ServeOptions | None = None,
@@ -278,23 +312,41 @@ async def serve(
     monitoring = build_monitoring(config, core, opts.collector_token)
     app = build_app(config, core, monitoring, cache, observe=opts.metrics)
     wrap = (lambda handler: fast_get(app, handler, opts.metrics)) if opts.fast_path else None
-    running = await start(app, config.server, sockets, shutdown_timeout=shutdown_timeout, wrap=wrap)
+    tls = listener_tls(opts)
+    if tls is None and not _loopback(config.server.host):
+        log.warning(
+            "listening on %s in plain HTTP: tokens and documents cross the network in clear "
+            "text; pass --tls-cert/--tls-key unless a proxy in front terminates TLS",
+            config.server.host,
+        )
+    running = await start(
+        app, config.server, sockets, shutdown_timeout=shutdown_timeout, wrap=wrap, tls=tls
+    )
     monitoring.metrics.sources["clients"] = running.clients
+    credentials = build_credentials(config, core, opts.secrets_interval)
+    credentials.start()
     tune_gc()
     log.info(
-        "dbproxy listening on http://%s:%d (databases: %s; policies: %s)",
+        "dbproxy listening on %s://%s:%d (databases: %s; policies: %s)",
+        "https" if tls is not None else "http",
         config.server.host,
         config.server.port,
         ", ".join(f"{d.name}={d.redacted_dsn()}" for d in config.databases) or "embedded",
         opts.policies or "off",
     )
     watcher = asyncio.create_task(_watch_policies(gate, opts.watch_interval))
+
+    def reload() -> None:  # SIGHUP: the policies and the secret files, now
+        gate.reload()
+        credentials.poke()
+
     try:
-        await _until_stopped(reload=gate.reload)
+        await _until_stopped(reload=reload)
         log.info("shutting down: finishing in-flight requests")
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
+        await credentials.close()
         await running.stop()  # stop accepting, wait for handlers, close pools
         if limiter is not None:
             await limiter.close()

@@ -1,5 +1,6 @@
 """A private PostgreSQL cluster for tests that fault a server: initdb in a temporary directory,
-its own port, trust auth; started, stopped, killed (-9), frozen (SIGSTOP) and removed."""
+its own port, trust auth (or the pg_hba.conf lines given, e.g. hostssl + scram); started,
+stopped, killed (-9), frozen (SIGSTOP) and removed; ``with_tls`` turns ``ssl`` on."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def free_port() -> int:
 
 
 class PgCluster:
-    """One private server; ``settings`` are extra postgresql.conf lines (name -> value)."""
+    """One private server; ``settings`` are extra postgresql.conf lines (name -> value);
+    ``hba``: pg_hba.conf lines replacing initdb's (``local all all trust`` is kept first,
+    so ``admin_dsn`` over the Unix socket always gets in)."""
 
     def __init__(
         self,
@@ -52,9 +55,11 @@ class PgCluster:
         *,
         prefix: str = "dbproxy-pg-",
         base_dir: str | None = None,
+        hba: list[str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.settings = dict(settings or {})
+        self.hba = hba
         self.root = Path(tempfile.mkdtemp(prefix=prefix, dir=base_dir or _base_dir()))
         self.data_dir = self.root / "data"
         self.log_file = self.root / "server.log"
@@ -64,6 +69,28 @@ class PgCluster:
 
     def dsn(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
+
+    def admin_dsn(self, database: str = "postgres") -> str:
+        """The superuser over the Unix socket (trusted whatever ``hba`` says)."""
+        return f"postgresql://{SUPERUSER}@/{database}?host={self.root}&port={self.port}"
+
+    def with_tls(self, cert: Path, key: Path, client_ca: Path | None = None) -> PgCluster:
+        """``ssl = on`` with copies of these files (owned by the server's user, key 0600);
+        ``client_ca`` verifies client certificates (``clientcert=verify-full`` in hba)."""
+        tls_dir = self.root / "tls"
+        tls_dir.mkdir(mode=0o700, exist_ok=True)
+        files = {"ssl_cert_file": cert, "ssl_key_file": key}
+        if client_ca is not None:
+            files["ssl_ca_file"] = client_ca
+        self.settings["ssl"] = "on"
+        for setting, source in files.items():
+            target = tls_dir / f"{setting}.pem"
+            shutil.copyfile(source, target)
+            os.chmod(target, 0o600)
+            self._chown(target)
+            self.settings[setting] = f"'{target}'"
+        self._chown(tls_dir)
+        return self
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -96,6 +123,9 @@ class PgCluster:
         with (self.data_dir / "postgresql.conf").open("a") as f:
             for name, value in conf.items():
                 f.write(f"{name} = {value}\n")
+        if self.hba is not None:
+            lines = ["local all all trust", *self.hba]
+            (self.data_dir / "pg_hba.conf").write_text("".join(f"{line}\n" for line in lines))
         return self
 
     def start(self, timeout: float = 30.0) -> PgCluster:

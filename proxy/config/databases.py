@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 from proxy.config.model import (
     DATABASE_TYPES,
@@ -17,6 +19,7 @@ from proxy.config.model import (
     ReplicaConfig,
 )
 from proxy.config.redact import SCHEME_RE
+from proxy.config.secrets import SecretTemplate
 from proxy.config.values import MAX_PORT, build, numbers_section, read_int, read_str
 from proxy.problems import Problems, check_keys, integer, mapping, type_name
 
@@ -119,6 +122,31 @@ class Secrets:
         resolved = _REFERENCE_RE.sub(replace, template)
         return None if failed else resolved
 
+    def template(self, template: str) -> SecretTemplate | None:
+        """``template`` as pieces to render again when a secret file changes (``${VAR}``
+        resolved now, ``${file:}`` kept as an absolute path); None without a file reference.
+        Call after ``resolve`` succeeded."""
+        parts: list[tuple[bool, str]] = []
+        position = 0
+        for match in _REFERENCE_RE.finditer(template):
+            parts.append((False, template[position : match.start()]))
+            ref = match.group(1)
+            if ref.startswith("file:"):
+                parts.append((True, str(self._path(ref.removeprefix("file:").strip()).absolute())))
+            else:
+                parts.append((False, self.environ.get(ref, "")))
+            position = match.end()
+        parts.append((False, template[position:]))
+        if not any(is_file for is_file, _ in parts):
+            return None
+        return SecretTemplate(tuple(p for p in parts if p[0] or p[1]))
+
+    def _path(self, name: str) -> Path:
+        path = Path(name)
+        if not path.is_absolute() and self.base_dir is not None:
+            path = self.base_dir / path
+        return path
+
     def _reference(self, ref: str, where: str, problems: Problems) -> str | None:
         if ref.startswith("file:"):
             return self._file(ref.removeprefix("file:").strip(), where, problems)
@@ -134,9 +162,7 @@ class Secrets:
         if not name:
             problems.add(where, "empty ${file:} reference")
             return None
-        path = Path(name)
-        if not path.is_absolute() and self.base_dir is not None:
-            path = self.base_dir / path
+        path = self._path(name)
         try:
             return path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
@@ -227,9 +253,13 @@ def _parse_database(
         if "alembic_directory" in raw
         else None
     )
+    if dsn is not None and db_type == "postgresql":
+        check_pg_tls(dsn, f"{path}.connection_string", problems)
     if name is None or db_type is None or dsn is None or read_preference is None:
         return name, None
+    template = raw["connection_string"]
     return name, DatabaseConfig(
+        secret=secrets.template(template) if isinstance(template, str) else None,
         name=name,
         type=db_type,
         connection_string=dsn,
@@ -283,6 +313,25 @@ def parse_default(raw: Mapping[Any, object], names: list[str], problems: Problem
     return value
 
 
+_SSLMODES: Final = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_SSL_FILES: Final = ("sslrootcert", "sslcert", "sslkey")
+
+
+def check_pg_tls(dsn: str, where: str, problems: Problems) -> None:
+    """A ``postgresql://`` URL's TLS parameters: a known ``sslmode``, readable certificate
+    and key files (a typo is a startup error, not a 503 on every request)."""
+    query = parse_qs(urlsplit(dsn).query)
+    modes = query.get("sslmode", [])
+    if modes and modes[-1] not in _SSLMODES:
+        problems.add(where, f"sslmode must be one of {', '.join(_SSLMODES)}")
+    for key in _SSL_FILES:
+        for name in query.get(key, [])[-1:]:
+            if not os.access(name, os.R_OK):
+                problems.add(where, f"{key} file {problems.show(name)} cannot be read")
+    if "sslkey" in query and "sslcert" not in query:
+        problems.add(where, "sslkey needs sslcert (the client certificate)")
+
+
 def url_database(url: str, source: str, problems: Problems) -> DatabaseConfig | None:
     """The database named "default" described by a bare URL (``--database`` or env)."""
     match = SCHEME_RE.match(url)
@@ -291,6 +340,8 @@ def url_database(url: str, source: str, problems: Problems) -> DatabaseConfig | 
         expected = ", ".join(f"{s}://" for s in _URL_TYPE_BY_SCHEME)
         problems.add(source, f"unsupported or missing URL scheme (expected one of {expected})")
         return None
+    if db_type == "postgresql":
+        check_pg_tls(url, source, problems)
     return DatabaseConfig(name=URL_DATABASE_NAME, type=db_type, connection_string=url)
 
 

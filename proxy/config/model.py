@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from proxy.config.redact import redact_dsn
+from proxy.config.secrets import SecretTemplate
 from proxy.errors import ConfigError
 
 DATABASE_TYPES: Final = ("postgresql", "mongodb", "redis", "sqlite")
@@ -40,6 +41,8 @@ class DatabaseConfig:
     write_concern: str | int | None = None
     replicas: tuple[ReplicaConfig, ...] = ()
     alembic_directory: str | None = None  # an Alembic environment (alembic_upgrade operations)
+    # how connection_string is rendered again when a ${file:} secret changes (None: no file)
+    secret: SecretTemplate | None = field(default=None, repr=False, compare=False)
 
     def redacted_dsn(self) -> str:
         """The connection string with every password replaced by ``***`` (safe to log)."""

@@ -355,12 +355,13 @@ async def listen(
     tls: ssl.SSLContext | None = None,
 ) -> tuple[ConnectionGate, list[asyncio.Server]]:
     """Accept on ``sockets`` through the connection guard (cap, header/body/idle timeouts,
-    parser errors in the envelope): what ``serve``, ``collector`` and ``injector`` (with
-    ``tls``) listen with."""
+    parser errors in the envelope): what ``serve``, ``collector`` and ``injector`` listen
+    with; ``tls``: HTTPS (the handshake is done before the guard sees a byte)."""
     loop = asyncio.get_running_loop()
     gate = ConnectionGate(server, connection_guard(settings))
     listeners = [
-        await loop.create_server(gate, sock=sock, backlog=1024, ssl=tls) for sock in sockets
+        await loop.create_server(gate, sock=sock, backlog=1024, ssl=tls, ssl_handshake_timeout=10)
+        for sock in sockets
     ]
     return gate, listeners
 

@@ -4,10 +4,12 @@ its endpoints, monitoring (connections, collections, plans, audit log) and trans
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
@@ -106,6 +108,7 @@ class PostgresBackend(CoalescingDocuments):
         self._acquire_timeout = config.pool_settings.timeout_seconds
         self._exec = Executor(self.endpoints, limits, self._acquire_timeout)
         self._reconnect_task: asyncio.Task[None] | None = None
+        self._retry_now = asyncio.Event()  # set by a credential rotation: reconnect at once
         self._last_error: str | None = None
 
     @property
@@ -167,7 +170,9 @@ class PostgresBackend(CoalescingDocuments):
     async def _reconnect(self) -> None:
         delay = 0.5
         while self.pool is None:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), delay)
+            self._retry_now.clear()
             before = self.endpoints.primary.down_reason
             try:
                 await self._open()
@@ -176,6 +181,15 @@ class PostgresBackend(CoalescingDocuments):
                 if err.message != before:  # once per reason, not once per attempt
                     log.warning("database %s not ready: %s", self.name, err.message)
                 delay = min(delay * 2, 15.0)
+
+    async def rotate_credentials(self, dsn: str) -> None:
+        """A secret the connection string reads has changed: new connections (primary,
+        replicas, probes, the schema watch) use ``dsn``; pooled ones are replaced as they
+        come back; a primary that could not connect tries again at once."""
+        self.config = replace(self.config, connection_string=dsn)
+        await self.endpoints.rotate(dsn)
+        self._retry_now.set()
+        log.info("database %s: credentials reloaded (%s)", self.name, self.config.redacted_dsn())
 
     async def close(self) -> None:
         if self._reconnect_task is not None:

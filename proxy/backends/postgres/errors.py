@@ -24,12 +24,14 @@ from proxy.errors import (
     Timeout,
     Unavailable,
 )
+from proxy.tls import tls_failure
 
 log = logging.getLogger(__name__)
 
 # codes dbproxy_refuse() may raise
 _REFUSALS = frozenset({"array_index_too_large", "expression_failed", "result_too_large"})
 MISSING_RETRY_AFTER = 5.0  # seconds: a missing database is a configuration problem
+REFUSED_RETRY_AFTER = 2.0  # seconds: refused credentials or TLS wait for a rotation or a fix
 
 
 def no_answer() -> DatabaseTimeout:
@@ -59,11 +61,51 @@ def translate(exc: BaseException) -> ProxyError:
                 f"the unique index {index!r} already holds this value", details={"index": index}
             )
         return DuplicateId("a document with this _id already exists")
+    refused = connection_refused(exc)
+    if refused is not None:
+        return refused
     if isinstance(exc, CONNECTION_ERRORS):
         return Unavailable("the database is not reachable", retry_after=1)
     if isinstance(exc, asyncpg.PostgresError):
         return _translate_sqlstate(exc)
     return InternalError("unexpected error while talking to the database")
+
+
+def _refused(message: str, reason: str) -> Unavailable:
+    return Unavailable(message, details={"reason": reason}, retry_after=REFUSED_RETRY_AFTER)
+
+
+def connection_refused(exc: BaseException) -> Unavailable | None:
+    """A connection the server (or its certificate) refused: credentials, pg_hba.conf, TLS.
+    Always ``503 database_unavailable`` (retryable: a rotated secret or a fixed server
+    heals it), ``details.reason`` naming the cause; None for any other failure."""
+    if isinstance(exc, asyncpg.exceptions.InvalidPasswordError):
+        return _refused(
+            "the database refused the credentials (password authentication failed)",
+            "authentication_failed",
+        )
+    if isinstance(exc, asyncpg.exceptions.InvalidAuthorizationSpecificationError):
+        if "no encryption" in str(exc):
+            return _refused(
+                "the database requires TLS for this connection (set sslmode=require or "
+                "stronger in the connection string)",
+                "tls_required",
+            )
+        return _refused(
+            "the database refused the connection (no pg_hba.conf rule admits this user, "
+            "host and database, or the role may not log in)",
+            "authentication_failed",
+        )
+    tls = tls_failure(exc)
+    if tls is not None:
+        return _refused(f"TLS to the database failed: {tls}", "tls_failed")
+    if isinstance(exc, ConnectionError) and "rejected SSL upgrade" in str(exc):
+        return _refused(
+            "the database server does not offer TLS, which the connection string's sslmode "
+            "requires",
+            "tls_not_offered",
+        )
+    return None
 
 
 def dsn_database(dsn: str) -> str | None:

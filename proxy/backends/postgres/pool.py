@@ -8,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -186,6 +187,7 @@ class EndpointSet:
         )
         self._by_state = {id(e.state): e for e in (self.primary, *self.replicas)}
         self.primary_lsn = 0
+        self.rotations = 0  # credential changes applied (secret file rewritten)
         self._monitor: asyncio.Task[None] | None = None
 
     @property
@@ -194,15 +196,11 @@ class EndpointSet:
 
     # -- pools -------------------------------------------------------------------------
 
-    async def open_pool(self, endpoint: Endpoint) -> asyncpg.Pool:
-        ps = self.config.pool_settings
+    def _connect_kwargs(self) -> dict[str, Any]:
+        """What every new connection of a pool is opened with, besides its DSN."""
         timeout_ms = int(self.limits.statement_timeout_seconds * 1000)
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            endpoint.dsn,
-            min_size=ps.min_connections if endpoint.role is Role.PRIMARY else 0,
-            max_size=ps.max_connections,
-            timeout=ps.timeout_seconds,
-            server_settings={
+        return {
+            "server_settings": {
                 "statement_timeout": str(timeout_ms),
                 "idle_in_transaction_session_timeout": str(max(timeout_ms * 6, 30000)),
                 "application_name": "dbproxy",
@@ -211,9 +209,36 @@ class EndpointSet:
                 # them takes milliseconds; dbproxy's statements never gain from it
                 "jit": "off",
             },
+        }
+
+    async def open_pool(self, endpoint: Endpoint) -> asyncpg.Pool:
+        ps = self.config.pool_settings
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            endpoint.dsn,
+            min_size=ps.min_connections if endpoint.role is Role.PRIMARY else 0,
+            max_size=ps.max_connections,
+            timeout=ps.timeout_seconds,
             reset=keep_session,
+            **self._connect_kwargs(),
         )
         return pool
+
+    async def rotate(self, dsn: str) -> None:
+        """New credentials (a secret file changed): every new connection uses ``dsn`` (its
+        replicas the same user and password); pooled connections are replaced gracefully,
+        an idle one when next acquired, a busy one when released (asyncpg's generation)."""
+        self.config = replace(self.config, connection_string=dsn)
+        self.primary.dsn = dsn
+        for replica, settings in zip(self.replicas, self.config.replicas, strict=True):
+            replica.dsn = replica_dsn(dsn, settings.host, settings.port)
+        for ep in self.endpoints:
+            if ep.probe is not None:
+                ep.probe.terminate()
+                ep.probe = None
+            if ep.pool is not None:
+                ep.pool.set_connect_args(ep.dsn, **self._connect_kwargs())
+                await ep.pool.expire_connections()
+        self.rotations += 1
 
     async def start_replicas(self) -> None:
         for replica in self.replicas:

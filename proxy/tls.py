@@ -1,0 +1,55 @@
+"""TLS shared by every connection dbproxy makes or accepts: contexts built from PEM files,
+and a driver's TLS failure told in one safe sentence naming the cause (README: Security)."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Final
+
+__all__ = ["client_context", "server_context", "tls_failure"]
+
+_MAX_REASON: Final = 160
+
+
+def client_context(
+    ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """Verify the server (certificate and host name) against ``ca_file`` (else the system
+    store); present ``cert_file``/``key_file`` when the server asks for a client certificate."""
+    ctx = ssl.create_default_context(cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def server_context(cert_file: str, key_file: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """A listener's context; with ``client_ca`` every client must present a certificate it
+    signed (mutual TLS)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file)
+    if client_ca:
+        ctx.load_verify_locations(cafile=client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def tls_failure(exc: BaseException | None) -> str | None:
+    """What went wrong in a TLS handshake, as a sentence safe for clients and logs (never
+    a secret: OpenSSL's reason and the certificate check); None when ``exc`` (or what it
+    was raised from) is not a TLS failure."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            reason = exc.verify_message or exc.reason or "verification failed"
+            return f"the server's TLS certificate was refused: {_clip(str(reason))}"
+        if isinstance(exc, ssl.SSLError):
+            return f"the TLS handshake failed: {_clip(str(exc.reason or exc.strerror or exc))}"
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _clip(text: str) -> str:
+    text = text.strip().rstrip(".")
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
