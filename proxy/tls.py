@@ -41,11 +41,15 @@ def tls_failure(exc: BaseException | None) -> str | None:
     was raised from) is not a TLS failure."""
     seen = 0
     while exc is not None and seen < 5:
+        inner = getattr(exc, "certificate_error", None)  # aiohttp wraps the ssl error
+        if isinstance(inner, ssl.SSLError):
+            exc = inner
         if isinstance(exc, ssl.SSLCertVerificationError):
-            reason = exc.verify_message or exc.reason or "verification failed"
-            return f"the server's TLS certificate was refused: {_clip(str(reason))}"
+            reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+            return f"the server's TLS certificate was refused: {_clip(str(reason or exc))}"
         if isinstance(exc, ssl.SSLError):
-            return f"the TLS handshake failed: {_clip(str(exc.reason or exc.strerror or exc))}"
+            reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None)
+            return f"the TLS handshake failed: {_clip(str(reason or exc))}"
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 

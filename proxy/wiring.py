@@ -46,7 +46,7 @@ from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
 from proxy.pipeline.schemas import SchemaRegistry
 from proxy.policy import load_policies
-from proxy.tls import server_context
+from proxy.tls import client_context, server_context
 
 log = logging.getLogger("dbproxy")
 
@@ -271,6 +271,7 @@ def build_monitoring(config: Config, core: Core, token: str | None) -> Monitorin
             stats,
             interval=push.interval_seconds,
             max_buffered_batches=push.max_buffered_batches,
+            tls=client_context(push.ca_file) if push.ca_file else None,
         )
         metrics.sources["pusher"] = pusher.counters
     return Monitoring(metrics, stats, observer, pusher)

@@ -116,6 +116,7 @@ class CollectorPush:
 
     interval_seconds: float = 2.0
     max_buffered_batches: int = 100  # while the collector is away; the oldest are dropped
+    ca_file: str | None = None  # an https:// collector_url verified against this CA
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import fields
@@ -139,7 +140,12 @@ def parse_collector_push(value: object, problems: Problems) -> CollectorPush:
     raw = mapping(value, "collector_push", problems) if value is not None else {}
     if not raw:
         return CollectorPush()
-    check_keys(raw, ("interval_seconds", "max_buffered_batches"), "collector_push", problems)
+    check_keys(
+        raw, ("interval_seconds", "max_buffered_batches", "ca_file"), "collector_push", problems
+    )
+    ca_file = read_optional_str(raw, "ca_file", "collector_push", problems)
+    if ca_file is not None and not os.access(ca_file, os.R_OK):
+        problems.add("collector_push.ca_file", f"{problems.show(ca_file)} cannot be read")
     defaults = CollectorPush()
     interval = read_number(
         raw, "interval_seconds", "collector_push", defaults.interval_seconds, problems
@@ -150,4 +156,5 @@ def parse_collector_push(value: object, problems: Problems) -> CollectorPush:
     return CollectorPush(
         interval if interval is not None else defaults.interval_seconds,
         buffered if buffered is not None else defaults.max_buffered_batches,
+        ca_file,
     )

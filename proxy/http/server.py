@@ -359,9 +359,9 @@ async def listen(
     with; ``tls``: HTTPS (the handshake is done before the guard sees a byte)."""
     loop = asyncio.get_running_loop()
     gate = ConnectionGate(server, connection_guard(settings))
+    extra: dict[str, Any] = {"ssl": tls, "ssl_handshake_timeout": 10.0} if tls else {}
     listeners = [
-        await loop.create_server(gate, sock=sock, backlog=1024, ssl=tls, ssl_handshake_timeout=10)
-        for sock in sockets
+        await loop.create_server(gate, sock=sock, backlog=1024, **extra) for sock in sockets
     ]
     return gate, listeners
 

@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import random
+import ssl
 from collections import deque
 from typing import Any, Final
 
@@ -15,6 +16,7 @@ import aiohttp
 import orjson
 
 from proxy.observe.stats import StatsRecorder
+from proxy.tls import tls_failure
 
 __all__ = ["BATCHES_PATH", "StatsPusher"]
 
@@ -44,6 +46,7 @@ class StatsPusher:
         interval: float = 2.0,
         max_buffered_batches: int = 100,
         timeout: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if interval <= 0 or timeout <= 0 or max_buffered_batches < 1:
             raise ValueError("interval, timeout and max_buffered_batches must be positive")
@@ -55,6 +58,7 @@ class StatsPusher:
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
+        self._tls = tls  # an https:// collector verified against its own CA
         self._buffer: deque[bytes] = deque()
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -156,7 +160,7 @@ class StatsPusher:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
-                connector=aiohttp.TCPConnector(limit=2),
+                connector=aiohttp.TCPConnector(limit=2, ssl=self._tls or True),
             )
         # aiohttp warns about raw bytes over 1 MiB; a BytesIO is streamed the same way
         data: bytes | io.BytesIO = body if len(body) <= _LARGE_BODY else io.BytesIO(body)
@@ -165,7 +169,7 @@ class StatsPusher:
                 await r.read()
                 return r.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._last_error = type(exc).__name__
+            self._last_error = tls_failure(exc) or type(exc).__name__
             return None
 
     def _note_failure(self, status: int | None) -> None:

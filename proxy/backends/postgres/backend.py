@@ -266,10 +266,10 @@ class PostgresBackend(CoalescingDocuments):
         self, collection: str, sql: str, *args: Any, kind: str = "read"
     ) -> list[asyncpg.Record] | None:
         """Run a read where the router says; None when the collection has no table. A
-        connection lost under a read is retried once (reads are idempotent)."""
+        connection lost under a read is retried, twice at most (reads are idempotent)."""
         ctx = context.current.get()
         try:
-            for attempt in (0, 1):
+            for attempt in (0, 1, 2):  # the pool may hold several dead ones
                 ep = self.endpoints.choose(kind, ctx.read_preference, ctx.min_lsn)
                 try:
                     return await self._exec.run_on(ep, sql, args)
@@ -278,7 +278,7 @@ class PostgresBackend(CoalescingDocuments):
                 except TimeoutError:  # an OSError, but never retried: it may run again
                     raise
                 except CONNECTION_ERRORS:
-                    if attempt == 1:
+                    if attempt == 2:
                         raise
             raise AssertionError("unreachable")
         except ProxyError:

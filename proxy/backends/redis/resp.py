@@ -11,6 +11,8 @@ from typing import Any, Final, cast
 import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 
+from proxy.tls import tls_failure
+
 ReplyError: Final = hiredis.ReplyError
 
 Arg = bytes | str | int | float
@@ -189,5 +191,6 @@ async def open_pipe(url: str, deadline: float, connect_timeout: float) -> Pipe:
         raise
     except (OSError, TimeoutError, ssl.SSLError) as exc:
         pipe.close()
-        raise PipeBroken(f"cannot connect to the cache Redis ({type(exc).__name__})") from exc
+        why = tls_failure(exc) or type(exc).__name__
+        raise PipeBroken(f"cannot connect to the cache Redis ({why})") from exc
     return pipe

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from proxy.backends.sqlite.ddl import create_private
 from proxy.errors import InternalError, InvalidQuery, ProxyError
 from proxy.query import sqlite as dialect
 from proxy.query.spec import Keep, keep_protected
@@ -79,6 +80,7 @@ def _keep(stored: str | bytes, body: str | bytes, spec: str) -> str:
 
 
 def connect(path: str, state: ConnState, *, writes: bool, busy_ms: int) -> sqlite3.Connection:
+    create_private(path)
     conn = sqlite3.connect(
         path, isolation_level=None, check_same_thread=False, cached_statements=512
     )

@@ -61,7 +61,7 @@ def check_location(path: str) -> str | None:
     For start-up validation, before the port is bound."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # created owner-only
     except OSError as exc:
         return f"cannot create directory {directory!r}: {exc.strerror or type(exc).__name__}"
     if not os.access(directory, os.W_OK | os.X_OK):
@@ -75,7 +75,21 @@ def check_location(path: str) -> str | None:
 
 
 def make_parent_dir(path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+
+
+def create_private(path: str) -> None:
+    """Create the store's file readable by its owner only (0600), if it does not exist;
+    SQLite gives its -wal and -shm files the same permissions."""
+    if path.startswith(":") or path.startswith("file:"):
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # sqlite reports the real problem when it opens the file
+    os.close(fd)
 
 
 def create_table(conn: sqlite3.Connection, collection: str) -> None:
