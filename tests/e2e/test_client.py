@@ -131,3 +131,24 @@ async def test_retryable_errors_are_retried_then_raised(launch: Callable[..., Se
             await db.collection("things").create({"a": 1})
     assert down.value.status == 503 and down.value.retryable
     assert down.value.code == "database_unavailable"
+
+
+def readme_client_example() -> str:
+    """The README's client example: the ```python block of its OpenAPI and client section."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## OpenAPI and the Python client") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```\n", start)]
+
+
+async def test_the_readmes_client_example_runs(pg_server: Server) -> None:
+    scope: dict[str, object] = {}
+    exec(compile(readme_client_example(), "README.md", "exec"), scope)
+    main = scope["main"]
+    assert callable(main)
+    await main(pg_server.url)
+    async with Client(pg_server.url) as db:
+        users = db.collection("readme_client_users")
+        assert [u["age"] async for u in users.find()] == [32]
