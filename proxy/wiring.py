@@ -475,13 +475,10 @@ async def run_collector(
 def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server TLS context (TLS 1.2 at least) with the certificate chain and key loaded;
     ConfigError when they cannot be read or do not match."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_cert_chain(cert_file, key_file)
+        return server_context(cert_file, key_file)
     except (OSError, ssl.SSLError) as err:
         raise ConfigError([f"cannot load --tls-cert/--tls-key: {err}"]) from None
-    return context
 
 
 def _file_stamp(*paths: str) -> tuple[int, ...]:
