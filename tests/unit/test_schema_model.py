@@ -253,8 +253,16 @@ def test_a_field_under_a_scalar_parent_is_refused() -> None:
 
 
 def test_partitioning_is_unsupported_for_now() -> None:
-    err = refused({"partitioning": {"strategy": "hash", "key": "id"}}, "unsupported")
-    assert err.details == {"at": "schema.partitioning", "feature": "partitioning"}
+    err = refused(
+        {"partitioning": {"strategy": "hash", "key": "id", "partitions": 4}}, "unsupported"
+    )
+    assert err.details == {
+        "at": "schema.partitioning",
+        "feature": "partitioning",
+        "declaration": {"strategy": "hash", "key": "id", "unique_id": "global", "partitions": 4},
+    }
+    err = refused({"partitioning": {"strategy": "hash", "key": "id"}})
+    assert err.details == {"at": "schema.partitioning.partitions"}
     parse_schema({"partitioning": None}, "c")
     parse_schema({"partitioning": {}}, "c")
 
