@@ -133,3 +133,51 @@ def test_no_secret_leaks(tmp_path: Path) -> None:
     for text in seen:
         assert CANARY not in text
     assert "***" in seen[1]  # connections show the redacted DSN
+
+
+def _send(url: str, method: str, body: bytes | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, method=method)
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {CANARY}-token")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.mark.e2e
+def test_no_secret_leaks_from_a_database_that_cannot_be_reached(tmp_path: Path) -> None:
+    """Every kind of request to a database whose password is the canary, unreachable: the
+    answers are 503 database_unavailable and neither they, the log, health, connections or
+    metrics carry the password or the bearer token the requests sent."""
+    config = tmp_path / "dbproxy.yaml"
+    config.write_text(
+        "databases:\n"
+        "  - name: gone\n"
+        "    type: postgresql\n"
+        f"    connection_string: postgresql://postgres:{CANARY}@127.0.0.1:1/postgres\n"
+    )
+    proc, log = _serve(tmp_path, "--config", str(config))
+    try:
+        base = f"http://127.0.0.1:{PORT}/api/db"
+        answers = [
+            _send(f"{base}/users/u1", "GET"),
+            _send(f"{base}/users", "POST", b'{"name": "ann"}'),
+            _send(f"{base}/users/query", "POST", b'{"filter": {"name": "ann"}}'),
+            _send(f"{base}/users/count", "GET"),
+            _send(f"{base}/users/aggregate", "POST", b'{"pipeline": [{"$match": {}}]}'),
+            _send(f"{base}/batch", "POST", b'{"operations": []}'),
+        ]
+        seen = [text for _, text in answers]
+        for path in ("/health", "/connections", "/stats"):
+            seen.append(_send(base + path, "GET")[1])
+        seen.append(_send(f"http://127.0.0.1:{PORT}/metrics", "GET")[1])
+    finally:
+        _stop(proc)
+    seen.append(log.read_text(errors="replace"))
+    for status, text in answers[:5]:
+        assert status == 503, (status, text)
+        assert json.loads(text)["error"]["code"] == "database_unavailable", text
+    for text in seen:
+        assert CANARY not in text
