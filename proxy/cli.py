@@ -194,6 +194,8 @@ def _parser(
     c.add_argument("--port", type=int, default=8710, help="listen port (default 8710)")
     c.add_argument("--database", default=None, help="PostgreSQL URL where rollups persist")
     c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
+    c.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS")
+    c.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     _add_server_flags(c)
     _add_log_level(c)
     m = sub.add_parser("migrate", help="apply a directory of migration files")
@@ -440,13 +442,23 @@ def _main_collector(args: argparse.Namespace) -> int:
         print(f"dbproxy: {err}", file=sys.stderr)
         return 2
     server = _server_flags(ServerConfig(host=settings.host, port=settings.port), args)
+    tls = None
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("dbproxy: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    if args.tls_cert is not None:
+        try:
+            tls = tls_context(args.tls_cert, args.tls_key)
+        except ConfigError as err:
+            print(f"dbproxy: {err}", file=sys.stderr)
+            return 2
     sockets = bind_or_say_why(settings.host, settings.port)
     if sockets is None:
         return 1
     import uvloop
 
     try:
-        uvloop.run(run_collector(settings, server_settings=server, sockets=sockets))
+        uvloop.run(run_collector(settings, server_settings=server, sockets=sockets, tls=tls))
     except OSError as err:
         print(f"dbproxy: cannot start: {err}", file=sys.stderr)
         return 1

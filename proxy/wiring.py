@@ -447,18 +447,20 @@ async def run_collector(
     shutdown_timeout: float = 10.0,
     server_settings: ServerConfig | None = None,
     sockets: Sequence[socket.socket] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """``dbproxy collector``: serve until SIGTERM/SIGINT, then finish in-flight pushes.
     Connections are guarded like ``serve``'s (``server_settings``: the cap and timeouts;
-    default those of ``serve``)."""
+    default those of ``serve``); ``tls``: HTTPS."""
     if server_settings is None:
         server_settings = ServerConfig(host=settings.host, port=settings.port)
     if sockets is None:
         sockets = bind(settings.host, settings.port)
     app = build_collector_app(settings, collector_store(settings))
-    running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout)
+    running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout, tls=tls)
     log.info(
-        "dbproxy collector listening on http://%s:%d (database: %s, push token: %s)",
+        "dbproxy collector listening on %s://%s:%d (database: %s, push token: %s)",
+        "https" if tls is not None else "http",
         settings.host,
         settings.port,
         redact_dsn(settings.database_url),
