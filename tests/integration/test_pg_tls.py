@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -147,6 +148,7 @@ async def test_rotation_under_load_loses_no_read(
     db = replace(db, secret=secrets.template(template))
     backend = PostgresBackend(db, Limits())
     await backend.start()
+    migrations: Any = backend.migrations()  # what the runner holds from the start
     watcher = CredentialWatcher({"main": (db, backend.rotate_credentials)}, interval=0.1)
     watcher.start()
     failures: list[BaseException] = []
@@ -184,6 +186,10 @@ async def test_rotation_under_load_loses_no_read(
         sessions = await admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'"
         )
+        # the migration runner's own sessions (made at start) use the new credential too
+        assert "second-secret" in migrations.dsn
+        async with migrations.session("rotation-test", lock=False) as session:
+            assert session is not None
         await admin.execute("ALTER ROLE app PASSWORD 'first-secret'")
         await admin.close()
         assert sessions >= 1  # reconnected, with the new password

@@ -115,9 +115,13 @@ class PgMigrations:
 
     def __init__(self, backend: PgHost) -> None:
         self.backend = backend
-        self.dsn = backend.config.connection_string
         self.schema = backend.schema
         self.ident = backend._schema_ident
+
+    @property
+    def dsn(self) -> str:
+        """The backend's connection string as it is now (a rotated secret included)."""
+        return self.backend.config.connection_string
 
     def table(self, collection: str) -> str:
         return self.backend._table(collection)
