@@ -125,7 +125,11 @@ class MigrationStore(Protocol):
     """A backend's migration side: records, the lock, and sessions."""
 
     dialect: str  # "postgresql" | "sqlite"
-    dsn: str  # the connection string (for an Alembic environment; never shown)
+
+    @property
+    def dsn(self) -> str:
+        """The connection string as it is now (for an Alembic environment; never shown)."""
+        ...
 
     async def prepare(self) -> None:
         """Create the ``_migrations`` table if missing."""
