@@ -105,12 +105,13 @@ async def test_transactions_commit_and_roll_back(pg_server: Server) -> None:
 async def test_idempotency_keys_and_the_consistency_token(pg_server: Server) -> None:
     async with Client(pg_server.url) as db:
         orders = db.collection(name())
-        first = await orders.create({"total": 5}, idempotency_key="order-42")
-        again = await orders.create({"total": 5}, idempotency_key="order-42")
+        key = f"order-{uuid.uuid4().hex}"  # keys are the service's: one no other test uses
+        first = await orders.create({"total": 5}, idempotency_key=key)
+        again = await orders.create({"total": 5}, idempotency_key=key)
         assert again == first  # replayed, not written twice
         assert await orders.count() == 1
         with pytest.raises(Unprocessable) as reused:
-            await orders.create({"total": 6}, idempotency_key="order-42")
+            await orders.create({"total": 6}, idempotency_key=key)
         assert reused.value.code == "idempotency_key_reused"
         # without replicas no write hands out a token; one the client holds goes with reads
         assert db.consistency_token is None
