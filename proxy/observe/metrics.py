@@ -148,6 +148,12 @@ class _LiveCollector(Collector):
         )
         fast_q.add_metric([], shortcuts.get("queries", 0))
         yield fast_q
+        lane = CounterMetricFamily(
+            "dbproxy_fast_lane_requests",
+            "Shortcut requests parsed and answered past aiohttp (the fast lane)",
+        )
+        lane.add_metric([], shortcuts.get("lane", 0))
+        yield lane
         clients = src.get("clients", dict)()
         open_ = GaugeMetricFamily("dbproxy_client_connections", "Open client connections")
         open_.add_metric([], clients.get("open", 0))
