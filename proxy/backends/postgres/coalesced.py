@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy import context
-from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
+from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.postgres.coalesce_find import FindCoalescer, batched_sql
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.documents import FindStatement, PgDocuments
