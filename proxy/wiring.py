@@ -26,6 +26,7 @@ from proxy.backends.redis.limiter import RedisLimiter
 from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
 from proxy.cache import NearCache, TwoLevelCache
 from proxy.cache.read_through import Fills
+from proxy.collector import CollectorStore
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
 from proxy.config.rotation import DEFAULT_INTERVAL, CredentialWatcher
 from proxy.errors import ConfigError, ProxyError
@@ -442,6 +443,18 @@ def _without_workers(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def collector_credentials(settings: CollectorSettings, store: CollectorStore) -> CredentialWatcher:
+    """The watcher of the ``${file:}`` secrets of the collector's database URL."""
+    database = DatabaseConfig(
+        name="collector",
+        type="postgresql",
+        connection_string=settings.database_url,
+        secret=settings.database_secret,
+    )
+    watched = {"collector": (database, store.rotate_credentials)}
+    return CredentialWatcher(watched, settings.secrets_interval)
+
+
 async def run_collector(
     settings: CollectorSettings,
     shutdown_timeout: float = 10.0,
@@ -456,8 +469,11 @@ async def run_collector(
         server_settings = ServerConfig(host=settings.host, port=settings.port)
     if sockets is None:
         sockets = bind(settings.host, settings.port)
-    app = build_collector_app(settings, collector_store(settings))
+    store = collector_store(settings)
+    app = build_collector_app(settings, store)
     running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout, tls=tls)
+    credentials = collector_credentials(settings, store)
+    credentials.start()
     log.info(
         "dbproxy collector listening on %s://%s:%d (database: %s, push token: %s)",
         "https" if tls is not None else "http",
@@ -467,9 +483,10 @@ async def run_collector(
         "required" if settings.token else "NOT required",
     )
     try:
-        await _until_stopped()
+        await _until_stopped(reload=credentials.poke)  # SIGHUP: the secret files, now
         log.info("collector shutting down")
     finally:
+        await credentials.close()
         await running.stop()  # stop accepting, then finish in-flight pushes
     log.info("stopped")
 
