@@ -411,22 +411,23 @@ def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> in
     sockets = bind(config.server.host, config.server.port)
     fds = [sock.fileno() for sock in sockets]
     child_args += ["--listen-fds", ",".join(map(str, fds))]
-    try:
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args], pass_fds=fds)
-            for _ in range(opts.workers)
-        ]
-    finally:
-        for sock in sockets:  # the children hold them now
-            sock.close()
+    procs: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # before the first child exists: a SIGTERM while they start must not orphan them
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    try:
+        for _ in range(opts.workers):
+            argv = [sys.executable, "-m", "proxy.cli", *child_args]
+            procs.append(subprocess.Popen(argv, pass_fds=fds))
+    finally:
+        for sock in sockets:  # the children hold them now
+            sock.close()
     codes = [p.wait() for p in procs]
     return max(codes, default=0)
 

@@ -73,6 +73,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def _workers(parent: int, log: Path) -> list[int]:
+    """The two worker processes, once both listen (the parent binds the port itself, so
+    the port answering says nothing about them)."""
+    assert wait_for_log(log, "dbproxy listening on", count=2, timeout=30) == 2, log.read_text()
+    workers = children(parent)
+    assert len(workers) == 2, workers
+    return workers
+
+
 def _check_stored(base: str, load: HttpLoad) -> None:
     """Every acknowledged create is there, every acknowledged patch too."""
     assert count(base, "items", {}) == load.ok["create"]
@@ -126,8 +135,7 @@ def test_every_worker_picks_up_the_rotation_on_sighup(tmp_path: Path) -> None:
         proc, log = _serve(tmp_path, port, *args)
         base = f"http://127.0.0.1:{port}"
         try:
-            workers = children(proc.pid)
-            assert len(workers) == 2, workers
+            workers = _workers(proc.pid, log)
             load = HttpLoad(base, "items", threads=8)
             load.settle(1.5)
             before = pg_connections_by_process(pg_port)
