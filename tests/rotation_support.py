@@ -36,10 +36,16 @@ def admin(cluster: PgCluster, *sql: str) -> list[list[asyncpg.Record]]:
     return asyncio.run(run())
 
 
-def app_cluster(port: int, password: str) -> PgCluster:
+def app_cluster(port: int, password: str, tls: tuple[Path, Path] | None = None) -> PgCluster:
     """A started private cluster where ``app`` (password ``password``, SCRAM over TCP) may
-    create tables in database ``postgres``."""
-    cluster = PgCluster(port=port, hba=SCRAM_HBA)
+    create tables in database ``postgres``; with ``tls`` (certificate, key), ``app`` is
+    let in over TLS only."""
+    if tls is None:
+        cluster = PgCluster(port=port, hba=SCRAM_HBA)
+    else:
+        hba = [f"hostssl all {ROLE} 127.0.0.1/32 scram-sha-256"]
+        hba += [f"hostnossl all {ROLE} 127.0.0.1/32 reject"]
+        cluster = PgCluster(port=port, hba=hba).with_tls(*tls)
     cluster.start()
     try:
         admin(
@@ -109,7 +115,7 @@ def password_works(cluster: PgCluster, password: str) -> bool:
     async def attempt() -> bool:
         dsn = f"postgresql://{ROLE}:{password}@127.0.0.1:{cluster.port}/postgres"
         try:
-            conn = await asyncpg.connect(dsn, timeout=5)
+            conn = await asyncpg.connect(dsn, timeout=5, ssl="prefer")
         except asyncpg.InvalidPasswordError:
             return False
         await conn.close()

@@ -1,5 +1,6 @@
 """The central collector's own database credential rotates like the sidecar's: a real
-``dbproxy collector`` whose ``--database`` reads ``${file:}``, pushes running concurrently,
+``dbproxy collector`` whose ``--database`` (TLS, verify-full against a test CA) reads
+``${file:}``, pushes running concurrently,
 the role's password changed on a private cluster, the file rewritten, SIGHUP, the old
 sessions ended — every push accepted, none lost, no password anywhere."""
 
@@ -20,6 +21,7 @@ from proxy.observe.pusher import BATCHES_PATH
 from proxy.observe.stats import StatsRecorder
 from tests.pgcluster import binaries_missing
 from tests.rotation_support import (
+    admin,
     app_cluster,
     end_app_sessions,
     password_works,
@@ -27,6 +29,7 @@ from tests.rotation_support import (
     wait_for_log,
     wait_for_old_sessions_to_go,
 )
+from tests.tls_ca import TestCA
 
 pytestmark = [
     pytest.mark.e2e,
@@ -40,9 +43,10 @@ COLLECTOR += ("--secrets-interval", "60")  # the rotation comes from SIGHUP
 RELOADED = "collector database: credentials reloaded"
 
 
-def _collector(tmp_path: Path, secret: Path) -> tuple[subprocess.Popen[bytes], Path]:
+def _collector(tmp_path: Path, secret: Path, ca: Path) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp_path / "collector.log"
-    url = f"postgresql://app:${{file:{secret}}}@127.0.0.1:{PG_PORT}/postgres"
+    url = f"postgresql://app:${{file:{secret}}}@localhost:{PG_PORT}/postgres"
+    url += f"?sslmode=verify-full&sslrootcert={ca}"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*COLLECTOR, "--database", url, "--token", TOKEN],
@@ -97,10 +101,12 @@ class Load:
 
 
 async def test_collector_database_password_rotates_under_load(tmp_path: Path) -> None:
-    cluster = await asyncio.to_thread(app_cluster, PG_PORT, OLD)
+    ca = TestCA(tmp_path / "ca")
+    server = ca.server("pg", names=("localhost",), ips=())
+    cluster = await asyncio.to_thread(app_cluster, PG_PORT, OLD, (server.cert, server.key))
     secret = tmp_path / "collector-pg-password"
     secret.write_text(OLD + "\n")
-    proc, log = _collector(tmp_path, secret)
+    proc, log = _collector(tmp_path, secret, ca.cert)
     base = f"http://127.0.0.1:{PORT}"
     seen: list[str] = []
     try:
@@ -120,6 +126,12 @@ async def test_collector_database_password_rotates_under_load(tmp_path: Path) ->
             ended = await asyncio.to_thread(end_app_sessions, cluster)
             await asyncio.sleep(1.5)
             await load.stop()
+            encrypted = await asyncio.to_thread(
+                admin,
+                cluster,
+                "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) "
+                "WHERE a.usename = 'app'",
+            )
             for path in ("/api/db/health", "/metrics"):
                 async with session.get(base + path) as r:
                     seen.append(await r.text())
@@ -135,6 +147,8 @@ async def test_collector_database_password_rotates_under_load(tmp_path: Path) ->
         old_refused = not await asyncio.to_thread(password_works, cluster, OLD)
         await asyncio.to_thread(cluster.destroy)
     assert load.failed == [], load.failed[:5]
+    sessions = [row[0] for row in encrypted[0]]  # the collector's sessions, after rotation
+    assert sessions and all(sessions), sessions  # all over TLS (verify-full, the test CA)
     assert (old, new)[0] == 0 and new >= 1, (old, new)
     assert ended >= 1  # sessions existed (opened with NEW) and were ended under load
     assert old_refused  # the rotation was real: the old password no longer logs in
