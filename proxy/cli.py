@@ -13,7 +13,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Final
 
-from proxy.config import DATABASE_URL_ENV, Config, ServerConfig, load_config
+from proxy.config import (
+    DATABASE_URL_ENV,
+    Config,
+    ServerConfig,
+    load_config,
+    load_database_url,
+)
 from proxy.errors import ConfigError
 from proxy.http.collector import CollectorSettings
 from proxy.http.server import AddressInUse
@@ -64,12 +70,19 @@ def _fd_list(value: str) -> tuple[int, ...]:
 
 
 def _collector_settings(args: argparse.Namespace) -> CollectorSettings:
-    database = args.database or os.environ.get(DATABASE_URL_ENV) or ""
-    if not database.startswith(("postgresql://", "postgres://")):
+    url = args.database or os.environ.get(DATABASE_URL_ENV) or ""
+    if not url:
         raise ConfigError(["--database must be a postgresql:// URL (or set DBPROXY_DATABASE_URL)"])
+    source = "--database" if args.database else DATABASE_URL_ENV
+    database = load_database_url(url, source, name="collector")
     token = args.token if args.token is not None else os.environ.get(COLLECTOR_TOKEN_ENV)
     return CollectorSettings(
-        database_url=database, token=token or None, host=args.host, port=args.port
+        database_url=database.connection_string,
+        database_secret=database.secret,
+        token=token or None,
+        host=args.host,
+        port=args.port,
+        secrets_interval=args.secrets_interval,
     )
 
 
@@ -202,6 +215,13 @@ def _parser(
     c.add_argument("--token", default=None, help=f"push token (or env {COLLECTOR_TOKEN_ENV})")
     c.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve HTTPS")
     c.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    c.add_argument(
+        "--secrets-interval",
+        type=_positive_float,
+        default=2.0,
+        help="seconds between looks at the ${file:} secrets of --database; a change "
+        "reconnects with the new credentials (also on SIGHUP) (default 2)",
+    )
     _add_server_flags(c)
     _add_log_level(c)
     m = sub.add_parser("migrate", help="apply a directory of migration files")

@@ -26,6 +26,7 @@ from proxy.backends.redis.limiter import RedisLimiter
 from proxy.backends.sqlite import DATA_FILE, SqliteBackend, check_location, sqlite_path
 from proxy.cache import NearCache, TwoLevelCache
 from proxy.cache.read_through import Fills
+from proxy.collector import CollectorStore
 from proxy.config import CacheConfig, Config, DatabaseConfig, ServerConfig, redact_dsn
 from proxy.config.rotation import DEFAULT_INTERVAL, CredentialWatcher
 from proxy.errors import ConfigError, ProxyError
@@ -417,22 +418,23 @@ def serve_workers(config: Config, opts: ServeOptions, argv: Sequence[str]) -> in
     sockets = bind(config.server.host, config.server.port)
     fds = [sock.fileno() for sock in sockets]
     child_args += ["--listen-fds", ",".join(map(str, fds))]
-    try:
-        procs = [
-            subprocess.Popen([sys.executable, "-m", "proxy.cli", *child_args], pass_fds=fds)
-            for _ in range(opts.workers)
-        ]
-    finally:
-        for sock in sockets:  # the children hold them now
-            sock.close()
+    procs: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
+    # before the first child exists: a SIGTERM while they start must not orphan them
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    try:
+        for _ in range(opts.workers):
+            argv = [sys.executable, "-m", "proxy.cli", *child_args]
+            procs.append(subprocess.Popen(argv, pass_fds=fds))
+    finally:
+        for sock in sockets:  # the children hold them now
+            sock.close()
     codes = [p.wait() for p in procs]
     return max(codes, default=0)
 
@@ -449,6 +451,18 @@ def _without_workers(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def collector_credentials(settings: CollectorSettings, store: CollectorStore) -> CredentialWatcher:
+    """The watcher of the ``${file:}`` secrets of the collector's database URL."""
+    database = DatabaseConfig(
+        name="collector",
+        type="postgresql",
+        connection_string=settings.database_url,
+        secret=settings.database_secret,
+    )
+    watched = {"collector": (database, store.rotate_credentials)}
+    return CredentialWatcher(watched, settings.secrets_interval)
+
+
 async def run_collector(
     settings: CollectorSettings,
     shutdown_timeout: float = 10.0,
@@ -463,8 +477,11 @@ async def run_collector(
         server_settings = ServerConfig(host=settings.host, port=settings.port)
     if sockets is None:
         sockets = bind(settings.host, settings.port)
-    app = build_collector_app(settings, collector_store(settings))
+    store = collector_store(settings)
+    app = build_collector_app(settings, store)
     running = await start(app, server_settings, sockets, shutdown_timeout=shutdown_timeout, tls=tls)
+    credentials = collector_credentials(settings, store)
+    credentials.start()
     log.info(
         "dbproxy collector listening on %s://%s:%d (database: %s, push token: %s)",
         "https" if tls is not None else "http",
@@ -474,9 +491,10 @@ async def run_collector(
         "required" if settings.token else "NOT required",
     )
     try:
-        await _until_stopped()
+        await _until_stopped(reload=credentials.poke)  # SIGHUP: the secret files, now
         log.info("collector shutting down")
     finally:
+        await credentials.close()
         await running.stop()  # stop accepting, then finish in-flight pushes
     log.info("stopped")
 

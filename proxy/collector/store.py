@@ -33,6 +33,8 @@ class RollupDatabase(Protocol):
 
     async def health(self) -> dict[str, Any]: ...
 
+    async def rotate_credentials(self, dsn: str) -> None: ...
+
     async def merge(
         self,
         batch: tuple[str, str, str],
@@ -113,6 +115,10 @@ class CollectorStore:
 
     async def health(self) -> dict[str, Any]:
         return await self.database.health()
+
+    async def rotate_credentials(self, dsn: str) -> None:
+        """A secret of the database URL changed: reconnect with ``dsn``, gracefully."""
+        await self.database.rotate_credentials(dsn)
 
     async def ingest(self, batch: Batch) -> bool:
         """Merge ``batch`` into the rollups, all or nothing. False (and nothing changed)

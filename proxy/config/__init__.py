@@ -1,6 +1,6 @@
 """Process configuration: the frozen settings (``model``) and the all-problems loader (``load``)."""
 
-from proxy.config.load import DATABASE_URL_ENV, load_config
+from proxy.config.load import DATABASE_URL_ENV, load_config, load_database_url
 from proxy.config.model import (
     DATABASE_TYPES,
     DEFAULT_DATA_DIR,
@@ -36,5 +36,6 @@ __all__ = [
     "ReplicaConfig",
     "ServerConfig",
     "load_config",
+    "load_database_url",
     "redact_dsn",
 ]

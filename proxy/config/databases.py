@@ -332,8 +332,21 @@ def check_pg_tls(dsn: str, where: str, problems: Problems) -> None:
         problems.add(where, "sslkey needs sslcert (the client certificate)")
 
 
-def url_database(url: str, source: str, problems: Problems) -> DatabaseConfig | None:
-    """The database named "default" described by a bare URL (``--database`` or env)."""
+def url_database(
+    url: str,
+    source: str,
+    problems: Problems,
+    secrets: Secrets | None = None,
+    name: str = URL_DATABASE_NAME,
+) -> DatabaseConfig | None:
+    """The database named "default" described by a bare URL (``--database`` or env); with
+    ``secrets``, its ``${VAR}``/``${file:}`` references are resolved (and the files watched)."""
+    template = url
+    if secrets is not None:
+        resolved = secrets.resolve(url, source, problems)
+        if resolved is None:
+            return None
+        url = resolved
     match = SCHEME_RE.match(url)
     db_type = _TYPE_BY_SCHEME.get(match.group(1).lower()) if match else None
     if db_type is None:
@@ -342,7 +355,8 @@ def url_database(url: str, source: str, problems: Problems) -> DatabaseConfig | 
         return None
     if db_type == "postgresql":
         check_pg_tls(url, source, problems)
-    return DatabaseConfig(name=URL_DATABASE_NAME, type=db_type, connection_string=url)
+    secret = secrets.template(template) if secrets is not None else None
+    return DatabaseConfig(name=name, type=db_type, connection_string=url, secret=secret)
 
 
 def with_url_database(

@@ -54,7 +54,7 @@ def _parse_all_databases(
         url, source = secrets.environ.get(DATABASE_URL_ENV) or None, DATABASE_URL_ENV
     if url == "":
         problems.add(source, "must not be empty")
-    elif url is not None and (database := url_database(url, source, problems)) is not None:
+    elif url is not None and (database := url_database(url, source, problems, secrets)):
         return with_url_database(databases, database), database.name
     return tuple(databases), default
 
@@ -100,3 +100,19 @@ def load_config(
         collector_push=push,
         cache=cache,
     )
+
+
+def load_database_url(
+    url: str, source: str, *, name: str, environ: Mapping[str, str] | None = None
+) -> DatabaseConfig:
+    """One PostgreSQL database given by a URL alone (``dbproxy collector --database``):
+    ``${VAR}`` and ``${file:}`` resolved (relative files from the working directory, the
+    files watched for rotation), TLS parameters checked; ConfigError naming every problem."""
+    problems = config_problems()
+    secrets = Secrets(os.environ if environ is None else environ, None)
+    database = url_database(url, source, problems, secrets, name=name)
+    if database is not None and database.type != "postgresql":
+        problems.add(source, "must be a postgresql:// URL")
+    if problems.items or database is None:
+        raise ConfigError(problems.items)
+    return database

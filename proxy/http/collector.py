@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from proxy.backends.postgres.rollups import PostgresRollups
 from proxy.collector import CollectorStore, parse_push_batch
+from proxy.config.secrets import SecretTemplate
 from proxy.errors import (
     BadRequest,
     InvalidJson,
@@ -52,6 +53,9 @@ class CollectorSettings:
 
     database_url: str = field(repr=False)
     token: str | None = field(default=None, repr=False)
+    # how database_url is rendered again when a ${file:} secret changes (None: no file)
+    database_secret: SecretTemplate | None = field(default=None, repr=False, compare=False)
+    secrets_interval: float = 2.0  # seconds between looks at the secret files
     host: str = "127.0.0.1"
     port: int = 8710
     max_body_bytes: int = 8 * 1024 * 1024

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(binaries_missing() is not None, reason=str(binaries_missing())),
 ]
-PG_PORT = 18651
+PG_PORT = 19231
 
 
 def _admin(cluster: PgCluster, *sql: str) -> None:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.tls_ca import TestCA
 
-PORT = 18621
+PORT = 19230
 CANARY = "leak-canary-pw-7f3a"
 
 

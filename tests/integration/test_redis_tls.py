@@ -15,46 +15,32 @@ from proxy.backends.redis.client import make_client
 from proxy.backends.redis.resp import PipeBroken, open_pipe
 from tests.tls_ca import TestCA
 
-PORT = 18631
+PORT = 19251
+
+
+def _redis_tls(tmp_path: Path, port: int, cert: Path, key: Path) -> subprocess.Popen[bytes]:
+    """A private ``redis-server`` listening on a TLS port only (``--port 0``)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    tls = ["--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    quiet = ["--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [binary, "--port", "0", "--bind", "127.0.0.1", *tls, "--tls-auth-clients", "no", *quiet],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    assert proc.poll() is None, "redis-server (TLS) did not start"
+    return proc
 
 
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[tuple[TestCA, TestCA]]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
     ca, other = TestCA(tmp_path / "ca"), TestCA(tmp_path / "other", "other CA")
     server = ca.server("redis", names=("localhost",), ips=("127.0.0.1",))
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            "0",
-            "--tls-port",
-            str(PORT),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(server.cert),
-            "--tls-key-file",
-            str(server.key),
-            "--tls-ca-cert-file",
-            str(ca.cert),
-            "--tls-auth-clients",
-            "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = _redis_tls(tmp_path, PORT, server.cert, server.key)
     try:
-        time.sleep(0.5)
-        assert proc.poll() is None, "redis-server (TLS) did not start"
         yield ca, other
     finally:
         proc.terminate()
@@ -84,3 +70,43 @@ async def test_rediss_with_ca_for_pipe_and_redis_py(tls_redis: tuple[TestCA, Tes
             await pipe.call("PING")
         finally:
             pipe.close()
+
+
+async def test_wrong_host_name_and_wrong_ca_are_refused_by_both_clients(tmp_path: Path) -> None:
+    """A certificate for ``localhost`` only, reached as 127.0.0.1: refused by the pipe and
+    by redis-py, naming the host; another CA is refused by redis-py too; by the right name
+    both get in."""
+    import redis.exceptions
+
+    ca, other = TestCA(tmp_path / "ca"), TestCA(tmp_path / "other", "other CA")
+    server = ca.server("redis", names=("localhost",), ips=())
+    port = PORT + 1
+    proc = _redis_tls(tmp_path, port, server.cert, server.key)
+    try:
+        wrong_host = f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca.cert}"
+        with pytest.raises(PipeBroken, match=r"certificate was refused.*127\.0\.0\.1"):
+            await open_pipe(wrong_host, 1.0, 2.0)
+        for url, reason in (
+            (wrong_host, r"127\.0\.0\.1"),
+            (f"rediss://localhost:{port}/0?ssl_ca_certs={other.cert}", "certificate verify failed"),
+        ):
+            client = make_client(url, 2.0, 1)
+            try:
+                with pytest.raises(redis.exceptions.ConnectionError, match=reason):
+                    await client.ping()
+            finally:
+                await client.aclose()
+        right = f"rediss://localhost:{port}/0?ssl_ca_certs={ca.cert}"
+        pipe = await open_pipe(right, 1.0, 2.0)
+        try:
+            assert await pipe.call("PING") == b"PONG"
+        finally:
+            pipe.close()
+        client = make_client(right, 2.0, 1)
+        try:
+            assert await client.ping()
+        finally:
+            await client.aclose()
+    finally:
+        proc.terminate()
+        proc.wait(5)

@@ -109,6 +109,7 @@ class PostgresBackend(CoalescingDocuments):
         self._exec = Executor(self.endpoints, limits, self._acquire_timeout)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()  # set by a credential rotation: reconnect at once
+        self._schema_conn: asyncpg.Connection | None = None  # the schema watch's LISTEN
         self._last_error: str | None = None
 
     @property
@@ -189,6 +190,8 @@ class PostgresBackend(CoalescingDocuments):
         self.config = replace(self.config, connection_string=dsn)
         await self.endpoints.rotate(dsn)
         self._retry_now.set()
+        if self._schema_conn is not None:  # it listens again with the new credentials
+            self._schema_conn.terminate()  # (and reloads what changed in between)
         log.info("database %s: credentials reloaded (%s)", self.name, self.config.redacted_dsn())
 
     async def close(self) -> None:
@@ -327,9 +330,11 @@ class PostgresBackend(CoalescingDocuments):
                 delay = min(delay * 2, 30.0)
                 continue
             delay = 1.0
+            self._schema_conn = conn
             try:
                 await _listen(conn, changed)
             finally:
+                self._schema_conn = None
                 conn.terminate()
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:

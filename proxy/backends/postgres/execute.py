@@ -14,7 +14,13 @@ import asyncpg
 from proxy import context
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.errors import no_answer, translate
-from proxy.backends.postgres.pool import Endpoint, EndpointSet, release
+from proxy.backends.postgres.pool import (
+    SESSION_LOST,
+    Endpoint,
+    EndpointSet,
+    release,
+    session_lost,
+)
 from proxy.config import Limits
 from proxy.errors import CommitOutcomeUnknown, PoolExhausted, ProxyError, Timeout, Unavailable
 
@@ -87,6 +93,7 @@ class Executor:
             ep.breaker.release()
             raise self._timed_out(hard, False, write)
         conn = await eps.acquire(ep, min(self._acquire_timeout, timeout))
+        losses = ep.losses
         timeout, hard = self.timeout()
         context.last_statement.set((sql, args))
         ep.statements += 1
@@ -109,7 +116,10 @@ class Executor:
         except ProxyError:
             raise
         except BaseException as exc:
-            eps.record(ep, exc)
+            if not isinstance(exc, SESSION_LOST) or await session_lost(ep, losses):
+                eps.record(ep, exc)
+            else:  # a connection taken before its pool was found dropped: counted already
+                ep.breaker.release()
             raise
         else:
             eps.record(ep, None, (time.perf_counter() - started) * 1000.0)

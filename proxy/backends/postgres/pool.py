@@ -37,6 +37,30 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
 )
 BREAKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+# An open session that died under a statement (ended by the server, its socket closed);
+# a connection that could not be made, or a timeout, is not one of them.
+SESSION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncio.IncompleteReadError,
+    ConnectionError,
+)
+
+
+async def session_lost(ep: Endpoint, losses: int) -> bool:
+    """A session of ``ep`` taken when ``losses`` sessions had been found dead died under a
+    statement: the first such death since that connection was taken expires every pooled
+    connection (all are replaced as next acquired: the server may have ended all of them)
+    and counts once for the breaker (True); the deaths of connections taken before it add
+    nothing (False). New connections that cannot be made are counted each, as ever."""
+    if losses != ep.losses:
+        return False
+    ep.losses += 1
+    if ep.pool is not None:
+        await ep.pool.expire_connections()
+    return True
 
 
 async def release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
@@ -94,6 +118,7 @@ class Endpoint:
         self.statements = 0  # statements run here (reads and writes), for /connections
         self.last_answer = 0.0  # when the server last answered anything (monotonic)
         self.probe: asyncpg.Connection | None = None  # the watchdog's own connection
+        self.losses = 0  # times open sessions were found dead (each expired the pool)
 
     def stalled(self, now: float, after: float) -> bool:
         """Work is waiting on this server and it has answered nothing for ``after`` s."""
@@ -463,9 +488,11 @@ def now_ms() -> float:
 __all__ = [
     "BREAKER_ERRORS",
     "CONNECTION_ERRORS",
+    "SESSION_LOST",
     "Endpoint",
     "EndpointSet",
     "format_lsn",
     "parse_lsn",
     "replica_dsn",
+    "session_lost",
 ]

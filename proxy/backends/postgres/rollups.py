@@ -4,6 +4,7 @@ additive merges and the fleet queries, over asyncpg; rows in and out are plain v
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -13,7 +14,9 @@ from typing import Any, Final
 import asyncpg
 
 from proxy.backends.postgres import translate
+from proxy.backends.postgres.pool import CONNECTION_ERRORS
 from proxy.collector.store import FleetRows
+from proxy.config.redact import redact_dsn
 from proxy.errors import ProxyError, Unavailable
 
 __all__ = ["SCHEMA", "PostgresRollups"]
@@ -158,6 +161,10 @@ ORDER BY i.service
 """
 
 
+# A connection that died under a merge (the session was ended, the server restarted),
+# with what asyncpg raises when it dies mid-protocol; a timeout is not retried (``_conn``).
+_LOST: Final = CONNECTION_ERRORS
+
 _INSERT_BATCH: Final = (
     f"INSERT INTO {_S}.batches (batch_id, service, instance) VALUES ($1, $2, $3) "
     "ON CONFLICT DO NOTHING RETURNING true"
@@ -182,6 +189,7 @@ class PostgresRollups:
         self.pool: asyncpg.Pool | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._last_error: str | None = None
+        self._retry_now = asyncio.Event()  # set when new credentials arrive
 
     async def start(self) -> None:
         try:
@@ -195,12 +203,7 @@ class PostgresRollups:
         pool = None
         try:
             pool = await asyncpg.create_pool(
-                self._dsn,
-                min_size=1,
-                max_size=self._max_connections,
-                timeout=self._timeout,
-                command_timeout=self._timeout * 2,
-                server_settings={"application_name": "dbproxy-collector"},
+                self._dsn, min_size=1, max_size=self._max_connections, **self._connect_kwargs()
             )
             async with pool.acquire(timeout=self._timeout) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtext('dbproxy:collector'))")
@@ -212,10 +215,30 @@ class PostgresRollups:
         self.pool = pool
         self._last_error = None
 
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "timeout": self._timeout,
+            "command_timeout": self._timeout * 2,
+            "server_settings": {"application_name": "dbproxy-collector"},
+        }
+
+    async def rotate_credentials(self, dsn: str) -> None:
+        """A secret of the URL changed: new connections use ``dsn``; pooled ones are
+        replaced as they come back (asyncpg's generation); a pool that could not be
+        opened yet is tried again at once."""
+        self._dsn = dsn
+        if self.pool is not None:
+            self.pool.set_connect_args(dsn, **self._connect_kwargs())
+            await self.pool.expire_connections()
+        self._retry_now.set()
+        log.info("collector database: credentials reloaded (%s)", redact_dsn(dsn))
+
     async def _reconnect(self) -> None:
         delay = 0.5
         while self.pool is None:
-            await asyncio.sleep(delay)
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_now.wait(), delay)
             try:
                 await self._open()
                 log.info("collector database is reachable now")
@@ -233,7 +256,10 @@ class PostgresRollups:
             self.pool = None
 
     @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(
+        self, raw: tuple[type[BaseException], ...] = ()
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; a driver error is translated, but those of ``raw``."""
         if self.pool is None:
             raise Unavailable("the collector database is not reachable", retry_after=1)
         try:
@@ -242,6 +268,8 @@ class PostgresRollups:
         except ProxyError:
             raise
         except Exception as exc:
+            if isinstance(exc, raw) and not isinstance(exc, TimeoutError):
+                raise
             raise translate(exc) from None
 
     async def health(self) -> dict[str, Any]:
@@ -267,8 +295,24 @@ class PostgresRollups:
     ) -> bool:
         """Record ``batch`` (id, service, instance) and merge its rows, all or nothing; False
         (and nothing changed) when that batch id was stored before."""
+        for attempt in (0, 1, 2):  # the pool may hold several dead connections
+            try:
+                return await self._merge_once(batch, rollups, slow)
+            except _LOST:
+                # Lost before COMMIT: nothing was written. Lost after: the batch id is
+                # stored, and the next attempt finds it. Either way, trying again is safe.
+                if attempt == 2:
+                    raise Unavailable("the collector database connection was lost") from None
+        raise AssertionError("unreachable")
+
+    async def _merge_once(
+        self,
+        batch: tuple[str, str, str],
+        rollups: Sequence[tuple[Any, ...]],
+        slow: Sequence[tuple[Any, ...]],
+    ) -> bool:
         batch_id, service, instance = batch
-        async with self._conn() as conn, conn.transaction():
+        async with self._conn(raw=_LOST) as conn, conn.transaction():
             fresh = await conn.fetchval(_INSERT_BATCH, batch_id, service, instance)
             if not fresh:
                 return False
