@@ -24,6 +24,7 @@ from proxy.backends.postgres.describe import load_schemas as read_schemas
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
 from proxy.backends.postgres.migrations import PgMigrations
+from proxy.backends.postgres.partitions import KEY_CHECK
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, EndpointSet, release
 from proxy.backends.postgres.sql import (
     AUDIT_LOG,
@@ -234,6 +235,15 @@ class PostgresBackend(CoalescingDocuments):
         """A primary connection for housekeeping and monitoring queries (and DDL)."""
         return self._exec.conn(wait)
 
+    async def _learn(self, collection: str) -> None:
+        if collection in self._known_tables:
+            return
+        try:
+            async with self._conn(self._wait()) as conn:
+                await self._ensure_table(conn, collection)
+        except Exception as exc:
+            raise translate(exc) from None
+
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write on the primary, creating the collection's table on first use; with
         replicas, note the WAL position for the response's consistency token."""
@@ -253,7 +263,25 @@ class PostgresBackend(CoalescingDocuments):
                 await self._note_write_position()
             return rows
         except Exception as exc:
-            raise translate(exc) from None
+            raise self._layout_moved(collection, exc) or translate(exc) from None
+
+    def _layout_moved(self, collection: str, exc: BaseException) -> ProxyError | None:
+        """A write built for the table this process knew, on a table since re-created with
+        another layout (partitioned or not): relearnt on the next write, retried."""
+        stale_plain = isinstance(exc, asyncpg.NotNullViolationError) and (
+            getattr(exc, "column_name", None) == "_pkey" and self._key(collection) is None
+        )
+        stale_key = isinstance(exc, asyncpg.CheckViolationError) and (
+            getattr(exc, "constraint_name", None) == KEY_CHECK
+        )
+        if not (stale_plain or stale_key):
+            return None
+        self._known_tables.discard(collection)
+        return Unavailable(
+            "the collection's partitioning changed under this write; nothing was written",
+            code="partitioning_changed",
+            retry_after=1,
+        )
 
     async def _note_write_position(self) -> None:
         async with self._conn(self._wait()) as conn:
@@ -305,9 +333,11 @@ class PostgresBackend(CoalescingDocuments):
         """Every declared schema, from the primary (what migrations last committed)."""
         async with self._conn(self._wait()) as conn:
             try:
-                return await read_schemas(conn, self._schema_ident, self._wait())
+                schemas = await read_schemas(conn, self._schema_ident, self._wait())
             except Exception as exc:
                 raise translate(exc) from None
+        self.learn_partitioning(schemas)
+        return schemas
 
     async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
         """Until cancelled: LISTEN on the schemas channel (a migration anywhere NOTIFYs it
