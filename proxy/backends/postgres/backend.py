@@ -21,6 +21,7 @@ from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
 from proxy.backends.postgres.describe import describe_collection as describe_one
 from proxy.backends.postgres.describe import load_schemas as read_schemas
+from proxy.backends.postgres.describe import partitions as describe_partitions
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
 from proxy.backends.postgres.migrations import PgMigrations
@@ -374,17 +375,30 @@ class PostgresBackend(CoalescingDocuments):
         async with self._conn() as conn:
             try:
                 rows = await conn.fetch(DESCRIBE_COLLECTIONS, self.schema)
+                out: dict[str, dict[str, Any]] = {
+                    r[0]: {
+                        "rows_estimate": max(int(r[1]), int(r[5])),
+                        "table_bytes": int(r[2]),
+                        "index_bytes": int(r[3]),
+                        "dead_tuples": int(r[4]),
+                    }
+                    for r in rows
+                }
+                for name in [r[0] for r in rows if r[6] == "p"]:
+                    parts = await describe_partitions(conn, self._table(name), self._wait())
+                    about = out[name]
+                    about["rows_estimate"] = sum(p["rows_estimate"] for p in parts)
+                    about["table_bytes"] = sum(p["table_bytes"] for p in parts)
+                    about["index_bytes"] = sum(p["index_bytes"] for p in parts)
+                    about["partitions"] = {
+                        p["name"]: {
+                            k: p[k] for k in ("rows_estimate", "table_bytes", "index_bytes")
+                        }
+                        for p in parts
+                    }
             except Exception as exc:
                 raise translate(exc) from None
-        return {
-            r[0]: {
-                "rows_estimate": max(int(r[1]), int(r[5])),
-                "table_bytes": int(r[2]),
-                "index_bytes": int(r[3]),
-                "dead_tuples": int(r[4]),
-            }
-            for r in rows
-        }
+        return out
 
     async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]:
         """The plan of a statement (EXPLAIN without ANALYZE): whether an index is used, and a

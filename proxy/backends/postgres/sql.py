@@ -86,7 +86,8 @@ AUDIT_LOG = (
 )
 DESCRIBE_COLLECTIONS = (
     "SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid), "
-    "pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0), coalesce(s.n_live_tup, 0) "
+    "pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0), coalesce(s.n_live_tup, 0), "
+    "c.relkind::text "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
     "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid "
     "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
