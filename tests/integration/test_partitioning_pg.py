@@ -269,3 +269,61 @@ async def test_unique_index_must_hold_the_key_and_embedded_store_refuses(
         with pytest.raises(BadRequest) as refused:
             await runner.submit(parse_migration(raw), wait=30.0)
         assert refused.value.code == "unsupported_by_backend"
+
+
+def iso(when: Any) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_time_partitions_premake_retention_and_pruning(backend: PostgresBackend) -> None:
+    import datetime as dt
+
+    from proxy.backends.postgres.partitions import next_period, period_start
+    from proxy.backends.postgres.timeparts import UPKEEP_LOCK
+
+    part = {"strategy": "time", "key": "at", "interval": "month", "premake": 2, "retention": 2}
+    await partitioned(backend, "events", part)
+    now = dt.datetime.now(dt.UTC)
+    this = period_start(now, "month")
+    made = {p["name"] for p in (await backend.describe_collection("events", 0))["partitions"]}
+    months = [next_period(this, "month", i) for i in range(3)]
+    assert made == {"default", *(f"t{m:%Y%m%d}" for m in months)}
+    for i, m in enumerate(months):
+        await backend.insert_one("events", {"_id": f"e{i}", "at": iso(m + dt.timedelta(days=2))})
+    await backend.insert_one("events", {"_id": "old", "at": "2001-02-03T04:05:06+02:00"})
+    with pytest.raises(BadRequest) as err:
+        await backend.insert_one("events", {"_id": "bad", "at": "yesterday"})
+    assert err.value.code == "partition_key_missing"
+    where = {p: n for p, n in ((v[0], k) for k, v in (await rows(backend, "events")).items())}
+    assert where["default"] == "old"
+
+    # a month's range prunes to that month (and the day of margin around it)
+    lo, hi = months[1], next_period(months[1], "month")
+    st = backend.find_statement("events", spec({"at": {"$gte": iso(lo), "$lt": iso(hi)}}))
+    seen = scanned(await explain(backend, st.sql, st.args), backend, "events")
+    assert seen == {f"t{months[0]:%Y%m%d}", f"t{months[1]:%Y%m%d}", f"t{months[2]:%Y%m%d}"} or (
+        seen <= {f"t{m:%Y%m%d}" for m in months} and f"t{months[1]:%Y%m%d}" in seen
+    )
+    assert "default" not in seen
+    st = backend.find_statement("events", spec({"at": iso(months[2] + dt.timedelta(days=2))}))
+    seen = scanned(await explain(backend, st.sql, st.args), backend, "events")
+    assert seen == {f"t{months[2]:%Y%m%d}"}
+
+    # two months on: two more made ahead, the first one dropped (a drop: its _id is free)
+    later = next_period(this, "month", 2) + dt.timedelta(days=1)
+    other = await asyncpg.connect(backend.config.connection_string)
+    try:  # another runner holds the fleet-wide lock: nothing is done here
+        await other.fetchval(
+            "SELECT pg_advisory_lock($1, hashtext($2) & 2147483647)", UPKEEP_LOCK, backend.schema
+        )
+        assert await backend.partition_upkeep(later) is False
+    finally:
+        await other.close()
+    assert await backend.partition_upkeep(later) is True
+    names = {p["name"] for p in (await backend.describe_collection("events", 0))["partitions"]}
+    kept = [next_period(this, "month", i) for i in (1, 2, 3, 4)]
+    assert names == {"default", *(f"t{m:%Y%m%d}" for m in kept)}
+    assert backend.upkeep_counts.created == 2 and backend.upkeep_counts.dropped == 1
+    assert await backend.get("events", "e0") is None and await backend.get("events", "e1")
+    await backend.insert_one("events", {"_id": "e0", "at": iso(kept[0])})  # registry freed
+    assert backend.connections()["partition_upkeep"]["dropped"] == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from proxy.backends.postgres.sql import (
     SCHEMAS_CHANNEL,
     glob_to_posix,
 )
+from proxy.backends.postgres.timeparts import UpkeepCounts, run_upkeep
 from proxy.backends.postgres.transaction import ISOLATION_LEVELS, PostgresTransaction
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import BadRequest, ProxyError, Unavailable
@@ -112,6 +114,7 @@ class PostgresBackend(CoalescingDocuments):
         self._reconnect_task: asyncio.Task[None] | None = None
         self._retry_now = asyncio.Event()  # set by a credential rotation: reconnect at once
         self._last_error: str | None = None
+        self.upkeep_counts = UpkeepCounts()  # time-partition upkeep, for /metrics
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -328,6 +331,7 @@ class PostgresBackend(CoalescingDocuments):
             "dsn": self.config.redacted_dsn(),
             "read_preference": self.config.read_preference,
             "endpoints": endpoints,
+            "partition_upkeep": self.upkeep_counts.snapshot(),
         }
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -443,11 +447,29 @@ class PostgresBackend(CoalescingDocuments):
         return [dict(r) for r in rows]
 
     async def maintain(self) -> None:
-        """Periodic housekeeping: forget expired idempotency keys."""
+        """Periodic housekeeping: forget expired idempotency keys, keep time partitions."""
         async with self._conn() as conn:
             await conn.execute(
                 f"DELETE FROM {self._schema_ident}._idempotency WHERE expires_at < now()"
             )
+        await self.partition_upkeep()
+
+    async def partition_upkeep(self, now: dt.datetime | None = None) -> bool:
+        """Time partitions made ahead and dropped past retention (``now``: the clock's
+        time); False when another process holds the fleet-wide upkeep lock."""
+        timed = {
+            name: (self._table(name), key)
+            for name, key in self._partitioned.items()
+            if key.spec.strategy == "time"
+        }
+        if not timed:
+            return False
+        when = now or dt.datetime.now(dt.UTC)
+        async with self._conn() as conn:
+            try:
+                return await run_upkeep(conn, self.schema, timed, when, self.upkeep_counts)
+            except Exception as exc:
+                raise translate(exc) from None
 
     def migrations(self) -> PgMigrations:
         """This database's migration side (records, lock, DDL) for proxy.migrate's runner."""
