@@ -131,7 +131,9 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterable[Any]:
         yield self.metrics.request_histogram()
         src = self.metrics.sources
-        yield from _pools(src.get("connections", dict)())
+        connections = src.get("connections", dict)()
+        yield from _pools(connections)
+        yield _upkeep(connections)
         yield from _gate(src.get("gate", dict)())
         yield from _transactions(src.get("transactions", dict)())
         yield from _cache(src.get("cache", dict)())
@@ -163,6 +165,18 @@ class _LiveCollector(Collector):
         )
         refused.add_metric([], clients.get("refused", 0))
         yield from (open_, refused)
+
+
+def _upkeep(connections: dict[str, Any]) -> Any:
+    family = CounterMetricFamily(
+        "dbproxy_partition_upkeep",
+        "Time-partition upkeep: partitions created, dropped (retention), skipped, runs",
+        labels=["database", "action"],
+    )
+    for db, info in connections.items():
+        for action, n in (info.get("partition_upkeep") or {}).items():
+            family.add_metric([db, action], n)
+    return family
 
 
 def _pools(connections: dict[str, Any]) -> Iterable[Any]:
