@@ -45,7 +45,7 @@ class AggDb:
     async def load(self, name: str, docs: Sequence[Mapping[str, Any]]) -> None:
         table = self.table(name)
         if name not in self.loaded:
-            await create_table(self.conn, table, name, 10.0)
+            await create_table(self.conn, table, name, 10.0, self.schema)
             self.loaded.add(name)
         await self.conn.execute(f"TRUNCATE {table}")
         rows = []
