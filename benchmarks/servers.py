@@ -55,9 +55,28 @@ class BenchError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port: any (the kernel's choice), or one of ``DBPROXY_BENCH_PORTS``
+    (``LOW-HIGH``) on a machine whose ports are shared out."""
+    span = os.environ.get("DBPROXY_BENCH_PORTS")
+    candidates = [0]
+    if span:
+        low, high = (int(x) for x in span.split("-", 1))
+        candidates = list(range(low, high + 1))
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            if not port:
+                return int(s.getsockname()[1])
+            if port not in _GIVEN:
+                _GIVEN.add(port)
+                return port
+    raise RuntimeError(f"no free port in {span}")
+
+
+_GIVEN: set[int] = set()  # ports handed out (a server may not have bound its own yet)
 
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -197,6 +197,12 @@ def _parser(
         action="store_false",
         help="route GET-by-id through the router like every request (to measure the shortcut)",
     )
+    s.add_argument(
+        "--no-fast-lane",
+        dest="fast_lane",
+        action="store_false",
+        help="parse every request with aiohttp, the shortcuts' too (to measure the fast lane)",
+    )
     _add_log_level(s)
     pc = sub.add_parser("policy", help="policy tools")
     pc_sub = pc.add_subparsers(dest="policy_command", required=True)
@@ -406,6 +412,7 @@ def _serve_settings(args: argparse.Namespace) -> tuple[Config, ServeOptions]:
         coalesce=args.coalesce,
         metrics=args.metrics,
         fast_path=args.fast_path,
+        fast_lane=args.fast_lane,
         listen_fds=args.listen_fds,
         collector_token=os.environ.get(COLLECTOR_TOKEN_ENV),
         secrets_interval=args.secrets_interval,

@@ -16,6 +16,9 @@ class RequestContext:
     # when the request began (time.monotonic()): its database work must end by this plus its
     # statement timeout (None: no request deadline, each wait gets the whole timeout)
     started: float | None = None
+    # ?partition_key= / X-Partition-Key: a GET by id on a partitioned collection reads the
+    # one partition holding this key (issue 21)
+    partition_key: str | None = None
 
 
 ANONYMOUS = RequestContext()

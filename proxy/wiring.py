@@ -32,7 +32,7 @@ from proxy.config.rotation import DEFAULT_INTERVAL, CredentialWatcher
 from proxy.errors import ConfigError, ProxyError
 from proxy.http.app import build_app
 from proxy.http.collector import CollectorSettings, build_collector_app, collector_store
-from proxy.http.fast_path import fast_get
+from proxy.http.fast_path import Shortcuts
 from proxy.http.inject import build_injector_app
 from proxy.http.monitor import Monitoring, Observer
 from proxy.http.server import AddressInUse, bind, inherited, start, tune_gc
@@ -152,6 +152,7 @@ class ServeOptions:
     coalesce: bool = True
     metrics: bool = True
     fast_path: bool = True
+    fast_lane: bool = True  # the fast path's requests parsed past aiohttp (http/lane.py)
     listen_fds: tuple[int, ...] = ()  # a --workers child: the sockets its parent bound
     collector_token: str | None = None  # the bearer token stats pushes carry
     secrets_interval: float = DEFAULT_INTERVAL  # seconds between looks at ${file:} secrets
@@ -313,7 +314,7 @@ async def serve(
         )
     monitoring = build_monitoring(config, core, opts.collector_token)
     app = build_app(config, core, monitoring, cache, observe=opts.metrics)
-    wrap = (lambda handler: fast_get(app, handler, opts.metrics)) if opts.fast_path else None
+    shortcuts = Shortcuts(app, opts.metrics) if opts.fast_path else None
     tls = listener_tls(opts)
     if tls is None and not _loopback(config.server.host):
         log.warning(
@@ -322,7 +323,13 @@ async def serve(
             config.server.host,
         )
     running = await start(
-        app, config.server, sockets, shutdown_timeout=shutdown_timeout, wrap=wrap, tls=tls
+        app,
+        config.server,
+        sockets,
+        shutdown_timeout=shutdown_timeout,
+        wrap=None if shortcuts is None else shortcuts.wrap,
+        lane=None if shortcuts is None or not opts.fast_lane else shortcuts.lane,
+        tls=tls,
     )
     monitoring.metrics.sources["clients"] = running.clients
     credentials = build_credentials(config, core, opts.secrets_interval)

@@ -196,6 +196,13 @@ class HttpLoad:
             self.failed.append(f"{method} {url.rsplit('/api/db/', 1)[1]}: {status} {text!r}")
         return False
 
+    def writes_at_least(self, n: int, timeout: float = 30) -> None:
+        """Let the load run until it made ``n`` creates and ``n`` patches (a busy machine
+        makes fewer per second; the rotation must have happened under writes)."""
+        deadline = time.monotonic() + timeout
+        while min(self.ok["create"], self.ok["patch"]) < n and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def settle(self, seconds: float) -> None:
         """Let the load run ``seconds`` more and until it made progress (15 s at most)."""
         before = self.total()

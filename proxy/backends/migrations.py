@@ -11,6 +11,7 @@ from typing import Any, Final, Protocol
 
 from proxy.query.ast import Filter, Update
 from proxy.schema.model import IndexSpec, SearchDeclaration
+from proxy.schema.partitioning import Partitioning
 
 _PHYSICAL_RE: Final = re.compile(r"([A-Za-z][A-Za-z0-9_]{0,39})__([0-9a-f]{12})")
 
@@ -62,6 +63,15 @@ class MigrationTx(Protocol):
         ...
 
     async def create_collection(self, collection: str) -> None: ...
+
+    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
+        """A new collection split by ``spec`` (400 unsupported_by_backend where the
+        backend cannot)."""
+        ...
+
+    async def partitioning(self, collection: str) -> Partitioning | None:
+        """How the collection's table is split now (None: one table, or none yet)."""
+        ...
 
     async def drop_collection(self, collection: str) -> None: ...
 

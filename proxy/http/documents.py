@@ -3,6 +3,7 @@ decoding, responses, and ``execute`` (transaction, idempotency key, or plain).""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy import context
 from proxy.backends.base import Documents
 from proxy.config import Limits
 from proxy.errors import (
@@ -21,7 +23,7 @@ from proxy.errors import (
 )
 from proxy.http import monitor
 from proxy.http.keys import CONFIG, CORE, RAW_BODY, caller_of
-from proxy.http.middleware import JSON, json_response
+from proxy.http.middleware import JSON, json_response, partition_key
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller
 from proxy.query.parse import is_update_document
@@ -244,6 +246,10 @@ async def get_one(request: web.Request) -> web.Response:
     m = request.match_info
     collection, doc_id, fields = m["collection"], m["id"], request.query.get("fields")
     caller = caller_of(request)
+    given = request.query.get("partition_key")
+    if given is not None:  # reads one partition (the header sets it too: middleware)
+        ctx = context.current.get()
+        context.current.set(dataclasses.replace(ctx, partition_key=partition_key(given)))
     if "X-Transaction-Id" not in request.headers:  # the hot path: no closure dispatch
         return await read_document(core, caller, collection, doc_id, fields)
 

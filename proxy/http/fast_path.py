@@ -4,6 +4,7 @@ answered without the router."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiohttp import web
 
@@ -11,32 +12,53 @@ from proxy.http import monitor
 from proxy.http.app import BY_ID, QUERY
 from proxy.http.documents import find_query, read_document
 from proxy.http.keys import CALLER, CORE
+from proxy.http.lane import ROUTED, Answer, LaneRequest
 from proxy.http.middleware import envelope, identified, observed
 
-# reserved names with GET routes of their own under /api/db/<name>/{...}: the router's
-ROUTED = frozenset({"migrations", "schema"})
 BY_PATH: web.RequestKey[tuple[str, str]] = web.RequestKey("by_path", tuple)
 
 
 ServerHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
-def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> ServerHandler:
+class Shortcuts:
+    """The shortcuts of an application: ``wrap`` puts them in front of its router, ``lane``
+    answers the fast lane's requests (``lane.Lane``) with the same pipelines."""
+
+    def __init__(self, app: web.Application, observe: bool) -> None:
+        self._fallback: ServerHandler | None = None
+        self._dispatch, self.lane = fast_get(app, self._fall, observe)
+
+    def _fall(self, request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        assert self._fallback is not None
+        return self._fallback(request)
+
+    def wrap(self, fallback: ServerHandler) -> ServerHandler:
+        self._fallback = fallback
+        return self._dispatch
+
+
+def fast_get(
+    app: web.Application, fallback: ServerHandler, observe: bool
+) -> tuple[ServerHandler, Answer]:
     """The server's request handler with shortcuts for the hottest requests there are,
     ``GET /api/db/{collection}/{id}`` with no query string and ``POST
     /api/db/{collection}/query`` with none, both with no percent-escapes and no
     transaction: each runs what the router would run for it (``envelope``, the identity
     middleware, and the route's own handler: ``read_document``, ``find_query``) without the
     router, the application's handler machinery and the middleware chain. Anything else
-    goes to ``fallback``, the application. See docs/http.md."""
+    goes to ``fallback``, the application. Also answers: the same for the fast lane's
+    requests (``lane.Lane``). See docs/http.md."""
     core = app[CORE]
     observer = app[monitor.OBSERVER] if observe else None
     get_op, query_op = BY_ID.operation, QUERY.operation
     assert get_op is not None and query_op is not None
-    taken = [0, 0]  # GET-by-id and query requests that took a shortcut, for /metrics
+    # GET-by-id and query requests that took a shortcut, and how many of those the lane
+    taken = [0, 0, 0]
     app[monitor.METRICS].sources["fast_path"] = lambda: {
         "requests": taken[0],
         "queries": taken[1],
+        "lane": taken[2],
     }
 
     def read(request: web.Request) -> Awaitable[web.Response]:
@@ -87,4 +109,17 @@ def fast_get(app: web.Application, fallback: ServerHandler, observe: bool) -> Se
                     return await envelope(request, query_pipeline)
         return await fallback(request)
 
-    return dispatch
+    async def lane(request: LaneRequest) -> web.StreamResponse:
+        # the lane took only what dispatch would take (lane.take), so just which of the two
+        parts = request.raw_path.split("/")
+        as_web = cast(web.Request, request)  # the part of a web.Request the pipelines read
+        taken[2] += 1
+        if request.method == "GET":
+            request[BY_PATH] = (parts[3], parts[4])
+            taken[0] += 1
+            return await envelope(as_web, get_pipeline)
+        request[BY_PATH] = (parts[3], "")
+        taken[1] += 1
+        return await envelope(as_web, query_pipeline)
+
+    return dispatch, lane

@@ -114,6 +114,7 @@ def begin(request: web.Request, gate: Gatekeeper) -> tuple[Caller, ConcurrencyLi
             read_preference(headers.get("X-Read-Preference")),
             consistency_token(headers.get("X-Consistency-Token")),
             time.monotonic(),
+            partition_key(headers.get("X-Partition-Key")),
         )
     )
     context.write_token.set(None)
@@ -219,3 +220,19 @@ def consistency_token(raw: str | None) -> int | None:
         raise BadRequest(
             "X-Consistency-Token must be the token of an earlier write", code="invalid_header"
         ) from None
+
+
+MAX_PARTITION_KEY = 1024
+
+
+def partition_key(raw: str | None) -> str | None:
+    """``X-Partition-Key`` (or ``?partition_key=``): the key of the partition a GET by id
+    reads (issue 21); at most 1024 characters."""
+    if raw is None:
+        return None
+    if len(raw) > MAX_PARTITION_KEY:
+        raise BadRequest(
+            f"the partition key may be at most {MAX_PARTITION_KEY} characters",
+            code="invalid_header",
+        )
+    return raw

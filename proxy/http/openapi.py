@@ -135,7 +135,13 @@ def _collection_paths() -> dict[str, Json]:
                 "documents",
                 "One document; the ETag carries its version",
                 {"200": _ok(_DOC, "The document", "ETag")},
-                params=[c, i, ref("parameters", "fields"), *_params(*_READ_HEADERS)],
+                params=[
+                    c,
+                    i,
+                    ref("parameters", "fields"),
+                    ref("parameters", "partition_key"),
+                    *_params(*_READ_HEADERS, "X-Partition-Key"),
+                ],
             ),
             "put": _op(
                 "replace",

@@ -209,6 +209,17 @@ PARAMETERS: Final[dict[str, Json]] = {
         "The token of an earlier write: read your own writes across replicas.",
         {"type": "string", "pattern": "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$"},
     ),
+    "partition_key": {
+        "name": "partition_key",
+        "in": "query",
+        "description": "A partitioned collection's key value: read only its partition.",
+        "schema": {"type": "string", "maxLength": 1024},
+    },
+    "X-Partition-Key": _header(
+        "X-Partition-Key",
+        "A partitioned collection's key value: read only its partition.",
+        {"type": "string", "maxLength": 1024},
+    ),
     "X-Read-Preference": _header(
         "X-Read-Preference",
         "Where a read goes.",

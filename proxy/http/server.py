@@ -20,6 +20,7 @@ from aiohttp.streams import StreamReader
 
 from proxy.config import ServerConfig
 from proxy.errors import ProxyError, RequestTimeout, TooManyConnections
+from proxy.http.lane import Answer, Lane
 from proxy.http.middleware import JSON, new_request_id
 from proxy.http.parse_errors import EnvelopeRequestHandler
 
@@ -27,6 +28,7 @@ HEALTH_PATH = "/api/db/health"
 HEALTH_LINE = b"GET " + HEALTH_PATH.encode() + b" "  # how a health check's request begins
 OVERFLOW_HEADER_TIMEOUT = 2.0  # seconds an over-cap connection gets to send its headers
 REFUSE_LINGER = 1.0  # seconds a refused connection is kept to read and drop the request
+LANE_BUSY = 1e6  # the idle timer's horizon while a lane request runs (reset when it ends)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,17 +82,21 @@ class GuardedHandler(EnvelopeRequestHandler):
     headers (the handler's read raises 408 ``body_timeout``; the connection closes after the
     answer). Idle keep-alive connections are aiohttp's ``keepalive_timeout``
     (``idle_timeout``). A request that arrives whole in one read, the usual case, arms
-    nothing."""
+    nothing. With ``lane``, whole shortcut requests on an idle connection skip aiohttp
+    (``lane.Lane``; the ``lane_*`` methods are what it needs of this protocol)."""
 
-    __slots__ = ("_body", "_body_timer", "_guard", "_header_timeout", "_header_timer")
+    __slots__ = ("_body", "_body_timer", "_guard", "_header_timeout", "_header_timer", "_lane")
 
-    def __init__(self, manager: web.Server, guard: Guard, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, guard: Guard, lane: Answer | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._header_timeout = guard.header_timeout
         self._header_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._lane = None if lane is None else Lane(lane, self)
 
     def overflow(self, answer: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]) -> None:
         """This connection is past the cap: a short header timeout, and ``answer``."""
@@ -98,6 +104,12 @@ class GuardedHandler(EnvelopeRequestHandler):
         self._request_handler = answer
 
     def data_received(self, data: bytes) -> None:
+        lane = self._lane
+        if lane is None or not lane.offer(data):
+            self.lane_feed(data)
+
+    def lane_feed(self, data: bytes) -> None:
+        """aiohttp's reading, with the two timers."""
         body = self._body
         in_body = body is not None and not body.is_eof()
         before = self._request_count
@@ -110,6 +122,40 @@ class GuardedHandler(EnvelopeRequestHandler):
                 self._watch_body(self._messages[-1][1])
         elif data and not in_body and self._header_timer is None and not self._force_close:
             self._header_timer = self._loop.call_later(self._header_timeout, self._headers_late)
+
+    def lane_idle(self) -> bool:
+        """Nothing of aiohttp's is under way: no request queued or running, no partial
+        headers or body, no upgrade, not closing."""
+        body = self._body
+        return not (
+            self._messages
+            or self._request_in_progress
+            or self._header_timer is not None
+            or (body is not None and not body.is_eof())
+            or self._payload_parser is not None
+            or self._upgraded
+            or self._close
+            or self._force_close
+        )
+
+    def lane_begin(self) -> None:
+        """A lane request runs: shutdown waits for it, the idle timer does not close."""
+        self._request_in_progress = True
+        self._next_keepalive_close_time = self._loop.time() + LANE_BUSY
+        if self._manager is not None:
+            self._manager.requests_count += 1
+
+    def lane_end(self) -> None:
+        self._request_in_progress = False
+        waiter = self._handler_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        timeout = self._keepalive_timeout
+        if not self._force_close and timeout > 0:
+            close_time = self._loop.time() + timeout
+            self._next_keepalive_close_time = close_time
+            if self._keepalive_handle is None:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
 
     def _watch_body(self, payload: StreamReader) -> None:
         if payload.is_eof() or self._guard.body_timeout <= 0:
@@ -155,6 +201,8 @@ class GuardedHandler(EnvelopeRequestHandler):
         self.close()  # after the answer
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._lane is not None:
+            self._lane.connection_lost()
         for timer in (self._header_timer, self._body_timer):
             if timer is not None:
                 timer.cancel()
@@ -227,9 +275,10 @@ class ConnectionGate:
     """The protocol factory the listening sockets use in place of aiohttp's ``Server``:
     every connection is still registered with (and shut down by) that server."""
 
-    def __init__(self, server: web.Server, guard: Guard) -> None:
+    def __init__(self, server: web.Server, guard: Guard, lane: Answer | None = None) -> None:
         self._server = server
         self._guard = guard
+        self._lane = lane
         self.loop = asyncio.get_running_loop()
         self.refused = 0  # requests and connections answered 503, for /metrics
         self._answer = self._overflow_answer
@@ -243,7 +292,8 @@ class ConnectionGate:
         return self.handler(overflow=count >= guard.max_connections)
 
     def handler(self, *, overflow: bool) -> GuardedHandler:
-        handler = GuardedHandler(self._server, self._guard, loop=self.loop, **self._kwargs)
+        lane = None if overflow else self._lane
+        handler = GuardedHandler(self._server, self._guard, lane, loop=self.loop, **self._kwargs)
         if overflow:
             handler.overflow(self._answer)
         return handler
@@ -353,12 +403,13 @@ async def listen(
     settings: ServerConfig,
     sockets: Sequence[socket.socket],
     tls: ssl.SSLContext | None = None,
+    lane: Answer | None = None,
 ) -> tuple[ConnectionGate, list[asyncio.Server]]:
     """Accept on ``sockets`` through the connection guard (cap, header/body/idle timeouts,
     parser errors in the envelope): what ``serve``, ``collector`` and ``injector`` listen
     with; ``tls``: HTTPS (the handshake is done before the guard sees a byte)."""
     loop = asyncio.get_running_loop()
-    gate = ConnectionGate(server, connection_guard(settings))
+    gate = ConnectionGate(server, connection_guard(settings), lane)
     extra: dict[str, Any] = {"ssl": tls, "ssl_handshake_timeout": 10.0} if tls else {}
     listeners = [
         await loop.create_server(gate, sock=sock, backlog=1024, **extra) for sock in sockets
@@ -415,15 +466,16 @@ async def start(
     shutdown_timeout: float = 10.0,
     wrap: Callable[[ServerHandler], ServerHandler] | None = None,
     tls: ssl.SSLContext | None = None,
+    lane: Answer | None = None,
 ) -> Running:
     """Start ``app`` (its startup contexts run) and accept on ``sockets``; ``wrap``
-    replaces the server's request handler (the sidecar's by-id fast path); with ``tls``
-    the sockets speak HTTPS."""
+    replaces the server's request handler (the sidecar's by-id fast path), ``lane`` answers
+    the fast lane's requests (``lane.Lane``); with ``tls`` the sockets speak HTTPS."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     server = runner.server
     assert server is not None
     if wrap is not None:
         server.request_handler = wrap(server.request_handler)
-    gate, listeners = await listen(server, settings, sockets, tls)
+    gate, listeners = await listen(server, settings, sockets, tls, lane)
     return Running(runner, server, gate, listeners)

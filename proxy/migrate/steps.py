@@ -16,6 +16,7 @@ from proxy.schema.model import (
     FieldSpec,
     IndexSpec,
     SearchDeclaration,
+    check_partitioned,
     parse_schema,
 )
 from proxy.schema.validate import SchemaValidator, compile_schema
@@ -136,13 +137,37 @@ async def set_schema(
     tx: MigrationTx, state: TxState, collection: str, new: CollectionSchema
 ) -> None:
     old = await current_schema(tx, state, collection)
-    if not await tx.table_exists(collection):
-        await tx.create_collection(collection)
+    new = await _place(tx, collection, new)
     await check_existing(tx, collection, new)
     await reconcile_indexes(tx, collection, old, new)
     if (old.search if old is not None else None) != new.search:
         await tx.set_search(collection, new.search)
     await save_schema(tx, state, collection, new)
+
+
+async def _place(tx: MigrationTx, collection: str, new: CollectionSchema) -> CollectionSchema:
+    """The collection's table as ``new`` lays it out (created, partitioned or not); a
+    schema that omits the partitioning of a partitioned collection keeps it."""
+    exists = await tx.table_exists(collection)
+    current = await tx.partitioning(collection) if exists else None
+    if not exists:
+        if new.partitioning is not None:
+            await tx.create_partitioned(collection, new.partitioning)
+        else:
+            await tx.create_collection(collection)
+        return new
+    if new.partitioning is None and current is not None:
+        kept = dataclasses.replace(new, partitioning=current)
+        check_partitioned(kept, current, "schema")
+        return kept
+    if new.partitioning != current:
+        raise BadRequest(
+            f"collection {collection!r} exists with another partitioning: convert it with "
+            "partition_collection",
+            code="partitioning_change_unsupported",
+            details={"collection": collection},
+        )
+    return new
 
 
 async def set_search(
@@ -172,7 +197,10 @@ def with_index(
             code="index_exists",
             details={"index": index.name},
         )
-    return dataclasses.replace(base, indexes=(*base.indexes, index))
+    new = dataclasses.replace(base, indexes=(*base.indexes, index))
+    if new.partitioning is not None:
+        check_partitioned(new, new.partitioning, "create_index")
+    return new
 
 
 async def drop_index(tx: MigrationTx, state: TxState, op: Operation) -> None:

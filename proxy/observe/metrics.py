@@ -131,7 +131,9 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterable[Any]:
         yield self.metrics.request_histogram()
         src = self.metrics.sources
-        yield from _pools(src.get("connections", dict)())
+        connections = src.get("connections", dict)()
+        yield from _pools(connections)
+        yield _upkeep(connections)
         yield from _gate(src.get("gate", dict)())
         yield from _transactions(src.get("transactions", dict)())
         yield from _cache(src.get("cache", dict)())
@@ -148,6 +150,12 @@ class _LiveCollector(Collector):
         )
         fast_q.add_metric([], shortcuts.get("queries", 0))
         yield fast_q
+        lane = CounterMetricFamily(
+            "dbproxy_fast_lane_requests",
+            "Shortcut requests parsed and answered past aiohttp (the fast lane)",
+        )
+        lane.add_metric([], shortcuts.get("lane", 0))
+        yield lane
         clients = src.get("clients", dict)()
         open_ = GaugeMetricFamily("dbproxy_client_connections", "Open client connections")
         open_.add_metric([], clients.get("open", 0))
@@ -157,6 +165,18 @@ class _LiveCollector(Collector):
         )
         refused.add_metric([], clients.get("refused", 0))
         yield from (open_, refused)
+
+
+def _upkeep(connections: dict[str, Any]) -> Any:
+    family = CounterMetricFamily(
+        "dbproxy_partition_upkeep",
+        "Time-partition upkeep: partitions created, dropped (retention), skipped, runs",
+        labels=["database", "action"],
+    )
+    for db, info in connections.items():
+        for action, n in (info.get("partition_upkeep") or {}).items():
+            family.add_metric([db, action], n)
+    return family
 
 
 def _pools(connections: dict[str, Any]) -> Iterable[Any]:

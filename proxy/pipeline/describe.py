@@ -53,11 +53,16 @@ class SchemaOps:
             "exists": seen["exists"],
             "indexes": _indexes(active, seen["indexes"]),
         }
+        parts = seen.get("partitions") or []
         if listing.granted and not listing.rows:
             out["estimated_count"] = seen["estimated_count"]
             out["size_bytes"] = seen["size_bytes"]
+            if parts:
+                out["partitions"] = parts
         else:  # row rules (or no list grant): the totals would tell what may not be read
             out["estimated_count"] = out["size_bytes"] = None
+            if parts:  # the declaration's partitions, without what they hold
+                out["partitions"] = [{"name": p["name"], "bounds": p["bounds"]} for p in parts]
         if active is None:
             out["inferred"] = await self._inferred(backend, collection, listing, rows)
         return out

@@ -3,6 +3,7 @@ a 400 naming its place. Pure: no database, no I/O (``proxy.schema.validate`` com
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from proxy.errors import BadRequest
-from proxy.schema.partitioning import check_unique_indexes, parse_partitioning
+from proxy.schema.partitioning import Partitioning, check_unique_indexes, parse_partitioning
 
 FIELD_TYPES: Final = (
     "string",
@@ -169,6 +170,7 @@ class CollectionSchema:
     validation: Validation = field(default_factory=Validation)
     security: Mapping[str, Any] | None = None
     search: SearchDeclaration | None = None  # set_search: what full-text search indexes
+    partitioning: Partitioning | None = None  # split by a key (PostgreSQL only)
 
     def field(self, path: tuple[str, ...]) -> FieldSpec | None:
         for f in self.fields:
@@ -224,7 +226,7 @@ class CollectionSchema:
             "database": self.database,
             "fields": [f.to_dict() for f in self.fields],
             "indexes": [ix.to_dict() for ix in self.indexes],
-            "partitioning": None,
+            "partitioning": self.partitioning.to_dict() if self.partitioning else None,
             "security": dict(self.security) if self.security is not None else None,
             "validation": {"level": self.validation.level, "action": self.validation.action},
             "search": self.search.to_dict() if self.search is not None else None,
@@ -275,24 +277,35 @@ def parse_schema(raw: Any, collection: str, where: str = "schema") -> Collection
     if len(set(all_names)) != len(all_names):
         raise invalid("an index is named like a unique constraint's index", f"{where}.indexes")
     if partitioning_raw not in (None, {}):
-        # checked in full (a bad declaration is a 400 naming its part), then refused: no
-        # backend stores a partitioned collection yet (issue 21, step 1 is the DDL)
         spec = parse_partitioning(partitioning_raw, f"{where}.partitioning")
-        check_unique_indexes(
-            spec,
-            [(ix.name, tuple(k.path for k in ix.keys)) for ix in schema.all_indexes() if ix.unique],
-            f"{where}.indexes",
-        )
-        raise BadRequest(
-            "partitioning is not supported yet (it is stored once it is built)",
-            code="unsupported",
-            details={
-                "at": f"{where}.partitioning",
-                "feature": "partitioning",
-                "declaration": spec.to_dict(),
-            },
-        )
+        check_partitioned(schema, spec, where)
+        schema = dataclasses.replace(schema, partitioning=spec)
     return schema
+
+
+def check_partitioned(schema: CollectionSchema, spec: Partitioning, where: str) -> None:
+    """A partitioned schema's rules: unique indexes include the key (PostgreSQL's rule),
+    and the key, when declared, is of the kind the strategy partitions by."""
+    check_unique_indexes(
+        spec,
+        [(ix.name, tuple(k.path for k in ix.keys)) for ix in schema.all_indexes() if ix.unique],
+        f"{where}.indexes",
+    )
+    declared = schema.field(spec.key)
+    if declared is None:
+        return
+    wanted = {"time": {"datetime", "string"}, "hash": {"string", "integer", "number"}}.get(
+        spec.strategy
+    )
+    if wanted is None:
+        sample = spec.bounds[0] if spec.strategy == "range" else spec.values[0][1][0]
+        wanted = {"string", "datetime"} if isinstance(sample, str) else {"integer", "number"}
+    if not set(declared.types) & wanted or "null" in declared.types:
+        raise invalid(
+            f"the partition key {spec.key_text!r} must be declared non-null and of a kind "
+            f"the strategy partitions by ({', '.join(sorted(wanted))})",
+            f"{where}.partitioning.key",
+        )
 
 
 # ---- full-text search (set_search) --------------------------------------------------------

@@ -104,6 +104,7 @@ def test_rotation_by_the_file_watch_under_mixed_load(tmp_path: Path) -> None:
             assert wait_for_log(log, RELOADED) == 1, log.read_text()[-2000:]
             left = wait_for_old_sessions_to_go(cluster, rotated)
             load.settle(1.0)
+            load.writes_at_least(51)
             load.reads_only.set()  # a session ended under a write is a 503 by design
             time.sleep(0.3)
             ended = end_app_sessions(cluster)
@@ -146,6 +147,7 @@ def test_every_worker_picks_up_the_rotation_on_sighup(tmp_path: Path) -> None:
             left = wait_for_old_sessions_to_go(cluster, rotated)
             load.settle(1.0)
             after = pg_connections_by_process(pg_port)
+            load.writes_at_least(51)
             load.reads_only.set()
             time.sleep(0.3)
             ended = end_app_sessions(cluster)

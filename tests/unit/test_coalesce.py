@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.backends.postgres.coalesce import Coalescer
+from proxy.backends.coalesce import Coalescer
 
 
 class Fetcher:

@@ -252,17 +252,30 @@ def test_a_field_under_a_scalar_parent_is_refused() -> None:
     parse_schema({"fields": [{"name": "a"}, {"name": "a.b"}]}, "c")  # any
 
 
-def test_partitioning_is_unsupported_for_now() -> None:
-    err = refused(
-        {"partitioning": {"strategy": "hash", "key": "id", "partitions": 4}}, "unsupported"
-    )
-    assert err.details == {
-        "at": "schema.partitioning",
-        "feature": "partitioning",
-        "declaration": {"strategy": "hash", "key": "id", "unique_id": "global", "partitions": 4},
+def test_partitioning_is_kept_and_checked() -> None:
+    schema = parse_schema({"partitioning": {"strategy": "hash", "key": "id", "partitions": 4}}, "c")
+    assert schema.to_dict()["partitioning"] == {
+        "strategy": "hash",
+        "key": "id",
+        "unique_id": "global",
+        "partitions": 4,
     }
     err = refused({"partitioning": {"strategy": "hash", "key": "id"}})
     assert err.details == {"at": "schema.partitioning.partitions"}
+    # a declared key must be of the strategy's kind and never null
+    err = refused(
+        {
+            "fields": [{"name": "n", "type": "string"}],
+            "partitioning": {"strategy": "range", "key": "n", "bounds": [1, 2]},
+        }
+    )
+    assert err.details == {"at": "schema.partitioning.key"}
+    refused(
+        {
+            "fields": [{"name": "n", "type": ["integer", "null"]}],
+            "partitioning": {"strategy": "range", "key": "n", "bounds": [1, 2]},
+        }
+    )
     parse_schema({"partitioning": None}, "c")
     parse_schema({"partitioning": {}}, "c")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -21,9 +22,11 @@ from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
 from proxy.backends.postgres.describe import describe_collection as describe_one
 from proxy.backends.postgres.describe import load_schemas as read_schemas
+from proxy.backends.postgres.describe import partitions as describe_partitions
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
 from proxy.backends.postgres.migrations import PgMigrations
+from proxy.backends.postgres.partitions import KEY_CHECK
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, EndpointSet, release
 from proxy.backends.postgres.sql import (
     AUDIT_LOG,
@@ -31,6 +34,7 @@ from proxy.backends.postgres.sql import (
     SCHEMAS_CHANNEL,
     glob_to_posix,
 )
+from proxy.backends.postgres.timeparts import UpkeepCounts, run_upkeep
 from proxy.backends.postgres.transaction import ISOLATION_LEVELS, PostgresTransaction
 from proxy.config import DatabaseConfig, Limits
 from proxy.errors import BadRequest, ProxyError, Unavailable
@@ -111,6 +115,7 @@ class PostgresBackend(CoalescingDocuments):
         self._retry_now = asyncio.Event()  # set by a credential rotation: reconnect at once
         self._schema_conn: asyncpg.Connection | None = None  # the schema watch's LISTEN
         self._last_error: str | None = None
+        self.upkeep_counts = UpkeepCounts()  # time-partition upkeep, for /metrics
 
     @property
     def pool(self) -> asyncpg.Pool | None:
@@ -237,6 +242,15 @@ class PostgresBackend(CoalescingDocuments):
         """A primary connection for housekeeping and monitoring queries (and DDL)."""
         return self._exec.conn(wait)
 
+    async def _learn(self, collection: str) -> None:
+        if collection in self._known_tables:
+            return
+        try:
+            async with self._conn(self._wait()) as conn:
+                await self._ensure_table(conn, collection)
+        except Exception as exc:
+            raise translate(exc) from None
+
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         """Run a write on the primary, creating the collection's table on first use; with
         replicas, note the WAL position for the response's consistency token."""
@@ -256,7 +270,25 @@ class PostgresBackend(CoalescingDocuments):
                 await self._note_write_position()
             return rows
         except Exception as exc:
-            raise translate(exc) from None
+            raise self._layout_moved(collection, exc) or translate(exc) from None
+
+    def _layout_moved(self, collection: str, exc: BaseException) -> ProxyError | None:
+        """A write built for the table this process knew, on a table since re-created with
+        another layout (partitioned or not): relearnt on the next write, retried."""
+        stale_plain = isinstance(exc, asyncpg.NotNullViolationError) and (
+            getattr(exc, "column_name", None) == "_pkey" and self._key(collection) is None
+        )
+        stale_key = isinstance(exc, asyncpg.CheckViolationError) and (
+            getattr(exc, "constraint_name", None) == KEY_CHECK
+        )
+        if not (stale_plain or stale_key):
+            return None
+        self._known_tables.discard(collection)
+        return Unavailable(
+            "the collection's partitioning changed under this write; nothing was written",
+            code="partitioning_changed",
+            retry_after=1,
+        )
 
     async def _note_write_position(self) -> None:
         async with self._conn(self._wait()) as conn:
@@ -302,15 +334,18 @@ class PostgresBackend(CoalescingDocuments):
             "dsn": self.config.redacted_dsn(),
             "read_preference": self.config.read_preference,
             "endpoints": endpoints,
+            "partition_upkeep": self.upkeep_counts.snapshot(),
         }
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
         """Every declared schema, from the primary (what migrations last committed)."""
         async with self._conn(self._wait()) as conn:
             try:
-                return await read_schemas(conn, self._schema_ident, self._wait())
+                schemas = await read_schemas(conn, self._schema_ident, self._wait())
             except Exception as exc:
                 raise translate(exc) from None
+        self.learn_partitioning(schemas)
+        return schemas
 
     async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
         """Until cancelled: LISTEN on the schemas channel (a migration anywhere NOTIFYs it
@@ -349,17 +384,30 @@ class PostgresBackend(CoalescingDocuments):
         async with self._conn() as conn:
             try:
                 rows = await conn.fetch(DESCRIBE_COLLECTIONS, self.schema)
+                out: dict[str, dict[str, Any]] = {
+                    r[0]: {
+                        "rows_estimate": max(int(r[1]), int(r[5])),
+                        "table_bytes": int(r[2]),
+                        "index_bytes": int(r[3]),
+                        "dead_tuples": int(r[4]),
+                    }
+                    for r in rows
+                }
+                for name in [r[0] for r in rows if r[6] == "p"]:
+                    parts = await describe_partitions(conn, self._table(name), self._wait())
+                    about = out[name]
+                    about["rows_estimate"] = sum(p["rows_estimate"] for p in parts)
+                    about["table_bytes"] = sum(p["table_bytes"] for p in parts)
+                    about["index_bytes"] = sum(p["index_bytes"] for p in parts)
+                    about["partitions"] = {
+                        p["name"]: {
+                            k: p[k] for k in ("rows_estimate", "table_bytes", "index_bytes")
+                        }
+                        for p in parts
+                    }
             except Exception as exc:
                 raise translate(exc) from None
-        return {
-            r[0]: {
-                "rows_estimate": max(int(r[1]), int(r[5])),
-                "table_bytes": int(r[2]),
-                "index_bytes": int(r[3]),
-                "dead_tuples": int(r[4]),
-            }
-            for r in rows
-        }
+        return out
 
     async def explain(self, sql: str, args: tuple[Any, ...]) -> tuple[bool, str]:
         """The plan of a statement (EXPLAIN without ANALYZE): whether an index is used, and a
@@ -404,11 +452,29 @@ class PostgresBackend(CoalescingDocuments):
         return [dict(r) for r in rows]
 
     async def maintain(self) -> None:
-        """Periodic housekeeping: forget expired idempotency keys."""
+        """Periodic housekeeping: forget expired idempotency keys, keep time partitions."""
         async with self._conn() as conn:
             await conn.execute(
                 f"DELETE FROM {self._schema_ident}._idempotency WHERE expires_at < now()"
             )
+        await self.partition_upkeep()
+
+    async def partition_upkeep(self, now: dt.datetime | None = None) -> bool:
+        """Time partitions made ahead and dropped past retention (``now``: the clock's
+        time); False when another process holds the fleet-wide upkeep lock."""
+        timed = {
+            name: (self._table(name), key)
+            for name, key in self._partitioned.items()
+            if key.spec.strategy == "time"
+        }
+        if not timed:
+            return False
+        when = now or dt.datetime.now(dt.UTC)
+        async with self._conn() as conn:
+            try:
+                return await run_upkeep(conn, self.schema, timed, when, self.upkeep_counts)
+            except Exception as exc:
+                raise translate(exc) from None
 
     def migrations(self) -> PgMigrations:
         """This database's migration side (records, lock, DDL) for proxy.migrate's runner."""

@@ -8,7 +8,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from proxy.backends.postgres.coalesce import Coalescer
+from proxy.backends.coalesce import Coalescer
 from proxy.errors import ProxyError
 
 # every placeholder of a compiled find is ``$n::cast`` (proxy.query.pg.Params.add)

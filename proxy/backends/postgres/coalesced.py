@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy import context
-from proxy.backends.postgres.coalesce import Batcher, Coalescer, FetchMany
+from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.postgres.coalesce_find import FindCoalescer, batched_sql
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.documents import FindStatement, PgDocuments
@@ -16,7 +16,7 @@ from proxy.backends.postgres.errors import no_answer
 from proxy.backends.postgres.sql import insert_batch
 from proxy.config import Limits
 from proxy.context import RequestContext
-from proxy.errors import DuplicateId, DuplicateKey, InvalidQuery, ProxyError, Timeout
+from proxy.errors import BadRequest, DuplicateId, DuplicateKey, InvalidQuery, ProxyError, Timeout
 from proxy.ids import IdGenerator
 from proxy.query.spec import FindSpec, Page, WriteResult
 
@@ -54,6 +54,9 @@ class CoalescingDocuments(PgDocuments):
             return await super().insert_one(collection, doc)
         doc_id, body = self._prepare(doc)
         ctx = context.current.get()
+        if collection not in self._known_tables:  # the table's layout decides the statement
+            self._inserters.pop(collection, None)
+            await self._learn(collection)
         batcher = self._inserters.get(collection)
         if batcher is None:
             batcher = self._inserters[collection] = Batcher(
@@ -69,14 +72,15 @@ class CoalescingDocuments(PgDocuments):
     def _insert_batch_runner(
         self, collection: str
     ) -> Callable[[list[_Insert]], Awaitable[list[_Outcome | BaseException]]]:
-        sql = insert_batch(self._table(collection), self._schema_ident, self.audit)
+        key = self._key(collection)
+        sql = insert_batch(self._table(collection), self._schema_ident, self.audit, key)
 
         async def run(items: list[_Insert]) -> list[_Outcome | BaseException]:
             columns = [list(c) for c in zip(*items, strict=True)]
             args = (*columns, collection) if self.audit else tuple(columns)
             try:
                 rows = await self._write(collection, sql, *args)
-            except (InvalidQuery, DuplicateKey):
+            except (InvalidQuery, DuplicateKey, BadRequest):
                 # one bad document (a value the database refuses, a taken unique key) must
                 # not fail the others
                 return [await self._insert_alone(collection, item) for item in items]
@@ -101,7 +105,7 @@ class CoalescingDocuments(PgDocuments):
         """By id; concurrent point reads of one collection share one query (coalescing),
         except reads bound to a consistency token, which are routed one by one."""
         ctx = context.current.get()
-        if not self.coalesce or ctx.min_lsn is not None:
+        if not self.coalesce or ctx.min_lsn is not None or ctx.partition_key is not None:
             return await super().get(collection, doc_id)
         key = (collection, ctx.read_preference)
         co = self._coalescers.get(key)
@@ -128,7 +132,7 @@ class CoalescingDocuments(PgDocuments):
         join over their parameters; each gets its own page or its own error, by its own
         deadline. Reads bound to a consistency token run alone."""
         ctx = context.current.get()
-        if not self.coalesce or ctx.min_lsn is not None:
+        if not self.coalesce or ctx.min_lsn is not None or self._key(collection) is not None:
             return await super().find(collection, spec)
         statement = self.find_statement(collection, spec)
         finder = self._finder(collection, ctx.read_preference, ctx.statement_timeout, statement)

@@ -3,6 +3,7 @@ as the database has it (its indexes, estimates, a bounded sample)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import asyncpg
@@ -22,6 +23,41 @@ _ESTIMATE = (
     "pg_total_relation_size(c.oid) FROM pg_class c "
     "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid WHERE c.oid = $1::regclass"
 )
+
+
+_PARTITIONS = (
+    "SELECT p.relname, p.oid::regclass::text, pg_get_expr(p.relpartbound, p.oid), "
+    "greatest(p.reltuples::bigint, coalesce(s.n_live_tup, 0)), pg_table_size(p.oid), "
+    "pg_indexes_size(p.oid) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhrelid "
+    "LEFT JOIN pg_stat_user_tables s ON s.relid = p.oid "
+    "WHERE i.inhparent = to_regclass($1) ORDER BY p.relname"
+)
+_PARTITION_NAME = re.compile(r"_p_[0-9a-f]{16}_(.+)")
+
+
+async def partitions(conn: asyncpg.Connection, table: str, wait: float) -> list[dict[str, Any]]:
+    """A partitioned table's partitions: name, bounds (as PostgreSQL writes them), row
+    estimate (exact while small), table and index bytes; [] for a plain table."""
+    out = []
+    for name, qualified, bounds, estimate, size, index_size in await conn.fetch(
+        _PARTITIONS, table, timeout=wait
+    ):
+        if estimate < _EXACT_BELOW:  # the server's own quoting of its own name
+            estimate = await conn.fetchval(
+                f"SELECT count(*) FROM (SELECT 1 FROM {qualified} LIMIT {_EXACT_BELOW}) s",
+                timeout=wait,
+            )
+        m = _PARTITION_NAME.fullmatch(name)
+        out.append(
+            {
+                "name": m.group(1) if m else name,
+                "bounds": bounds,
+                "rows_estimate": int(estimate),
+                "table_bytes": int(size),
+                "index_bytes": int(index_size),
+            }
+        )
+    return out
 
 
 async def load_schemas(
@@ -50,6 +86,10 @@ async def describe_collection(
         if not r[5]  # the primary key (_id) is not a declared index
     ]
     estimate, size = await conn.fetchrow(_ESTIMATE, table, timeout=wait)
+    parts = await partitions(conn, table, wait)
+    if parts:  # a partitioned table holds nothing itself: its partitions add up
+        size = sum(p["table_bytes"] + p["index_bytes"] for p in parts)
+        estimate = sum(p["rows_estimate"] for p in parts)
     if estimate < _EXACT_BELOW:  # statistics lag behind a small table: count it (bounded)
         estimate = await conn.fetchval(
             f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT {_EXACT_BELOW}) s", timeout=wait
@@ -64,4 +104,5 @@ async def describe_collection(
         "estimated_count": int(estimate),
         "size_bytes": int(size),
         "sample": docs,
+        "partitions": parts,
     }

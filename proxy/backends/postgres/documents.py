@@ -14,10 +14,12 @@ from proxy.backends.base import check_collection
 from proxy.backends.postgres.aggregate import PgAggregate
 from proxy.backends.postgres.ddl import create_table
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
+from proxy.backends.postgres.partitions import PartKey, key_condition, partitioned_upsert, prune
 from proxy.backends.postgres.search import PgSearch
 from proxy.backends.postgres.sql import insert_documents, with_audit
 from proxy.config import Limits
 from proxy.errors import (
+    BadRequest,
     DuplicateId,
     DuplicateKey,
     InvalidQuery,
@@ -43,12 +45,15 @@ from proxy.query.spec import (
     Replace,
     WriteResult,
 )
+from proxy.schema.partitioning import parse_partitioning
 
 # an escaped NUL in JSON text: \u0000 preceded by an even number of backslashes
 _NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
 _dumps = numbers.dumps_document
 _SINGLE_ROW = "VALUES ($1, $2::jsonb, 1)"  # the rows of a one-document insert
+# a batch refused for one document's sake: each document alone, so only that one is refused
+_ONE_BY_ONE = frozenset({"duplicate_key", "partition_key_missing", "partition_key_out_of_range"})
 
 
 class PgDocuments(PgAggregate, PgSearch):
@@ -66,6 +71,7 @@ class PgDocuments(PgAggregate, PgSearch):
         ids: IdGenerator,
         known_tables: set[str],
         audit: bool = True,
+        partitioned: dict[str, PartKey] | None = None,
     ) -> None:
         check_collection(schema)
         self.name = name
@@ -74,6 +80,9 @@ class PgDocuments(PgAggregate, PgSearch):
         self._schema_ident = f'"{schema}"'
         self.ids = ids
         self._known_tables = known_tables
+        # partitioned collections, by name: learnt from the declared schemas (and on a
+        # collection's first write), shared with this backend's transactions
+        self._partitioned = {} if partitioned is None else partitioned
         self.audit = audit
         self._table_names: dict[str, str] = {}
         self._get_sql: dict[str, str] = {}
@@ -87,17 +96,19 @@ class PgDocuments(PgAggregate, PgSearch):
     async def _analytics(self, collection: str, sql: str, *args: Any) -> list[Any] | None:
         return await self._read(collection, sql, *args)
 
-    def _audited(self, sql: str, params: Params, operation: str, collection: str) -> str:
+    def _audited(
+        self, sql: str, params: Params, operation: str, collection: str, ctes: str = ""
+    ) -> str:
         """Wrap a write (whose RETURNING ends with ``audit_id``) so its audit row is written
         by the same statement: no change without its audit row, one round trip."""
         if not self.audit:
-            return sql
+            return f"WITH {ctes} {sql}" if ctes else sql
         ctx = context.current.get()
         svc = params.add(ctx.service, "text")
         op = params.add(operation, "text")
         coll = params.add(collection, "text")
         rid = params.add(ctx.request_id, "text")
-        return with_audit(sql, self._schema_ident, svc, op, coll, rid)
+        return with_audit(sql, self._schema_ident, svc, op, coll, rid, ctes)
 
     # -- tables ----------------------------------------------------------------------
 
@@ -118,8 +129,32 @@ class PgDocuments(PgAggregate, PgSearch):
     async def _ensure_table(self, conn: asyncpg.Connection, collection: str) -> None:
         if collection in self._known_tables:
             return
-        await create_table(conn, self._table(collection), collection, self._wait())
+        spec = await create_table(
+            conn, self._table(collection), collection, self._wait(), self._schema_ident
+        )
+        if spec is not None:
+            self._partitioned[collection] = PartKey(spec, self._schema_ident)
+        else:
+            self._partitioned.pop(collection, None)
         self._known_tables.add(collection)
+
+    async def _learn(self, collection: str) -> None:
+        """Before a write's SQL is built: the table exists and its layout is known."""
+        raise NotImplementedError
+
+    def _key(self, collection: str) -> PartKey | None:
+        return self._partitioned.get(collection)
+
+    def learn_partitioning(self, schemas: dict[str, tuple[int, dict[str, Any]]]) -> None:
+        """The partitioned collections among the declared schemas (as loaded)."""
+        found: dict[str, PartKey] = {}
+        for name, (_, raw) in schemas.items():
+            declared = raw.get("partitioning") if isinstance(raw, dict) else None
+            if declared:
+                found[name] = PartKey(parse_partitioning(declared), self._schema_ident)
+        for name in set(self._partitioned) - set(found):
+            del self._partitioned[name]
+        self._partitioned.update(found)
 
     # -- documents -------------------------------------------------------------------
 
@@ -135,10 +170,10 @@ class PgDocuments(PgAggregate, PgSearch):
 
     async def _insert_row(self, collection: str, doc_id: str, body: str) -> bool:
         """Insert one prepared document (and its audit row); False when the _id is taken."""
+        await self._learn(collection)
         params = Params([doc_id, body])
-        sql = self._audited(
-            insert_documents(self._table(collection), _SINGLE_ROW), params, "create", collection
-        )
+        rows = insert_documents(self._table(collection), _SINGLE_ROW, self._key(collection))
+        sql = self._audited(rows, params, "create", collection)
         return bool(await self._write(collection, sql, *params.values))
 
     async def insert_one(self, collection: str, doc: dict[str, Any]) -> WriteResult:
@@ -158,14 +193,15 @@ class PgDocuments(PgAggregate, PgSearch):
         pairs = [p for p in prepared if isinstance(p, tuple)]
         inserted: set[str] = set()
         if pairs:
+            await self._learn(collection)
             rows_sql = "SELECT i, d, 1 FROM unnest($1::text[], $2::jsonb[]) AS u(i, d)"
-            sql = insert_documents(self._table(collection), rows_sql)
+            sql = insert_documents(self._table(collection), rows_sql, self._key(collection))
             params = Params([[p[0] for p in pairs], [p[1] for p in pairs]])
             sql = self._audited(sql, params, "create", collection)
             try:
                 rows = await self._write(collection, sql, *params.values)
-            except DuplicateKey:
-                if len(pairs) == 1 or self.failure_aborts:
+            except (DuplicateKey, BadRequest) as err:
+                if len(pairs) == 1 or self.failure_aborts or err.code not in _ONE_BY_ONE:
                     raise
                 # a taken unique key fails the whole statement: each document alone, so
                 # only the one holding it is refused
@@ -209,11 +245,19 @@ class PgDocuments(PgAggregate, PgSearch):
         return out
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
-        sql = self._get_sql.get(collection)
-        if sql is None:
-            sql = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
-            self._get_sql[collection] = sql
-        rows = await self._read(collection, sql, doc_id)
+        key = self._key(collection)
+        given = context.current.get().partition_key if key is not None else None
+        if key is not None and given is not None:  # one partition: the key is in the plan
+            params = Params([doc_id])
+            cond = key_condition(key, params, given)
+            sql = f"SELECT doc::text, _version FROM {self._table(collection)} t "
+            rows = await self._read(collection, sql + f"WHERE _id = $1 AND {cond}", *params.values)
+            return WriteResult(rows[0][0].encode(), rows[0][1]) if rows else None
+        cached = self._get_sql.get(collection)
+        if cached is None:
+            cached = f"SELECT doc::text, _version FROM {self._table(collection)} WHERE _id = $1"
+            self._get_sql[collection] = cached
+        rows = await self._read(collection, cached, doc_id)
         if not rows:
             return None
         return WriteResult(rows[0][0].encode(), rows[0][1])
@@ -230,13 +274,21 @@ class PgDocuments(PgAggregate, PgSearch):
     ) -> WriteResult:
         """Replace, update or patch one document in one statement. ``row_filter`` (row rules)
         must hold for the stored document, else it counts as not found."""
+        await self._learn(collection)
         table = self._table(collection)
+        key = self._key(collection)
         params = Params([doc_id])
         new_doc = self._new_doc_sql(change, params, "t.doc")
         bump = "jsonb_build_object('_id', t._id, '_version', t._version + 1)"
         set_clause = f"doc = {new_doc} || {bump}, _version = t._version + 1, updated_at = now()"
+        if key is not None:  # a changed key moves the row to its partition
+            set_clause += f", _pkey = {key.of(new_doc)}"
         conds = self._conditions(params, if_match, row_filter)
-        if upsert and if_match is None:
+        ctes = ""
+        if upsert and if_match is None and key is not None:
+            first = self._first(change, params)
+            ctes, sql = partitioned_upsert(table, key, set_clause, conds, first)
+        elif upsert and if_match is None:
             first = self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
             where = f" WHERE {conds}" if conds else ""
             sql = (
@@ -251,7 +303,7 @@ class PgDocuments(PgAggregate, PgSearch):
                 f"{' AND ' + conds if conds else ''} "
                 "RETURNING t.doc::text, t._version, false, t._id AS audit_id"
             )
-        sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection)
+        sql = self._audited(sql, params, _CHANGE_NAMES[type(change)], collection, ctes)
         rows = await self._write(collection, sql, *params.values)
         if not rows:
             if upsert and if_match is None:  # the row exists, outside the caller's rows:
@@ -310,6 +362,9 @@ class PgDocuments(PgAggregate, PgSearch):
             loads(new),
             int(version) if version is not None else None,
         )
+
+    def _first(self, change: Change, params: Params) -> str:
+        return self._new_doc_sql(change, params, "jsonb_build_object('_id', $1::text)")
 
     @staticmethod
     def _conditions(params: Params, if_match: int | None, row_filter: Filter | None) -> str:
@@ -374,6 +429,7 @@ class PgDocuments(PgAggregate, PgSearch):
         if_match: int | None = None,
         row_filter: Filter | None = None,
     ) -> int:
+        await self._learn(collection)
         params = Params([doc_id])
         conds = self._conditions(params, if_match, row_filter)
         sql = self._audited(
@@ -394,7 +450,7 @@ class PgDocuments(PgAggregate, PgSearch):
         params = Params()
         kinds = kinds_map(spec.kinds) if spec.kinds else None
         compiler = FilterCompiler(params, kinds)
-        where = compiler.where(spec.filter)
+        where = self._pruned(collection, compiler.where(spec.filter), spec.filter, params)
         plan = sort_plan(spec.sort, params.add, kinds)
         if spec.cursor is not None:
             where = f"{where} AND {plan.after(plan.decode(spec.cursor), params.add)}"
@@ -406,6 +462,12 @@ class PgDocuments(PgAggregate, PgSearch):
             f"ORDER BY {plan.order_by()} LIMIT {limit} OFFSET {offset}"
         )
         return FindStatement(sql, tuple(params.values), plan, compiler.all_typed)
+
+    def _pruned(self, collection: str, where: str, flt: Filter, params: Params) -> str:
+        """``where`` with the partition-key conditions ``flt`` implies (pruning)."""
+        key = self._key(collection)
+        extra = prune(key, flt, params) if key is not None else None
+        return f"{where} AND {extra}" if extra else where
 
     async def find(self, collection: str, spec: FindSpec) -> Page:
         statement = self.find_statement(collection, spec)
@@ -429,6 +491,7 @@ class PgDocuments(PgAggregate, PgSearch):
     async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
         params = Params()
         where = FilterCompiler(params, kinds_map(kinds) if kinds else None).where(flt)
+        where = self._pruned(collection, where, flt, params)
         sql = f"SELECT count(*) FROM {self._table(collection)} t WHERE {where}"
         rows = await self._read(collection, sql, *params.values)
         return int(rows[0][0]) if rows else 0

@@ -12,6 +12,7 @@ import asyncpg
 from proxy.backends.migrations import declared_index_name
 from proxy.backends.postgres.pool import CONNECTION_ERRORS
 from proxy.errors import (
+    BadRequest,
     Conflict,
     DatabaseTimeout,
     DuplicateId,
@@ -130,6 +131,19 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
         return InvalidQuery(
             f"the update does not fit the stored document: {getattr(exc, 'message', '')}",
             code="update_type_mismatch",
+        )
+    routed_null = state == "23514" and str(getattr(exc, "detail", "")).endswith("= (null).")
+    if routed_null or (state == "23502" and getattr(exc, "column_name", None) == "_pkey"):
+        return BadRequest(
+            "the document has no partition key of the declared kind (the collection is "
+            "partitioned by it)",
+            code="partition_key_missing",
+        )
+    if state == "23514" and not getattr(exc, "constraint_name", None):
+        return BadRequest(
+            "no partition holds this document's partition key (outside every declared "
+            "value or bound)",
+            code="partition_key_out_of_range",
         )
     if state == "2201B":
         return InvalidQuery("invalid regular expression", code="invalid_regex")

@@ -4,6 +4,7 @@ DDL on the query compiler's expressions, and a migration's transactions."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import orjson
 
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
 from proxy.backends.postgres.errors import translate
+from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
 from proxy.backends.postgres.sql import INDEX_DDL, SCHEMAS_CHANNEL, TABLE_DDL, with_audit
 from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
@@ -23,6 +25,7 @@ from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
 from proxy.query.pg_typed import declared_order
 from proxy.query.search_pg import SEARCH_COLUMN, column_ddl
 from proxy.schema.model import IndexSpec, SearchDeclaration
+from proxy.schema.partitioning import Partitioning, parse_partitioning
 
 
 class PgHost(Protocol):
@@ -84,10 +87,14 @@ def index_ddl(
     *,
     concurrently: bool = False,
     predicate: str | None = None,
+    pkey: tuple[str, ...] | None = None,
 ) -> str:
     keys = []
     for key in index.keys:
         kind = kinds.get(key.path)
+        if key.path == pkey:  # a partitioned table's unique index holds the key column
+            keys.append(f"_pkey{' DESC' if key.descending else ''}")
+            continue
         if kind is not None:  # the compiler's ORDER BY item, so the planner matches the column
             keys.append(declared_order(key.path, kind, key.descending, doc="doc"))
             continue
@@ -353,6 +360,7 @@ class PgTx:
         self.store = store
         self.conn = conn
         self.ident = store.ident
+        self._made: dict[str, Partitioning] = {}  # partitioned here, schema not saved yet
 
     async def stored_schema(self, collection: str) -> tuple[int, dict[str, Any]] | None:
         row = await self.conn.fetchrow(
@@ -384,8 +392,8 @@ class PgTx:
         )
 
     async def needs_online(self, collection: str) -> bool:
-        if not await self.table_exists(collection):
-            return False
+        if not await self.table_exists(collection) or await self.partitioning(collection):
+            return False  # no CONCURRENTLY on a partitioned table: built in the transaction
         table = self.store.table(collection)
         return bool(await self.conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"))
 
@@ -400,8 +408,31 @@ class PgTx:
         await self.conn.execute(TABLE_DDL.format(table=table))
         await self.conn.execute(INDEX_DDL.format(index=gin, table=table))
 
+    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
+        )
+        key = PartKey(spec, self.ident)
+        now = dt.datetime.now(dt.UTC)
+        await create_partitioned(self.conn, self.store.table(collection), collection, key, now)
+        self._made[collection] = spec
+
+    async def partitioning(self, collection: str) -> Partitioning | None:
+        kind = await self.conn.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+            self.store.table(collection),
+        )
+        if kind != "p":
+            return None
+        if collection in self._made:
+            return self._made[collection]
+        stored = await self.stored_schema(collection)
+        declared = stored[1].get("partitioning") if stored else None
+        return parse_partitioning(declared) if declared else None
+
     async def drop_collection(self, collection: str) -> None:
         await self.conn.execute(f"DROP TABLE IF EXISTS {self.store.table(collection)}")
+        await self.conn.execute(f"DELETE FROM {self.ident}._ids WHERE collection = $1", collection)
 
     async def set_search(self, collection: str, declared: SearchDeclaration | None) -> None:
         """The stored ``tsvector`` column (generated: PostgreSQL computes it in the
@@ -426,10 +457,20 @@ class PgTx:
             await self.create_collection(collection)
         physical = physical_index_name(collection, index.name)
         predicate = await _predicate(self.conn, index)
-        ddl = index_ddl(self.store.table(collection), physical, index, kinds, predicate=predicate)
+        spec = await self.partitioning(collection)
+        ddl = index_ddl(
+            self.store.table(collection),
+            physical,
+            index,
+            kinds,
+            predicate=predicate,
+            pkey=spec.key if spec else None,
+        )
         try:
             async with self.conn.transaction():  # a savepoint: the error is ours to name
                 await self.conn.execute(ddl)
+                if spec is not None:
+                    await name_child_indexes(self.conn, self.ident, self.store.table(collection))
         except asyncpg.UniqueViolationError as exc:
             raise _duplicate(exc, index.name) from None
         except asyncpg.PostgresError as exc:
@@ -474,9 +515,11 @@ class PgTx:
         n = params.add(size, "bigint")
         where = FilterCompiler(params).where(flt, "s.doc")
         new = UpdateCompiler(params, self.ident).document_expr(update, "t.doc")
+        spec = await self.partitioning(collection)
+        moved = f", _pkey = {PartKey(spec, self.ident).of(new)}" if spec else ""
         sql = (
             f"UPDATE {table} AS t SET doc = {new} || jsonb_build_object('_id', t._id, "
-            "'_version', t._version + 1), _version = t._version + 1, updated_at = now() "
+            f"'_version', t._version + 1), _version = t._version + 1, updated_at = now(){moved} "
             f"FROM (SELECT s._id FROM {table} s WHERE s._id > {a} AND {where} "
             f"ORDER BY s._id LIMIT {n} FOR UPDATE) b WHERE t._id = b._id "
             "RETURNING t.doc::text AS d, t._id AS audit_id"

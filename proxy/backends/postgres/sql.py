@@ -3,6 +3,11 @@ shared (the document insert, the audit insert, the audit-log and monitoring quer
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.backends.postgres.partitions import PartKey
+
 # A full replacement keeping what the caller may not write: proxy.ops.keep_protected's twin.
 KEEP_FUNCTION = """
 CREATE OR REPLACE FUNCTION {schema}.dbproxy_keep(
@@ -81,16 +86,25 @@ AUDIT_LOG = (
 )
 DESCRIBE_COLLECTIONS = (
     "SELECT c.relname, c.reltuples::bigint, pg_table_size(c.oid), "
-    "pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0), coalesce(s.n_live_tup, 0) "
+    "pg_indexes_size(c.oid), coalesce(s.n_dead_tup, 0), coalesce(s.n_live_tup, 0), "
+    "c.relkind::text "
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
     "LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid "
-    "WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname !~ '^_' ORDER BY c.relname"
+    "WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+    "AND c.relname !~ '^_' ORDER BY c.relname"
 )
 
 
-def insert_documents(table: str, rows: str) -> str:
+def insert_documents(table: str, rows: str, key: PartKey | None = None) -> str:
     """The one document INSERT: ``rows`` (a VALUES or SELECT giving _id, doc, _version)
-    into ``table``, an existing _id skipped, each inserted _id returned as ``audit_id``."""
+    into ``table``, an existing _id skipped, each inserted _id returned as ``audit_id``.
+    With a partition ``key``, ``_pkey`` is taken from each document in the statement."""
+    if key is not None:
+        return (
+            f"INSERT INTO {table} (_id, _pkey, doc, _version) "
+            f"SELECT r.i, {key.of('r.d')}, r.d, r.v FROM ({rows}) AS r(i, d, v) "
+            "ON CONFLICT (_pkey, _id) DO NOTHING RETURNING _id AS audit_id"
+        )
     return (
         f"INSERT INTO {table} (_id, doc, _version) {rows} "
         "ON CONFLICT (_id) DO NOTHING RETURNING _id AS audit_id"
@@ -103,17 +117,20 @@ def insert_audit(schema: str, rows: str) -> str:
     return f"INSERT INTO {schema}._audit (service, operation, collection, ids, request_id) {rows}"
 
 
-def with_audit(sql: str, schema: str, svc: str, op: str, coll: str, rid: str) -> str:
+def with_audit(
+    sql: str, schema: str, svc: str, op: str, coll: str, rid: str, ctes: str = ""
+) -> str:
     """A write (whose RETURNING ends with ``audit_id``) and its one audit row in ONE
-    statement; ``svc``, ``op``, ``coll``, ``rid`` are SQL expressions (placeholders)."""
+    statement; ``svc``, ``op``, ``coll``, ``rid`` are SQL expressions (placeholders).
+    ``ctes``: data-modifying CTEs ``sql`` reads (they must stay at the top level)."""
     audit = insert_audit(
         schema,
         f"SELECT {svc}, {op}, {coll}, array_agg(w.audit_id), {rid} FROM w HAVING count(*) > 0",
     )
-    return f"WITH w AS ({sql}), a AS ({audit}) SELECT * FROM w"
+    return f"WITH {ctes + ', ' if ctes else ''}w AS ({sql}), a AS ({audit}) SELECT * FROM w"
 
 
-def insert_batch(table: str, schema: str, audit: bool) -> str:
+def insert_batch(table: str, schema: str, audit: bool, key: PartKey | None = None) -> str:
     """Creates from many requests in one statement: $1.. $4 are the _ids, documents,
     services and request ids; with ``audit``, $5 is the collection and each created
     document gets its own request's audit row."""
@@ -123,7 +140,7 @@ def insert_batch(table: str, schema: str, audit: bool) -> str:
     )
     return (
         "WITH u AS (SELECT * FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::text[]) "
-        f"AS u(i, d, svc, rid)), w AS ({insert_documents(table, rows)})"
+        f"AS u(i, d, svc, rid)), w AS ({insert_documents(table, rows, key)})"
         f"{f', a AS ({audited})' if audit else ''} SELECT audit_id FROM w"
     )
 

@@ -53,6 +53,7 @@ class PostgresTransaction(PgDocuments):
             backend.ids,
             set(backend._known_tables),
             backend.audit,
+            backend._partitioned,
         )
         self.wrote = False
         self._backend = backend
@@ -116,6 +117,13 @@ class PostgresTransaction(PgDocuments):
             ep.state.outstanding -= 1
         ep.last_answer = time.monotonic()
         return rows
+
+    async def _learn(self, collection: str) -> None:
+        self._check_usable()
+        try:
+            await self._ensure_table(self._conn, collection)
+        except Exception as exc:
+            raise self._fail(exc) from None
 
     async def _write(self, collection: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         self._check_usable()

@@ -29,6 +29,7 @@ from proxy.query.ast import Filter, Update
 from proxy.query.sqlite import FilterCompiler, Names, Params, UpdateCompiler
 from proxy.query.sqlite.values import declared_expr, key_path
 from proxy.schema.model import IndexSpec, SearchDeclaration
+from proxy.schema.partitioning import Partitioning
 
 
 class SqliteHost(Protocol):
@@ -332,6 +333,16 @@ class SqliteTx:
 
     async def create_collection(self, collection: str) -> None:
         await self.call(lambda conn: create_table(conn, collection))
+
+    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
+        raise BadRequest(
+            "the embedded store cannot partition a collection (PostgreSQL can)",
+            code="unsupported_by_backend",
+            details={"feature": "partitioning", "strategy": spec.strategy},
+        )
+
+    async def partitioning(self, collection: str) -> Partitioning | None:
+        return None
 
     async def drop_collection(self, collection: str) -> None:
         def run(conn: sqlite3.Connection) -> None:

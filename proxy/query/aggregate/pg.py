@@ -32,8 +32,9 @@ from proxy.query.aggregate.ast import (
     Unwind,
     View,
 )
-from proxy.query.aggregate.pg_accum import Order, accumulator_sql, counts, order_sql
+from proxy.query.aggregate.pg_accum import Order, accumulator_sql, order_sql
 from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type
+from proxy.query.aggregate.pg_group import group_input
 from proxy.query.aggregate.pg_stages import Rel, StageSql, raw_is_view
 from proxy.query.ast import Filter, Path
 from proxy.query.pg import FilterCompiler, Params, jsonb
@@ -297,26 +298,19 @@ class PipelineCompiler(StageSql):
         ``_id`` (``g``, or ``ids -> g`` for buckets) and the accumulators. Arguments are
         computed once per row (a fenced sub-select)."""
         r, first = self.single_order(r)
-        cols = [f"{key} AS g"]
-        args: list[str] = []
-        seen: list[tuple[Any, str]] = []  # an argument written twice is computed once
-        for i, (_, a) in enumerate(accs):
-            if counts(a):
-                args.append("")
-                continue
-            same = next((col for arg, col in seen if arg == a.arg), None)
-            if same is None:
-                same = f"q.a{i}"
-                seen.append((a.arg, same))
-                cols.append(f"{self.x.expr(a.arg, 'p.doc')} AS a{i}")
-            args.append(same)
         # fenced: the grouping's sort (or hash) then carries the key, the arguments and the
         # ordering columns only, never the whole document (twice as fast on 100k documents)
-        carried = "".join(f"p.{c}, " for c in r.cols)
-        inner = f"SELECT {carried}{', '.join(cols)} FROM {r.name} p OFFSET 0"
+        rows = group_input(
+            key,
+            accs,
+            lambda e: self.x.expr(e, "p.doc"),
+            self._declared_number,
+            r.cols,
+            r.name,
+        )
         values = [
-            accumulator_sql(self.x, a, x, r.order, self._declared_number(a))
-            for (_, a), x in zip(accs, args, strict=True)
+            accumulator_sql(self.x, a, x, v, r.order, self._declared_number(a))
+            for (_, a), (x, v) in zip(accs, rows.columns, strict=True)
         ]
         id_sql = "q.g" if ids is None else f"{ids} -> q.g"
         pairs = [("'_id'", id_sql)] + [
@@ -332,7 +326,7 @@ class PipelineCompiler(StageSql):
             order_col = f"q.g AS {col}"
         else:
             order_col = f"min(q.{first}) AS {col}" if first else f"NULL::int AS {col}"
-        sql = f"SELECT {order_col}, {doc} AS doc FROM ({inner}) q GROUP BY q.g"
+        sql = f"SELECT {order_col}, {doc} AS doc FROM ({rows.source}) q GROUP BY q.g"
         return self.cte(sql, [col], [(col, False)])
 
 

@@ -25,30 +25,36 @@ def counts(acc: Accumulator) -> bool:
 
 
 def accumulator_sql(
-    c: ExprCompiler, acc: Accumulator, x: str, order: Order, declared_number: bool = False
+    c: ExprCompiler,
+    acc: Accumulator,
+    x: str | None,
+    v: str | None,
+    order: Order,
+    declared_number: bool = False,
 ) -> str:
-    """One aggregate expression (jsonb) over the rows of a group, ``x`` the argument's
-    value in a row; ``order`` is their input order (SQL over the rows' columns).
-    ``declared_number``: ``x`` is, by an enforced schema, a number or missing (never null,
-    never another type), so numeric aggregates take it as it is; a value stored around
-    dbproxy that breaks the schema fails the statement (expression_failed)."""
+    """One aggregate expression (jsonb) over the rows of a group: ``x`` the argument's
+    jsonb value in a row, ``v`` its number (numeric, NULL when it is none: missing, null or
+    another type), each computed once per row (proxy.query.aggregate.pg_group), None when
+    this accumulator does not read it; ``order`` is the rows' input order (SQL over their
+    columns). ``declared_number``: by an enforced schema the argument is a number or
+    missing (never null, never another type), so ``$min``/``$max`` are its number bracket
+    alone; a value stored around dbproxy that breaks the schema fails the statement
+    (expression_failed, when ``v`` casts it)."""
     op = acc.op
-    if declared_number and op in ("sum", "avg", "min", "max"):
-        n = f"({x})::numeric"
-        if op == "sum":
-            return f"to_jsonb(COALESCE(sum({n}), 0))"
-        return f"COALESCE(to_jsonb({op}({n})), {NULL})"
     if counts(acc):
         assert isinstance(acc.arg, Lit)
-        v = c.lit(acc.arg.value)
-        return f"to_jsonb(count(*) * CASE WHEN {is_type(v, 'number')} THEN {num(v)} ELSE 0 END)"
-    numbers = f"CASE WHEN {is_type(x, 'number')} THEN {num(x)} END"
+        k = c.lit(acc.arg.value)
+        return f"to_jsonb(count(*) * CASE WHEN {is_type(k, 'number')} THEN {num(k)} ELSE 0 END)"
     if op in ("sum", "count"):
-        return f"to_jsonb(COALESCE(sum({numbers}), 0))"
+        return f"to_jsonb(COALESCE(sum({v}), 0))"
     if op == "avg":
-        return f"COALESCE(to_jsonb(avg({numbers})), {NULL})"
+        return f"COALESCE(to_jsonb(avg({v})), {NULL})"
     if op in ("min", "max"):
-        return _min_max(c, x, numbers, op)
+        if declared_number:
+            return f"COALESCE(to_jsonb({op}({v})), {NULL})"
+        assert x is not None and v is not None
+        return _min_max(c, x, v, op)
+    assert x is not None
     if op == "first":
         return f"(array_agg(COALESCE({x}, {NULL}){_ordered(order)}))[1]"
     if op == "last":
@@ -63,18 +69,20 @@ def accumulator_sql(
     raise TypeError(f"unknown accumulator ${op}")
 
 
-def _min_max(c: ExprCompiler, x: str, numbers: str, op: str) -> str:
+def _min_max(c: ExprCompiler, x: str, v: str, op: str) -> str:
     """The smallest / largest value in the type order (numbers < strings < objects < arrays
-    < booleans), null and missing ignored: built-in aggregates for numbers and strings, the
-    rare brackets (objects, arrays, booleans) through one comparing aggregate that only
-    their rows reach (each aggregate costs every row its call: fewer is faster)."""
-    strings = f'CASE WHEN {is_type(x, "string")} THEN {txt(x)} END COLLATE "C"'
+    < booleans), null and missing ignored: built-in aggregates for numbers (``v``) and
+    strings, the rare brackets (objects, arrays, booleans) through one comparing aggregate
+    that only their rows reach (each aggregate costs every row its call: fewer is faster).
+    A row whose ``v`` is a number skips the type tests of the other brackets."""
+    other = f"{v} IS NULL AND "
+    strings = f'CASE WHEN {other}{is_type(x, "string")} THEN {txt(x)} END COLLATE "C"'
     rare = (
         f"{c.schema}.dbproxy_agg_{op}({x}) "
-        f"FILTER (WHERE jsonb_typeof({x}) IN ('object', 'array', 'boolean'))"
+        f"FILTER (WHERE {other}jsonb_typeof({x}) IN ('object', 'array', 'boolean'))"
     )
     if op == "min":
-        parts = [f"to_jsonb(min({numbers}))", f"to_jsonb(min({strings}))", rare]
+        parts = [f"to_jsonb(min({v}))", f"to_jsonb(min({strings}))", rare]
     else:
-        parts = [rare, f"to_jsonb(max({strings}))", f"to_jsonb(max({numbers}))"]
+        parts = [rare, f"to_jsonb(max({strings}))", f"to_jsonb(max({v}))"]
     return f"COALESCE({', '.join(parts)}, {NULL})"
