@@ -149,7 +149,7 @@ async def test_collector_database_password_rotates_under_load(tmp_path: Path) ->
     assert load.failed == [], load.failed[:5]
     sessions = [row[0] for row in encrypted[0]]  # the collector's sessions, after rotation
     assert sessions and all(sessions), sessions  # all over TLS (verify-full, the test CA)
-    assert (old, new)[0] == 0 and new >= 1, (old, new)
+    assert old == 0, (old, new)  # the old sessions went as they came back to the pool
     assert ended >= 1  # sessions existed (opened with NEW) and were ended under load
     assert old_refused  # the rotation was real: the old password no longer logs in
     assert graceful > before and load.accepted - graceful > 20, (before, graceful)

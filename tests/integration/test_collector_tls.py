@@ -12,7 +12,7 @@ from proxy.observe.stats import StatsRecorder
 from proxy.tls import client_context, server_context
 from tests.tls_ca import TestCA
 
-PORT = 18641
+PORT = 19264
 
 
 async def test_push_over_https_with_a_ca(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from tests.tls_ca import Issued, TestCA
 
 pytestmark = pytest.mark.skipif(binaries_missing() is not None, reason=str(binaries_missing()))
 
-PORT = 18612
+PORT = 19262
 HBA = ["hostssl all device 127.0.0.1/32 cert", "host all device 127.0.0.1/32 reject"]
 
 

@@ -21,7 +21,7 @@ from tests.tls_ca import TestCA
 
 pytestmark = pytest.mark.skipif(binaries_missing() is not None, reason=str(binaries_missing()))
 
-PORT = 18611
+PORT = 19260
 HBA = [
     "hostssl all app 127.0.0.1/32 scram-sha-256",
     "hostnossl all app 127.0.0.1/32 reject",
