@@ -272,8 +272,16 @@ class PostgresBackend(CoalescingDocuments):
     def _layout_moved(self, collection: str, exc: BaseException) -> ProxyError | None:
         """A write built for the table this process knew, on a table since re-created with
         another layout (partitioned or not): relearnt on the next write, retried."""
-        stale_plain = isinstance(exc, asyncpg.NotNullViolationError) and (
-            getattr(exc, "column_name", None) == "_pkey" and self._key(collection) is None
+        plain = self._key(collection) is None
+        stale_plain = plain and (
+            isinstance(exc, asyncpg.InvalidColumnReferenceError)  # ON CONFLICT (_id)
+            or (
+                isinstance(exc, asyncpg.NotNullViolationError)
+                and getattr(exc, "column_name", None) == "_pkey"
+            )
+        )
+        stale_plain = stale_plain or (
+            not plain and isinstance(exc, asyncpg.UndefinedColumnError) and "_pkey" in str(exc)
         )
         stale_key = isinstance(exc, asyncpg.CheckViolationError) and (
             getattr(exc, "constraint_name", None) == KEY_CHECK

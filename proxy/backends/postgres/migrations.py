@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
+from proxy.backends.postgres.convert import PgConvert
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
 from proxy.backends.postgres.sql import INDEX_DDL, SCHEMAS_CHANNEL, TABLE_DDL, with_audit
@@ -353,8 +354,11 @@ def _index_error(exc: BaseException, index: IndexSpec) -> ProxyError:
     return translate(exc)
 
 
-class PgTx:
+class PgTx(PgConvert):
     """One transaction of a migration on the runner's connection."""
+
+    def table(self, collection: str) -> str:
+        return self.store.table(collection)
 
     def __init__(self, store: PgMigrations, conn: asyncpg.Connection) -> None:
         self.store = store
@@ -429,6 +433,29 @@ class PgTx:
         stored = await self.stored_schema(collection)
         declared = stored[1].get("partitioning") if stored else None
         return parse_partitioning(declared) if declared else None
+
+    async def finish_partitioning(
+        self,
+        collection: str,
+        spec: Partitioning,
+        indexes: tuple[IndexSpec, ...],
+        kinds: dict[tuple[str, ...], str],
+    ) -> None:
+        ddl = []
+        for index in indexes:
+            physical = physical_index_name(collection, index.name)
+            predicate = await _predicate(self.conn, index)
+            ddl.append(
+                index_ddl(
+                    self.table(collection),
+                    physical,
+                    index,
+                    kinds,
+                    predicate=predicate,
+                    pkey=spec.key,
+                )
+            )
+        await self._swap(collection, ddl)
 
     async def drop_collection(self, collection: str) -> None:
         await self.conn.execute(f"DROP TABLE IF EXISTS {self.store.table(collection)}")
