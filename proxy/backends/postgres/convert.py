@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
 from proxy.errors import BadRequest
-from proxy.schema.partitioning import Partitioning
+from proxy.schema.partitioning import Partitioning, parse_partitioning
 
 FROZEN_TRIGGER: Final = "_dbproxy_frozen"
 # raised by the frozen collection's trigger: 503 collection_being_partitioned (errors.py)
@@ -35,8 +35,35 @@ class PgConvert:
     conn: asyncpg.Connection
     ident: str
 
+    _made: dict[str, Partitioning]  # partitioned in this transaction, schema not saved yet
+
     def table(self, collection: str) -> str:
         raise NotImplementedError
+
+    async def stored_schema(self, collection: str) -> tuple[int, dict[str, Any]] | None:
+        raise NotImplementedError
+
+    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
+        await self.conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
+        )
+        key = PartKey(spec, self.ident)
+        now = dt.datetime.now(dt.UTC)
+        await create_partitioned(self.conn, self.table(collection), collection, key, now)
+        self._made[collection] = spec
+
+    async def partitioning(self, collection: str) -> Partitioning | None:
+        kind = await self.conn.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+            self.table(collection),
+        )
+        if kind != "p":
+            return None
+        if collection in self._made:
+            return self._made[collection]
+        stored = await self.stored_schema(collection)
+        declared = stored[1].get("partitioning") if stored else None
+        return parse_partitioning(declared) if declared else None
 
     async def begin_partitioning(self, collection: str, spec: Partitioning) -> int:
         """Checks every document has the key, refuses writes from now on (a statement

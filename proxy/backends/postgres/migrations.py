@@ -4,7 +4,6 @@ DDL on the query compiler's expressions, and a migration's transactions."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ import orjson
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
 from proxy.backends.postgres.convert import PgConvert
 from proxy.backends.postgres.errors import translate
-from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
+from proxy.backends.postgres.partitions import PartKey, name_child_indexes
 from proxy.backends.postgres.sql import INDEX_DDL, SCHEMAS_CHANNEL, TABLE_DDL, with_audit
 from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
@@ -26,7 +25,7 @@ from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
 from proxy.query.pg_typed import declared_order
 from proxy.query.search_pg import SEARCH_COLUMN, column_ddl
 from proxy.schema.model import IndexSpec, SearchDeclaration
-from proxy.schema.partitioning import Partitioning, parse_partitioning
+from proxy.schema.partitioning import Partitioning
 
 
 class PgHost(Protocol):
@@ -411,28 +410,6 @@ class PgTx(PgConvert):
         )
         await self.conn.execute(TABLE_DDL.format(table=table))
         await self.conn.execute(INDEX_DDL.format(index=gin, table=table))
-
-    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
-        )
-        key = PartKey(spec, self.ident)
-        now = dt.datetime.now(dt.UTC)
-        await create_partitioned(self.conn, self.store.table(collection), collection, key, now)
-        self._made[collection] = spec
-
-    async def partitioning(self, collection: str) -> Partitioning | None:
-        kind = await self.conn.fetchval(
-            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
-            self.store.table(collection),
-        )
-        if kind != "p":
-            return None
-        if collection in self._made:
-            return self._made[collection]
-        stored = await self.stored_schema(collection)
-        declared = stored[1].get("partitioning") if stored else None
-        return parse_partitioning(declared) if declared else None
 
     async def finish_partitioning(
         self,
