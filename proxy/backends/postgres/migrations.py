@@ -268,6 +268,11 @@ class PgSession:
         """CREATE INDEX CONCURRENTLY on a non-empty table, then checked valid."""
         table = self.store.table(collection)
         conn = self.conn
+        kind = await conn.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", table
+        )
+        if kind == "p":  # no CONCURRENTLY on a partitioned table: built in a transaction
+            return False
         try:
             if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                 return False
