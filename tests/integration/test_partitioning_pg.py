@@ -403,3 +403,12 @@ async def test_partition_collection_copies_in_batches_and_refuses_writes_meanwhi
     with pytest.raises(Exception) as dup:
         await backend.insert_one("conv", {"region": "us", "code": 1})
     assert getattr(dup.value, "code", None) == "duplicate_key"
+
+
+async def test_index_on_a_partitioned_collection_with_rows(backend: PostgresBackend) -> None:
+    await partitioned(backend, "filled", STRATEGIES["hash"])
+    for i in range(5):
+        await backend.insert_one("filled", {"tenant": f"t{i}", "n": i})
+    index = {"name": "by_n", "fields": ["n"]}  # no CONCURRENTLY here: built in the transaction
+    out = await migrate(backend, {"op": "create_index", "collection": "filled", "index": index})
+    assert out.status == 201 and out.body["status"] == "completed", out.body
