@@ -82,3 +82,43 @@ async def open_core(kind: str, pg_dsn: str, limits: Limits, tmp_dir: str) -> Asy
 
 def mongo_url() -> str | None:
     return os.environ.get("MONGODB_URL")
+
+
+# The conformance suite's partitioned variants (issue 21): PostgreSQL, with the collections
+# the cases use declared partitioned by a migration before the first write
+PARTITIONED = {
+    "postgresql": None,
+    "postgresql-hash": {"strategy": "hash", "key": "tenant_id", "partitions": 4},
+    "postgresql-list": {
+        "strategy": "list",
+        "key": "tenant_id",
+        "values": {"a": ["t1"], "b": ["t2", "t3"]},
+        "default": True,
+    },
+    "postgresql-range": {"strategy": "range", "key": "tenant_id", "bounds": ["t2", "t3"]},
+}
+
+
+@asynccontextmanager
+async def open_partitioned_core(
+    variant: str, collections: tuple[str, ...], pg_dsn: str, limits: Limits, tmp_dir: str
+) -> AsyncIterator[Core]:
+    """A Core over PostgreSQL whose ``collections`` are partitioned as ``variant`` says
+    (``postgresql``: plain tables, the reference the variants must agree with)."""
+    from proxy.migrate.ops import parse_migration
+    from proxy.migrate.runner import MigrationRunner
+
+    async with open_backend("postgresql", pg_dsn, limits, tmp_dir) as backend:
+        part = PARTITIONED[variant]
+        if part is not None:
+            ops = [
+                {"op": "create_collection", "collection": c, "schema": {"partitioning": part}}
+                for c in collections
+            ]
+            runner = MigrationRunner({"main": backend.migrations()}, "main")
+            raw = {"id": "partitioned", "version": 1, "script": {"operations": ops}}
+            out = await runner.submit(parse_migration(raw), wait=30.0)
+            assert out.status == 201, out.body
+        core = core_over(backend, limits)
+        await core.refresh_schemas()
+        yield core

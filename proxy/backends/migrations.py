@@ -73,6 +73,25 @@ class MigrationTx(Protocol):
         """How the collection's table is split now (None: one table, or none yet)."""
         ...
 
+    async def begin_partitioning(self, collection: str, spec: Partitioning) -> int:
+        """partition_collection: checks, refuses the collection's writes, makes the copy;
+        the documents to copy."""
+        ...
+
+    async def copy_partition_batch(
+        self, collection: str, spec: Partitioning, after: str, size: int
+    ) -> tuple[int, str | None]: ...
+
+    async def finish_partitioning(
+        self,
+        collection: str,
+        spec: Partitioning,
+        indexes: tuple[IndexSpec, ...],
+        kinds: dict[tuple[str, ...], str],
+    ) -> None: ...
+
+    async def abandon_partitioning(self, collection: str) -> None: ...
+
     async def drop_collection(self, collection: str) -> None: ...
 
     async def create_index(

@@ -48,7 +48,13 @@ _BAD_INPUT: Final = (
 )
 
 ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
-    400: tuple(_BAD_INPUT.split()),
+    400: (
+        *_BAD_INPUT.split(),
+        "partition_key_missing",
+        "partition_key_out_of_range",
+        "unique_index_without_partition_key",
+        "partitioning_change_unsupported",
+    ),
     401: ("missing_token", "invalid_token"),
     403: (
         "permission_denied",
@@ -98,6 +104,8 @@ ERROR_CODES: Final[dict[int, tuple[str, ...]]] = {
         "rate_limiter_unavailable",
         "writer_busy",
         "too_many_connections",
+        "collection_being_partitioned",
+        "partitioning_changed",
     ),
     504: ("statement_timeout", "database_timeout"),
 }

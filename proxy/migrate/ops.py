@@ -25,6 +25,7 @@ from proxy.schema.model import (
     parse_schema,
     parse_search,
 )
+from proxy.schema.partitioning import Partitioning, parse_partitioning
 
 ID_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 MAX_OPERATIONS: Final = 100
@@ -55,6 +56,7 @@ OPERATION_KEYS: Final[dict[str, tuple[frozenset[str], frozenset[str]]]] = {
     "rename_field": (frozenset({"collection", "from", "to"}), frozenset()),
     "backfill": (frozenset({"collection", "filter", "update"}), frozenset({"batch_size"})),
     "drop_collection": (frozenset({"collection"}), frozenset()),
+    "partition_collection": (frozenset({"collection", "partitioning"}), frozenset({"batch_size"})),
     "sql": (frozenset({"sql"}), frozenset()),
     "alembic_upgrade": (frozenset({"revision"}), frozenset()),
 }
@@ -83,6 +85,7 @@ class Operation:
     batch_size: int = DEFAULT_BATCH
     sql: str | None = None
     revision: str | None = None
+    partitioning: Partitioning | None = None  # partition_collection
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -95,6 +98,7 @@ class Operation:
             "set_search",
             "rename_field",
             "drop_collection",
+            "partition_collection",
         ) or (self.kind == "create_collection" and self.schema is not None)
 
 
@@ -278,10 +282,13 @@ def _build(
             update=parse_update({"$rename": {dotted_from: dotted_to}}, limits),
             raw=raw,
         )
+    batch = body.get("batch_size", DEFAULT_BATCH)
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise invalid(f"must be an integer from 1 to {MAX_BATCH}", f"{where}.batch_size")
+    if kind == "partition_collection":
+        spec = parse_partitioning(body["partitioning"], f"{where}.partitioning")
+        return Operation(kind, coll, partitioning=spec, batch_size=batch, raw=raw)
     if kind == "backfill":
-        batch = body.get("batch_size", DEFAULT_BATCH)
-        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
-            raise invalid(f"must be an integer from 1 to {MAX_BATCH}", f"{where}.batch_size")
         return Operation(
             kind,
             coll,

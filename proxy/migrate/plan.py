@@ -76,6 +76,15 @@ async def _describe(
             info["schema"] = op.schema.to_dict()
             info["documents_checked"] = await session.count(c, None) if enforced else 0
         return info
+    if op.kind == "partition_collection":
+        assert c is not None and op.partitioning is not None
+        return {
+            "mode": "copy",
+            "partitioning": op.partitioning.to_dict(),
+            "documents": await session.count(c, None),
+            "batch_size": op.batch_size,
+            "writes_during_copy": "refused: 503 collection_being_partitioned, Retry-After",
+        }
     if op.kind == "drop_collection":
         assert c is not None
         return {"mode": "transaction", "documents": await session.count(c, None)}

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from proxy.backends.migrations import MigrationSession, MigrationStore
 from proxy.errors import BadRequest, Conflict, NotFound, ProxyError
-from proxy.migrate import steps
+from proxy.migrate import convert, steps
 from proxy.migrate.ops import Migration
 from proxy.migrate.plan import DryRun, plan
 from proxy.migrate.steps import TxState
@@ -31,7 +31,7 @@ Progress = Callable[[dict[str, Any]], None]
 FOREGROUND_SECONDS: Final = 2.0  # past it, POST answers 202 and the work goes on
 STATUSES: Final = ("pending", "executing", "completed", "failed", "interrupted")
 # operations that run outside the transaction of their neighbours
-_LONG: Final = frozenset({"backfill", "alembic_upgrade"})
+_LONG: Final = frozenset({"backfill", "alembic_upgrade", "partition_collection"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +339,9 @@ class MigrationRunner:
             op = ops[i]
             if op.kind == "backfill":
                 await self._backfill(session, m, record, progress)
+            elif op.kind == "partition_collection":
+                await convert.partition_collection(session, m, record, progress)
+                changed.add(op.collection or "")
             elif op.kind == "alembic_upgrade":
                 call = self._alembic(database)
                 assert call is not None and op.revision is not None

@@ -327,3 +327,88 @@ async def test_time_partitions_premake_retention_and_pruning(backend: PostgresBa
     assert await backend.get("events", "e0") is None and await backend.get("events", "e1")
     await backend.insert_one("events", {"_id": "e0", "at": iso(kept[0])})  # registry freed
     assert backend.connections()["partition_upkeep"]["dropped"] == 1
+
+
+async def test_partition_collection_copies_in_batches_and_refuses_writes_meanwhile(
+    backend: PostgresBackend,
+) -> None:
+    from proxy.errors import Unavailable
+
+    schema = {"indexes": [{"name": "by_code", "fields": ["region", "code"], "unique": True}]}
+    await migrate(backend, {"op": "create_collection", "collection": "conv", "schema": schema})
+    for i in range(25):
+        await backend.insert_one(
+            "conv", {"_id": f"c{i:02}", "region": "eu" if i % 2 else "us", "code": i}
+        )
+    await backend.insert_one("conv", {"_id": "nokey", "code": 99})
+    spec = {"strategy": "list", "key": "region", "values": {"eu": ["eu"], "us": ["us"]}}
+    op = {
+        "op": "partition_collection",
+        "collection": "conv",
+        "partitioning": spec,
+        "batch_size": 10,
+    }
+    with pytest.raises(BadRequest) as err:  # checked before anything changes
+        await migrate(backend, op)
+    assert err.value.code == "partition_key_missing" and err.value.details["ids"] == ["nokey"]
+    assert await backend.delete("conv", "nokey") == 1  # writes were never refused
+
+    # while the copy runs, writes are refused with 503 and Retry-After; reads go on
+    key = (
+        parse_migration({"id": "k", "version": 1, "script": {"operations": [op]}})
+        .operations[0]
+        .partitioning
+    )
+    assert key is not None
+    async with backend.migrations().session("test", lock=False) as s:
+        async with s.transaction() as tx:
+            assert await tx.begin_partitioning("conv", key) == 25
+        with pytest.raises(Unavailable) as refused:
+            await backend.insert_one("conv", {"region": "eu", "code": 100})
+        assert refused.value.code == "collection_being_partitioned"
+        assert refused.value.retry_after == 5
+        with pytest.raises(Unavailable):
+            await backend.change("conv", "c01", MergePatch({"x": 1}))
+        assert await backend.get("conv", "c01") is not None
+        async with s.transaction() as tx:
+            await tx.abandon_partitioning("conv")
+    await backend.change("conv", "c01", MergePatch({"x": 1}))  # writes again
+
+    seen: list[dict[str, Any]] = []
+    runner = MigrationRunner({"main": backend.migrations()}, "main")
+    raw = {"id": "convert", "version": 1, "script": {"operations": [op]}}
+    out = await runner.submit(
+        parse_migration(raw), wait=30.0, progress=lambda r: seen.append(dict(r["progress"]))
+    )
+    assert out.status == 201 and out.body["status"] == "completed", out.body
+    assert out.body["progress"]["rows_done"] == 25 and out.body["progress"]["rows_total"] == 25
+    assert [p["rows_done"] for p in seen][:3] == [10, 20, 25]
+    placed = await rows(backend, "conv")
+    assert len(placed) == 25 and all(v[0] == v[1] for v in placed.values())
+    assert placed["c01"][2] == 2  # versions kept
+    # a sidecar that has not reloaded its schemas: refused once (503), right after it
+    stale = PostgresBackend(backend.config, Limits(), schema=backend.schema)
+    await stale.start()
+    try:
+        stale._known_tables.add("conv")
+        with pytest.raises(Unavailable) as moved:
+            await stale.insert_one("conv", {"_id": "s1", "region": "eu", "code": 200})
+        assert moved.value.code == "partitioning_changed"
+        await stale.insert_one("conv", {"_id": "s1", "region": "eu", "code": 200})
+    finally:
+        await stale.close()
+    await backend.load_schemas()
+    await backend.change("conv", "c01", MergePatch({"region": "us"}))
+    assert (await rows(backend, "conv"))["c01"][:2] == ("us", "us")
+    with pytest.raises(Exception) as dup:
+        await backend.insert_one("conv", {"region": "us", "code": 1})
+    assert getattr(dup.value, "code", None) == "duplicate_key"
+
+
+async def test_index_on_a_partitioned_collection_with_rows(backend: PostgresBackend) -> None:
+    await partitioned(backend, "filled", STRATEGIES["hash"])
+    for i in range(5):
+        await backend.insert_one("filled", {"tenant": f"t{i}", "n": i})
+    index = {"name": "by_n", "fields": ["n"]}  # no CONCURRENTLY here: built in the transaction
+    out = await migrate(backend, {"op": "create_index", "collection": "filled", "index": index})
+    assert out.status == 201 and out.body["status"] == "completed", out.body

@@ -20,13 +20,13 @@ from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind
 from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
+from proxy.backends.postgres.describe import add_partitions
 from proxy.backends.postgres.describe import describe_collection as describe_one
 from proxy.backends.postgres.describe import load_schemas as read_schemas
-from proxy.backends.postgres.describe import partitions as describe_partitions
 from proxy.backends.postgres.errors import MISSING_RETRY_AFTER, dsn_database, no_answer, translate
 from proxy.backends.postgres.execute import Executor
 from proxy.backends.postgres.migrations import PgMigrations
-from proxy.backends.postgres.partitions import KEY_CHECK
+from proxy.backends.postgres.partitions import stale_layout
 from proxy.backends.postgres.pool import CONNECTION_ERRORS, EndpointSet, release
 from proxy.backends.postgres.sql import (
     AUDIT_LOG,
@@ -275,13 +275,7 @@ class PostgresBackend(CoalescingDocuments):
     def _layout_moved(self, collection: str, exc: BaseException) -> ProxyError | None:
         """A write built for the table this process knew, on a table since re-created with
         another layout (partitioned or not): relearnt on the next write, retried."""
-        stale_plain = isinstance(exc, asyncpg.NotNullViolationError) and (
-            getattr(exc, "column_name", None) == "_pkey" and self._key(collection) is None
-        )
-        stale_key = isinstance(exc, asyncpg.CheckViolationError) and (
-            getattr(exc, "constraint_name", None) == KEY_CHECK
-        )
-        if not (stale_plain or stale_key):
+        if not stale_layout(exc, self._key(collection) is not None):
             return None
         self._known_tables.discard(collection)
         return Unavailable(
@@ -394,17 +388,7 @@ class PostgresBackend(CoalescingDocuments):
                     for r in rows
                 }
                 for name in [r[0] for r in rows if r[6] == "p"]:
-                    parts = await describe_partitions(conn, self._table(name), self._wait())
-                    about = out[name]
-                    about["rows_estimate"] = sum(p["rows_estimate"] for p in parts)
-                    about["table_bytes"] = sum(p["table_bytes"] for p in parts)
-                    about["index_bytes"] = sum(p["index_bytes"] for p in parts)
-                    about["partitions"] = {
-                        p["name"]: {
-                            k: p[k] for k in ("rows_estimate", "table_bytes", "index_bytes")
-                        }
-                        for p in parts
-                    }
+                    await add_partitions(conn, out[name], self._table(name), self._wait())
             except Exception as exc:
                 raise translate(exc) from None
         return out

@@ -13,6 +13,7 @@ from proxy.backends.postgres.coalesce_find import FindCoalescer, batched_sql
 from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.documents import FindStatement, PgDocuments
 from proxy.backends.postgres.errors import no_answer
+from proxy.backends.postgres.partitions import PartKey
 from proxy.backends.postgres.sql import insert_batch
 from proxy.config import Limits
 from proxy.context import RequestContext
@@ -41,7 +42,8 @@ class CoalescingDocuments(PgDocuments):
         super().__init__(name, limits, schema, ids, known_tables, audit)
         self.coalesce = coalesce
         self._coalescers: dict[tuple[str, str | None], Coalescer[str, WriteResult]] = {}
-        self._inserters: dict[str, Batcher[_Insert, _Outcome]] = {}
+        # by collection and layout (a partitioned collection's statement fills _pkey)
+        self._inserters: dict[tuple[str, PartKey | None], Batcher[_Insert, _Outcome]] = {}
         # by (collection, read preference, statement timeout, SQL text): a batch's callers
         # share its endpoint and its deadline's length; None: the shape is not batched
         self._finders: dict[tuple[str, str | None, float | None, str], FindCoalescer | None] = {}
@@ -55,11 +57,13 @@ class CoalescingDocuments(PgDocuments):
         doc_id, body = self._prepare(doc)
         ctx = context.current.get()
         if collection not in self._known_tables:  # the table's layout decides the statement
-            self._inserters.pop(collection, None)
             await self._learn(collection)
-        batcher = self._inserters.get(collection)
+        layout = (collection, self._key(collection))
+        batcher = self._inserters.get(layout)
         if batcher is None:
-            batcher = self._inserters[collection] = Batcher(
+            if len(self._inserters) > 10_000:
+                self._inserters.clear()
+            batcher = self._inserters[layout] = Batcher(
                 self._insert_batch_runner(collection), key=lambda item: item[0]
             )
         inserted, token = await batcher.submit((doc_id, body.decode(), ctx.service, ctx.request_id))

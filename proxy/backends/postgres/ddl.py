@@ -9,6 +9,7 @@ import hashlib
 import asyncpg
 import orjson
 
+from proxy.backends.postgres.convert import FROZEN_FUNCTION
 from proxy.backends.postgres.partitions import FUNCTIONS, RFC3339
 from proxy.backends.postgres.sql import (
     AUDIT_DDL,
@@ -35,6 +36,7 @@ async def create_schema(conn: asyncpg.Connection, schema: str) -> None:
     await conn.execute(IDEMPOTENCY_DDL.format(schema=schema))
     await conn.execute(SCHEMAS_DDL.format(schema=schema))
     await conn.execute(FUNCTIONS.format(schema=schema, rfc3339=RFC3339))
+    await conn.execute(FROZEN_FUNCTION.format(schema=schema))
 
 
 async def create_table(

@@ -60,6 +60,18 @@ async def partitions(conn: asyncpg.Connection, table: str, wait: float) -> list[
     return out
 
 
+async def add_partitions(
+    conn: asyncpg.Connection, about: dict[str, Any], table: str, wait: float
+) -> None:
+    """A partitioned collection's stats: its partitions' rows and bytes, and their sums."""
+    parts = await partitions(conn, table, wait)
+    for figure in ("rows_estimate", "table_bytes", "index_bytes"):
+        about[figure] = sum(p[figure] for p in parts)
+    about["partitions"] = {
+        p["name"]: {k: p[k] for k in ("rows_estimate", "table_bytes", "index_bytes")} for p in parts
+    }
+
+
 async def load_schemas(
     conn: asyncpg.Connection, schema_ident: str, wait: float
 ) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -145,6 +145,12 @@ def _translate_sqlstate(exc: asyncpg.PostgresError) -> ProxyError:
             "value or bound)",
             code="partition_key_out_of_range",
         )
+    if state == "DP010":  # the collection's table is frozen by partition_collection
+        return Unavailable(
+            "the collection is being partitioned: writes resume when the copy is done",
+            code="collection_being_partitioned",
+            retry_after=5,
+        )
     if state == "2201B":
         return InvalidQuery("invalid regular expression", code="invalid_regex")
     if state in ("22P02", "22023"):

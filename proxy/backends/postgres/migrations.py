@@ -4,7 +4,6 @@ DDL on the query compiler's expressions, and a migration's transactions."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -15,8 +14,9 @@ import asyncpg
 import orjson
 
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
+from proxy.backends.postgres.convert import PgConvert
 from proxy.backends.postgres.errors import translate
-from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
+from proxy.backends.postgres.partitions import PartKey, name_child_indexes
 from proxy.backends.postgres.sql import INDEX_DDL, SCHEMAS_CHANNEL, TABLE_DDL, with_audit
 from proxy.config import DatabaseConfig
 from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
@@ -25,7 +25,7 @@ from proxy.query.pg import FilterCompiler, Params, UpdateCompiler, declared_expr
 from proxy.query.pg_typed import declared_order
 from proxy.query.search_pg import SEARCH_COLUMN, column_ddl
 from proxy.schema.model import IndexSpec, SearchDeclaration
-from proxy.schema.partitioning import Partitioning, parse_partitioning
+from proxy.schema.partitioning import Partitioning
 
 
 class PgHost(Protocol):
@@ -268,6 +268,11 @@ class PgSession:
         """CREATE INDEX CONCURRENTLY on a non-empty table, then checked valid."""
         table = self.store.table(collection)
         conn = self.conn
+        kind = await conn.fetchval(
+            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", table
+        )
+        if kind == "p":  # no CONCURRENTLY on a partitioned table: built in a transaction
+            return False
         try:
             if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
                 return False
@@ -353,8 +358,11 @@ def _index_error(exc: BaseException, index: IndexSpec) -> ProxyError:
     return translate(exc)
 
 
-class PgTx:
+class PgTx(PgConvert):
     """One transaction of a migration on the runner's connection."""
+
+    def table(self, collection: str) -> str:
+        return self.store.table(collection)
 
     def __init__(self, store: PgMigrations, conn: asyncpg.Connection) -> None:
         self.store = store
@@ -408,27 +416,28 @@ class PgTx:
         await self.conn.execute(TABLE_DDL.format(table=table))
         await self.conn.execute(INDEX_DDL.format(index=gin, table=table))
 
-    async def create_partitioned(self, collection: str, spec: Partitioning) -> None:
-        await self.conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))", f"dbproxy:{collection}"
-        )
-        key = PartKey(spec, self.ident)
-        now = dt.datetime.now(dt.UTC)
-        await create_partitioned(self.conn, self.store.table(collection), collection, key, now)
-        self._made[collection] = spec
-
-    async def partitioning(self, collection: str) -> Partitioning | None:
-        kind = await self.conn.fetchval(
-            "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
-            self.store.table(collection),
-        )
-        if kind != "p":
-            return None
-        if collection in self._made:
-            return self._made[collection]
-        stored = await self.stored_schema(collection)
-        declared = stored[1].get("partitioning") if stored else None
-        return parse_partitioning(declared) if declared else None
+    async def finish_partitioning(
+        self,
+        collection: str,
+        spec: Partitioning,
+        indexes: tuple[IndexSpec, ...],
+        kinds: dict[tuple[str, ...], str],
+    ) -> None:
+        ddl = []
+        for index in indexes:
+            physical = physical_index_name(collection, index.name)
+            predicate = await _predicate(self.conn, index)
+            ddl.append(
+                index_ddl(
+                    self.table(collection),
+                    physical,
+                    index,
+                    kinds,
+                    predicate=predicate,
+                    pkey=spec.key,
+                )
+            )
+        await self._swap(collection, ddl)
 
     async def drop_collection(self, collection: str) -> None:
         await self.conn.execute(f"DROP TABLE IF EXISTS {self.store.table(collection)}")

@@ -302,6 +302,21 @@ async def create_partitioned(
         )
 
 
+def stale_layout(exc: BaseException, partitioned: bool) -> bool:
+    """Whether a write failed for being built for the table's other layout (a plain
+    statement on a partitioned table or the reverse, or a key out of step)."""
+    if isinstance(exc, asyncpg.CheckViolationError):
+        return getattr(exc, "constraint_name", None) == KEY_CHECK
+    if partitioned:
+        return isinstance(exc, asyncpg.UndefinedColumnError) and "_pkey" in str(exc)
+    if isinstance(exc, asyncpg.InvalidColumnReferenceError):  # ON CONFLICT (_id)
+        return True
+    return (
+        isinstance(exc, asyncpg.NotNullViolationError)
+        and getattr(exc, "column_name", None) == "_pkey"
+    )
+
+
 # ---- statements --------------------------------------------------------------------------
 
 

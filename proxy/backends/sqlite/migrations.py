@@ -344,6 +344,27 @@ class SqliteTx:
     async def partitioning(self, collection: str) -> Partitioning | None:
         return None
 
+    async def begin_partitioning(self, collection: str, spec: Partitioning) -> int:
+        await self.create_partitioned(collection, spec)
+        return 0
+
+    async def copy_partition_batch(
+        self, collection: str, spec: Partitioning, after: str, size: int
+    ) -> tuple[int, str | None]:
+        return 0, None
+
+    async def finish_partitioning(
+        self,
+        collection: str,
+        spec: Partitioning,
+        indexes: tuple[IndexSpec, ...],
+        kinds: dict[tuple[str, ...], str],
+    ) -> None:
+        await self.create_partitioned(collection, spec)
+
+    async def abandon_partitioning(self, collection: str) -> None:
+        return None
+
     async def drop_collection(self, collection: str) -> None:
         def run(conn: sqlite3.Connection) -> None:
             for ddl in drop_ddl(collection):
