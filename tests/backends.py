@@ -10,12 +10,13 @@ from contextlib import asynccontextmanager
 import asyncpg
 
 from proxy.backends.base import Backend
+from proxy.backends.mongo import MongoBackend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
 from proxy.pipeline.core import Core
 
-KINDS = ["postgresql", "sqlite"]
+KINDS = ["postgresql", "sqlite", "mongodb"]
 
 _POOL = PoolSettings(min_connections=1, max_connections=8, timeout_seconds=5)
 
@@ -52,6 +53,25 @@ async def backend_namespace(
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
         return
+    if kind == "mongodb":
+        from pymongo import AsyncMongoClient
+
+        from tests.mongo_server import mongo_url
+
+        url = mongo_url()
+        database = f"t_{uuid.uuid4().hex[:12]}"
+        cfg = DatabaseConfig(
+            name="main", type="mongodb", connection_string=url, pool_settings=_POOL
+        )
+        try:
+            yield lambda: MongoBackend(cfg, limits, database=database)
+        finally:
+            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(url)
+            try:
+                await client.drop_database(database)
+            finally:
+                await client.close()
+        return
     raise ValueError(kind)
 
 
@@ -78,7 +98,3 @@ def core_over(backend: Backend, limits: Limits) -> Core:
 async def open_core(kind: str, pg_dsn: str, limits: Limits, tmp_dir: str) -> AsyncIterator[Core]:
     async with open_backend(kind, pg_dsn, limits, tmp_dir) as backend:
         yield core_over(backend, limits)
-
-
-def mongo_url() -> str | None:
-    return os.environ.get("MONGODB_URL")
