@@ -53,7 +53,7 @@ def _not_open() -> Unavailable:
 
 class MongoBackend(Unsupported, MongoDocuments):
     """Documents in collections of the same name in one database: ``_id`` (string),
-    ``_version``; ``_audit``, ``_counters`` and ``_idempotency`` beside them."""
+    ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
     capabilities = Capabilities(audit_log=True)
 
@@ -247,11 +247,13 @@ class MongoBackend(Unsupported, MongoDocuments):
             raise _not_open()
         share = self.transaction_share
         shared = await share.take(kind, self._acquire_timeout)
+        options = {
+            "read_concern": ReadConcern("snapshot"),
+            "write_concern": WriteConcern("majority"),
+        }
         try:
             session = client.start_session()
-            await session.start_transaction(
-                read_concern=ReadConcern("snapshot"), write_concern=WriteConcern("majority")
-            )
+            await session.start_transaction(**options)
         except BaseException as exc:
             if shared:
                 share.give()
@@ -265,7 +267,15 @@ class MongoBackend(Unsupported, MongoDocuments):
                 share.give()
 
         tx = MongoTransaction(
-            self.name, self.limits, self.ids, self.audit, self.db, session, isolation, release
+            self.name,
+            self.limits,
+            self.ids,
+            self.audit,
+            self.db,
+            session,
+            isolation,
+            release,
+            options,
         )
         self._open.add(tx)
         return tx

@@ -3,6 +3,8 @@ transactions (a session in a transaction, or none)."""
 
 from __future__ import annotations
 
+import itertools
+import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -47,11 +49,20 @@ T = TypeVar("T")
 Session = AsyncClientSession | None
 Op = Callable[[Session], Awaitable[T]]
 AUDIT = "_audit"
-COUNTERS = "_counters"
 IDEMPOTENCY = "_idempotency"
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
 _CAS_ATTEMPTS = 20  # a replace or patch computed on a version that moved: again
 _INT64_MAX = 2**63 - 1
+
+
+_audit_seq = itertools.count(random.randrange(1000))
+
+
+def audit_id() -> int:
+    """An audit record's id: microseconds since the epoch times 1000 plus a per-process
+    sequence, so ids grow with time without a shared counter (which every concurrent
+    write would conflict on)."""
+    return time.time_ns() // 1000 * 1000 + next(_audit_seq) % 1000
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -143,11 +154,8 @@ class MongoDocuments:
         ids: list[str],
         request_id: str,
     ) -> None:
-        counter = await self.db[COUNTERS].find_one_and_update(
-            {"_id": "audit"}, {"$inc": {"seq": 1}}, upsert=True, return_document=True
-        )  # outside the session: concurrent writers never conflict on the counter
         record = {
-            "_id": int((counter or {})["seq"]),
+            "_id": audit_id(),
             "at": time.time(),
             "service": service,
             "operation": operation,

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from proxy import context
 from proxy.backends.mongo.documents import IDEMPOTENCY, MongoDocuments, Op, T
-from proxy.backends.mongo.errors import translate
+from proxy.backends.mongo.errors import translate, write_conflict
 from proxy.config import Limits
 from proxy.errors import CommitOutcomeUnknown, Conflict, ProxyError
 from proxy.ids import IdGenerator
@@ -46,6 +47,7 @@ class MongoTransaction(MongoDocuments):
         session: AsyncClientSession,
         isolation: str,
         release: Callable[[], None],
+        options: dict[str, Any],
     ) -> None:
         super().__init__(name, limits, ids, audit)
         self._db = db
@@ -54,6 +56,7 @@ class MongoTransaction(MongoDocuments):
         self.failed: ProxyError | None = None
         self.closed = False
         self._release: Callable[[], None] | None = release
+        self._options = options  # what the transaction was started with
 
     @property
     def db(self) -> AsyncDatabase[Any]:
@@ -91,8 +94,29 @@ class MongoTransaction(MongoDocuments):
 
     async def idem_claim(self, key: str, fingerprint: str, ttl: float) -> StoredReply | None:
         """Claim an idempotency key in this transaction, or return the reply stored for it.
-        A concurrent claim of the same key is a write conflict (409, retryable): MongoDB
-        does not wait for the other transaction; a retry then finds its reply."""
+
+        It is the transaction's first operation. A concurrent claim of the same key (an
+        open transaction holds it: MongoDB answers a write conflict at once, it does not
+        wait) starts this transaction again after a short wait, until the other one ended:
+        its committed reply is returned here, or (rolled back) this one claims."""
+        deadline = time.monotonic() + self.limits.statement_timeout_seconds
+        attempt = 0
+        while True:
+            try:
+                row = await self._call(self._claim(key, fingerprint, ttl), updating=True)
+                break
+            except Conflict as err:
+                attempt += 1
+                if err.code != "write_conflict" or time.monotonic() > deadline:
+                    raise
+            await self._restart()
+            await asyncio.sleep(random.uniform(0.001, 0.002 * min(attempt, 25)))
+        if row is None:
+            return None
+        check_fingerprint(row["fingerprint"], fingerprint)
+        return StoredReply(int(row["status"]), bytes(row["body"]), dict(row["headers"]))
+
+    def _claim(self, key: str, fingerprint: str, ttl: float) -> Op[Any]:
         coll = self.db[IDEMPOTENCY]
         now = time.time()
         fresh = {"fingerprint": fingerprint, "expires_at": now + ttl, "status": None}
@@ -100,18 +124,30 @@ class MongoTransaction(MongoDocuments):
         async def run(session: Any) -> Any:
             row = await coll.find_one({"_id": key}, session=session)
             if row is None:
-                await coll.insert_one({"_id": key, **fresh}, session=session)
+                try:
+                    await coll.insert_one({"_id": key, **fresh}, session=session)
+                except DuplicateKeyError:  # claimed and committed since our snapshot
+                    raise write_conflict() from None
                 return None
             if row["expires_at"] < now:
                 await coll.replace_one({"_id": key}, fresh, session=session)
                 return None
             return row
 
-        row = await self._call(run)
-        if row is None:
-            return None
-        check_fingerprint(row["fingerprint"], fingerprint)
-        return StoredReply(int(row["status"]), bytes(row["body"]), dict(row["headers"]))
+        return run
+
+    async def _restart(self) -> None:
+        """Abort and start the transaction again on the same session (nothing was done in
+        it but a claim that met another's)."""
+        with contextlib.suppress(PyMongoError):
+            if self.session.in_transaction:
+                await self.session.abort_transaction()
+        self.failed = None
+        try:
+            await self.session.start_transaction(**self._options)
+        except PyMongoError as exc:
+            self.failed = translate(exc)
+            raise self.failed from None
 
     async def idem_save(self, key: str, reply: StoredReply) -> None:
         coll = self.db[IDEMPOTENCY]
