@@ -247,7 +247,7 @@ class MongoBackend(Unsupported, MongoDocuments):
             raise _not_open()
         share = self.transaction_share
         shared = await share.take(kind, self._acquire_timeout)
-        options = {
+        options: dict[str, Any] = {
             "read_concern": ReadConcern("snapshot"),
             "write_concern": WriteConcern("majority"),
         }
