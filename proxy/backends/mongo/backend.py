@@ -16,7 +16,12 @@ from urllib.parse import urlsplit
 from pymongo import AsyncMongoClient, ReadPreference, WriteConcern
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import (
+    ConnectionFailure,
+    NetworkTimeout,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+)
 from pymongo.read_concern import ReadConcern
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
@@ -28,6 +33,7 @@ from proxy.errors import BadRequest, NotFound, ProxyError, Unavailable
 from proxy.ids import IdGenerator
 from proxy.query import mongo as mq
 from proxy.query.spec import AuditScope
+from proxy.resilience.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,11 @@ def database_of(url: str) -> str:
     """The database named by a ``mongodb://`` URL's path, else ``dbproxy``."""
     name = urlsplit(url).path.lstrip("/")
     return name or DEFAULT_DATABASE
+
+
+def _sick(exc: PyMongoError) -> bool:
+    """The endpoint is unavailable (what trips the breaker), not a refused request."""
+    return isinstance(exc, ConnectionFailure | NetworkTimeout | ServerSelectionTimeoutError)
 
 
 def _not_open() -> Unavailable:
@@ -65,6 +76,7 @@ class MongoBackend(Unsupported, MongoDocuments):
         database: str | None = None,
         ids: IdGenerator | None = None,
         audit: bool = True,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         super().__init__(config.name, limits, ids or IdGenerator(), audit)
         self.config = config
@@ -75,6 +87,7 @@ class MongoBackend(Unsupported, MongoDocuments):
         self._acquire_timeout = pool.timeout_seconds
         self.transaction_share = TransactionShare(max(1, pool.max_connections))
         self._open: set[MongoTransaction] = set()
+        self.breaker = breaker or CircuitBreaker(f"{config.name}/primary")
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -133,6 +146,7 @@ class MongoBackend(Unsupported, MongoDocuments):
             "status": "up",
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             "engine": "mongodb",
+            "breaker": self.breaker.snapshot(),
             "pool": {"max": self.config.pool_settings.max_connections},
         }
 
@@ -146,20 +160,39 @@ class MongoBackend(Unsupported, MongoDocuments):
     # -- running work ----------------------------------------------------------------
 
     async def _read(self, op: Op[T]) -> T:
+        return await self._guarded(lambda: op(None), updating=False)
+
+    async def _guarded(self, run: Callable[[], Awaitable[T]], *, updating: bool) -> T:
+        """``run`` behind the breaker: fails fast while the server is failing; only a
+        network error or a timeout counts against it (the server answered otherwise)."""
         self.db  # noqa: B018 (raises when not connected)
+        breaker = self.breaker
+        if not breaker.allow():
+            raise Unavailable(
+                "the database is failing; its circuit breaker is open",
+                code="database_unavailable",
+                retry_after=max(1.0, breaker.retry_after()),
+            )
         try:
-            return await op(None)
+            result = await run()
+        except asyncio.CancelledError:
+            breaker.release()
+            raise
         except Exception as exc:
-            raise translate(exc) from None
+            err = translate(exc, committing=updating, updating=updating)
+            if isinstance(exc, PyMongoError) and _sick(exc):
+                breaker.record_failure()
+            else:
+                breaker.record_success()
+            raise err from None
+        breaker.record_success()
+        return result
 
     async def _write(self, op: Op[T], audit: Callable[[T], list[str]] | None = None) -> T:
         """``op``; with the audit log on, in a transaction with its audit record (both or
         neither), retried on a transient transaction error."""
         if not self.audit:
-            try:
-                return await op(None)
-            except Exception as exc:
-                raise translate(exc, updating=True) from None
+            return await self._guarded(lambda: op(None), updating=True)
         client = self.client
         if client is None:
             raise _not_open()
@@ -168,9 +201,7 @@ class MongoBackend(Unsupported, MongoDocuments):
         while True:
             attempt += 1
             try:
-                return await self._in_transaction(client, op)
-            except PyMongoError as exc:
-                err = translate(exc, committing=True, updating=True)
+                return await self._guarded(lambda: self._in_transaction(client, op), updating=True)
             except ProxyError as exc:
                 err = exc
             if err.code != "write_conflict" or time.monotonic() > deadline:
@@ -339,12 +370,6 @@ class MongoBackend(Unsupported, MongoDocuments):
 
     def migrations(self) -> Any:
         raise Unsupported.refusal("migrations")
-
-    async def aggregate(self, collection: str, spec: Any) -> Any:
-        raise Unsupported.refusal("aggregation")
-
-    async def search(self, request: Any) -> Any:
-        raise Unsupported.refusal("search")
 
     async def collection_names(self) -> list[str]:
         names = await self._read(lambda s: self.db.list_collection_names(session=s))

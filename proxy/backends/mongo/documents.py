@@ -26,11 +26,14 @@ from proxy.errors import (
     NotFound,
     PreconditionFailed,
     ProxyError,
+    UnsupportedByBackend,
 )
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query import mongo as mq
+from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.ast import Filter
+from proxy.query.search import SearchHits, SearchRequest
 from proxy.query.spec import (
     Change,
     DeclaredKinds,
@@ -515,6 +518,16 @@ class MongoDocuments:
         if stored is None:
             return Preview(None, new, None)
         return Preview(stored, new, int(stored["_version"]))
+
+    async def aggregate(self, collection: str, spec: AggregateSpec) -> Aggregated:
+        raise UnsupportedByBackend("this database does not support aggregation")
+
+    async def search(self, request: SearchRequest) -> SearchHits:
+        raise UnsupportedByBackend("this database does not support search")
+
+    async def collection_names(self) -> list[str]:
+        names = await self._read(lambda s: self.db.list_collection_names(session=s))
+        return sorted(n for n in names if not n.startswith("_"))
 
     async def _preview_update(
         self, collection: str, doc_id: str, change: Modify, insert: bool
