@@ -6,8 +6,10 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+import pytest
 
 from proxy.backends.base import Backend
 from proxy.backends.mongo import MongoBackend
@@ -17,6 +19,27 @@ from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
 from proxy.pipeline.core import Core
 
 KINDS = ["postgresql", "sqlite", "mongodb"]
+_CLASSES: dict[str, type] = {
+    "postgresql": PostgresBackend,
+    "sqlite": SqliteBackend,
+    "mongodb": MongoBackend,
+}
+
+
+def kinds_with(*capabilities: str) -> list[Any]:
+    """KINDS for a suite that needs ``capabilities``: a backend that does not declare one
+    (``Capabilities``) is listed as skipped, with the reason."""
+    out: list[Any] = []
+    for kind in KINDS:
+        declared = _CLASSES[kind].capabilities  # type: ignore[attr-defined]
+        missing = [c for c in capabilities if not getattr(declared, c)]
+        if missing:
+            reason = f"{kind} does not declare Capabilities.{', '.join(missing)}"
+            out.append(pytest.param(kind, marks=pytest.mark.skip(reason=reason)))
+        else:
+            out.append(kind)
+    return out
+
 
 _POOL = PoolSettings(min_connections=1, max_connections=8, timeout_seconds=5)
 

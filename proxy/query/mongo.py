@@ -76,8 +76,25 @@ def both(a: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
     return {"$and": [a, b]}
 
 
+def _null_eq(path: Path) -> dict[str, Any]:
+    """``{path: null}`` as the language (and MongoDB's documentation) means it: also when a
+    prefix of the path is an array without an object element (the rest is missing there),
+    which some servers do not match on their own."""
+    alts: list[dict[str, Any]] = [{path.dotted: {"$eq": None}}]
+    segs = path.segments
+    for i in range(1, len(segs)):
+        if is_index(segs[i]):
+            continue
+        prefix = ".".join(segs[:i])
+        alts.append({prefix: {"$type": "array", "$not": {"$elemMatch": {"$type": "object"}}}})
+    return alts[0] if len(alts) == 1 else {"$or": alts}
+
+
 def _field(path: Path, preds: tuple[Pred, ...]) -> dict[str, Any]:
     name = path.dotted
+    if len(path.segments) > 1 and any(_is_null_test(p) for p in preds):
+        docs = [_null_test(path, p) if _is_null_test(p) else {name: pred_ops(p)} for p in preds]
+        return docs[0] if len(docs) == 1 else {"$and": docs}
     parts = [pred_ops(p) for p in preds]
     merged: dict[str, Any] = {}
     for ops in parts:
@@ -85,6 +102,18 @@ def _field(path: Path, preds: tuple[Pred, ...]) -> dict[str, Any]:
             return {"$and": [{name: ops} for ops in parts]}
         merged.update(ops)
     return {name: merged}
+
+
+def _is_null_test(pred: Pred) -> bool:
+    if isinstance(pred, Eq):
+        return pred.value is None
+    return isinstance(pred, Not) and len(pred.preds) == 1 and _is_null_test(pred.preds[0])
+
+
+def _null_test(path: Path, pred: Pred) -> dict[str, Any]:
+    if isinstance(pred, Eq):
+        return _null_eq(path)
+    return {"$nor": [_null_eq(path)]}
 
 
 def pred_ops(pred: Pred) -> dict[str, Any]:

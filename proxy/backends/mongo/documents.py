@@ -24,6 +24,7 @@ from proxy.errors import (
     DuplicateId,
     DuplicateKey,
     NotFound,
+    NumberOutOfRange,
     PreconditionFailed,
     ProxyError,
     UnsupportedByBackend,
@@ -377,7 +378,8 @@ class MongoDocuments:
                 return_document=after,
                 session=session,
             )
-            if found is not None:
+            if found is not None:  # a result past the numbers' range undoes the write
+                _check_result(found)
                 return WriteResult(body_of(found), int(found["_version"]))
             if inserting:  # a filter no stored document meets: an insert or a duplicate
                 try:
@@ -391,6 +393,7 @@ class MongoDocuments:
                 except DuplicateKeyError:  # it exists, outside the caller's rows
                     raise _not_found(doc_id) from None
                 assert made is not None  # an upsert returns what it made
+                _check_result(made)
                 return WriteResult(body_of(made), int(made["_version"]), created=True)
             await self._explain_miss(coll, session, doc_id, if_match, rows)
             raise AssertionError("unreachable")
@@ -419,6 +422,7 @@ class MongoDocuments:
                         await self._explain_miss(coll, session, doc_id, if_match, rows)
                     new = _changed({"_id": doc_id}, change, doc_id)
                     new["_version"] = 1
+                    numbers.dumps_document(new)  # what may be stored (NUL, numbers)
                     try:
                         await coll.insert_one(new, session=session)
                     except DuplicateKeyError:
@@ -533,6 +537,18 @@ class MongoDocuments:
         self, collection: str, doc_id: str, change: Modify, insert: bool
     ) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _check_result(doc: dict[str, Any]) -> None:
+    """An update's result holds only numbers dbproxy stores (a double past its range made
+    by $mul or $inc is refused; the caller's transaction then undoes the write)."""
+    try:
+        numbers.check_value(doc)
+    except NumberOutOfRange:
+        raise NumberOutOfRange(
+            "the result of an $inc or $mul is beyond the range of a double (finite, at most "
+            f"{numbers.DOUBLE_MAX!r} in magnitude)"
+        ) from None
 
 
 def _taken(doc_id: str) -> DuplicateId:

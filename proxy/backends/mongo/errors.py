@@ -19,10 +19,12 @@ from proxy.errors import (
     InternalError,
     InvalidQuery,
     LimitExceeded,
+    NumberOutOfRange,
     ProxyError,
     Timeout,
     Unavailable,
 )
+from proxy.numbers import INT64_MAX, INT64_MIN
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,14 @@ def _by_code(exc: pe.OperationFailure, updating: bool) -> ProxyError:
         return InvalidQuery("invalid regular expression", code="invalid_regex")
     if code in _TOO_LARGE:
         return LimitExceeded("the request is too large for the database", code="too_large")
+    message = str((exc.details or {}).get("errmsg", "")).lower()
+    if updating and ("overflow" in message or "failed to apply $" in message):
+        # an $inc or $mul whose integer result is past 64 bits (the text is never echoed)
+        return NumberOutOfRange(
+            f"the integer result of an $inc or $mul does not fit in signed 64 bits "
+            f"({INT64_MIN} to {INT64_MAX})",
+            details={"min": INT64_MIN, "max": INT64_MAX},
+        )
     if code in _UPDATE_REFUSED and not updating:
         return InvalidQuery("the database refused the query", code="invalid_query")
     if code in _UPDATE_REFUSED:
