@@ -34,6 +34,7 @@ class Env:
         self.runner = runner
         self.core = core
         self.kind = kind
+        self.differences: list[tuple[Any, ...]] = []
 
     def run(self, coro: Any) -> Any:
         return self.runner.run(coro)
@@ -75,21 +76,31 @@ def test_filter_agrees_with_reference(
     name = env.load(docs)
     expected = sorted(d["_id"] for d in docs if reference.matches(d, flt))
     got = sorted(d["_id"] for d in env.find(name, filter=flt))
-    on_secantus = server_name() == "secantus" and env.kind == "mongodb"
-    if got != expected and on_secantus:
-        pytest.xfail(SECANTUS_NULL_PATHS)
+    if got != expected and server_name() == "secantus" and env.kind == "mongodb":
+        # recorded, not shrunk (shrinking on this server takes minutes): the next test
+        # reports it as an expected failure with the example
+        env.differences.append((flt, docs, got, expected))
+        return
     assert got == expected, flt
     assert env.run(env.core.count(name, flt)) == len(expected)
 
 
-# A proven difference of the test server, not of MongoDB: MongoDB documents that
-# {"a.b": null} matches a document where a.b is missing, which includes an array ``a`` with
-# no object element ([], [1]); SecantusDB 0.7.0b3 matches neither (tests/reference.py and
-# docs/query-language.md follow MongoDB). With MONGODB_URL set the test runs as written.
-SECANTUS_NULL_PATHS = (
-    "secantus: {'a.b': null} does not match a document whose array a has no object "
-    "element (MongoDB's documented missing-matches-null)"
-)
+def test_filter_differences_on_the_test_server(env: Env) -> None:
+    """What ``test_filter_agrees_with_reference`` found on SecantusDB (never on the other
+    backends, nor with MONGODB_URL, where that test fails instead)."""
+    if env.differences:
+        flt, docs, got, expected = env.differences[0]
+        pytest.xfail(
+            f"{SECANTUS_DIFFERS}; {len(env.differences)} example(s), the first: filter "
+            f"{flt!r:.200} over {docs!r:.300} gave {got} instead of {expected}"
+        )
+
+
+# Differences of the test server, not of MongoDB (tests/reference.py and
+# docs/query-language.md follow MongoDB's documentation); with MONGODB_URL set the filter
+# test runs as written. Known: {"a.b": null} over an array ``a`` without an object element
+# (worked around in proxy/query/mongo.py).
+SECANTUS_DIFFERS = "secantus answers this filter unlike MongoDB's documented semantics"
 
 
 @given(docs=strategies.document_lists(0, 10), sort=strategies.sorts(), page=st.integers(1, 4))
