@@ -107,13 +107,21 @@ def _field(path: Path, preds: tuple[Pred, ...]) -> dict[str, Any]:
 def _is_null_test(pred: Pred) -> bool:
     if isinstance(pred, Eq):
         return pred.value is None
+    if isinstance(pred, In):
+        return None in pred.values
     return isinstance(pred, Not) and len(pred.preds) == 1 and _is_null_test(pred.preds[0])
 
 
 def _null_test(path: Path, pred: Pred) -> dict[str, Any]:
     if isinstance(pred, Eq):
         return _null_eq(path)
-    return {"$nor": [_null_eq(path)]}
+    if isinstance(pred, In):
+        rest = [v for v in pred.values if v is not None]
+        if not rest:
+            return _null_eq(path)
+        return {"$or": [{path.dotted: {"$in": rest}}, _null_eq(path)]}
+    assert isinstance(pred, Not)
+    return {"$nor": [_null_test(path, pred.preds[0])]}
 
 
 def pred_ops(pred: Pred) -> dict[str, Any]:
