@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.backends.base import Backend
+from proxy.backends.mongo import MongoBackend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.redis import RedisCache
 from proxy.backends.redis.limiter import RedisLimiter
@@ -61,6 +62,8 @@ def build_backends(config: Config, *, coalesce: bool = True) -> dict[str, Backen
     for db in config.databases:
         if db.type == "postgresql":
             backends[db.name] = PostgresBackend(db, config.limits, coalesce=coalesce)
+        elif db.type == "mongodb":
+            backends[db.name] = MongoBackend(db, config.limits)
         elif db.type == "sqlite":
             try:
                 path = sqlite_path(db.connection_string)

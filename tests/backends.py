@@ -6,16 +6,40 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import asyncpg
+import pytest
 
 from proxy.backends.base import Backend
+from proxy.backends.mongo import MongoBackend
 from proxy.backends.postgres import PostgresBackend
 from proxy.backends.sqlite import SqliteBackend
 from proxy.config import Config, DatabaseConfig, Limits, PoolSettings
 from proxy.pipeline.core import Core
 
-KINDS = ["postgresql", "sqlite"]
+KINDS = ["postgresql", "sqlite", "mongodb"]
+_CLASSES: dict[str, type] = {
+    "postgresql": PostgresBackend,
+    "sqlite": SqliteBackend,
+    "mongodb": MongoBackend,
+}
+
+
+def kinds_with(*capabilities: str) -> list[Any]:
+    """KINDS for a suite that needs ``capabilities``: a backend that does not declare one
+    (``Capabilities``) is listed as skipped, with the reason."""
+    out: list[Any] = []
+    for kind in KINDS:
+        declared = _CLASSES[kind].capabilities  # type: ignore[attr-defined]
+        missing = [c for c in capabilities if not getattr(declared, c)]
+        if missing:
+            reason = f"{kind} does not declare Capabilities.{', '.join(missing)}"
+            out.append(pytest.param(kind, marks=pytest.mark.skip(reason=reason)))
+        else:
+            out.append(kind)
+    return out
+
 
 _POOL = PoolSettings(min_connections=1, max_connections=8, timeout_seconds=5)
 
@@ -52,6 +76,25 @@ async def backend_namespace(
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
         return
+    if kind == "mongodb":
+        from pymongo import AsyncMongoClient
+
+        from tests.mongo_server import mongo_url
+
+        url = mongo_url()
+        database = f"t_{uuid.uuid4().hex[:12]}"
+        cfg = DatabaseConfig(
+            name="main", type="mongodb", connection_string=url, pool_settings=_POOL
+        )
+        try:
+            yield lambda: MongoBackend(cfg, limits, database=database)
+        finally:
+            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(url)
+            try:
+                await client.drop_database(database)
+            finally:
+                await client.close()
+        return
     raise ValueError(kind)
 
 
@@ -78,10 +121,6 @@ def core_over(backend: Backend, limits: Limits) -> Core:
 async def open_core(kind: str, pg_dsn: str, limits: Limits, tmp_dir: str) -> AsyncIterator[Core]:
     async with open_backend(kind, pg_dsn, limits, tmp_dir) as backend:
         yield core_over(backend, limits)
-
-
-def mongo_url() -> str | None:
-    return os.environ.get("MONGODB_URL")
 
 
 # The conformance suite's partitioned variants (issue 21): PostgreSQL, with the collections

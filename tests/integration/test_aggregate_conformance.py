@@ -14,14 +14,14 @@ import pytest
 from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.pipeline.core import Core
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 from tests.reference import values_equal
 
 pytestmark = pytest.mark.integration
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=kinds_with("aggregate"))
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -16,7 +16,7 @@ from proxy import context
 from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.pipeline.core import Core
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 from tests.integration.test_schema_enforcement import declare
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,7 @@ PIPELINES: list[list[dict[str, Any]]] = [
 ]
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=kinds_with("aggregate", "schemas"))
 async def core(request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path) -> AsyncIterator[Core]:
     async with open_core(request.param, pg_dsn, Limits(), str(tmp_path)) as c:
         await c.create("declared", [dict(d) for d in DOCS])

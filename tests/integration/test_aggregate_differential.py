@@ -18,7 +18,7 @@ from proxy.config import Limits
 from proxy.errors import InvalidQuery
 from proxy.pipeline.core import Core
 from tests import reference_aggregate as ref
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 from tests.strategies_aggregate import documents, pipelines
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ class Env:
         return name
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=kinds_with("aggregate"))
 def env(request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any) -> Iterator[Env]:
     runner = asyncio.Runner()
     tmp: Path = tmp_path_factory.mktemp("aggdiff")

@@ -17,7 +17,7 @@ from proxy.errors import BadRequest, Forbidden, RateLimited
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import PolicySet, load_policies
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 
 pytestmark = pytest.mark.integration
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -71,7 +71,7 @@ def policies() -> PolicySet:
     return load_policies(POLICIES)
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=kinds_with("aggregate"))
 async def core(
     request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path, policies: PolicySet
 ) -> AsyncIterator[Core]:

@@ -20,7 +20,7 @@ from proxy.backends.base import Backend
 from proxy.config import Limits
 from proxy.query.spec import FindSpec, build_find_spec
 from tests import reference, strategies
-from tests.backends import KINDS, open_backend
+from tests.backends import kinds_with, open_backend
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ class Env:
         raise AssertionError("pagination did not end")
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=kinds_with("schemas"))
 def env(request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any) -> Iterator[Env]:
     runner = asyncio.Runner()
     tmp: Path = tmp_path_factory.mktemp("declared")

@@ -23,7 +23,7 @@ from proxy.query import pg
 from proxy.query.pg_typed import declared_order
 from proxy.query.spec import build_find_spec
 from proxy.query.sqlite import values as sqlite_values
-from tests.backends import KINDS, open_backend
+from tests.backends import kinds_with, open_backend
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -75,7 +75,7 @@ async def _sqlite_indexes(backend: SqliteBackend) -> None:
     await backend._write(None, run)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=KINDS)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=kinds_with("schemas"))
 async def loaded(
     request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any
 ) -> AsyncIterator[Backend]:

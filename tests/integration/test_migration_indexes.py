@@ -24,7 +24,7 @@ from proxy.migrate.ops import parse_migration
 from proxy.migrate.runner import MigrationRunner
 from proxy.query.spec import build_find_spec
 from proxy.schema.model import parse_schema
-from tests.backends import KINDS, open_backend
+from tests.backends import kinds_with, open_backend
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -65,7 +65,7 @@ async def _analyze(backend: Backend) -> None:
         await backend._write(None, lambda conn: conn.execute("ANALYZE"))
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=KINDS)
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=kinds_with("schemas"))
 async def declared(
     request: pytest.FixtureRequest, pg_dsn: str, tmp_path_factory: Any
 ) -> AsyncIterator[tuple[Backend, MigrationRunner]]:

@@ -20,7 +20,7 @@ from proxy.migrate.ops import parse_migration
 from proxy.migrate.runner import MigrationRunner
 from proxy.query.parse import parse_filter
 from proxy.query.spec import FindSpec
-from tests.backends import KINDS, backend_namespace, open_backend
+from tests.backends import KINDS, backend_namespace, kinds_with, open_backend
 
 pytestmark = pytest.mark.integration
 _ids = itertools.count()
@@ -35,7 +35,7 @@ def mig(*ops: dict[str, Any], **extra: Any) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=kinds_with("schemas"))
 async def backend(
     request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path
 ) -> AsyncIterator[Backend]:

@@ -62,6 +62,11 @@ async def refused(coro: Any) -> BadRequest:
 async def store_raw(core: Core, pg_dsn: str, collection: str, doc_id: str, text: str) -> None:
     """Put a document's JSON text into the store directly, around dbproxy (older data)."""
     backend = core.backend()
+    if backend.config.type == "mongodb":  # type: ignore[attr-defined]
+        pytest.skip(
+            "MongoDB stores BSON: no integer past signed 64 bits (nor a JSON text) can be "
+            "stored around dbproxy, so there is no such legacy data to read"
+        )
     if isinstance(backend, PostgresBackend):
         conn = await asyncpg.connect(pg_dsn)
         try:

@@ -19,7 +19,7 @@ from proxy.migrate.ops import parse_migration
 from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
 from proxy.query.spec import ItemResult, WriteResult
-from tests.backends import KINDS, backend_namespace, core_over, open_core
+from tests.backends import backend_namespace, core_over, kinds_with, open_core
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,7 @@ async def declare(core: Core, collection: str, schema: dict[str, Any], version: 
     await core.refresh_schemas()
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=kinds_with("schemas"))
 async def core(request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Any) -> AsyncIterator[Core]:
     async with open_core(request.param, pg_dsn, Limits(), str(tmp_path)) as c:
         await c.create("users", {"_id": "seed", "email": "s@x"})  # the table exists
@@ -346,7 +346,7 @@ async def test_a_taken_unique_key_refuses_only_its_own_document(core: Core) -> N
     assert by_email[0]["valid"] and by_email[0]["fields"] == ["email"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", kinds_with("schemas"))
 async def test_another_sidecars_migration_is_enforced_soon(
     kind: str, pg_dsn: str, tmp_path: Any
 ) -> None:

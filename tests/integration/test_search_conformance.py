@@ -16,7 +16,7 @@ from proxy.errors import ProxyError
 from proxy.migrate.ops import parse_migration
 from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 
 pytestmark = pytest.mark.integration
 _ids = itertools.count()
@@ -30,7 +30,7 @@ ARTICLES = [
 DECLARED = {"fields": {"title": "A", "body": "C"}, "language": "english"}
 
 
-@pytest.fixture(scope="module", params=KINDS)
+@pytest.fixture(scope="module", params=kinds_with("search"))
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -19,7 +19,7 @@ from proxy.migrate.runner import MigrationRunner
 from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Caller, Gatekeeper
 from proxy.policy import PolicySet, load_policies
-from tests.backends import KINDS, open_core
+from tests.backends import kinds_with, open_core
 
 pytestmark = pytest.mark.integration
 _ids = itertools.count()
@@ -61,7 +61,7 @@ LOOSE = [
 ]
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=kinds_with("search"))
 async def env(
     request: pytest.FixtureRequest, pg_dsn: str, tmp_path: Path
 ) -> AsyncIterator[tuple[Core, PolicySet]]:
