@@ -63,7 +63,7 @@ def build_backends(config: Config, *, coalesce: bool = True) -> dict[str, Backen
         if db.type == "postgresql":
             backends[db.name] = PostgresBackend(db, config.limits, coalesce=coalesce)
         elif db.type == "mongodb":
-            backends[db.name] = MongoBackend(db, config.limits)
+            backends[db.name] = MongoBackend(db, config.limits, coalesce=coalesce)
         elif db.type == "sqlite":
             try:
                 path = sqlite_path(db.connection_string)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
 import pytest
 
 from proxy.backends.mongo import MongoBackend, database_of
@@ -124,3 +125,32 @@ def test_the_test_server_started_quickly() -> None:
     if mongo_server.STARTED_IN:  # the session's SecantusDB server (none with MONGODB_URL)
         print(f"secantus started in {mongo_server.STARTED_IN[0]:.2f}s")
         assert mongo_server.STARTED_IN[0] < 30
+
+
+async def test_concurrent_reads_by_id_share_one_find(tmp_path: Any, pg_dsn: str) -> None:
+    """64 concurrent reads of one collection (some ids missing, some twice) reach the server
+    as a handful of finds, each caller getting its own document (or None)."""
+    import asyncio
+
+    from pymongo import AsyncMongoClient
+
+    async with open_backend("mongodb", pg_dsn, Limits(), str(tmp_path)) as backend:
+        assert backend.capabilities.coalesce
+        for i in range(40):
+            await backend.insert_one("pts", {"_id": f"p{i}", "n": i})
+        admin: AsyncMongoClient[Any] = AsyncMongoClient(mongo_server.mongo_url())
+        try:
+            before = (await admin.admin.command("serverStatus"))["opcounters"]["query"]
+            ids = [f"p{i % 48}" for i in range(64)]  # p40..p47 do not exist
+            got = await asyncio.gather(*(backend.get("pts", i) for i in ids))
+            after = (await admin.admin.command("serverStatus"))["opcounters"]["query"]
+        finally:
+            await admin.close()
+        for doc_id, result in zip(ids, got, strict=True):
+            n = int(doc_id[1:])
+            if n >= 40:
+                assert result is None
+            else:
+                assert result is not None and result.version == 1
+                assert orjson.loads(result.body) == {"_id": doc_id, "n": n, "_version": 1}
+        assert 1 <= after - before <= 4, after - before

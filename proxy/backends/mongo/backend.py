@@ -25,6 +25,7 @@ from pymongo.errors import (
 from pymongo.read_concern import ReadConcern
 
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
+from proxy.backends.mongo.coalesced import PointReads
 from proxy.backends.mongo.documents import AUDIT, IDEMPOTENCY, MongoDocuments, Op, T
 from proxy.backends.mongo.errors import translate
 from proxy.backends.mongo.transaction import MongoTransaction
@@ -32,7 +33,7 @@ from proxy.config import DatabaseConfig, Limits
 from proxy.errors import BadRequest, NotFound, ProxyError, Unavailable
 from proxy.ids import IdGenerator
 from proxy.query import mongo as mq
-from proxy.query.spec import AuditScope
+from proxy.query.spec import AuditScope, WriteResult
 from proxy.resilience.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class MongoBackend(Unsupported, MongoDocuments):
     """Documents in collections of the same name in one database: ``_id`` (string),
     ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
-    capabilities = Capabilities(audit_log=True)
+    capabilities = Capabilities(audit_log=True, coalesce=True)
 
     def __init__(
         self,
@@ -77,8 +78,11 @@ class MongoBackend(Unsupported, MongoDocuments):
         ids: IdGenerator | None = None,
         audit: bool = True,
         breaker: CircuitBreaker | None = None,
+        coalesce: bool = True,
     ) -> None:
         super().__init__(config.name, limits, ids or IdGenerator(), audit)
+        # concurrent reads by id of one collection: one find over $in (coalesced.py)
+        self._points = PointReads(self._read, self._coll) if coalesce else None
         self.config = config
         self.database = database or database_of(config.connection_string)
         self.client: AsyncMongoClient[Any] | None = None
@@ -156,6 +160,12 @@ class MongoBackend(Unsupported, MongoDocuments):
             await self.db[IDEMPOTENCY].delete_many({"expires_at": {"$lt": time.time()}})
         except PyMongoError as exc:
             raise translate(exc) from None
+
+    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
+        """By id; concurrent reads of one collection share one ``find`` (``PointReads``)."""
+        if self._points is None:
+            return await super().get(collection, doc_id)
+        return await self._points.get(collection, doc_id)
 
     # -- running work ----------------------------------------------------------------
 
