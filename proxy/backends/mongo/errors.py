@@ -4,6 +4,7 @@ no driver or server text leaves this module."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +60,32 @@ def duplicate(details: Mapping[str, Any] | None) -> Conflict:
     )
 
 
+_SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]([^(\]]*)")
+_CERT_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED"})
+
+
+def unreachable(exc: pe.PyMongoError) -> Unavailable:
+    """The server could not be reached: ``details.reason`` is ``tls_failed`` (with OpenSSL's
+    reason, which names no secret) when the TLS handshake failed, else ``connection_failed``.
+    The driver's own text (its topology description) is not passed on."""
+    found = _SSL_REASON.search(str(exc))
+    if found is not None:
+        code, text = found.group(1), found.group(2).strip(" :")[:160]
+        what = (
+            "the server's TLS certificate was refused"
+            if code in _CERT_REASONS
+            else ("the TLS handshake failed")
+        )
+        return Unavailable(
+            f"TLS to the database failed: {what}: {text or code.lower()}",
+            details={"reason": "tls_failed"},
+            retry_after=1,
+        )
+    return Unavailable(
+        "the database is not reachable", details={"reason": "connection_failed"}, retry_after=1
+    )
+
+
 def translate(
     exc: BaseException, *, committing: bool = False, updating: bool = False
 ) -> ProxyError:
@@ -82,7 +109,7 @@ def translate(
     if isinstance(exc, pe.NetworkTimeout):
         return DatabaseTimeout("the database did not answer within the request's deadline")
     if isinstance(exc, pe.ConnectionFailure | pe.ServerSelectionTimeoutError):
-        return Unavailable("the database is not reachable", retry_after=1)
+        return unreachable(exc)
     if isinstance(exc, pe.DocumentTooLarge):
         return LimitExceeded("the document is too large for the database", code="too_large")
     if isinstance(exc, pe.OperationFailure):
