@@ -87,7 +87,10 @@ class _Message:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.begun == 1:
-            self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            # decoded as aiohttp's parser decodes them, so both ways in see the same text
+            self.headers.append(
+                (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            )
 
     def on_body(self, body: bytes) -> None:
         if self.begun == 1:

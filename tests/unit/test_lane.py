@@ -129,3 +129,11 @@ def test_serialize_refuses_a_header_with_a_line_break() -> None:
     response.headers["X-Evil"] = "a\r\nSet-Cookie: b"
     with pytest.raises(ValueError, match="line break"):
         serialize(response)
+
+
+def test_header_values_are_decoded_as_aiohttps_parser_decodes_them() -> None:
+    raw = "GET /api/db/users/u1 HTTP/1.1\r\nX-Service: café\r\nX-Bad: \udcff\r\n\r\n"
+    req = take(raw.encode("utf-8", "surrogateescape"))
+    assert isinstance(req, LaneRequest)
+    assert req.headers["x-service"] == "café"
+    assert req.headers["x-bad"] == "\udcff"
