@@ -228,7 +228,7 @@ class Lane:
     whole message (pipelined, partial, malformed) goes to aiohttp, and the connection
     stays aiohttp's from then on: its parser may hold a partial message."""
 
-    __slots__ = ("_answer", "_backlog", "_host", "_on", "_paused", "_size", "_task", "taken")
+    __slots__ = ("_answer", "_backlog", "_host", "_on", "_paused", "_size", "_task")
 
     def __init__(self, answer: Answer, host: LaneHost) -> None:
         self._answer = answer
@@ -238,7 +238,6 @@ class Lane:
         self._backlog: list[bytes] = []
         self._size = 0
         self._paused = False
-        self.taken = 0
 
     def offer(self, data: bytes) -> bool:
         """True when the lane took ``data`` (answers it, or holds it until its answer is
@@ -258,7 +257,6 @@ class Lane:
             self._on = False
             return False
         if isinstance(verdict, LaneRequest) and self._host.lane_idle():
-            self.taken += 1
             self._task = asyncio.get_running_loop().create_task(self._run(verdict))
             return True
         return False
