@@ -93,22 +93,28 @@ def wait_for_old_sessions_to_go(
     cluster: PgCluster, before: datetime, timeout: float = 20.0
 ) -> tuple[int, int]:
     """Wait until no session of ``app`` predates ``before`` (replaced as they came back to
-    their pools, nobody ended them); the last (old, new) counts."""
+    their pools, nobody ended them) and one opened after it exists (a pool that had simply
+    emptied would show no old session either); the last (old, new) counts."""
     deadline = time.monotonic() + timeout
     counts = sessions_since(cluster, before)
-    while counts[0] and time.monotonic() < deadline:
+    while (counts[0] or not counts[1]) and time.monotonic() < deadline:
         time.sleep(0.1)
         counts = sessions_since(cluster, before)
     return counts
 
 
-def end_app_sessions(cluster: PgCluster) -> int:
-    """Terminate every session of ``app`` (those opened with the old password); how many."""
-    rows = admin(
-        cluster,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
-    )[0]
-    return len(rows)
+def end_app_sessions(cluster: PgCluster, timeout: float = 20.0) -> int:
+    """Terminate every session of ``app``; how many. A pool may be empty for a moment
+    between requests, so this tries until it has ended at least one (or ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = admin(
+            cluster,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+        )[0]
+        if rows or time.monotonic() >= deadline:
+            return len(rows)
+        time.sleep(0.05)
 
 
 def password_works(cluster: PgCluster, password: str) -> bool:
