@@ -43,7 +43,7 @@ async def _prepare(url: str) -> None:
             await create_schema(conn, SCHEMA)
         for c in ("bench_agg", "bench_agg_s"):
             table = f'{SCHEMA}."{c}"'
-            await create_table(conn, table, c, 30.0)
+            await create_table(conn, table, c, 30.0, SCHEMA)
             if not await conn.fetchval(f"SELECT count(*) FROM {table}"):
                 await pgsetup._seed_agg(conn, c)
             await conn.execute(f"VACUUM ANALYZE {table}")

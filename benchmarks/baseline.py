@@ -247,7 +247,7 @@ def build_app(database: str, pool_size: int) -> web.Application:
     app = web.Application()
     app[SQL_CACHE] = {}
 
-    async def pool_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    async def pool_ctx(app: web.Application):
         pool = await asyncpg.create_pool(
             database, min_size=pool_size, max_size=pool_size, command_timeout=30
         )

@@ -50,7 +50,7 @@ class _Stats:
         self.last_error = ""
 
 
-def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type: ignore[no-untyped-def]
+def _operation(scenario: str, collection: str, n_docs: int, seed: int):
     """A coroutine function(conn) doing one operation of the workload; returns False when
     the row was missing."""
     picker = workload.IdPicker(n_docs, scenario == "get_zipf", seed)
@@ -118,7 +118,7 @@ def _operation(scenario: str, collection: str, n_docs: int, seed: int):  # type:
     return ops[scenario]
 
 
-async def _task(pool: asyncpg.Pool, op, deadline: float, st: _Stats) -> None:  # type: ignore[no-untyped-def]
+async def _task(pool: asyncpg.Pool, op, deadline: float, st: _Stats) -> None:
     perf = time.perf_counter
     while perf() < deadline:  # closed loop, bounded by the deadline
         t0 = perf()

@@ -55,8 +55,9 @@ def start_secantus(procs: Processes, storage: Path) -> str:
         if proc.poll() is not None:
             raise BenchError(f"SecantusDB exited:\n{log_tail(log)}")
         try:
-            with MongoClient(url, serverSelectionTimeoutMS=500) as c:
-                c.admin.command("ping")
+            client: MongoClient[dict[str, Any]] = MongoClient(url, serverSelectionTimeoutMS=500)
+            with client:
+                client.admin.command("ping")
             return url
         except Exception:  # not up yet
             time.sleep(0.3)

@@ -38,7 +38,7 @@ async def health(request: web.Request) -> web.Response:
 def build_app(mongo_url: str, database: str, pool_size: int) -> web.Application:
     app = web.Application()
 
-    async def client_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    async def client_ctx(app: web.Application):
         client: AsyncMongoClient[Any] = AsyncMongoClient(
             mongo_url, maxPoolSize=pool_size, minPoolSize=pool_size
         )

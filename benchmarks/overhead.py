@@ -237,7 +237,7 @@ def rotate(items: list[Variant], r: int) -> list[Variant]:
     return items[k:] + items[:k]
 
 
-def summarize(rounds: dict[str, list[dict[str, Any]]], opens: dict[str, list[dict[str, Any]]]):  # type: ignore[no-untyped-def]
+def summarize(rounds: dict[str, list[dict[str, Any]]], opens: dict[str, list[dict[str, Any]]]):
     out: dict[str, dict[str, Any]] = {}
     for name, rs in rounds.items():
         os_ = opens.get(name, [])

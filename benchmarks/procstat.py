@@ -37,7 +37,8 @@ def _tree(stats: dict[int, list[str]], pid: int) -> list[int]:
     kids: dict[int, list[int]] = {}
     for p, f in stats.items():
         kids.setdefault(int(f[1]), []).append(p)
-    out, todo, seen = [], [pid], set()
+    out: list[int] = []
+    todo, seen = [pid], set[int]()
     while todo and len(seen) < 100_000:
         p = todo.pop()
         if p in seen or p not in stats:

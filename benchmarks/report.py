@@ -101,7 +101,9 @@ def _median_block(rs: list[dict]) -> dict[str, Any]:
 
 
 def summarize_cell(scenario: str, conns: int, rounds: dict[str, list[dict]]) -> dict:
-    targets = {t: {"median": _median_block(rs), "rounds": rs} for t, rs in rounds.items() if rs}
+    targets: dict[str, dict[str, Any]] = {
+        t: {"median": _median_block(rs), "rounds": rs} for t, rs in rounds.items() if rs
+    }
     base = targets.get("baseline", {}).get("median")
     direct = targets.get("direct", {}).get("median")
     ratios: dict[str, Any] = {}
@@ -351,7 +353,7 @@ def _ratio_cell(value: float | None, paired: dict | None) -> str:
 
 
 def _all_rounds(results: dict) -> list[dict]:
-    out = []
+    out: list[dict] = []
     for sc in results["scenarios"].values():
         for cell in sc["cells"].values():
             for t in cell["targets"].values():
@@ -475,7 +477,7 @@ def closed_loop_table(results: dict) -> list[str]:
 
 def failure_notes(results: dict) -> list[str]:
     """One line per cell and target that had socket errors or non-2xx answers."""
-    out = []
+    out: list[str] = []
     for name, sc in results["scenarios"].items():
         for conns, cell in sc["cells"].items():
             for t, d in cell["targets"].items():
@@ -604,7 +606,7 @@ def markdown(results: dict) -> str:
 # ---------------------------------------------------------------- charts
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -613,7 +615,7 @@ def _plt():  # type: ignore[no-untyped-def]
     return plt
 
 
-def _log_y(ax) -> None:  # type: ignore[no-untyped-def]
+def _log_y(ax) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
     ax.set_yscale("log")
@@ -622,7 +624,7 @@ def _log_y(ax) -> None:  # type: ignore[no-untyped-def]
     ax.tick_params(axis="y", which="minor", labelsize=6)
 
 
-def _grid(n: int):  # type: ignore[no-untyped-def]
+def _grid(n: int):
     plt = _plt()
     cols = min(n, 3)
     rows = (n + cols - 1) // cols

@@ -151,8 +151,8 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
     for t in targets:
         if t.kind != "http":
             continue
-        for what, method, path, body, want, needle in checks:
-            st, got = http(method, t.url + path, body, a.header)
+        for what, method, path, payload, want, needle in checks:
+            st, got = http(method, t.url + path, payload, a.header)
             if st != want or (needle is not None and needle not in got):
                 problems.append(f"{t.name}: {what} {method} {path} -> {st} {got[:300]!r}")
             if what == "query" and st == 200:
@@ -161,12 +161,12 @@ def preflight(targets: list[Target], scenarios: list[str], a: argparse.Namespace
                     problems.append(f"{t.name}: query returned {n} rows, expected 10")
             if what == "list" and st == 200:
                 items = orjson.loads(got).get("items", [])
-                want = sorted(
+                expect = sorted(
                     d["n"]
                     for d in map(workload.list_doc, range(workload.LIST_DOCS))
                     if d["grp"] == 3 and d["n"] >= 100
                 )[:10]
-                if [d.get("n") for d in items] != want:
+                if [d.get("n") for d in items] != expect:
                     problems.append(f"{t.name}: list query answered {got[:300]!r}")
     problems += aggregate.preflight(targets, scenarios, a.header)
     if "search" in scenarios:
@@ -212,7 +212,7 @@ def _round_accounting(
     res["other_cpu_pct"] = max(0.0, res["host_cpu_pct"] - ours)
 
 
-def run_direct(a: argparse.Namespace, sc: Scenario, tasks: int, duration: float, seed: int):  # type: ignore[no-untyped-def]
+def run_direct(a: argparse.Namespace, sc: Scenario, tasks: int, duration: float, seed: int):
     cmd = [sys.executable, "-m", "benchmarks.direct", "--database", a.db_url]
     cmd += ["--scenario", sc.name, "--collection", sc.collection, "--tasks", str(tasks)]
     cmd += ["--pool-size", str(a.direct_pool_size), "--duration", str(duration)]
@@ -699,7 +699,7 @@ def benchmark(a: argparse.Namespace, procs: Processes, workdir: Path) -> dict:
     if "sidecar_cached" in targets:
         notes.extend(report.cache_notes(scenarios))
     meta["wall_s"] = round(time.monotonic() - t_start, 1)
-    results = {
+    results: dict[str, Any] = {
         "meta": meta,
         "scenarios": scenarios,
         "open_loop": open_loop,
