@@ -3,10 +3,15 @@ and a driver's TLS failure told in one safe sentence naming the cause (README: S
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import ssl
 from typing import Final
 
-__all__ = ["client_context", "server_context", "tls_failure"]
+__all__ = ["client_context", "server_context", "tls_failure", "watch_certificate"]
+
+log = logging.getLogger(__name__)
 
 _MAX_REASON: Final = 160
 
@@ -57,3 +62,29 @@ def tls_failure(exc: BaseException | None) -> str | None:
 def _clip(text: str) -> str:
     text = text.strip().rstrip(".")
     return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
+
+
+def _file_stamp(*paths: str) -> tuple[int, ...]:
+    try:
+        return tuple(os.stat(p).st_mtime_ns for p in paths)
+    except OSError:
+        return ()
+
+
+async def watch_certificate(
+    context: ssl.SSLContext, cert_file: str, key_file: str, interval: float, who: str
+) -> None:
+    """Until cancelled: reload ``context``'s certificate when its files change
+    (cert-manager renews the Secret, the kubelet swaps the mounted files); new connections
+    get the new one, and a pair that does not load leaves the old one in place."""
+    stamp = _file_stamp(cert_file, key_file)
+    while True:
+        await asyncio.sleep(interval)
+        fresh = _file_stamp(cert_file, key_file)
+        if fresh and fresh != stamp:
+            stamp = fresh
+            try:
+                context.load_cert_chain(cert_file, key_file)
+                log.info("%s: certificate reloaded from %s", who, cert_file)
+            except (OSError, ssl.SSLError) as err:
+                log.warning("%s: new certificate not loaded (keeping the old): %s", who, err)

@@ -48,7 +48,7 @@ from proxy.pipeline.core import Core
 from proxy.pipeline.gate import Gatekeeper
 from proxy.pipeline.schemas import SchemaRegistry
 from proxy.policy import load_policies
-from proxy.tls import client_context, server_context
+from proxy.tls import client_context, server_context, watch_certificate
 
 log = logging.getLogger("dbproxy")
 
@@ -346,7 +346,10 @@ async def serve(
         ", ".join(f"{d.name}={d.redacted_dsn()}" for d in config.databases) or "embedded",
         opts.policies or "off",
     )
-    watcher = asyncio.create_task(_watch_policies(gate, opts.watch_interval))
+    tasks = [asyncio.create_task(_watch_policies(gate, opts.watch_interval))]
+    if tls is not None and opts.tls_cert and opts.tls_key:  # renewed certificates, unrestarted
+        watched = (opts.tls_cert, opts.tls_key, opts.secrets_interval, "listener")
+        tasks.append(asyncio.create_task(watch_certificate(tls, *watched)))
 
     def reload() -> None:  # SIGHUP: the policies and the secret files, now
         gate.reload()
@@ -356,8 +359,9 @@ async def serve(
         await _until_stopped(reload=reload)
         log.info("shutting down: finishing in-flight requests")
     finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await credentials.close()
         await running.stop()  # stop accepting, wait for handlers, close pools
         if limiter is not None:
@@ -511,31 +515,6 @@ def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
         raise ConfigError([f"cannot load --tls-cert/--tls-key: {err}"]) from None
 
 
-def _file_stamp(*paths: str) -> tuple[int, ...]:
-    try:
-        return tuple(os.stat(p).st_mtime_ns for p in paths)
-    except OSError:
-        return ()
-
-
-async def _watch_certificate(
-    context: ssl.SSLContext, cert_file: str, key_file: str, interval: float
-) -> None:
-    """Reload the certificate when its files change (cert-manager renews the Secret, the
-    kubelet swaps the mounted files); new connections get the new one."""
-    stamp = _file_stamp(cert_file, key_file)
-    while True:
-        await asyncio.sleep(interval)
-        fresh = _file_stamp(cert_file, key_file)
-        if fresh and fresh != stamp:
-            stamp = fresh
-            try:
-                context.load_cert_chain(cert_file, key_file)
-                log.info("injector: certificate reloaded from %s", cert_file)
-            except (OSError, ssl.SSLError) as err:
-                log.warning("injector: new certificate not loaded (keeping the old): %s", err)
-
-
 async def run_injector(
     settings: InjectorSettings,
     context: ssl.SSLContext,
@@ -555,7 +534,7 @@ async def run_injector(
         settings.image,
     )
     watcher = (
-        asyncio.create_task(_watch_certificate(context, *cert_files, reload_interval))
+        asyncio.create_task(watch_certificate(context, *cert_files, reload_interval, "injector"))
         if cert_files
         else None
     )

@@ -181,3 +181,37 @@ def test_no_secret_leaks_from_a_database_that_cannot_be_reached(tmp_path: Path) 
         assert json.loads(text)["error"]["code"] == "database_unavailable", text
     for text in seen:
         assert CANARY not in text
+
+
+@pytest.mark.e2e
+def test_renewed_listener_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    """cert-manager renews the Secret and the kubelet swaps the mounted files: new
+    connections get the new certificate; a pair that does not load keeps the old one."""
+    ca = TestCA(tmp_path / "ca")
+    first = ca.server("first", names=("localhost",), ips=())  # does not name 127.0.0.1
+    renewed = ca.server("renewed", names=("localhost",), ips=("127.0.0.1",))
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(first.cert.read_bytes())
+    key.write_bytes(first.key.read_bytes())
+    args = ("--data-dir", str(tmp_path / "data"), "--tls-cert", str(cert), "--tls-key", str(key))
+    proc, log = _serve(tmp_path, *args, "--secrets-interval", "0.2")
+    url = f"https://127.0.0.1:{PORT}/api/db/health"
+    ctx = ssl.create_default_context(cafile=str(ca.cert))
+    try:
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _get(url, ctx)  # the first certificate names localhost only
+        cert.write_text("not a certificate\n")  # a half-written renewal: the old one stays
+        time.sleep(0.6)
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _get(url, ctx)
+        key.write_bytes(renewed.key.read_bytes())
+        cert.write_bytes(renewed.cert.read_bytes())
+        deadline = time.monotonic() + 10
+        while "listener: certificate reloaded" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.1)
+        status, body = _get(url, ctx)
+        assert status == 200 and json.loads(body)["status"] == "ready"
+    finally:
+        _stop(proc)
+    assert "new certificate not loaded (keeping the old)" in log.read_text(errors="replace")
