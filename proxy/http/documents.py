@@ -237,7 +237,7 @@ async def read_document(
     target: Documents | None = None,
 ) -> web.Response:
     """GET by id: the one handler of the router (``get_one``) and of the fast path
-    (``fast_path.fast_get``, which awaits this coroutine directly: no extra frame)."""
+    (``fast_path.Shortcuts``, which awaits this coroutine directly: no extra frame)."""
     return document_response(await core.get(collection, doc_id, fields, target, caller))
 
 
@@ -380,7 +380,7 @@ async def _find(
 
 async def find_query(core: Core, request: web.Request, collection: str) -> web.Response:
     """``POST /api/db/{collection}/query``: the one handler of the router
-    (``query_documents``) and of the fast path (``fast_path.fast_get``)."""
+    (``query_documents``) and of the fast path (``fast_path.Shortcuts``)."""
     body = await read_json(request, core.limits)
     if not isinstance(body, dict):
         raise BadRequest("the query body must be a JSON object", code="invalid_query")

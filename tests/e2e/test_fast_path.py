@@ -1,4 +1,4 @@
-"""The GET-by-id shortcut in front of the router (``app.fast_get``) answers exactly what the
+"""The GET-by-id shortcut in front of the router (``fast_path.Shortcuts``) answers exactly what the
 router answers: same status, body and headers, with and without policies, for found,
 missing, hidden (row rule), forbidden, malformed and unauthenticated requests. The same
 request with a dummy query string (``?_=1``, ignored by the handler) takes the router."""
