@@ -64,7 +64,10 @@ class Outcome:
 async def _stream(
     s: aiohttp.ClientSession, base: str, url: str, seed: str, stop: asyncio.Event, out: list[Any]
 ) -> None:
-    kinds = ["get", "create", "query", "batch"]
+    # "listed": a find of a declared, indexed shape, which concurrent callers share
+    # (list-query coalescing): a caller that joins a batch stuck on the frozen server, or
+    # waits behind one, must still be answered by its own deadline
+    kinds = ["get", "create", "query", "batch", "listed"]
     i = 0
     while not stop.is_set():
         kind = kinds[i % len(kinds)]
@@ -78,6 +81,9 @@ async def _stream(
             req = ("POST", base, {"json": {"_id": new_id, "n": i}})
         elif kind == "query":
             req = ("POST", f"{base}/query", {"json": {"filter": {"n": {"$gte": 0}}, "limit": 5}})
+        elif kind == "listed":
+            body = {"filter": {"grp": i % 3, "n": {"$gte": i % 7}}, "sort": "n", "limit": 5}
+            req = ("POST", f"{base}_d/query", {"json": body})
         else:
             ids = (new_id,)
             ops = [
@@ -96,6 +102,22 @@ async def _stream(
             await asyncio.sleep(0.02)  # fast refusals: do not spin
 
 
+async def _wave(s: aiohttp.ClientSession, base: str, delay: float, out: list[Any]) -> None:
+    await asyncio.sleep(delay)
+
+    async def one(k: int) -> None:
+        body = {"filter": {"grp": k % 3, "n": {"$gte": k}}, "sort": "n", "limit": 5}
+        started = time.monotonic()
+        try:
+            st, data, headers = await call(s, "POST", f"{base}_d/query", json=body)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            st, data, headers = 0, repr(exc), {}
+        took = time.monotonic() - started
+        out.append(Outcome("wave", started, took, st, code_of(data), headers.get("Retry-After")))
+
+    await asyncio.gather(*(one(k) for k in range(24)))
+
+
 async def _breaker_watch(
     s: aiohttp.ClientSession, url: str, stop: asyncio.Event, seen: list[tuple[float, str]]
 ) -> None:
@@ -108,6 +130,23 @@ async def _breaker_watch(
         except (TimeoutError, aiohttp.ClientError):
             pass
         await asyncio.sleep(0.05)
+
+
+def _declared(collection: str) -> dict[str, Any]:
+    """A migration declaring ``collection``'s (grp, n) as integers, indexed together."""
+    schema = {
+        "name": collection,
+        "fields": [
+            {"name": "grp", "type": "integer", "required": True},
+            {"name": "n", "type": "integer", "required": True},
+        ],
+    }
+    index = {"name": collection + "_grp_n", "fields": ["grp", "n"]}
+    ops = [
+        {"op": "create_collection", "collection": collection, "schema": schema},
+        {"op": "create_index", "collection": collection, "index": index},
+    ]
+    return {"id": "declare-" + collection, "name": "declared", "script": {"operations": ops}}
 
 
 @pytest.mark.skipif(binaries_missing() is not None, reason=str(binaries_missing()))
@@ -130,6 +169,11 @@ async def test_frozen_postgres_every_request_meets_its_deadline(
         async with aiohttp.ClientSession(timeout=timeout) as s:
             st, _, _ = await call(s, "POST", base, json={"_id": "seed", "n": 0})
             assert st == 201
+            st, data, _ = await call(s, "POST", f"{url}/migrations", json=_declared(name + "_d"))
+            assert st in (200, 201), data
+            docs = [{"grp": k % 3, "n": k} for k in range(60)]
+            st, _, _ = await call(s, "POST", f"{base}_d", json=docs)
+            assert st == 201
             stop, watch_stop = asyncio.Event(), asyncio.Event()
             outcomes: list[Outcome] = []
             states: list[tuple[float, str]] = []
@@ -141,7 +185,13 @@ async def test_frozen_postgres_every_request_meets_its_deadline(
             frozen_at = time.monotonic()
             cluster.freeze()
             try:
+                # two waves of 24 concurrent declared finds: the first stuck in batches on
+                # the frozen server, the second arriving while they are (queued behind them)
+                waves = [
+                    asyncio.create_task(_wave(s, base, delay, outcomes)) for delay in (0.1, 0.6)
+                ]
                 await asyncio.sleep(7.0)
+                await asyncio.gather(*waves)
             finally:
                 cluster.thaw()
             thawed_at = time.monotonic()
@@ -165,6 +215,11 @@ async def test_frozen_postgres_every_request_meets_its_deadline(
         assert not slow, slow[:5]
         during = [o for o in outcomes if frozen_at <= o.started + o.took and o.started < thawed_at]
         assert len(during) > 20
+        listed = [o for o in during if o.kind in ("listed", "wave")]
+        assert len(listed) > 48 and all(o.status in (200, 503, 504) for o in listed), listed[:5]
+        waves = [o for o in outcomes if o.kind == "wave"]
+        longest = max(o.took for o in waves)
+        print(f"waves: {Counter((o.status, o.code) for o in waves)}, max {longest:.2f} s")
         honest = {
             (503, "database_unavailable"),
             (504, "database_timeout"),

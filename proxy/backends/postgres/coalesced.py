@@ -3,21 +3,18 @@ concurrent creates share one INSERT (and one commit), each keeping its own outco
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from proxy import context
 from proxy.backends.coalesce import Batcher, Coalescer, FetchMany
 from proxy.backends.postgres.coalesce_find import FindCoalescer, batched_sql
-from proxy.backends.postgres.deadline import GRACE_SECONDS, budget
 from proxy.backends.postgres.documents import FindStatement, PgDocuments
-from proxy.backends.postgres.errors import no_answer
 from proxy.backends.postgres.partitions import PartKey
 from proxy.backends.postgres.sql import insert_batch
 from proxy.config import Limits
 from proxy.context import RequestContext
-from proxy.errors import BadRequest, DuplicateId, DuplicateKey, InvalidQuery, ProxyError, Timeout
+from proxy.errors import BadRequest, DuplicateId, DuplicateKey, InvalidQuery, ProxyError
 from proxy.ids import IdGenerator
 from proxy.query.spec import FindSpec, Page, WriteResult
 
@@ -144,16 +141,13 @@ class CoalescingDocuments(PgDocuments):
             rows = await self._read(collection, statement.sql, *statement.args)
             return self.page(spec, statement.plan, rows)
         context.last_statement.set((statement.sql, statement.args))  # its plan, not the batch's
-        left, hard = budget(self.limits)
-        try:
-            async with asyncio.timeout(max(left + (GRACE_SECONDS if hard else 0.0), 0.001)):
-                rows = await finder.rows(statement.args)
-        except TimeoutError:
-            raise (
-                no_answer()
-                if hard
-                else Timeout("the query took longer than the service's statement timeout")
-            ) from None
+        # No timer of its own (one per request cost ~4 % of a list query's CPU): the wait is
+        # bounded already. Every caller of one finder has the same statement timeout (it is
+        # in the finder's key), so a later caller's deadline is never earlier; its batch runs
+        # in its FIRST caller's context, so the batch's acquire and statement end by that
+        # caller's deadline (plus the grace); and a batch it waits behind ends by its own,
+        # earlier first caller's. tests/abuse/test_deadline.py holds it on a frozen server.
+        rows = await finder.rows(statement.args)
         return self.page(spec, statement.plan, rows)
 
     def _finder(
