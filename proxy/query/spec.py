@@ -200,6 +200,15 @@ def json_depth_ok(value: Any, max_depth: int) -> bool:
     return True
 
 
+def _shallow(text: str | bytes, max_depth: int) -> bool:
+    """True when ``text`` cannot nest deeper than ``max_depth``: no value is deeper than
+    the brackets and braces it has (counted in C; those inside strings only overcount), so
+    the usual small body skips the walk."""
+    if isinstance(text, str):
+        return text.count("{") + text.count("[") <= max_depth
+    return text.count(b"{") + text.count(b"[") <= max_depth
+
+
 def parse_json_text(text: str | bytes, limits: Limits, what: str) -> Any:
     try:
         value = orjson.loads(text)
@@ -208,7 +217,9 @@ def parse_json_text(text: str | bytes, limits: Limits, what: str) -> Any:
         if out_of_range is not None:
             raise out_of_range from None
         raise InvalidJson(f"{what} is not valid JSON") from None
-    if not json_depth_ok(value, limits.max_json_depth):
+    if not _shallow(text, limits.max_json_depth) and not json_depth_ok(
+        value, limits.max_json_depth
+    ):
         raise LimitExceeded(
             f"{what} is nested deeper than {limits.max_json_depth} levels", code="too_deep"
         )
