@@ -33,6 +33,7 @@ class RoutedReads(MongoDocuments):
     read_breaker: CircuitBreaker  # reads the driver may send to a secondary
     client: AsyncMongoClient[Any] | None
     _points: PointReads | None
+    token_wait = TOKEN_WAIT_SECONDS
     token_reads = 0  # reads that carried a token: on a secondary with afterClusterTime
     token_fallbacks = 0  # ... and those the primary answered instead
 
@@ -74,7 +75,7 @@ class RoutedReads(MongoDocuments):
         """A read that must not be older than ``after``: where ``mode`` sends it, in a
         causally consistent session whose operation time is ``after`` (the driver sends
         ``readConcern: {afterClusterTime}``); a server that cannot reach it within
-        ``TOKEN_WAIT_SECONDS`` (or refuses the time) leaves the read to the primary."""
+        ``token_wait`` (or refuses the time) leaves the read to the primary."""
         client = self.client
         if client is None:
             raise Unavailable("the MongoDB backend is not connected", retry_after=1)
@@ -85,7 +86,7 @@ class RoutedReads(MongoDocuments):
             try:
                 async with client.start_session(causal_consistency=True) as session:
                     session.advance_operation_time(after)
-                    with pymongo.timeout(TOKEN_WAIT_SECONDS):
+                    with pymongo.timeout(self.token_wait):
                         return await op(coll, session)
             except PyMongoError as exc:
                 if exc.timeout or (isinstance(exc, OperationFailure) and exc.code in _REFUSED):
