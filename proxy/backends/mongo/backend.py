@@ -33,7 +33,7 @@ from proxy.backends.mongo.reads import RoutedReads
 from proxy.backends.mongo.routing import UNKNOWN_TOKEN, ReadRouting, note_write
 from proxy.backends.mongo.transaction import MongoTransaction
 from proxy.config import DatabaseConfig, Limits
-from proxy.errors import BadRequest, NotFound, ProxyError, Unavailable
+from proxy.errors import BadRequest, DatabaseTimeout, NotFound, ProxyError, Unavailable
 from proxy.ids import IdGenerator
 from proxy.query import mongo as mq
 from proxy.query.spec import AuditScope
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 DEFAULT_DATABASE = "dbproxy"
+# how long past the statement timeout the client waits for a server that does not answer
+GRACE_SECONDS = 0.5
 _AUDIT_FIELDS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
 
 
@@ -110,7 +112,7 @@ class MongoBackend(Unsupported, RoutedReads):
             "appname": "dbproxy",
             # a server that stops answering ends a wait soon after the statement timeout
             # (the server's own maxTimeMS, the same length, ends a slow statement first)
-            "socketTimeoutMS": int((self.limits.statement_timeout_seconds + 0.5) * 1000),
+            "socketTimeoutMS": int((self.limits.statement_timeout_seconds + GRACE_SECONDS) * 1000),
             # the default is the primary: reads choose theirs per operation (routing.py)
             "read_preference": ReadPreference.PRIMARY,
         }
@@ -191,10 +193,17 @@ class MongoBackend(Unsupported, RoutedReads):
                 retry_after=max(1.0, breaker.retry_after()),
             )
         try:
-            result = await run()
+            if updating:  # a write: one wait on the socket (its outcome must stay known)
+                result = await run()
+            else:  # a read ends by then, whatever the driver retries
+                async with asyncio.timeout(self.limits.statement_timeout_seconds + GRACE_SECONDS):
+                    result = await run()
         except asyncio.CancelledError:
             breaker.release()
             raise
+        except TimeoutError:
+            breaker.record_failure()
+            raise DatabaseTimeout("the database did not answer within the deadline") from None
         except Exception as exc:
             err = translate(exc, committing=updating, updating=updating)
             if isinstance(exc, PyMongoError) and _sick(exc):
