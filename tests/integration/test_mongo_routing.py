@@ -261,3 +261,39 @@ async def test_a_token_read_that_cannot_wait_is_answered_by_the_primary() -> Non
         assert [mode_of(c) for c in sent][-1] == "primary" and "readConcern" not in sent[-1]
         assert backend.token_fallbacks == 1
         assert backend.read_breaker.snapshot()["state"] == "closed"  # not the server's fault
+
+
+async def test_replicas_are_seeds_of_the_driver() -> None:
+    """``replicas`` entries join the URL's hosts as seeds; the driver discovers the set from
+    them (here SecantusDB's one-member set, named once by the URL and once as a replica)."""
+    from urllib.parse import urlsplit
+
+    from proxy.config import ReplicaConfig
+
+    url = mongo_url()
+    where = urlsplit(url)
+    if where.hostname is None or where.port is None or "," in where.netloc:
+        pytest.skip("needs a single-host URL")
+    cfg = DatabaseConfig(
+        name="main",
+        type="mongodb",
+        connection_string=url,
+        pool_settings=PoolSettings(1, 4, 5),
+        read_preference="secondary",
+        replicas=(ReplicaConfig(where.hostname, where.port),),
+    )
+    backend = MongoBackend(cfg, Limits(), database=f"r_{uuid.uuid4().hex[:10]}")
+    await backend.start()
+    try:
+        with request():
+            await backend.insert_one("c", {"_id": "a"})
+            assert await backend.get("c", "a") is not None
+        assert backend.client is not None
+        servers = backend.client.topology_description.server_descriptions()
+        assert list(servers) == [(where.hostname, where.port)]  # one member, seen once
+        health = await backend.health()
+        assert health["routing"]["modes"]["read"] == "secondaryPreferred"
+    finally:
+        assert backend.client is not None
+        await backend.client.drop_database(backend.database)
+        await backend.close()

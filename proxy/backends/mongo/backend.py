@@ -122,7 +122,11 @@ class MongoBackend(Unsupported, RoutedReads):
         return options
 
     async def start(self) -> None:
-        self.client = AsyncMongoClient(self.config.connection_string, **self._client_options())
+        # ``replicas`` add seeds to the URL's hosts: the driver discovers the set's members
+        # and picks one per read by its read preference (routing.py)
+        seeds = [f"{r.host}:{r.port}" for r in self.config.replicas]
+        hosts = [self.config.connection_string, *seeds] if seeds else self.config.connection_string
+        self.client = AsyncMongoClient(hosts, **self._client_options())
         self._db = self.client[self.database]
         try:
             await self._db.command("ping")
