@@ -297,3 +297,23 @@ async def test_replicas_are_seeds_of_the_driver() -> None:
         assert backend.client is not None
         await backend.client.drop_database(backend.database)
         await backend.close()
+
+
+def test_wiring_keeps_cached_collections_by_id_on_the_primary() -> None:
+    from proxy.config import CacheConfig, CollectionCache, Config
+    from proxy.wiring import build_backends
+
+    db = DatabaseConfig(
+        name="main",
+        type="mongodb",
+        connection_string="mongodb://127.0.0.1:1/x",
+        read_preference="nearest",
+    )
+    caches = {"hot": CollectionCache(True, 60.0), "off": CollectionCache(False, 60.0)}
+    config = Config(databases=(db,), cache=CacheConfig(collections=caches))
+    backend = build_backends(config)["main"]
+    assert isinstance(backend, MongoBackend)
+    assert backend.routing.primary_points == frozenset({"hot"})
+    with request():
+        assert backend.routing.mode("point", "hot").mongos_mode == "primary"
+        assert backend.routing.mode("point", "off").mongos_mode == "nearest"
