@@ -97,12 +97,13 @@ def server(tmp_path: Path) -> Iterator[Server]:
         s.stop()
 
 
-def make_backend() -> MongoBackend:
+def make_backend(read_preference: str = "primary") -> MongoBackend:
     cfg = DatabaseConfig(
         name="m",
         type="mongodb",
         connection_string=URL,
         pool_settings=PoolSettings(min_connections=0, max_connections=4, timeout_seconds=WAIT),
+        read_preference=read_preference,
     )
     return MongoBackend(cfg, Limits(statement_timeout_seconds=STATEMENT), database="outage")
 
@@ -175,6 +176,27 @@ async def test_frozen_server_answers_within_the_deadline(server: Server) -> None
             except Unavailable:
                 assert time.monotonic() < deadline
                 await _sleep(0.2)
+    finally:
+        await backend.close()
+
+
+async def test_reads_a_secondary_may_serve_have_a_breaker_of_their_own(server: Server) -> None:
+    """Under ``secondary`` the reads trip the read breaker; the primary's (writes) stays
+    closed until writes fail themselves."""
+    backend = make_backend("secondary")
+    await backend.start()
+    try:
+        await backend.insert_one("c", {"_id": "a"})
+        server.stop()
+        for _ in range(6):
+            _, err = await timed_failure(backend)
+            assert err.code == "database_unavailable"
+        assert backend.read_breaker.state is BreakerState.OPEN
+        assert backend.breaker.state is BreakerState.CLOSED
+        with pytest.raises(Unavailable):
+            await backend.insert_one("c", {"_id": "b"})
+        health = await backend.health()
+        assert health["status"] == "down"
     finally:
         await backend.close()
 
