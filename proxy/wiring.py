@@ -63,7 +63,11 @@ def build_backends(config: Config, *, coalesce: bool = True) -> dict[str, Backen
         if db.type == "postgresql":
             backends[db.name] = PostgresBackend(db, config.limits, coalesce=coalesce)
         elif db.type == "mongodb":
-            backends[db.name] = MongoBackend(db, config.limits, coalesce=coalesce)
+            # by-id reads of cached collections fill the cache: from the primary (routing.py)
+            cached = frozenset(c for c in config.cache.collections if config.cache.ttl(c))
+            backends[db.name] = MongoBackend(
+                db, config.limits, coalesce=coalesce, primary_points=cached
+            )
         elif db.type == "sqlite":
             try:
                 path = sqlite_path(db.connection_string)

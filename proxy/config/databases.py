@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from proxy.config.model import (
     DATABASE_TYPES,
+    MONGO_READ_PREFERENCES,
     READ_PREFERENCES,
     REPLICA_ROLES,
     URL_DATABASE_NAME,
@@ -244,7 +245,12 @@ def _parse_database(
     dsn = _connection_string(raw, path, db_type, secrets, problems)
     pool = parse_pool(raw.get("pool_settings"), f"{path}.pool_settings", problems)
     read_preference = read_str(
-        raw, "read_preference", path, "primary", problems, choices=READ_PREFERENCES
+        raw,
+        "read_preference",
+        path,
+        "primary",
+        problems,
+        choices=MONGO_READ_PREFERENCES if db_type == "mongodb" else READ_PREFERENCES,
     )
     write_concern = _write_concern(raw, path, problems)
     replicas = _parse_replicas(raw.get("replicas"), f"{path}.replicas", problems)

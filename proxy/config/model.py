@@ -12,6 +12,8 @@ from proxy.errors import ConfigError
 
 DATABASE_TYPES: Final = ("postgresql", "mongodb", "redis", "sqlite")
 READ_PREFERENCES: Final = ("primary", "secondary", "nearest")
+# a mongodb database also takes two of MongoDB's own modes (proxy/backends/mongo/routing.py)
+MONGO_READ_PREFERENCES: Final = (*READ_PREFERENCES, "primaryPreferred", "secondaryPreferred")
 REPLICA_ROLES: Final = ("replica", "analytics")
 URL_DATABASE_NAME: Final = "default"
 DEFAULT_DATA_DIR: Final = ".dbproxy"
@@ -37,7 +39,7 @@ class DatabaseConfig:
     type: str  # one of DATABASE_TYPES
     connection_string: str = field(repr=False)  # secret: never in repr, str, logs or errors
     pool_settings: PoolSettings = field(default_factory=PoolSettings)
-    read_preference: str = "primary"  # one of READ_PREFERENCES
+    read_preference: str = "primary"  # one of READ_PREFERENCES (MONGO_… for mongodb)
     write_concern: str | int | None = None
     replicas: tuple[ReplicaConfig, ...] = ()
     alembic_directory: str | None = None  # an Alembic environment (alembic_upgrade operations)

@@ -20,12 +20,14 @@ pytestmark = pytest.mark.e2e
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
-def cached_config(tmp_path: Path, pg_dsn: str, redis: str, collection: str) -> Path:
+def cached_config(
+    tmp_path: Path, pg_dsn: str, redis: str, collection: str, kind: str = "postgresql"
+) -> Path:
     cfg = tmp_path / f"cache-{uuid.uuid4().hex[:6]}.yaml"
     cfg.write_text(
         f"cache:\n  redis_url: {redis}\n  collections:\n    {collection}: "
         "{enabled: true, ttl_seconds: 60}\n"
-        f"databases:\n  - name: main\n    type: postgresql\n    connection_string: {pg_dsn}\n"
+        f"databases:\n  - name: main\n    type: {kind}\n    connection_string: {pg_dsn}\n"
     )
     return cfg
 
@@ -53,8 +55,23 @@ PAIRS = 10_000
 LANES = 8  # documents written and read concurrently, each by its own sequence of pairs
 
 
+def mongo_db_url() -> str:
+    """A database of its own on the tests' MongoDB-wire server."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.mongo_server import mongo_url
+
+    parts = urlsplit(mongo_url())
+    return urlunsplit(parts._replace(path=f"/e2e_{uuid.uuid4().hex[:8]}"))
+
+
+# the pairs per backend (SecantusDB, in the test process, serves both sidecars' writes)
+BACKENDS = {"postgresql": PAIRS, "mongodb": 2_000}
+
+
+@pytest.mark.parametrize("kind", list(BACKENDS))
 async def test_two_sidecars_stay_coherent(
-    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis
+    pg_dsn: str, tmp_path: Path, private_redis: PrivateRedis, kind: str
 ) -> None:
     """10,000 write-then-read pairs across two sidecars sharing Redis, in 8 concurrent
     lanes (one document each): the write goes to one sidecar, and as soon as its response
@@ -62,7 +79,9 @@ async def test_two_sidecars_stay_coherent(
     Every such read must see the write: 0 stale. Reads carrying the write's consistency
     token are never stale either."""
     coll = "hot_" + uuid.uuid4().hex[:6]
-    cfg = cached_config(tmp_path, pg_dsn, private_redis.url, coll)
+    pairs = BACKENDS[kind]
+    dsn = pg_dsn if kind == "postgresql" else mongo_db_url()
+    cfg = cached_config(tmp_path, dsn, private_redis.url, coll, kind)
     a, b = await asyncio.gather(
         *(asyncio.to_thread(start_server, ["--config", str(cfg)], tmp_path) for _ in range(2))
     )
@@ -77,7 +96,7 @@ async def test_two_sidecars_stay_coherent(
                 path = f"/api/db/{coll}/k{n}"
                 for server in (a, b):  # warm both near caches
                     await get_doc(s, server.url + path)
-                for i in range(1, PAIRS // LANES + 1):
+                for i in range(1, pairs // LANES + 1):
                     writer, reader = (a, b) if (i + n) % 2 else (b, a)
                     async with s.put(writer.url + path, json={"$set": {"n": i}}) as r:
                         assert r.status == 200, await r.text()
@@ -106,13 +125,13 @@ async def test_two_sidecars_stay_coherent(
             events_a = await cache_events(s, a)
             events_b = await cache_events(s, b)
         print(
-            f"\n{PAIRS} cross-sidecar write/read pairs in {elapsed:.1f} s, {LANES} lanes: "
+            f"\n{kind}: {pairs} cross-sidecar write/read pairs in {elapsed:.1f} s, {LANES} lanes: "
             f"{len(stale)} stale; cache events a={events_a} b={events_b}"
         )
         assert stale == []
         assert stale_token == 0
         hits = sum(v for ev in (events_a, events_b) for k, v in ev.items() if k.endswith(":hit"))
-        assert hits > PAIRS and events_a["near:hit"] + events_b["near:hit"] > PAIRS // 2
+        assert hits > pairs and events_a["near:hit"] + events_b["near:hit"] > pairs // 2
         assert events_a.get("any:invalidate", 0) > 0 and events_b.get("any:invalidate", 0) > 0
         # an ack not back within ack_timeout (50 ms) costs the late sidecar its lease, never a
         # stale read (asserted above); on a loaded 2-core machine a sidecar can stall that

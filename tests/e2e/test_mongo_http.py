@@ -73,3 +73,42 @@ async def test_crud_over_http_lands_in_mongodb(mongo_server: tuple[Server, str])
         assert [a["operation"] for a in audit] == ["create", "update", "patch", "create", "delete"]
     finally:
         client.close()
+
+
+async def test_writes_answer_a_consistency_token_that_reads_take_back(
+    mongo_server: tuple[Server, str],
+) -> None:
+    """Every write (and a transaction's commit) answers X-Consistency-Token: the operation
+    time of its session; a read sent with it (any read preference) sees the write."""
+    server, _ = mongo_server
+    base = f"{server.url}/api/db/tok"
+    async with aiohttp.ClientSession() as s:
+        st, _, h = await call(s, "POST", base, json={"_id": "a", "n": 1})
+        assert st == 201
+        first = h["X-Consistency-Token"]
+        assert first != "0/0" and "/" in first
+        st, _, h = await call(s, "PUT", f"{base}/a", json={"$set": {"n": 2}})
+        second = h["X-Consistency-Token"]
+        seconds = [int(t.split("/")[0], 16) for t in (first, second)]
+        incs = [int(t.split("/")[1], 16) for t in (first, second)]
+        assert (seconds[1], incs[1]) > (seconds[0], incs[0])  # operation times move forward
+        for preference in ("primary", "secondary", "nearest"):
+            headers = {"X-Consistency-Token": second, "X-Read-Preference": preference}
+            st, got, _ = await call(s, "GET", f"{base}/a", headers=headers)
+            assert st == 200 and got["n"] == 2
+        st, got, _ = await call(s, "GET", f"{base}/a", headers={"X-Consistency-Token": "0/0"})
+        assert st == 200 and got["n"] == 2
+        st, data, _ = await call(s, "GET", f"{base}/a", headers={"X-Consistency-Token": "soon"})
+        assert_error(st, data, 400, "invalid_header")
+        st, out, h = await call(
+            s,
+            "POST",
+            f"{server.url}/api/db/transaction",
+            json={
+                "operations": [
+                    {"op": "update", "collection": "tok", "id": "a", "update": {"$set": {"n": 3}}}
+                ]
+            },
+        )
+        assert st == 200, out
+        assert h.get("X-Consistency-Token", "0/0") != "0/0"

@@ -612,3 +612,34 @@ def test_collector_push_section(tmp_path: Path) -> None:
     assert "collector_push.interval_seconds" in text
     assert "collector_push.max_buffered_batches" in text
     assert "collector_push.x" in text
+
+
+def test_mongodb_also_takes_two_of_mongodbs_read_preferences(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+        databases:
+          - {name: m, type: mongodb, connection_string: "mongodb://h/app",
+             read_preference: primaryPreferred}
+          - {name: n, type: mongodb, connection_string: "mongodb://h/app",
+             read_preference: secondaryPreferred}
+        """,
+    )
+    config = load_config(path, environ={})
+    assert [d.read_preference for d in config.databases] == [
+        "primaryPreferred",
+        "secondaryPreferred",
+    ]
+    path = write(
+        tmp_path,
+        """
+        databases:
+          - {name: p, type: postgresql, connection_string: "postgres://h/a",
+             read_preference: primaryPreferred}
+        """,
+        "pg.yaml",
+    )
+    assert problems_of(path, environ={}) == [
+        "databases[0].read_preference: must be one of primary, secondary, nearest "
+        "(got 'primaryPreferred')"
+    ]

@@ -24,27 +24,27 @@ from pymongo.errors import (
 )
 from pymongo.read_concern import ReadConcern
 
+from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
 from proxy.backends.mongo.coalesced import PointReads
-from proxy.backends.mongo.documents import AUDIT, IDEMPOTENCY, MongoDocuments, Op, T
+from proxy.backends.mongo.documents import AUDIT, IDEMPOTENCY, Op, T
 from proxy.backends.mongo.errors import translate
+from proxy.backends.mongo.reads import RoutedReads
+from proxy.backends.mongo.routing import UNKNOWN_TOKEN, ReadRouting, note_write
 from proxy.backends.mongo.transaction import MongoTransaction
 from proxy.config import DatabaseConfig, Limits
-from proxy.errors import BadRequest, NotFound, ProxyError, Unavailable
+from proxy.errors import BadRequest, DatabaseTimeout, NotFound, ProxyError, Unavailable
 from proxy.ids import IdGenerator
 from proxy.query import mongo as mq
-from proxy.query.spec import AuditScope, WriteResult
+from proxy.query.spec import AuditScope
 from proxy.resilience.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 
 ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 DEFAULT_DATABASE = "dbproxy"
-_READ_PREFERENCES = {
-    "primary": ReadPreference.PRIMARY,
-    "secondary": ReadPreference.SECONDARY_PREFERRED,
-    "nearest": ReadPreference.NEAREST,
-}
+# how long past the statement timeout the client waits for a server that does not answer
+GRACE_SECONDS = 0.5
 _AUDIT_FIELDS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
 
 
@@ -63,7 +63,7 @@ def _not_open() -> Unavailable:
     return Unavailable("the MongoDB backend is not connected", retry_after=1)
 
 
-class MongoBackend(Unsupported, MongoDocuments):
+class MongoBackend(Unsupported, RoutedReads):
     """Documents in collections of the same name in one database: ``_id`` (string),
     ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
@@ -79,10 +79,14 @@ class MongoBackend(Unsupported, MongoDocuments):
         audit: bool = True,
         breaker: CircuitBreaker | None = None,
         coalesce: bool = True,
+        primary_points: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(config.name, limits, ids or IdGenerator(), audit)
         # concurrent reads by id of one collection: one find over $in (coalesced.py)
-        self._points = PointReads(self._read, self._coll) if coalesce else None
+        self._points = PointReads(self._query) if coalesce else None
+        # the read preference of each operation (routing.py); by-id reads of the collections
+        # the read cache fills (``primary_points``) stay on the primary
+        self.routing = ReadRouting(config.read_preference, primary_points)
         self.config = config
         self.database = database or database_of(config.connection_string)
         self.client: AsyncMongoClient[Any] | None = None
@@ -92,6 +96,7 @@ class MongoBackend(Unsupported, MongoDocuments):
         self.transaction_share = TransactionShare(max(1, pool.max_connections))
         self._open: set[MongoTransaction] = set()
         self.breaker = breaker or CircuitBreaker(f"{config.name}/primary")
+        self.read_breaker = CircuitBreaker(f"{config.name}/secondary")
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -105,9 +110,11 @@ class MongoBackend(Unsupported, MongoDocuments):
             "connectTimeoutMS": timeout_ms,
             "waitQueueTimeoutMS": timeout_ms,
             "appname": "dbproxy",
-            "read_preference": _READ_PREFERENCES.get(
-                self.config.read_preference, ReadPreference.PRIMARY
-            ),
+            # a server that stops answering ends a wait soon after the statement timeout
+            # (the server's own maxTimeMS, the same length, ends a slow statement first)
+            "socketTimeoutMS": int((self.limits.statement_timeout_seconds + GRACE_SECONDS) * 1000),
+            # the default is the primary: reads choose theirs per operation (routing.py)
+            "read_preference": ReadPreference.PRIMARY,
         }
         wc = self.config.write_concern
         if wc is not None:
@@ -115,7 +122,11 @@ class MongoBackend(Unsupported, MongoDocuments):
         return options
 
     async def start(self) -> None:
-        self.client = AsyncMongoClient(self.config.connection_string, **self._client_options())
+        # ``replicas`` add seeds to the URL's hosts: the driver discovers the set's members
+        # and picks one per read by its read preference (routing.py)
+        seeds = [f"{r.host}:{r.port}" for r in self.config.replicas]
+        hosts = [self.config.connection_string, *seeds] if seeds else self.config.connection_string
+        self.client = AsyncMongoClient(hosts, **self._client_options())
         self._db = self.client[self.database]
         try:
             await self._db.command("ping")
@@ -151,6 +162,8 @@ class MongoBackend(Unsupported, MongoDocuments):
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
             "engine": "mongodb",
             "breaker": self.breaker.snapshot(),
+            "read_breaker": self.read_breaker.snapshot(),
+            "routing": self.routing.snapshot(),
             "pool": {"max": self.config.pool_settings.max_connections},
         }
 
@@ -161,22 +174,22 @@ class MongoBackend(Unsupported, MongoDocuments):
         except PyMongoError as exc:
             raise translate(exc) from None
 
-    async def get(self, collection: str, doc_id: str) -> WriteResult | None:
-        """By id; concurrent reads of one collection share one ``find`` (``PointReads``)."""
-        if self._points is None:
-            return await super().get(collection, doc_id)
-        return await self._points.get(collection, doc_id)
-
     # -- running work ----------------------------------------------------------------
 
     async def _read(self, op: Op[T]) -> T:
         return await self._guarded(lambda: op(None), updating=False)
 
-    async def _guarded(self, run: Callable[[], Awaitable[T]], *, updating: bool) -> T:
-        """``run`` behind the breaker: fails fast while the server is failing; only a
-        network error or a timeout counts against it (the server answered otherwise)."""
+    async def _guarded(
+        self,
+        run: Callable[[], Awaitable[T]],
+        *,
+        updating: bool,
+        breaker: CircuitBreaker | None = None,
+    ) -> T:
+        """``run`` behind the breaker (the primary's unless told): fails fast while the
+        server is failing; only a network error or a timeout counts against it."""
         self.db  # noqa: B018 (raises when not connected)
-        breaker = self.breaker
+        breaker = breaker or self.breaker
         if not breaker.allow():
             raise Unavailable(
                 "the database is failing; its circuit breaker is open",
@@ -184,10 +197,17 @@ class MongoBackend(Unsupported, MongoDocuments):
                 retry_after=max(1.0, breaker.retry_after()),
             )
         try:
-            result = await run()
+            if updating:  # a write: one wait on the socket (its outcome must stay known)
+                result = await run()
+            else:  # a read ends by then, whatever the driver retries
+                async with asyncio.timeout(self.limits.statement_timeout_seconds + GRACE_SECONDS):
+                    result = await run()
         except asyncio.CancelledError:
             breaker.release()
             raise
+        except TimeoutError:
+            breaker.record_failure()
+            raise DatabaseTimeout("the database did not answer within the deadline") from None
         except Exception as exc:
             err = translate(exc, committing=updating, updating=updating)
             if isinstance(exc, PyMongoError) and _sick(exc):
@@ -202,7 +222,9 @@ class MongoBackend(Unsupported, MongoDocuments):
         """``op``; with the audit log on, in a transaction with its audit record (both or
         neither), retried on a transient transaction error."""
         if not self.audit:
-            return await self._guarded(lambda: op(None), updating=True)
+            result = await self._guarded(lambda: op(None), updating=True)
+            context.write_token.set(UNKNOWN_TOKEN)  # no session of ours: read the primary
+            return result
         client = self.client
         if client is None:
             raise _not_open()
@@ -221,7 +243,7 @@ class MongoBackend(Unsupported, MongoDocuments):
 
     async def _in_transaction(self, client: AsyncMongoClient[Any], op: Op[T]) -> T:
         async with client.start_session() as session:
-            await session.start_transaction()
+            await session.start_transaction(read_preference=ReadPreference.PRIMARY)
             try:
                 result = await op(session)
             except BaseException:
@@ -229,6 +251,7 @@ class MongoBackend(Unsupported, MongoDocuments):
                     await asyncio.shield(self._abort(session))
                 raise
             await self._commit(session)
+            note_write(session.operation_time)  # the response's X-Consistency-Token
             return result
 
     @staticmethod
@@ -291,6 +314,7 @@ class MongoBackend(Unsupported, MongoDocuments):
         options: dict[str, Any] = {
             "read_concern": ReadConcern("snapshot"),
             "write_concern": WriteConcern("majority"),
+            "read_preference": ReadPreference.PRIMARY,  # MongoDB's rule for transactions
         }
         try:
             session = client.start_session()

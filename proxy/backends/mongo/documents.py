@@ -52,6 +52,7 @@ from proxy.query.spec import (
 T = TypeVar("T")
 Session = AsyncClientSession | None
 Op = Callable[[Session], Awaitable[T]]
+Query = Callable[[AsyncCollection[Any], Session], Awaitable[T]]  # a read a replica may serve
 AUDIT = "_audit"
 IDEMPOTENCY = "_idempotency"
 _CHANGE_NAMES = {Replace: "replace", Modify: "update", MergePatch: "patch"}
@@ -123,6 +124,12 @@ class MongoDocuments:
 
     def _coll(self, collection: str) -> AsyncCollection[Any]:
         return self.db[collection]
+
+    async def _query(self, collection: str, kind: str, op: Query[T]) -> T:
+        """A read of ``kind`` (``point``, ``read``, ``count``…) that the backend routes by
+        read preference (``routing.py``); in a transaction, on the transaction's session."""
+        coll = self._coll(collection)
+        return await self._read(lambda session: op(coll, session))
 
     def _max_ms(self) -> int:
         return max(1, int(self.limits.statement_timeout_seconds * 1000))
@@ -275,12 +282,10 @@ class MongoDocuments:
     # -- reads -------------------------------------------------------------------------
 
     async def get(self, collection: str, doc_id: str) -> WriteResult | None:
-        coll = self._coll(collection)
-
-        async def run(session: Session) -> Any:
+        async def run(coll: AsyncCollection[Any], session: Session) -> Any:
             return await coll.find_one({"_id": doc_id}, session=session)
 
-        found = await self._read(run)
+        found = await self._query(collection, "point", run)
         return None if found is None else WriteResult(body_of(found), int(found["_version"]))
 
     async def find(self, collection: str, spec: FindSpec) -> Page:
@@ -297,14 +302,13 @@ class MongoDocuments:
         if spec.skip:
             pipeline.append({"$skip": spec.skip})
         pipeline.append({"$limit": spec.limit + 1})
-        coll = self._coll(collection)
         context.last_statement.set(("mongodb aggregate", (collection,)))
 
-        async def run(session: Session) -> list[dict[str, Any]]:
+        async def run(coll: AsyncCollection[Any], session: Session) -> list[dict[str, Any]]:
             cur = await coll.aggregate(pipeline, session=session, maxTimeMS=self._max_ms())
             return list(await cur.to_list())
 
-        rows = await self._read(run)
+        rows = await self._query(collection, "read", run)
         more = len(rows) > spec.limit
         rows = rows[: spec.limit]
         nxt = None
@@ -319,13 +323,12 @@ class MongoDocuments:
         return Page(items, nxt)
 
     async def count(self, collection: str, flt: Filter, *, kinds: DeclaredKinds = ()) -> int:
-        coll = self._coll(collection)
         match = mq.compile_filter(flt)
 
-        async def run(session: Session) -> int:
+        async def run(coll: AsyncCollection[Any], session: Session) -> int:
             return int(await coll.count_documents(match, session=session, maxTimeMS=self._max_ms()))
 
-        return await self._read(run)
+        return await self._query(collection, "count", run)
 
     # -- changes -----------------------------------------------------------------------
 

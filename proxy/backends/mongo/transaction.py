@@ -17,6 +17,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from proxy import context
 from proxy.backends.mongo.documents import IDEMPOTENCY, MongoDocuments, Op, T
 from proxy.backends.mongo.errors import translate, write_conflict
+from proxy.backends.mongo.routing import note_write
 from proxy.config import Limits
 from proxy.errors import CommitOutcomeUnknown, Conflict, ProxyError
 from proxy.ids import IdGenerator
@@ -169,6 +170,7 @@ class MongoTransaction(MongoDocuments):
             )
         self.closed = True
         await asyncio.shield(self._commit_and_end())
+        note_write(self.session.operation_time)  # the commit's X-Consistency-Token
 
     async def _commit_and_end(self) -> None:
         try:
