@@ -52,6 +52,9 @@ def duplicate(details: Mapping[str, Any] | None) -> Conflict:
     if not pattern or "_id" in pattern:
         return DuplicateId("a document with this _id already exists")
     index = declared_index_name(str((details or {}).get("indexName") or ""))
+    if index is None:  # SecantusDB names it only in errmsg ("... index: NAME dup key")
+        found = _INDEX_IN_MESSAGE.search(str((details or {}).get("errmsg") or ""))
+        index = declared_index_name(found.group(1)) if found else None
     if index is None:
         keys = [k for k in pattern if k != "_id"]
         index = "_".join(keys) or "unique"
@@ -60,6 +63,7 @@ def duplicate(details: Mapping[str, Any] | None) -> Conflict:
     )
 
 
+_INDEX_IN_MESSAGE = re.compile(r"index: ([A-Za-z0-9_]+) dup key")
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]([^(\]]*)")
 _CERT_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED"})
 
