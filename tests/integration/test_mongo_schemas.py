@@ -64,3 +64,22 @@ async def test_partitioning_refused_off_a_sharded_cluster(backend: Any, strategy
     assert err.value.details["reason"] == reason
     assert "parts" not in await backend.load_schemas()
     assert "parts" not in await backend.db.list_collection_names()  # the creation undone
+
+
+async def test_server_validator_follows_the_declared_schema(backend: Any) -> None:
+    """The $jsonSchema validator (types, required) refuses a write that bypasses the
+    sidecar; removing the schema (drop of its fields) removes it."""
+    from pymongo.errors import WriteError
+
+    schema = {"fields": [{"name": "n", "type": "integer", "required": True}]}
+    op = {"op": "create_collection", "collection": "vals", "schema": schema}
+    assert (await _run(backend, "v1", op)).status == 201
+    await backend.insert_one("vals", {"_id": "ok", "n": 2.0})  # numeric passes the server
+    with pytest.raises(WriteError) as err:
+        await backend.db["vals"].insert_one({"_id": "raw", "n": "x"})
+    assert err.value.code == 121
+    with pytest.raises(WriteError):
+        await backend.db["vals"].insert_one({"_id": "raw2"})
+    relaxed = {"op": "set_schema", "collection": "vals", "schema": {"fields": []}}
+    assert (await _run(backend, "v2", relaxed)).status == 201
+    await backend.db["vals"].insert_one({"_id": "raw3", "n": "x"})

@@ -22,6 +22,7 @@ from proxy.errors import (
     LimitExceeded,
     NumberOutOfRange,
     ProxyError,
+    SchemaViolation,
     Timeout,
     Unavailable,
 )
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 WRITE_CONFLICT = 112
+VALIDATION_FAILED = 121
 # an update that cannot apply to the stored document (MongoDB's codes)
 _UPDATE_REFUSED = {2, 9, 14, 16837, 28, 40, 54, 55, 56, 57, 4772600, 6, 17261}
 _TIME_LIMIT = {50, 262}  # MaxTimeMSExpired, ExceededTimeLimit
@@ -128,6 +130,11 @@ def _by_code(exc: pe.OperationFailure, updating: bool) -> ProxyError:
         return duplicate(exc.details)
     if code == WRITE_CONFLICT:
         return write_conflict()
+    if code == VALIDATION_FAILED:  # the server's $jsonSchema (the sidecar checks first)
+        return SchemaViolation(
+            "the database's schema validator refused the document",
+            details={"problems": [{"path": "", "rule": "$jsonSchema", "message": "refused"}]},
+        )
     if code in _TIME_LIMIT:
         return Timeout("the statement took longer than the configured timeout")
     if code in _REGEX:

@@ -13,15 +13,16 @@ from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import orjson
-from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
+from pymongo.errors import CollectionInvalid, DuplicateKeyError, OperationFailure, PyMongoError
 
 from proxy.backends.migrations import Batch, physical_index_name
 from proxy.backends.mongo.errors import translate
 from proxy.backends.mongo.sharding import refuse_or_shard
-from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError
+from proxy.backends.mongo.validator import collmod
+from proxy.errors import BadRequest, Conflict, DuplicateKey, ProxyError, SchemaViolation
 from proxy.query import mongo as mq
 from proxy.query.ast import Filter, Update
-from proxy.schema.model import IndexSpec, SearchDeclaration
+from proxy.schema.model import IndexSpec, SearchDeclaration, parse_schema
 from proxy.schema.partitioning import Partitioning
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class MongoMigrations:
         names = set(await self.db.list_collection_names())
         for name in (MIGRATIONS, SCHEMAS, LOCK):
             if name not in names:
-                with contextlib.suppress(OperationFailure):  # made meanwhile
+                with contextlib.suppress(OperationFailure, CollectionInvalid):  # made meanwhile
                     await self.db.create_collection(name)
 
     async def lock_holder(self) -> str | None:
@@ -226,6 +227,7 @@ class MongoTx:
         return None if doc is None else (int(doc["version"]), orjson.loads(doc["schema"]))
 
     async def write_schema(self, collection: str, schema: dict[str, Any] | None) -> None:
+        await self._validator(collection, schema)
         if schema is None:
             await self.db[SCHEMAS].delete_one({"_id": collection}, session=self.s)
             return
@@ -238,6 +240,25 @@ class MongoTx:
             upsert=True,
             session=self.s,
         )
+
+    async def _validator(self, collection: str, schema: dict[str, Any] | None) -> None:
+        """The server's ``$jsonSchema`` validator follows the declared schema (undone, to
+        the options it had, when the transaction fails)."""
+        found = await self.db.list_collections(filter={"name": collection})
+        info = await found.to_list()
+        if not info:
+            return
+        parsed = None if schema is None else parse_schema(schema, collection, "schema")
+        before = info[0].get("options") or {}
+        previous = {"collMod": collection, "validator": before.get("validator") or {}}
+        for key in ("validationLevel", "validationAction"):
+            if key in before:
+                previous[key] = before[key]
+        try:
+            await self.db.command(collmod(collection, parsed))
+        except PyMongoError as exc:
+            raise translate(exc) from None
+        self.undo.append(lambda: self.db.command(previous))
 
     async def table_exists(self, collection: str) -> bool:
         return collection in await self.db.list_collection_names(filter={"name": collection})
@@ -381,7 +402,14 @@ class MongoTx:
         except ProxyError:
             raise
         except PyMongoError as exc:
-            raise translate(exc, updating=True) from None
+            err = translate(exc, updating=True)
+            if isinstance(err, SchemaViolation):  # SecantusDB: bypass_document_validation
+                raise Conflict(  # is not honoured (MongoDB's docs: it is)
+                    f"stored document(s) of {collection!r} would not satisfy the schema",
+                    code="existing_documents_invalid",
+                    details={"collection": collection, "documents": [{"_id": i} for i in ids]},
+                ) from None
+            raise err from None
         return Batch(ids, docs)
 
     async def save(self, record: dict[str, Any]) -> None:
