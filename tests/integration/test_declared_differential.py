@@ -123,6 +123,11 @@ def test_typed_cursor_is_not_a_generic_one(env: Env) -> None:
     pages): 400 invalid_cursor, never a wrong page."""
     from proxy.errors import InvalidQuery
 
+    if hasattr(env.backend, "database"):
+        pytest.skip(
+            "MongoDB compiles a sort one way whatever the declared kinds (no typed SQL "
+            "expressions), so a typed cursor is a generic one there"
+        )
     name = env.load([{"_id": f"x{i}", "n": i} for i in range(3)])
     raw = {"sort": "n", "limit": 1}
     page = env.run(env.backend.find(name, env.spec(raw, typed=True)))

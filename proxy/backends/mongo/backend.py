@@ -27,8 +27,11 @@ from pymongo.read_concern import ReadConcern
 from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind, Unsupported
 from proxy.backends.mongo.coalesced import PointReads
+from proxy.backends.mongo.describe import describe_collection as describe_one
+from proxy.backends.mongo.describe import load_schemas as read_schemas
 from proxy.backends.mongo.documents import AUDIT, IDEMPOTENCY, Op, T
 from proxy.backends.mongo.errors import translate
+from proxy.backends.mongo.migrations import MongoMigrations
 from proxy.backends.mongo.reads import RoutedReads
 from proxy.backends.mongo.routing import UNKNOWN_TOKEN, ReadRouting, note_write
 from proxy.backends.mongo.transaction import MongoTransaction
@@ -45,6 +48,7 @@ ISOLATION_LEVELS = ("read_committed", "repeatable_read", "serializable")
 DEFAULT_DATABASE = "dbproxy"
 # how long past the statement timeout the client waits for a server that does not answer
 GRACE_SECONDS = 0.5
+SCHEMA_POLL_SECONDS = 1.0  # how soon a migration another sidecar ran is enforced
 _AUDIT_FIELDS = ("id", "at", "service", "operation", "collection", "ids", "request_id", "outcome")
 
 
@@ -67,7 +71,7 @@ class MongoBackend(Unsupported, RoutedReads):
     """Documents in collections of the same name in one database: ``_id`` (string),
     ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
-    capabilities = Capabilities(audit_log=True, coalesce=True)
+    capabilities = Capabilities(audit_log=True, coalesce=True, schemas=True)
 
     def __init__(
         self,
@@ -391,19 +395,26 @@ class MongoBackend(Unsupported, RoutedReads):
             out.append({k: row.get(k) for k in _AUDIT_FIELDS})
         return out
 
-    # -- what this backend does not declare ------------------------------------------
+    # -- schemas and migrations (describe.py, migrations.py) ---------------------------
 
     async def load_schemas(self) -> dict[str, tuple[int, dict[str, Any]]]:
-        return {}
+        return await self._read(lambda _s: read_schemas(self.db))
 
     async def watch_schemas(self, changed: Callable[[], Awaitable[None]]) -> None:
-        raise Unsupported.refusal("schemas")
+        """Until cancelled: a poll every ``SCHEMA_POLL_SECONDS`` (no change stream without
+        a replica set's oplog being relied on)."""
+        while True:
+            try:
+                await changed()
+            except ProxyError as err:
+                log.debug("schemas of %s not reloaded: %s", self.name, err.code)
+            await asyncio.sleep(SCHEMA_POLL_SECONDS)
 
     async def describe_collection(self, collection: str, sample: int) -> dict[str, Any]:
-        raise Unsupported.refusal("describing collections")
+        return await self._read(lambda _s: describe_one(self.db, collection, sample))
 
-    def migrations(self) -> Any:
-        raise Unsupported.refusal("migrations")
+    def migrations(self) -> MongoMigrations:
+        return MongoMigrations(self)
 
     async def collection_names(self) -> list[str]:
         names = await self._read(lambda s: self.db.list_collection_names(session=s))

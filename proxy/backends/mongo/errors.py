@@ -22,6 +22,7 @@ from proxy.errors import (
     LimitExceeded,
     NumberOutOfRange,
     ProxyError,
+    SchemaViolation,
     Timeout,
     Unavailable,
 )
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 WRITE_CONFLICT = 112
+VALIDATION_FAILED = 121
 # an update that cannot apply to the stored document (MongoDB's codes)
 _UPDATE_REFUSED = {2, 9, 14, 16837, 28, 40, 54, 55, 56, 57, 4772600, 6, 17261}
 _TIME_LIMIT = {50, 262}  # MaxTimeMSExpired, ExceededTimeLimit
@@ -52,6 +54,9 @@ def duplicate(details: Mapping[str, Any] | None) -> Conflict:
     if not pattern or "_id" in pattern:
         return DuplicateId("a document with this _id already exists")
     index = declared_index_name(str((details or {}).get("indexName") or ""))
+    if index is None:  # SecantusDB names it only in errmsg ("... index: NAME dup key")
+        found = _INDEX_IN_MESSAGE.search(str((details or {}).get("errmsg") or ""))
+        index = declared_index_name(found.group(1)) if found else None
     if index is None:
         keys = [k for k in pattern if k != "_id"]
         index = "_".join(keys) or "unique"
@@ -60,6 +65,7 @@ def duplicate(details: Mapping[str, Any] | None) -> Conflict:
     )
 
 
+_INDEX_IN_MESSAGE = re.compile(r"index: ([A-Za-z0-9_]+) dup key")
 _SSL_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\]([^(\]]*)")
 _CERT_REASONS = frozenset({"CERTIFICATE_VERIFY_FAILED"})
 
@@ -124,6 +130,11 @@ def _by_code(exc: pe.OperationFailure, updating: bool) -> ProxyError:
         return duplicate(exc.details)
     if code == WRITE_CONFLICT:
         return write_conflict()
+    if code == VALIDATION_FAILED:  # the server's $jsonSchema (the sidecar checks first)
+        return SchemaViolation(
+            "the database's schema validator refused the document",
+            details={"problems": [{"path": "", "rule": "$jsonSchema", "message": "refused"}]},
+        )
     if code in _TIME_LIMIT:
         return Timeout("the statement took longer than the configured timeout")
     if code in _REGEX:
