@@ -67,7 +67,7 @@ class MongoBackend(Unsupported, MongoDocuments):
     """Documents in collections of the same name in one database: ``_id`` (string),
     ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
-    capabilities = Capabilities(audit_log=True, coalesce=True)
+    capabilities = Capabilities(audit_log=True, coalesce=True, aggregate=True)
 
     def __init__(
         self,

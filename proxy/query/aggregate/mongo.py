@@ -1,0 +1,237 @@
+"""Aggregation pipelines compiled for MongoDB's own ``aggregate``: the validated stages
+rewritten stage by stage, the caller's view (row rules, readable fields) first, the
+contract's order (docs/aggregation.md, "Order") kept by a hidden stream-order field."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.query import mongo as mq
+from proxy.query.aggregate.ast import (
+    AddFields,
+    Bucket,
+    Count,
+    Facet,
+    Group,
+    Limit,
+    Lookup,
+    Match,
+    Pipeline,
+    Project,
+    ReplaceRoot,
+    Skip,
+    Sort,
+    Stage,
+    Unset,
+    Unwind,
+    View,
+)
+from proxy.query.aggregate.mongo_expr import ORDER, accumulators, expr, group_key, value
+from proxy.query.aggregate.pg_stages import raw_is_view
+
+INDEX = "__dbproxy_i"  # $unwind's array index, before the stream is numbered again
+RANK = "__dbproxy_r"  # $bucket: 1 for the default bucket (emitted last)
+Stages = list[dict[str, Any]]
+
+
+def compile_pipeline(pipeline: Pipeline, base: View, views: Mapping[str, View], cap: int) -> Stages:
+    """MongoDB stages yielding the pipeline's output documents in the contract's order, at
+    most ``cap + 1`` of them, without the hidden field."""
+    stages = list(pipeline.stages)
+    early: Stages = []
+    while stages and isinstance(stages[0], Match) and raw_is_view(stages[0].filter, base.readable):
+        match = mq.compile_filter(stages.pop(0).filter)  # type: ignore[union-attr]
+        if match:
+            early.append({"$match": match})
+    # after the row rules, before the numbering: what the collection's indexes serve
+    out = view_stages(base, numbered=True, early=early)
+    out += compile_stages(stages, views)
+    out += [{"$limit": cap + 1}, {"$unset": ORDER}]
+    return out
+
+
+def view_stages(view: View, *, numbered: bool, early: Stages | None = None) -> Stages:
+    """The caller's view of a collection: its row rules (and the ``early`` stages), the
+    stream numbered in ``_id`` order (``numbered``; else sorted), only the readable fields."""
+    guard = mq.compile_filter(view.guard) if view.guard is not None else {}
+    out: Stages = [{"$match": guard}] if guard else []
+    out += early or []
+    if numbered:
+        out.append(renumber({"_id": 1}, first=True))
+    else:
+        out.append({"$sort": {"_id": 1}})
+    if view.readable is not None:
+        out.append({"$replaceWith": readable_doc(view.readable, keep_order=numbered)})
+    return out
+
+
+def renumber(sort: dict[str, int], *, first: bool = False) -> dict[str, Any]:
+    """Sort by ``sort`` (then the stream order) and number the stream again."""
+    order = dict(sort) if first else {**sort, ORDER: 1}
+    return {"$setWindowFields": {"sortBy": order, "output": {ORDER: {"$documentNumber": {}}}}}
+
+
+# ---- readable fields ------------------------------------------------------------------
+
+
+def readable_doc(names: frozenset[str], *, keep_order: bool) -> Any:
+    """The document with only ``names`` (a listed path covers everything under it; objects
+    are entered, an object left empty is dropped; ``_id`` and ``_version`` always pass)."""
+    tree: dict[str, Any] = {}
+    for name in sorted(names, key=len):
+        node = tree
+        parts = name.split(".")
+        for i, seg in enumerate(parts):
+            if node.get(seg) is True:
+                break
+            if i == len(parts) - 1:
+                node[seg] = True
+            else:
+                node = node.setdefault(seg, {})
+    fields: dict[str, Any] = {"_id": "$_id", "_version": "$_version"}
+    if keep_order:
+        fields[ORDER] = "$" + ORDER
+    for key, sub in tree.items():
+        if key in ("_id", "_version"):
+            continue
+        fields[key] = "$" + key if sub is True else _part("$" + key, sub, 0)
+    return fields
+
+
+def _part(ref: str, tree: dict[str, Any], depth: int) -> Any:
+    """The readable part of the value at ``ref``: an object's listed keys, else missing."""
+    var = f"dbproxy_p{depth}"
+    here = "$$" + var
+    inner = {
+        key: here + "." + key if sub is True else _part(here + "." + key, sub, depth + 1)
+        for key, sub in tree.items()
+    }
+    built = f"dbproxy_b{depth}"
+    kept = {"$cond": [{"$eq": ["$$" + built, {}]}, "$$REMOVE", "$$" + built]}
+    on_object = {"$let": {"vars": {built: inner}, "in": kept}}
+    test = {"$eq": [{"$type": here}, "object"]}
+    return {"$let": {"vars": {var: ref}, "in": {"$cond": [test, on_object, "$$REMOVE"]}}}
+
+
+# ---- stages ---------------------------------------------------------------------------
+
+
+def compile_stages(stages: list[Stage], views: Mapping[str, View]) -> Stages:
+    out: Stages = []
+    for stage in stages:
+        out += _stage(stage, views)
+    return out
+
+
+def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
+    if isinstance(s, Match):
+        match = mq.compile_filter(s.filter)
+        return [{"$match": match}] if match else []
+    if isinstance(s, AddFields):
+        return [{"$set": {".".join(p): value(e) for p, e in s.fields}}]
+    if isinstance(s, Unset):
+        return [{"$unset": [".".join(p) for p in s.paths]}]
+    if isinstance(s, Project):
+        return [_project(s)]
+    if isinstance(s, ReplaceRoot):
+        return [_replace_root(s)]
+    if isinstance(s, Group):
+        return _group(s)
+    if isinstance(s, Sort):
+        keys = {".".join(k.path): -1 if k.descending else 1 for k in s.keys}
+        return [renumber(keys)]
+    if isinstance(s, Skip):
+        return [{"$skip": s.n}]
+    if isinstance(s, Limit):
+        return [{"$limit": s.n}]
+    if isinstance(s, Unwind):
+        return _unwind(s)
+    if isinstance(s, Count):
+        # what MongoDB documents $count to be (some servers answer 0 over no input)
+        count = {"$group": {"_id": None, s.field: {"$sum": 1}}}
+        return [count, {"$project": {"_id": False, s.field: True}}, {"$set": {ORDER: 1}}]
+    if isinstance(s, Lookup):
+        return [_lookup(s, views[s.collection])]
+    if isinstance(s, Facet):
+        facets = {
+            name: [*compile_stages(list(sub), views), {"$unset": ORDER}] for name, sub in s.facets
+        }
+        return [{"$facet": facets}, {"$set": {ORDER: 1}}]
+    if isinstance(s, Bucket):
+        return _bucket(s)
+    raise TypeError(f"not a stage: {s!r}")
+
+
+def _project(s: Project) -> dict[str, Any]:
+    spec: dict[str, Any] = {}
+    for path, e in s.fields:
+        spec[".".join(path)] = True if e is None else value(e)
+    if s.exclude_id:
+        spec["_id"] = False
+    spec[ORDER] = True
+    return {"$project": spec}
+
+
+def _replace_root(s: ReplaceRoot) -> dict[str, Any]:
+    """A non-object new root fails on the server; an object keeps the stream order."""
+    new = "$$dbproxy_n"
+    keep = {"$mergeObjects": [new, {ORDER: "$" + ORDER}]}
+    checked = {"$cond": [{"$eq": [{"$type": new}, "object"]}, keep, new]}
+    return {"$replaceWith": {"$let": {"vars": {"dbproxy_n": expr(s.expr)}, "in": checked}}}
+
+
+def _group(s: Group) -> Stages:
+    accs, after = accumulators(s.accumulators)
+    out: Stages = [{"$group": {"_id": group_key(s.key), **accs}}, {"$sort": {ORDER: 1}}]
+    if after:
+        out.append({"$set": after})
+    return out
+
+
+def _unwind(s: Unwind) -> Stages:
+    spec = {
+        "path": "$" + ".".join(s.path),
+        "includeArrayIndex": INDEX,
+        "preserveNullAndEmptyArrays": s.preserve,
+    }
+    out: Stages = [{"$unwind": spec}, renumber({ORDER: 1, INDEX: 1}, first=True)]
+    if s.index_field is not None:
+        out.append({"$set": {".".join(s.index_field): "$" + INDEX}})
+    out.append({"$unset": INDEX})
+    return out
+
+
+def _lookup(s: Lookup, view: View) -> dict[str, Any]:
+    """The equality form, the looked-up collection seen through the caller's view of it
+    (its row rules and readable fields applied by the server), in ``_id`` order."""
+    return {
+        "$lookup": {
+            "from": s.collection,
+            "localField": ".".join(s.local),
+            "foreignField": ".".join(s.foreign),
+            "pipeline": view_stages(view, numbered=False),
+            "as": ".".join(s.as_),
+        }
+    }
+
+
+def _bucket(s: Bucket) -> Stages:
+    accs, after = accumulators(s.output)
+    spec: dict[str, Any] = {
+        "groupBy": expr(s.group_by),
+        "boundaries": list(s.boundaries),
+        "output": accs,
+    }
+    if s.has_default:
+        spec["default"] = s.default
+    out: Stages = [{"$bucket": spec}]
+    if s.has_default:  # the default bucket last, whatever its _id
+        last = {"$cond": [{"$eq": ["$_id", {"$literal": s.default}]}, 1, 0]}
+        out += [{"$set": {RANK: last}}, renumber({RANK: 1, "_id": 1}, first=True)]
+        out.append({"$unset": RANK})
+    else:
+        out.append(renumber({"_id": 1}, first=True))
+    if after:
+        out.append({"$set": after})
+    return out

@@ -1,0 +1,209 @@
+"""Aggregation expressions and accumulators compiled for MongoDB's own pipeline: from the
+validated AST only; where docs/aggregation.md narrows MongoDB (a non-string to ``$toLower``)
+the compiled expression tests the type and fails as the contract says."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from proxy.query.aggregate.ast import (
+    Accumulator,
+    Arr,
+    Call,
+    Expr,
+    Field,
+    Iterate,
+    Lit,
+    Obj,
+    Switch,
+    Var,
+)
+
+ORDER = "__dbproxy_o"  # every document's place in the stream (an integer, 1 up)
+FAIL_MARK = "dbproxy!"
+_PATH_DEPTH = 4  # arrays within arrays a field path maps (deeper ones give [])
+FAILED = re.compile(r"dbproxy!([A-Za-z$ ]{1,80})!")
+
+
+def fail(message: str) -> Any:
+    """An expression that fails when evaluated (a conversion of a text that is no number;
+    it reads the current document, so the server cannot fold it ahead of time). The
+    server's error text carries ``message``, which ``FAILED`` finds again."""
+    marked = {"$concat": [FAIL_MARK + message + "!", {"$substrCP": [{"$type": "$$ROOT"}, 0, 0]}]}
+    return {"$toInt": marked}
+
+
+def _let(name: str, value: Any, body: Any) -> Any:
+    return {"$let": {"vars": {name: value}, "in": body}}
+
+
+def _type_in(ref: str, kinds: list[str]) -> Any:
+    return {"$in": [{"$type": ref}, kinds]}
+
+
+def without_order(doc: Any) -> Any:
+    """``doc`` (an object) without the stream-order field."""
+    kept = {
+        "$filter": {
+            "input": {"$objectToArray": doc},
+            "as": "dbproxy_kv",
+            "cond": {"$ne": ["$$dbproxy_kv.k", ORDER]},
+        }
+    }
+    return {"$arrayToObject": [kept]}
+
+
+def expr(e: Expr) -> Any:
+    """One expression as MongoDB writes it."""
+    if isinstance(e, Field):
+        if not e.path:
+            return without_order("$$CURRENT")
+        return path("$" + e.path[0], e.path[1:])
+    if isinstance(e, Var):
+        return path("$$" + e.name, e.path)
+    if isinstance(e, Lit):
+        return {"$literal": e.value}
+    if isinstance(e, Call):
+        return _call(e)
+    if isinstance(e, Obj):
+        return {k: expr(v) for k, v in e.fields}
+    if isinstance(e, Arr):
+        return [expr(x) for x in e.items]
+    if isinstance(e, Switch):
+        spec: dict[str, Any] = {
+            "branches": [{"case": expr(c), "then": expr(t)} for c, t in e.branches]
+        }
+        if e.default is not None:
+            spec["default"] = expr(e.default)
+        return {"$switch": spec}
+    if isinstance(e, Iterate):
+        return _iterate(e)
+    raise TypeError(f"not an expression: {e!r}")
+
+
+def path(start: str, segs: tuple[str, ...], depth: int = 0) -> Any:
+    """``start`` followed by ``segs`` as the contract (and MongoDB's documentation) reads a
+    field path: objects by key; an array mapped, its objects entered and its arrays mapped
+    again, what gives missing dropped. Written out, not left to the server's own path
+    reading, which some servers do not map through arrays."""
+    if not segs:
+        return start
+    var, seg, rest = f"dbproxy_f{depth}", segs[0], segs[1:]
+    here = "$$" + var
+    on_object = path(f"{here}.{seg}", rest, depth + 1)
+    if depth >= _PATH_DEPTH:
+        mapped: Any = []
+    else:
+        kept = {
+            "$cond": [
+                {"$eq": [{"$type": "$$dbproxy_r"}, "missing"]},
+                "$$value",
+                {"$concatArrays": ["$$value", ["$$dbproxy_r"]]},
+            ]
+        }
+        step = path("$$this", segs, depth + 1)
+        each = {"$let": {"vars": {"dbproxy_r": step}, "in": kept}}
+        mapped = {"$reduce": {"input": here, "initialValue": [], "in": each}}
+    body = {
+        "$cond": [
+            {"$eq": [{"$type": here}, "object"]},
+            on_object,
+            {"$cond": [{"$isArray": here}, mapped, "$$REMOVE"]},
+        ]
+    }
+    return {"$let": {"vars": {var: start}, "in": body}}
+
+
+def value(e: Expr) -> Any:
+    """An expression where a stage reads a field's value (``$project``, ``$addFields``):
+    an object there would read as a nested specification, so it is wrapped."""
+    if isinstance(e, Obj):
+        return {"$mergeObjects": [expr(e)]}
+    return expr(e)
+
+
+def _iterate(e: Iterate) -> Any:
+    if e.op == "map":
+        return {"$map": {"input": expr(e.input), "as": e.var, "in": expr(e.body)}}
+    spec: dict[str, Any] = {"input": expr(e.input), "as": e.var, "cond": expr(e.body)}
+    if e.limit is not None:
+        spec["limit"] = expr(e.limit)
+    return {"$filter": spec}
+
+
+def _call(e: Call) -> Any:
+    op, args = e.op, [expr(a) for a in e.args]
+    if op in ("toLower", "toUpper"):
+        return _strings_only(op, args[0], {"$" + op: "$$dbproxy_s"}, "")
+    if op == "substrCP":
+        body = {"$substrCP": ["$$dbproxy_s", args[1], args[2]]}
+        return _strings_only(op, args[0], body, "")
+    if op == "trim":
+        spec = {"input": args[0]}
+        if not (isinstance(e.args[1], Lit) and e.args[1].value is None):
+            spec["chars"] = args[1]
+        return {"$trim": spec}
+    if op == "not":
+        return {"$not": [args[0]]}
+    if op in ("abs", "floor", "ceil", "strLenCP", "size", "type", "toString", "toInt", "toDouble"):
+        return {"$" + op: [args[0]]}
+    return {"$" + op: args}
+
+
+def _strings_only(op: str, arg: Any, body: Any, on_null: Any) -> Any:
+    """``body`` over ``$$dbproxy_s`` when ``arg`` is a string, ``on_null`` when it is null
+    or missing, else a failure (MongoDB would convert a number)."""
+    s = "$$dbproxy_s"
+    checked = {
+        "$cond": [
+            _type_in(s, ["string"]),
+            body,
+            {"$cond": [_type_in(s, ["null", "missing"]), on_null, fail(f"${op} needs a string")]},
+        ]
+    }
+    return _let("dbproxy_s", arg, checked)
+
+
+# ---- $group ---------------------------------------------------------------------------
+
+
+def group_key(e: Expr) -> Any:
+    """A ``$group`` key: missing is null, also in each part of an object key."""
+    if isinstance(e, Obj):
+        return {k: group_key(v) for k, v in e.fields}
+    if isinstance(e, Lit | Arr):
+        return expr(e)
+    return {"$ifNull": [expr(e), None]}
+
+
+def accumulators(
+    items: tuple[tuple[str, Accumulator], ...],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The accumulators of a ``$group``/``$bucket`` output, and the ``$set`` that finishes
+    them (``$addToSet`` keeps each value at its first appearance: a ``$push``, then the
+    repeats removed in order)."""
+    out: dict[str, Any] = {}
+    after: dict[str, Any] = {}
+    for name, acc in items:
+        arg = expr(acc.arg)
+        if acc.op == "count":
+            out[name] = {"$sum": 1}
+        elif acc.op == "addToSet":
+            out[name] = {"$push": arg}
+            after[name] = _distinct("$" + name)
+        else:
+            out[name] = {"$" + acc.op: arg}
+    out[ORDER] = {"$min": "$" + ORDER}
+    return out, after
+
+
+def _distinct(array: str) -> Any:
+    keep = {
+        "$cond": [
+            {"$in": ["$$this", "$$value"]},
+            "$$value",
+            {"$concatArrays": ["$$value", ["$$this"]]},
+        ]
+    }
+    return {"$reduce": {"input": array, "initialValue": [], "in": keep}}
