@@ -27,6 +27,8 @@ Session = AsyncClientSession | None
 # the server refused the compiled pipeline itself (a stage or an operator it does not
 # know, a bad specification): dbproxy's fault or the server's, never the caller's values
 _REFUSED_PIPELINE = {40324, 31325, 168, 15983, 16410, 16411, 40323, 40352, 17276}
+# what the values are not to blame for: time, size, the server's state
+_NOT_VALUES = {50, 262, 10334, 17419, 17420, 10, 91, 189, 11600, 11602, 13435, 13436, 112}
 _EXPLAINED = ("stages", "queryPlanner", "explainVersion")
 
 
@@ -95,10 +97,9 @@ class MongoAggregate:
 def _failed(exc: OperationFailure) -> ProxyError:
     """A refused run: the values met an operator that cannot take them (expression_failed,
     naming the operator when dbproxy's own check failed), else as any other error."""
-    err = translate(exc)
-    if not isinstance(err, InternalError) and err.code != "invalid_query":
-        return err
     code = exc.code or 0
+    if code in _NOT_VALUES:
+        return translate(exc)
     if code in _REFUSED_PIPELINE:
         log.error("MongoDB refused a compiled pipeline (code %s)", code)
         return InternalError("the database refused the compiled pipeline")

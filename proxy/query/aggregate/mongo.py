@@ -4,6 +4,7 @@ contract's order (docs/aggregation.md, "Order") kept by a hidden stream-order fi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,11 +28,12 @@ from proxy.query.aggregate.ast import (
     Unwind,
     View,
 )
-from proxy.query.aggregate.mongo_expr import ORDER, accumulators, expr, group_key, value
+from proxy.query.aggregate.mongo_expr import ORDER, accumulators, expr, fail, group_key, value
 from proxy.query.aggregate.pg_stages import raw_is_view
 
 INDEX = "__dbproxy_i"  # $unwind's array index, before the stream is numbered again
-RANK = "__dbproxy_r"  # $bucket: 1 for the default bucket (emitted last)
+NEW_ROOT = "__dbproxy_n"  # $replaceRoot's new root, before it replaces the document
+JOINED = "__dbproxy_j"  # a $lookup's array, before it is set at a dotted ``as``
 Stages = list[dict[str, Any]]
 
 
@@ -135,7 +137,7 @@ def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
     if isinstance(s, Project):
         return [_project(s)]
     if isinstance(s, ReplaceRoot):
-        return [_replace_root(s)]
+        return _replace_root(s)
     if isinstance(s, Group):
         return _group(s)
     if isinstance(s, Sort):
@@ -152,7 +154,7 @@ def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
         count = {"$group": {"_id": None, s.field: {"$sum": 1}}}
         return [count, {"$project": {"_id": False, s.field: True}}, {"$set": {ORDER: 1}}]
     if isinstance(s, Lookup):
-        return [_lookup(s, views[s.collection])]
+        return _lookup(s, views[s.collection])
     if isinstance(s, Facet):
         facets = {
             name: [*compile_stages(list(sub), views), {"$unset": ORDER}] for name, sub in s.facets
@@ -173,12 +175,14 @@ def _project(s: Project) -> dict[str, Any]:
     return {"$project": spec}
 
 
-def _replace_root(s: ReplaceRoot) -> dict[str, Any]:
-    """A non-object new root fails on the server; an object keeps the stream order."""
-    new = "$$dbproxy_n"
+def _replace_root(s: ReplaceRoot) -> Stages:
+    """A non-object new root fails on the server; an object keeps the stream order. The
+    root is computed by a ``$set`` first (some servers refuse ``$objectToArray`` of a
+    variable within ``$replaceWith``)."""
+    new = "$" + NEW_ROOT
     keep = {"$mergeObjects": [new, {ORDER: "$" + ORDER}]}
     checked = {"$cond": [{"$eq": [{"$type": new}, "object"]}, keep, new]}
-    return {"$replaceWith": {"$let": {"vars": {"dbproxy_n": expr(s.expr)}, "in": checked}}}
+    return [{"$set": {NEW_ROOT: value(s.expr)}}, {"$replaceWith": checked}]
 
 
 def _group(s: Group) -> Stages:
@@ -202,36 +206,56 @@ def _unwind(s: Unwind) -> Stages:
     return out
 
 
-def _lookup(s: Lookup, view: View) -> dict[str, Any]:
+def _lookup(s: Lookup, view: View) -> Stages:
     """The equality form, the looked-up collection seen through the caller's view of it
-    (its row rules and readable fields applied by the server), in ``_id`` order."""
-    return {
+    (its row rules and readable fields applied by the server), in ``_id`` order. A dotted
+    ``as`` is set as ``$addFields`` sets (MongoDB's documentation; some servers leave a
+    scalar on the way in place)."""
+    dotted = len(s.as_) > 1
+    found = {
         "$lookup": {
             "from": s.collection,
             "localField": ".".join(s.local),
             "foreignField": ".".join(s.foreign),
             "pipeline": view_stages(view, numbered=False),
-            "as": ".".join(s.as_),
+            "as": JOINED if dotted else s.as_[0],
         }
     }
+    if not dotted:
+        return [found]
+    return [found, {"$set": {".".join(s.as_): "$" + JOINED}}, {"$unset": JOINED}]
 
 
 def _bucket(s: Bucket) -> Stages:
-    accs, after = accumulators(s.output)
-    spec: dict[str, Any] = {
-        "groupBy": expr(s.group_by),
-        "boundaries": list(s.boundaries),
-        "output": accs,
+    """``$bucket`` as MongoDB documents it, written as a ``$group`` on the bucket's index
+    (some servers drop a null ``default``): buckets in boundary order, the default last."""
+    bounds = list(s.boundaries)
+    v = "$$dbproxy_g"
+    branches = [
+        {
+            "case": {"$and": [{"$gte": [v, {"$literal": lo}]}, {"$lt": [v, {"$literal": hi}]}]},
+            "then": i,
+        }
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds))
+    ]
+    other = (
+        len(bounds) - 1
+        if s.has_default
+        else fail("$bucket: a value outside the boundaries and no default")
+    )
+    index = {
+        "$let": {
+            "vars": {"dbproxy_g": expr(s.group_by)},
+            "in": {"$switch": {"branches": branches, "default": other}},
+        }
     }
-    if s.has_default:
-        spec["default"] = s.default
-    out: Stages = [{"$bucket": spec}]
-    if s.has_default:  # the default bucket last, whatever its _id
-        last = {"$cond": [{"$eq": ["$_id", {"$literal": s.default}]}, 1, 0]}
-        out += [{"$set": {RANK: last}}, renumber({RANK: 1, "_id": 1}, first=True)]
-        out.append({"$unset": RANK})
-    else:
-        out.append(renumber({"_id": 1}, first=True))
+    accs, after = accumulators(s.output)
+    ids = [*bounds[:-1], s.default]
+    out: Stages = [
+        {"$group": {"_id": index, **accs}},
+        renumber({"_id": 1}, first=True),
+        {"$set": {"_id": {"$arrayElemAt": [{"$literal": ids}, "$_id"]}}},
+    ]
     if after:
         out.append({"$set": after})
     return out

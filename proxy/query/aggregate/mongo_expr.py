@@ -44,9 +44,10 @@ def _type_in(ref: str, kinds: list[str]) -> Any:
 
 def without_order(doc: Any) -> Any:
     """``doc`` (an object) without the stream-order field."""
+    pairs = {"$cond": [{"$eq": [doc, {"$literal": {}}]}, [], {"$objectToArray": doc}]}
     kept = {
         "$filter": {
-            "input": {"$objectToArray": doc},
+            "input": pairs,
             "as": "dbproxy_kv",
             "cond": {"$ne": ["$$dbproxy_kv.k", ORDER]},
         }
@@ -68,8 +69,8 @@ def expr(e: Expr) -> Any:
         return _call(e)
     if isinstance(e, Obj):
         return {k: expr(v) for k, v in e.fields}
-    if isinstance(e, Arr):
-        return [expr(x) for x in e.items]
+    if isinstance(e, Arr):  # an item giving missing is null
+        return [x.value if isinstance(x, Lit) else {"$ifNull": [expr(x), None]} for x in e.items]
     if isinstance(e, Switch):
         spec: dict[str, Any] = {
             "branches": [{"case": expr(c), "then": expr(t)} for c, t in e.branches]
@@ -82,7 +83,7 @@ def expr(e: Expr) -> Any:
     raise TypeError(f"not an expression: {e!r}")
 
 
-def path(start: str, segs: tuple[str, ...], depth: int = 0) -> Any:
+def path(start: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
     """``start`` followed by ``segs`` as the contract (and MongoDB's documentation) reads a
     field path: objects by key; an array mapped, its objects entered and its arrays mapped
     again, what gives missing dropped. Written out, not left to the server's own path
@@ -186,7 +187,9 @@ def accumulators(
     out: dict[str, Any] = {}
     after: dict[str, Any] = {}
     for name, acc in items:
-        arg = expr(acc.arg)
+        arg = _accumulated(acc.arg)
+        if acc.op in ("first", "last") and isinstance(acc.arg, Lit):
+            arg = {"$ifNull": [expr(acc.arg), None]}  # some servers read a constant as $first's
         if acc.op == "count":
             out[name] = {"$sum": 1}
         elif acc.op == "addToSet":
@@ -196,6 +199,18 @@ def accumulators(
             out[name] = {"$" + acc.op: arg}
     out[ORDER] = {"$min": "$" + ORDER}
     return out, after
+
+
+def _accumulated(e: Expr) -> Any:
+    """An accumulator's argument; a plain constant as itself (some servers refuse a
+    ``$literal`` there)."""
+    if isinstance(e, Lit) and (
+        e.value is None
+        or isinstance(e.value, bool | int | float)
+        or (isinstance(e.value, str) and not e.value.startswith("$"))
+    ):
+        return e.value
+    return expr(e)
 
 
 def _distinct(array: str) -> Any:
