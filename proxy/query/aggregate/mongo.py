@@ -14,6 +14,7 @@ from proxy.query.aggregate.ast import (
     Bucket,
     Count,
     Facet,
+    Field,
     Group,
     Limit,
     Lookup,
@@ -28,11 +29,20 @@ from proxy.query.aggregate.ast import (
     Unwind,
     View,
 )
-from proxy.query.aggregate.mongo_expr import ORDER, accumulators, expr, fail, group_key, value
+from proxy.query.aggregate.mongo_expr import (
+    ORDER,
+    accumulators,
+    expr,
+    fail,
+    group_key,
+    set_in,
+    value,
+)
 from proxy.query.aggregate.pg_stages import raw_is_view
 
 INDEX = "__dbproxy_i"  # $unwind's array index, before the stream is numbered again
 NEW_ROOT = "__dbproxy_n"  # $replaceRoot's new root, before it replaces the document
+HELD = "__dbproxy_h"  # a value to set at a dotted path, computed before any is set
 JOINED = "__dbproxy_j"  # a $lookup's array, before it is set at a dotted ``as``
 Stages = list[dict[str, Any]]
 
@@ -113,7 +123,8 @@ def _part(ref: str, tree: dict[str, Any], depth: int) -> Any:
     kept = {"$cond": [{"$eq": ["$$" + built, {}]}, "$$REMOVE", "$$" + built]}
     on_object = {"$let": {"vars": {built: inner}, "in": kept}}
     test = {"$eq": [{"$type": here}, "object"]}
-    return {"$let": {"vars": {var: ref}, "in": {"$cond": [test, on_object, "$$REMOVE"]}}}
+    bound = {"$ifNull": [ref, None]}
+    return {"$let": {"vars": {var: bound}, "in": {"$cond": [test, on_object, "$$REMOVE"]}}}
 
 
 # ---- stages ---------------------------------------------------------------------------
@@ -131,7 +142,7 @@ def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
         match = mq.compile_filter(s.filter)
         return [{"$match": match}] if match else []
     if isinstance(s, AddFields):
-        return [{"$set": {".".join(p): value(e) for p, e in s.fields}}]
+        return set_fields([(p, value(e)) for p, e in s.fields])
     if isinstance(s, Unset):
         return [{"$unset": [".".join(p) for p in s.paths]}]
     if isinstance(s, Project):
@@ -163,6 +174,33 @@ def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
     if isinstance(s, Bucket):
         return _bucket(s)
     raise TypeError(f"not a stage: {s!r}")
+
+
+def set_fields(
+    fields: list[tuple[tuple[str, ...], Any]], temporary: tuple[str, ...] = ()
+) -> Stages:
+    """``$addFields`` of computed values: every value computed over the input document
+    first; a dotted path then set by an expression (``set_in``: some servers do not set
+    through a scalar or an array's scalars as MongoDB documents); ``temporary`` fields go."""
+    first: dict[str, Any] = {}
+    later: Stages = []
+    gone = list(temporary)
+    for i, (path, val) in enumerate(fields):
+        if len(path) == 1:
+            first[path[0]] = val
+            continue
+        held = f"{HELD}{i}"
+        if isinstance(val, str) and val.startswith("$") and val[1:] in temporary:
+            held = val[1:]
+        else:
+            first[held] = val
+            gone.append(held)
+        later.append({"$set": {path[0]: set_in("$" + path[0], path[1:], "$" + held)}})
+    out: Stages = [{"$set": first}] if first else []
+    out += later
+    if gone:
+        out.append({"$unset": gone})
+    return out
 
 
 def _project(s: Project) -> dict[str, Any]:
@@ -201,29 +239,29 @@ def _unwind(s: Unwind) -> Stages:
     }
     out: Stages = [{"$unwind": spec}, renumber({ORDER: 1, INDEX: 1}, first=True)]
     if s.index_field is not None:
-        out.append({"$set": {".".join(s.index_field): "$" + INDEX}})
-    out.append({"$unset": INDEX})
+        out += set_fields([(s.index_field, "$" + INDEX)], temporary=(INDEX,))
+    else:
+        out.append({"$unset": INDEX})
     return out
 
 
 def _lookup(s: Lookup, view: View) -> Stages:
     """The equality form, the looked-up collection seen through the caller's view of it
-    (its row rules and readable fields applied by the server), in ``_id`` order. A dotted
-    ``as`` is set as ``$addFields`` sets (MongoDB's documentation; some servers leave a
-    scalar on the way in place)."""
-    dotted = len(s.as_) > 1
+    (its row rules and readable fields applied by the server), in ``_id`` order. A local
+    value that is an empty array matches nothing (some servers match null to it); a
+    dotted ``as`` is set as ``$addFields`` sets."""
     found = {
         "$lookup": {
             "from": s.collection,
             "localField": ".".join(s.local),
             "foreignField": ".".join(s.foreign),
             "pipeline": view_stages(view, numbered=False),
-            "as": JOINED if dotted else s.as_[0],
+            "as": JOINED,
         }
     }
-    if not dotted:
-        return [found]
-    return [found, {"$set": {".".join(s.as_): "$" + JOINED}}, {"$unset": JOINED}]
+    local = expr(Field(s.local))
+    none = {"$cond": [{"$eq": [local, {"$literal": []}]}, {"$literal": []}, "$" + JOINED]}
+    return [found, {"$set": {JOINED: none}}, *set_fields([(s.as_, "$" + JOINED)], (JOINED,))]
 
 
 def _bucket(s: Bucket) -> Stages:
@@ -245,7 +283,7 @@ def _bucket(s: Bucket) -> Stages:
     )
     index = {
         "$let": {
-            "vars": {"dbproxy_g": expr(s.group_by)},
+            "vars": {"dbproxy_g": {"$ifNull": [expr(s.group_by), None]}},
             "in": {"$switch": {"branches": branches, "default": other}},
         }
     }

@@ -92,7 +92,9 @@ def path(start: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
         return start
     var, seg, rest = f"dbproxy_f{depth}", segs[0], segs[1:]
     here = "$$" + var
-    on_object = path(f"{here}.{seg}", rest, depth + 1)
+    # "$$x.<seg>" only when the key is there: some servers answer null for a missing key
+    child = {"$cond": [has_key(here, seg), f"{here}.{seg}", "$$REMOVE"]}
+    on_object = path(child, rest, depth + 1) if rest else child
     if depth >= _PATH_DEPTH:
         mapped: Any = []
     else:
@@ -113,7 +115,40 @@ def path(start: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
             {"$cond": [{"$isArray": here}, mapped, "$$REMOVE"]},
         ]
     }
-    return {"$let": {"vars": {var: start}, "in": body}}
+    return {"$let": {"vars": {var: {"$ifNull": [start, None]}}, "in": body}}
+
+
+def has_key(obj: str, key: str) -> Any:
+    """Whether the object ``obj`` holds ``key`` (some servers read a missing key of a
+    variable as null)."""
+    keys = {"$map": {"input": {"$objectToArray": obj}, "as": "dbproxy_kv", "in": "$$dbproxy_kv.k"}}
+    return {"$in": [key, keys]}
+
+
+def set_in(current: Any, segs: tuple[str, ...], new: str, depth: int = 0) -> Any:
+    """``current`` with ``segs`` set to ``new`` as ``$addFields`` sets a dotted path
+    (MongoDB's documentation): into objects, over arrays (each element; a scalar element
+    becomes an object), a scalar replaced by an object. ``new`` is never missing."""
+    if not segs:
+        return new
+    var, seg, rest = f"dbproxy_t{depth}", segs[0], segs[1:]
+    here = "$$" + var
+    child = {"$cond": [has_key(here, seg), f"{here}.{seg}", "$$REMOVE"]}
+    on_object = {"$mergeObjects": [here, {seg: set_in(child, rest, new, depth + 1)}]}
+    fresh = {seg: set_in("$$REMOVE", rest, new, depth + 1)}
+    if depth < _PATH_DEPTH:
+        each = set_in("$$" + var + "e", segs, new, depth + 1)
+        mapped: Any = {"$map": {"input": here, "as": var + "e", "in": each}}
+    else:
+        mapped = here
+    body = {
+        "$cond": [
+            {"$eq": [{"$type": here}, "object"]},
+            on_object,
+            {"$cond": [{"$isArray": here}, mapped, fresh]},
+        ]
+    }
+    return {"$let": {"vars": {var: {"$ifNull": [current, None]}}, "in": body}}
 
 
 def value(e: Expr) -> Any:
@@ -160,10 +195,10 @@ def _strings_only(op: str, arg: Any, body: Any, on_null: Any) -> Any:
         "$cond": [
             _type_in(s, ["string"]),
             body,
-            {"$cond": [_type_in(s, ["null", "missing"]), on_null, fail(f"${op} needs a string")]},
+            {"$cond": [_type_in(s, ["null"]), on_null, fail(f"${op} needs a string")]},
         ]
     }
-    return _let("dbproxy_s", arg, checked)
+    return _let("dbproxy_s", {"$ifNull": [arg, None]}, checked)
 
 
 # ---- $group ---------------------------------------------------------------------------
@@ -188,8 +223,11 @@ def accumulators(
     after: dict[str, Any] = {}
     for name, acc in items:
         arg = _accumulated(acc.arg)
-        if acc.op in ("first", "last") and isinstance(acc.arg, Lit):
-            arg = {"$ifNull": [expr(acc.arg), None]}  # some servers read a constant as $first's
+        if acc.op in ("first", "last", "push", "addToSet") and not isinstance(acc.arg, Field):
+            # made to read the document: some servers refuse a constant there, or fold it
+            # and read it as the array operator of the same name
+            on_doc = {"$eq": [{"$type": "$$ROOT"}, "object"]}
+            arg = {"$cond": [on_doc, expr(acc.arg), None]}
         if acc.op == "count":
             out[name] = {"$sum": 1}
         elif acc.op == "addToSet":
