@@ -22,7 +22,7 @@ from proxy.query.aggregate.ast import (
 
 ORDER = "__dbproxy_o"  # every document's place in the stream (an integer, 1 up)
 FAIL_MARK = "dbproxy!"
-_PATH_DEPTH = 4  # arrays within arrays a field path maps (deeper ones give [])
+_PATH_DEPTH = 3  # arrays within arrays a field path maps (deeper ones give [])
 FAILED = re.compile(r"dbproxy!([A-Za-z$ ]{1,80})!")
 
 
@@ -98,15 +98,16 @@ def path(start: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
     if depth >= _PATH_DEPTH:
         mapped: Any = []
     else:
-        kept = {
+        # the step is written twice, not bound to a variable: some servers mistype a
+        # variable bound to missing
+        step = path("$$this", segs, depth + 1)
+        each = {
             "$cond": [
-                {"$eq": [{"$type": "$$dbproxy_r"}, "missing"]},
+                {"$eq": [{"$type": step}, "missing"]},
                 "$$value",
-                {"$concatArrays": ["$$value", ["$$dbproxy_r"]]},
+                {"$concatArrays": ["$$value", [step]]},
             ]
         }
-        step = path("$$this", segs, depth + 1)
-        each = {"$let": {"vars": {"dbproxy_r": step}, "in": kept}}
         mapped = {"$reduce": {"input": here, "initialValue": [], "in": each}}
     body = {
         "$cond": [
@@ -182,6 +183,8 @@ def _call(e: Call) -> Any:
         return {"$trim": spec}
     if op == "not":
         return {"$not": [args[0]]}
+    if op == "concatArrays":  # missing is null here (some servers fail on a computed missing)
+        return {"$concatArrays": [{"$ifNull": [a, None]} for a in args]}
     if op in ("abs", "floor", "ceil", "strLenCP", "size", "type", "toString", "toInt", "toDouble"):
         return {"$" + op: [args[0]]}
     return {"$" + op: args}
