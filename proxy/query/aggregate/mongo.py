@@ -36,6 +36,7 @@ from proxy.query.aggregate.mongo_expr import (
     fail,
     group_key,
     set_in,
+    unset_in,
     value,
 )
 from proxy.query.aggregate.pg_stages import raw_is_view
@@ -144,7 +145,7 @@ def _stage(s: Stage, views: Mapping[str, View]) -> Stages:
     if isinstance(s, AddFields):
         return set_fields([(p, value(e)) for p, e in s.fields])
     if isinstance(s, Unset):
-        return [{"$unset": [".".join(p) for p in s.paths]}]
+        return _unset(s)
     if isinstance(s, Project):
         return [_project(s)]
     if isinstance(s, ReplaceRoot):
@@ -200,6 +201,25 @@ def set_fields(
     out += later
     if gone:
         out.append({"$unset": gone})
+    return out
+
+
+def _unset(s: Unset) -> Stages:
+    """Top-level paths by ``$unset``; a dotted one by an expression (some servers do not
+    remove it from the object elements of an array on the way)."""
+    top = [p[0] for p in s.paths if len(p) == 1]
+    out: Stages = [{"$unset": top}] if top else []
+    for p in s.paths:
+        if len(p) > 1:
+            field = "$" + p[0]
+            undone = {
+                "$cond": [
+                    {"$eq": [{"$type": field}, "missing"]},
+                    "$$REMOVE",
+                    unset_in(field, p[1:]),
+                ]
+            }
+            out.append({"$set": {p[0]: undone}})
     return out
 
 

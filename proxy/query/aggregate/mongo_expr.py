@@ -23,6 +23,31 @@ from proxy.query.aggregate.ast import (
 ORDER = "__dbproxy_o"  # every document's place in the stream (an integer, 1 up)
 FAIL_MARK = "dbproxy!"
 _PATH_DEPTH = 3  # arrays within arrays a field path maps (deeper ones give [])
+# operators that answer the same for a missing argument as for null
+_NULL_IS_MISSING = frozenset(
+    [
+        "add",
+        "multiply",
+        "subtract",
+        "divide",
+        "mod",
+        "abs",
+        "floor",
+        "ceil",
+        "round",
+        "concat",
+        "split",
+        "trim",
+        "arrayElemAt",
+        "slice",
+        "concatArrays",
+        "toString",
+        "toInt",
+        "toDouble",
+        "size",
+        "strLenCP",
+    ]
+)
 FAILED = re.compile(r"dbproxy!([A-Za-z$ ]{1,80})!")
 
 
@@ -83,37 +108,34 @@ def expr(e: Expr) -> Any:
     raise TypeError(f"not an expression: {e!r}")
 
 
-def path(start: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
+def path(start: Any, segs: tuple[str, ...]) -> Any:
     """``start`` followed by ``segs`` as the contract (and MongoDB's documentation) reads a
     field path: objects by key; an array mapped, its objects entered and its arrays mapped
     again, what gives missing dropped. Written out, not left to the server's own path
     reading, which some servers do not map through arrays."""
     if not segs:
         return start
+    return {"$arrayElemAt": [_found(start, segs, 0), 0]}  # [] → missing
+
+
+def _found(start: Any, segs: tuple[str, ...], depth: int) -> Any:
+    """``[value]`` of the path, or ``[]`` when it gives missing (a missing value is never
+    passed between expressions: some servers mistype it)."""
+    if not segs:
+        return [start]
     var, seg, rest = f"dbproxy_f{depth}", segs[0], segs[1:]
     here = "$$" + var
-    # "$$x.<seg>" only when the key is there: some servers answer null for a missing key
-    child = {"$cond": [has_key(here, seg), f"{here}.{seg}", "$$REMOVE"]}
-    on_object = path(child, rest, depth + 1) if rest else child
+    on_object = {"$cond": [has_key(here, seg), _found(f"{here}.{seg}", rest, depth + 1), []]}
     if depth >= _PATH_DEPTH:
-        mapped: Any = []
+        mapped: Any = [[]]
     else:
-        # the step is written twice, not bound to a variable: some servers mistype a
-        # variable bound to missing
-        step = path("$$this", segs, depth + 1)
-        each = {
-            "$cond": [
-                {"$eq": [{"$type": step}, "missing"]},
-                "$$value",
-                {"$concatArrays": ["$$value", [step]]},
-            ]
-        }
-        mapped = {"$reduce": {"input": here, "initialValue": [], "in": each}}
+        each = {"$concatArrays": ["$$value", _found("$$this", segs, depth + 1)]}
+        mapped = [{"$reduce": {"input": here, "initialValue": [], "in": each}}]
     body = {
         "$cond": [
             {"$eq": [{"$type": here}, "object"]},
             on_object,
-            {"$cond": [{"$isArray": here}, mapped, "$$REMOVE"]},
+            {"$cond": [{"$isArray": here}, mapped, []]},
         ]
     }
     return {"$let": {"vars": {var: {"$ifNull": [start, None]}}, "in": body}}
@@ -152,6 +174,40 @@ def set_in(current: Any, segs: tuple[str, ...], new: str, depth: int = 0) -> Any
     return {"$let": {"vars": {var: {"$ifNull": [current, None]}}, "in": body}}
 
 
+def unset_in(current: Any, segs: tuple[str, ...], depth: int = 0) -> Any:
+    """``current`` without ``segs`` as ``$unset`` removes a dotted path (MongoDB's
+    documentation): from objects, and from each object element of arrays on the way."""
+    var, seg, rest = f"dbproxy_u{depth}", segs[0], segs[1:]
+    here = "$$" + var
+    if rest:
+        child = f"{here}.{seg}"
+        inner = {"$mergeObjects": [here, {seg: unset_in(child, rest, depth + 1)}]}
+        on_object: Any = {"$cond": [has_key(here, seg), inner, here]}
+    else:
+        pairs = {"$cond": [{"$eq": [here, {"$literal": {}}]}, [], {"$objectToArray": here}]}
+        kept = {
+            "$filter": {
+                "input": pairs,
+                "as": "dbproxy_kv",
+                "cond": {"$ne": ["$$dbproxy_kv.k", seg]},
+            }
+        }
+        on_object = {"$arrayToObject": [kept]}
+    if depth < _PATH_DEPTH:
+        each = unset_in("$$" + var + "e", segs, depth + 1)
+        mapped: Any = {"$map": {"input": here, "as": var + "e", "in": each}}
+    else:
+        mapped = here
+    body = {
+        "$cond": [
+            {"$eq": [{"$type": here}, "object"]},
+            on_object,
+            {"$cond": [{"$isArray": here}, mapped, here]},
+        ]
+    }
+    return {"$let": {"vars": {var: current}, "in": body}}
+
+
 def value(e: Expr) -> Any:
     """An expression where a stage reads a field's value (``$project``, ``$addFields``):
     an object there would read as a nested specification, so it is wrapped."""
@@ -171,6 +227,11 @@ def _iterate(e: Iterate) -> Any:
 
 def _call(e: Call) -> Any:
     op, args = e.op, [expr(a) for a in e.args]
+    if op in _NULL_IS_MISSING:  # a computed missing as null (some servers mistype it)
+        args = [
+            a if isinstance(x, Lit) else {"$ifNull": [a, None]}
+            for a, x in zip(args, e.args, strict=True)
+        ]
     if op in ("toLower", "toUpper"):
         return _strings_only(op, args[0], {"$" + op: "$$dbproxy_s"}, "")
     if op == "substrCP":
@@ -183,8 +244,6 @@ def _call(e: Call) -> Any:
         return {"$trim": spec}
     if op == "not":
         return {"$not": [args[0]]}
-    if op == "concatArrays":  # missing is null here (some servers fail on a computed missing)
-        return {"$concatArrays": [{"$ifNull": [a, None]} for a in args]}
     if op in ("abs", "floor", "ceil", "strLenCP", "size", "type", "toString", "toInt", "toDouble"):
         return {"$" + op: [args[0]]}
     return {"$" + op: args}
