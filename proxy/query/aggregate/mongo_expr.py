@@ -217,9 +217,10 @@ def value(e: Expr) -> Any:
 
 
 def _iterate(e: Iterate) -> Any:
+    source = {"$ifNull": [expr(e.input), None]}  # missing as null, as for _NULL_IS_MISSING
     if e.op == "map":
-        return {"$map": {"input": expr(e.input), "as": e.var, "in": expr(e.body)}}
-    spec: dict[str, Any] = {"input": expr(e.input), "as": e.var, "cond": expr(e.body)}
+        return {"$map": {"input": source, "as": e.var, "in": expr(e.body)}}
+    spec: dict[str, Any] = {"input": source, "as": e.var, "cond": expr(e.body)}
     if e.limit is not None:
         spec["limit"] = expr(e.limit)
     return {"$filter": spec}
