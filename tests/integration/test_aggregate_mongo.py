@@ -75,3 +75,16 @@ async def test_search_is_not_declared_because_the_server_has_no_text_index() -> 
     finally:
         await client.drop_database("dbproxy_textprobe")
         await client.close()
+
+
+async def test_a_failing_constant_fails_before_any_document(backend: Backend) -> None:
+    """MongoDB folds constant sub-expressions when it optimises a pipeline: a constant that
+    cannot be evaluated fails over no input too (the reference evaluates per document and
+    gives []); the differential test sets such examples aside."""
+    from proxy.errors import InvalidQuery
+
+    pipeline = [{"$match": {"nope": 1}}, {"$set": {"n": {"$toInt": "x"}}}]
+    with pytest.raises(InvalidQuery) as info:
+        await backend.aggregate("orders", spec(pipeline))
+    assert info.value.code == "expression_failed"
+    assert (info.value.details or {}).get("when") == "optimising"

@@ -106,8 +106,13 @@ def _failed(exc: OperationFailure) -> ProxyError:
     message = str((exc.details or {}).get("errmsg", ""))
     found = FAILED.search(message)
     what = found.group(1) if found else f"an operator (server code {code})"
+    # the server evaluates constant parts ahead of any document ("folding"): such a
+    # failure happens over no input too
+    details = {"when": "optimising"} if message.startswith("Failed to optimize") else None
     return InvalidQuery(
-        f"an expression failed on a value it cannot take: {what}", code="expression_failed"
+        f"an expression failed on a value it cannot take: {what}",
+        code="expression_failed",
+        details=details,
     )
 
 

@@ -97,9 +97,13 @@ def expr(e: Expr) -> Any:
     if isinstance(e, Arr):  # an item giving missing is null
         return [x.value if isinstance(x, Lit) else {"$ifNull": [expr(x), None]} for x in e.items]
     if isinstance(e, Switch):
-        spec: dict[str, Any] = {
-            "branches": [{"case": expr(c), "then": expr(t)} for c, t in e.branches]
-        }
+        branches = [{"case": expr(c), "then": expr(t)} for c, t in e.branches]
+        if e.default is None:
+            # a never-true case that reads the document: without it a constant $switch
+            # with no true case fails when the pipeline is optimised, over no input too
+            never = {"$eq": [{"$type": "$$ROOT"}, "missing"]}
+            branches.insert(0, {"case": never, "then": None})
+        spec: dict[str, Any] = {"branches": branches}
         if e.default is not None:
             spec["default"] = expr(e.default)
         return {"$switch": spec}
