@@ -71,7 +71,7 @@ class MongoBackend(Unsupported, RoutedReads):
     """Documents in collections of the same name in one database: ``_id`` (string),
     ``_version``; ``_audit`` and ``_idempotency`` beside them."""
 
-    capabilities = Capabilities(audit_log=True, coalesce=True, schemas=True)
+    capabilities = Capabilities(audit_log=True, coalesce=True, schemas=True, aggregate=True)
 
     def __init__(
         self,

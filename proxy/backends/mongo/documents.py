@@ -17,6 +17,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from proxy import context, numbers
+from proxy.backends.mongo.aggregate import MongoAggregate
 from proxy.backends.mongo.errors import duplicate
 from proxy.config import Limits
 from proxy.errors import (
@@ -32,7 +33,6 @@ from proxy.errors import (
 from proxy.ids import IdGenerator
 from proxy.query import cursor as cursors
 from proxy.query import mongo as mq
-from proxy.query.aggregate.ast import Aggregated, AggregateSpec
 from proxy.query.ast import Filter
 from proxy.query.search import SearchHits, SearchRequest
 from proxy.query.spec import (
@@ -97,7 +97,7 @@ def _version_mismatch() -> PreconditionFailed:
     )
 
 
-class MongoDocuments:
+class MongoDocuments(MongoAggregate):
     """The document operations over two primitives: ``_write`` (an operation that changes
     documents, run with its audit record atomically) and ``_read``."""
 
@@ -525,9 +525,6 @@ class MongoDocuments:
         if stored is None:
             return Preview(None, new, None)
         return Preview(stored, new, int(stored["_version"]))
-
-    async def aggregate(self, collection: str, spec: AggregateSpec) -> Aggregated:
-        raise UnsupportedByBackend("this database does not support aggregation")
 
     async def search(self, request: SearchRequest) -> SearchHits:
         raise UnsupportedByBackend("this database does not support search")
