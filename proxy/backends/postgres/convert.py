@@ -56,7 +56,9 @@ class PgConvert:
         key = PartKey(spec, self.ident)
         now = dt.datetime.now(dt.UTC)
         table, parent = self.table(collection), self.partman_parent(collection)
-        ps = await partman.ensure(self.conn) if parent and spec.strategy == "time" else None
+        # pg_partman premakes at least one interval: a premake of 0 stays with the sidecar
+        usable = parent is not None and spec.strategy == "time" and spec.premake > 0
+        ps = await partman.ensure(self.conn) if usable else None
         await create_partitioned(self.conn, table, collection, key, now, partitions=ps is None)
         if ps is not None and parent is not None:
             await partman.register(self.conn, ps, parent, key, now)
