@@ -1,6 +1,7 @@
 """Partitioning scenario (issue 21): a month's 10 newest documents of a 12-month, time-
 partitioned collection against the same query on one table, and a 3-month retention by
-partition drops against the DELETE one table needs. Run: python -m benchmarks.partitioning"""
+partition drops (pg_partman's run_maintenance when the server has it, else the sidecar's
+upkeep: --own-upkeep) against the DELETE one table needs. Run: python -m benchmarks.partitioning"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from proxy.backends.postgres import PostgresBackend
+from proxy.backends.postgres import PostgresBackend, partman
 from proxy.backends.postgres.partitions import PartKey, next_period, period_start
 from proxy.backends.postgres.timeparts import UpkeepCounts, run_upkeep
 from proxy.config import DatabaseConfig, Limits, PoolSettings
@@ -24,7 +25,7 @@ from proxy.schema.partitioning import parse_partitioning
 from tests.backends import core_over
 
 FIELDS = [{"name": "at", "type": "datetime", "required": True}, {"name": "n", "type": "integer"}]
-TIME = {"strategy": "time", "key": "at", "interval": "month", "premake": 0, "unique_id": "per_key"}
+TIME = {"strategy": "time", "key": "at", "interval": "month", "premake": 1, "unique_id": "per_key"}
 _FILL = (
     "INSERT INTO {table} ({cols}) SELECT 'e' || i, {pkey}jsonb_build_object('_id', 'e' || i, "
     "'at', to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), 'n', i, "
@@ -48,8 +49,19 @@ async def _setup(backend: PostgresBackend, docs: int, first: dt.datetime, now: d
             schema["partitioning"] = part
         await _migrate(backend, {"op": "create_collection", "collection": coll, "schema": schema})
     await backend.load_schemas()
-    for i in range(12):  # the eleven months before this one, made as upkeep would have
-        await backend.partition_upkeep(next_period(first, "month", i))
+    past = [next_period(first, "month", i) for i in range(11)]
+    async with backend._conn() as conn:
+        ps = await partman.installed(conn)
+        if ps is not None and await partman.managed(conn, ps, "bench.events_p"):
+            # the eleven months before this one, as pg_partman would have made them
+            await conn.execute("SET TimeZone = 'UTC'")
+            await conn.execute(
+                f"SELECT {ps}.create_partition_time($1, $2::timestamptz[])", "bench.events_p", past
+            )
+            await conn.execute("RESET TimeZone")
+        else:  # the same, as the sidecar's upkeep would have
+            for month in past:
+                await backend.partition_upkeep(month)
     span = (now - first).total_seconds()
     async with backend._conn() as conn:
         for coll, pkey in (("events_p", "ts, "), ("events", "")):
@@ -82,7 +94,7 @@ async def _query(core: Any, coll: str, lo: dt.datetime, hi: dt.datetime, runs: i
     return statistics.median(times) * 1000
 
 
-async def main(dsn: str, docs: int, runs: int) -> dict[str, float]:
+async def main(dsn: str, docs: int, runs: int, own_upkeep: bool = False) -> dict[str, Any]:
     name = f"dbproxy_bench_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -92,7 +104,7 @@ async def main(dsn: str, docs: int, runs: int) -> dict[str, float]:
         pool_settings=PoolSettings(min_connections=1, max_connections=4, timeout_seconds=30),
     )  # fmt: skip
     limits = Limits(statement_timeout_seconds=60.0)
-    backend = PostgresBackend(cfg, limits, schema="bench", coalesce=False)
+    backend = PostgresBackend(cfg, limits, schema="bench", coalesce=False, partman=not own_upkeep)
     try:
         await backend.start()
         now = dt.datetime.now(dt.UTC)
@@ -106,11 +118,21 @@ async def main(dsn: str, docs: int, runs: int) -> dict[str, float]:
         plain_ms = await _query(core, "events", lo, hi, runs)
         key = PartKey(parse_partitioning({**TIME, "retention": 3}), backend._schema_ident)
         async with backend._conn() as conn:
+            ps = await partman.installed(conn)
+            by = "sidecar"
+            if ps is not None and await partman.managed(conn, ps, "bench.events_p"):
+                by = "pg_partman"  # the declared retention of 3 months, as a migration sets it
+                await conn.execute(
+                    f"UPDATE {ps}.part_config SET retention = $1 WHERE parent_table = $2",
+                    partman.retention_interval(key),
+                    "bench.events_p",
+                )
+            counts = UpkeepCounts()
+            tables = {"events_p": (backend._table("events_p"), key)}
             start = time.perf_counter()
-            await run_upkeep(
-                conn, "bench", {"events_p": (backend._table("events_p"), key)}, now, UpkeepCounts()
-            )
+            await run_upkeep(conn, "bench", tables, now, counts)
             drop_s = time.perf_counter() - start
+            assert counts.dropped == 9, counts
             cutoff = next_period(this, "month", -2).strftime("%Y-%m-%dT%H:%M:%SZ")
             start = time.perf_counter()
             deleted = await conn.execute(
@@ -124,6 +146,7 @@ async def main(dsn: str, docs: int, runs: int) -> dict[str, float]:
             "month_newest10_partitioned_ms": round(part_ms, 3),
             "month_newest10_unpartitioned_ms": round(plain_ms, 3),
             "speedup": round(plain_ms / part_ms, 2),
+            "retention_by": by,
             "retention_drop_9_months_s": round(drop_s, 3),
             "retention_delete_s": round(delete_s, 3),
             "deleted_rows": int(deleted.split()[-1]),
@@ -139,5 +162,10 @@ if __name__ == "__main__":
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument(
+        "--own-upkeep",
+        action="store_true",
+        help="the sidecar keeps time partitions, not pg_partman",
+    )
     args = parser.parse_args()
-    print(asyncio.run(main(args.dsn, args.docs, args.runs)))
+    print(asyncio.run(main(args.dsn, args.docs, args.runs, args.own_upkeep)))

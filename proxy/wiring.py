@@ -61,7 +61,10 @@ def build_backends(config: Config, *, coalesce: bool = True) -> dict[str, Backen
     problems = []
     for db in config.databases:
         if db.type == "postgresql":
-            backends[db.name] = PostgresBackend(db, config.limits, coalesce=coalesce)
+            partman = db.time_partitions == "pg_partman"
+            backends[db.name] = PostgresBackend(
+                db, config.limits, coalesce=coalesce, partman=partman
+            )
         elif db.type == "mongodb":
             # by-id reads of cached collections fill the cache: from the primary (routing.py)
             cached = frozenset(c for c in config.cache.collections if config.cache.ttl(c))

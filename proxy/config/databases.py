@@ -14,6 +14,7 @@ from proxy.config.model import (
     MONGO_READ_PREFERENCES,
     READ_PREFERENCES,
     REPLICA_ROLES,
+    TIME_PARTITIONS,
     URL_DATABASE_NAME,
     DatabaseConfig,
     PoolSettings,
@@ -217,6 +218,7 @@ _DATABASE_KEYS: Final = (
     "write_concern",
     "replicas",
     "alembic_directory",
+    "time_partitions",
 )
 
 
@@ -259,6 +261,9 @@ def _parse_database(
         if "alembic_directory" in raw
         else None
     )
+    time_partitions = read_str(
+        raw, "time_partitions", path, "pg_partman", problems, choices=TIME_PARTITIONS
+    )
     if dsn is not None and db_type == "postgresql":
         check_pg_tls(dsn, f"{path}.connection_string", problems)
     if name is None or db_type is None or dsn is None or read_preference is None:
@@ -274,6 +279,7 @@ def _parse_database(
         write_concern=write_concern,
         replicas=replicas,
         alembic_directory=alembic_directory,
+        time_partitions=time_partitions or "pg_partman",
     )
 
 

@@ -14,6 +14,7 @@ DATABASE_TYPES: Final = ("postgresql", "mongodb", "redis", "sqlite")
 READ_PREFERENCES: Final = ("primary", "secondary", "nearest")
 # a mongodb database also takes two of MongoDB's own modes (proxy/backends/mongo/routing.py)
 MONGO_READ_PREFERENCES: Final = (*READ_PREFERENCES, "primaryPreferred", "secondaryPreferred")
+TIME_PARTITIONS: Final = ("pg_partman", "sidecar")
 REPLICA_ROLES: Final = ("replica", "analytics")
 URL_DATABASE_NAME: Final = "default"
 DEFAULT_DATA_DIR: Final = ".dbproxy"
@@ -43,6 +44,8 @@ class DatabaseConfig:
     write_concern: str | int | None = None
     replicas: tuple[ReplicaConfig, ...] = ()
     alembic_directory: str | None = None  # an Alembic environment (alembic_upgrade operations)
+    # who keeps time partitions: pg_partman when the database has it, else (or "sidecar") us
+    time_partitions: str = "pg_partman"  # one of TIME_PARTITIONS
     # how connection_string is rendered again when a ${file:} secret changes (None: no file)
     secret: SecretTemplate | None = field(default=None, repr=False, compare=False)
 

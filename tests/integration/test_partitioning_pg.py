@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ async def explain(backend: PostgresBackend, sql: str, args: tuple[Any, ...]) -> 
 
 
 def scanned(plan: str, backend: PostgresBackend, coll: str) -> set[str]:
+    """The partitions a plan reads: ours ``<hash>_<name>``, pg_partman's ``<coll>_<name>``."""
     from proxy.backends.postgres.partitions import parent_name
 
     prefix = parent_name(coll) + "_"
@@ -89,6 +91,8 @@ def scanned(plan: str, backend: PostgresBackend, coll: str) -> set[str]:
     for word in plan.replace('"', " ").replace(".", " ").split():
         if word.startswith(prefix):
             out.add(word.removeprefix(prefix).split("_")[0])
+        elif m := re.match(rf"{coll}_(p\d{{4}}(?:_\d\d){{1,2}}|p\d{{4}}w\d\d|default)", word):
+            out.add(m.group(1))  # a partition, or its index (<partition>_pkey)
     return out
 
 
@@ -275,19 +279,34 @@ def iso(when: Any) -> str:
     return when.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def test_time_partitions_premake_retention_and_pruning(backend: PostgresBackend) -> None:
+def month_name(month: Any, maintainer: str) -> str:
+    """A monthly partition's name: pg_partman's ``pYYYY_MM``, the sidecar's ``tYYYYMMDD``."""
+    return f"p{month:%Y_%m}" if maintainer == "pg_partman" else f"t{month:%Y%m%d}"
+
+
+@pytest.fixture(params=["pg_partman", "sidecar"])
+async def timed(request: Any, backend: PostgresBackend) -> AsyncIterator[PostgresBackend]:
+    """The backend, its time partitions kept by pg_partman or (forced) by the sidecar."""
+    backend.partman = request.param == "pg_partman"
+    yield backend
+
+
+async def test_time_partitions_premake_retention_and_pruning(timed: PostgresBackend) -> None:
     import datetime as dt
 
     from proxy.backends.postgres.partitions import next_period, period_start
     from proxy.backends.postgres.timeparts import UPKEEP_LOCK
 
+    backend = timed
+    by = "pg_partman" if backend.partman else "sidecar"
     part = {"strategy": "time", "key": "at", "interval": "month", "premake": 2, "retention": 2}
     await partitioned(backend, "events", part)
     now = dt.datetime.now(dt.UTC)
     this = period_start(now, "month")
     made = {p["name"] for p in (await backend.describe_collection("events", 0))["partitions"]}
     months = [next_period(this, "month", i) for i in range(3)]
-    assert made == {"default", *(f"t{m:%Y%m%d}" for m in months)}
+    assert made == {"default", *(month_name(m, by) for m in months)}
+    assert (await partman_config(backend, "events") is None) == (by == "sidecar")
     for i, m in enumerate(months):
         await backend.insert_one("events", {"_id": f"e{i}", "at": iso(m + dt.timedelta(days=2))})
     await backend.insert_one("events", {"_id": "old", "at": "2001-02-03T04:05:06+02:00"})
@@ -301,13 +320,14 @@ async def test_time_partitions_premake_retention_and_pruning(backend: PostgresBa
     lo, hi = months[1], next_period(months[1], "month")
     st = backend.find_statement("events", spec({"at": {"$gte": iso(lo), "$lt": iso(hi)}}))
     seen = scanned(await explain(backend, st.sql, st.args), backend, "events")
-    assert seen == {f"t{months[0]:%Y%m%d}", f"t{months[1]:%Y%m%d}", f"t{months[2]:%Y%m%d}"} or (
-        seen <= {f"t{m:%Y%m%d}" for m in months} and f"t{months[1]:%Y%m%d}" in seen
-    )
+    names = [month_name(m, by) for m in months]
+    assert seen == set(names) or (seen <= set(names) and names[1] in seen), seen
     assert "default" not in seen
     st = backend.find_statement("events", spec({"at": iso(months[2] + dt.timedelta(days=2))}))
     seen = scanned(await explain(backend, st.sql, st.args), backend, "events")
-    assert seen == {f"t{months[2]:%Y%m%d}"}
+    assert seen == {names[2]}
+    if by == "pg_partman":  # its upkeep reads the database's clock: test_pg_partman_upkeep
+        return
 
     # two months on: two more made ahead, the first one dropped (a drop: its _id is free)
     later = next_period(this, "month", 2) + dt.timedelta(days=1)
@@ -412,3 +432,72 @@ async def test_index_on_a_partitioned_collection_with_rows(backend: PostgresBack
     index = {"name": "by_n", "fields": ["n"]}  # no CONCURRENTLY here: built in the transaction
     out = await migrate(backend, {"op": "create_index", "collection": "filled", "index": index})
     assert out.status == 201 and out.body["status"] == "completed", out.body
+
+
+async def partman_config(backend: PostgresBackend, coll: str) -> dict[str, Any] | None:
+    """The collection's row of pg_partman's part_config (None: not registered)."""
+    conn = await asyncpg.connect(backend.config.connection_string)
+    try:
+        if not await conn.fetchval("SELECT to_regclass('partman.part_config') IS NOT NULL"):
+            return None
+        row = await conn.fetchrow(
+            "SELECT * FROM partman.part_config WHERE parent_table = $1", f"{backend.schema}.{coll}"
+        )
+    finally:
+        await conn.close()
+    return None if row is None else dict(row)
+
+
+async def test_pg_partman_upkeep(backend: PostgresBackend) -> None:
+    """With pg_partman, the collection is registered with it and the sidecar's upkeep (under
+    the fleet-wide lock) calls run_maintenance: premade partitions made, expired ones dropped
+    (a partition drop: the table is gone, the _ids freed), counted in the same metrics."""
+    import datetime as dt
+
+    from proxy.backends.postgres.partitions import next_period, period_start
+    from proxy.backends.postgres.timeparts import UPKEEP_LOCK
+
+    part = {"strategy": "time", "key": "at", "interval": "month", "premake": 2, "retention": 2}
+    await partitioned(backend, "events", part)
+    config = await partman_config(backend, "events")
+    assert config is not None, "pg_partman is installed here (.ci/run): it must be used"
+    assert config["control"] == "_pkey" and config["partition_type"] == "native"
+    assert config["partition_interval"] == "1 mon" and config["premake"] == 2
+    assert config["retention"] == "1 months" and config["retention_keep_table"] is False
+    this = period_start(dt.datetime.now(dt.UTC), "month")
+    ahead = [next_period(this, "month", i) for i in range(3)]
+    past = [next_period(this, "month", -i) for i in (3, 2, 1)]  # older than the retention: 3, 2
+    parent = f"{backend.schema}.events"
+    conn = await asyncpg.connect(backend.config.connection_string)
+    try:  # as if months had passed: older partitions (made by pg_partman), the last premade gone
+        await conn.execute("SET TimeZone = 'UTC'")
+        await conn.execute(
+            "SELECT partman.create_partition_time($1, $2::timestamptz[])", parent, past
+        )
+        for i, m in enumerate(past):
+            await backend.insert_one("events", {"_id": f"old{i}", "at": iso(m)})
+        await conn.execute(f'DROP TABLE "{backend.schema}"."events_p{ahead[2]:%Y_%m}"')
+        await conn.fetchval(
+            "SELECT pg_advisory_lock($1, hashtext($2) & 2147483647)", UPKEEP_LOCK, backend.schema
+        )
+        assert await backend.partition_upkeep() is False  # another runner holds the lock
+        await conn.execute("SELECT pg_advisory_unlock_all()")
+        assert await backend.partition_upkeep() is True
+        gone = await conn.fetch(
+            "SELECT m FROM unnest($1::text[]) m WHERE to_regclass(m) IS NULL",
+            [f'"{backend.schema}"."events_p{m:%Y_%m}"' for m in past],
+        )
+    finally:
+        await conn.close()
+    names = {p["name"] for p in (await backend.describe_collection("events", 0))["partitions"]}
+    assert names == {"default", *(f"p{m:%Y_%m}" for m in [past[2], *ahead])}
+    assert len(gone) == 2  # the tables themselves dropped, not their rows deleted
+    assert backend.upkeep_counts.created == 1 and backend.upkeep_counts.dropped == 2
+    assert backend.connections()["partition_upkeep"]["dropped"] == 2
+    assert await backend.get("events", "old0") is None and await backend.get("events", "old2")
+    await backend.insert_one("events", {"_id": "old0", "at": iso(ahead[0])})  # registry freed
+    # a second run has nothing to do; dropping the collection forgets its configuration
+    assert await backend.partition_upkeep() is True
+    assert backend.upkeep_counts.created == 1 and backend.upkeep_counts.dropped == 2
+    await migrate(backend, {"op": "drop_collection", "collection": "events"})
+    assert await partman_config(backend, "events") is None

@@ -643,3 +643,32 @@ def test_mongodb_also_takes_two_of_mongodbs_read_preferences(tmp_path: Path) -> 
         "databases[0].read_preference: must be one of primary, secondary, nearest "
         "(got 'primaryPreferred')"
     ]
+
+
+def test_time_partitions_keeper(tmp_path: Path) -> None:
+    from proxy.wiring import build_backends
+
+    path = write(
+        tmp_path,
+        """
+        databases:
+          - {name: a, type: postgresql, connection_string: "postgres://h/a"}
+          - {name: b, type: postgresql, connection_string: "postgres://h/b",
+             time_partitions: sidecar}
+        """,
+    )
+    config = load_config(path, environ={})
+    assert [d.time_partitions for d in config.databases] == ["pg_partman", "sidecar"]
+    backends = build_backends(config)
+    assert [getattr(backends[n], "partman", None) for n in "ab"] == [True, False]
+    bad = write(
+        tmp_path,
+        """
+        databases:
+          - {name: a, type: postgresql, connection_string: "postgres://h/a", time_partitions: x}
+        """,
+        "bad.yaml",
+    )
+    assert problems_of(bad, environ={}) == [
+        "databases[0].time_partitions: must be one of pg_partman, sidecar (got 'x')"
+    ]

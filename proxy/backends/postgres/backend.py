@@ -104,6 +104,7 @@ class PostgresBackend(CoalescingDocuments):
         audit: bool = True,
         endpoints: EndpointSet | None = None,
         coalesce: bool = True,
+        partman: bool = True,
     ) -> None:
         super().__init__(config.name, limits, schema, ids or IdGenerator(), set(), audit, coalesce)
         self.config = config
@@ -116,6 +117,7 @@ class PostgresBackend(CoalescingDocuments):
         self._schema_conn: asyncpg.Connection | None = None  # the schema watch's LISTEN
         self._last_error: str | None = None
         self.upkeep_counts = UpkeepCounts()  # time-partition upkeep, for /metrics
+        self.partman = partman  # False: the sidecar keeps time partitions even with pg_partman
 
     @property
     def pool(self) -> asyncpg.Pool | None:

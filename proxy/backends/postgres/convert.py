@@ -9,6 +9,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from proxy.backends.postgres import partman
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
 from proxy.errors import BadRequest
@@ -40,6 +41,11 @@ class PgConvert:
     def table(self, collection: str) -> str:
         raise NotImplementedError
 
+    def partman_parent(self, collection: str) -> str | None:
+        """pg_partman's name (``schema.table``) of the collection's table, when time
+        partitions may be left to pg_partman (None: the sidecar keeps them)."""
+        raise NotImplementedError
+
     async def stored_schema(self, collection: str) -> tuple[int, dict[str, Any]] | None:
         raise NotImplementedError
 
@@ -49,7 +55,13 @@ class PgConvert:
         )
         key = PartKey(spec, self.ident)
         now = dt.datetime.now(dt.UTC)
-        await create_partitioned(self.conn, self.table(collection), collection, key, now)
+        table, parent = self.table(collection), self.partman_parent(collection)
+        # pg_partman premakes at least one interval: a premake of 0 stays with the sidecar
+        usable = parent is not None and spec.strategy == "time" and spec.premake > 0
+        ps = await partman.ensure(self.conn) if usable else None
+        await create_partitioned(self.conn, table, collection, key, now, partitions=ps is None)
+        if ps is not None and parent is not None:
+            await partman.register(self.conn, ps, parent, key, now)
         self._made[collection] = spec
 
     async def partitioning(self, collection: str) -> Partitioning | None:

@@ -33,6 +33,8 @@ _PARTITIONS = (
     "WHERE i.inhparent = to_regclass($1) ORDER BY p.relname"
 )
 _PARTITION_NAME = re.compile(r"_p_[0-9a-f]{16}_(.+)")
+# pg_partman's: <table>_p<YYYY_MM[_DD]> or <table>_p<IYYY>w<IW>, and <table>_default
+_PARTMAN_NAME = re.compile(r".+_(p\d{4}(?:_\d{2}){1,2}|p\d{4}w\d{2}|default)")
 
 
 async def partitions(conn: asyncpg.Connection, table: str, wait: float) -> list[dict[str, Any]]:
@@ -47,7 +49,7 @@ async def partitions(conn: asyncpg.Connection, table: str, wait: float) -> list[
                 f"SELECT count(*) FROM (SELECT 1 FROM {qualified} LIMIT {_EXACT_BELOW}) s",
                 timeout=wait,
             )
-        m = _PARTITION_NAME.fullmatch(name)
+        m = _PARTITION_NAME.fullmatch(name) or _PARTMAN_NAME.fullmatch(name)
         out.append(
             {
                 "name": m.group(1) if m else name,

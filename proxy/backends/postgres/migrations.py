@@ -14,6 +14,7 @@ import asyncpg
 import orjson
 
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
+from proxy.backends.postgres import partman
 from proxy.backends.postgres.convert import PgConvert
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, name_child_indexes
@@ -34,6 +35,7 @@ class PgHost(Protocol):
     config: DatabaseConfig
     schema: str
     audit: bool
+    partman: bool  # time partitions left to pg_partman when the database has it
     _schema_ident: str
 
     def _conn(
@@ -364,6 +366,12 @@ class PgTx(PgConvert):
     def table(self, collection: str) -> str:
         return self.store.table(collection)
 
+    def partman_parent(self, collection: str) -> str | None:
+        host = self.store.backend
+        if not host.partman or "." in host.schema:  # pg_partman splits its names at dots
+            return None
+        return f"{host.schema}.{collection}"
+
     def __init__(self, store: PgMigrations, conn: asyncpg.Connection) -> None:
         self.store = store
         self.conn = conn
@@ -441,6 +449,7 @@ class PgTx(PgConvert):
 
     async def drop_collection(self, collection: str) -> None:
         await self.conn.execute(f"DROP TABLE IF EXISTS {self.store.table(collection)}")
+        await partman.unregister(self.conn, f"{self.store.schema}.{collection}")
         await self.conn.execute(f"DELETE FROM {self.ident}._ids WHERE collection = $1", collection)
 
     async def set_search(self, collection: str, declared: SearchDeclaration | None) -> None:

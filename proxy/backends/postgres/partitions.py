@@ -233,6 +233,23 @@ def time_bounds(start: dt.datetime, interval: str) -> str:
     return f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
 
 
+_TIME_CHILDREN: Final = (
+    "SELECT c.relname, b.m[1]::timestamptz, b.m[2]::timestamptz FROM pg_inherits i "
+    "JOIN pg_class c ON c.oid = i.inhrelid, LATERAL (SELECT regexp_match("
+    "pg_get_expr(c.relpartbound, c.oid), 'FROM \\(''([^'']+)''\\) TO \\(''([^'']+)''\\)') AS m) b "
+    "WHERE i.inhparent = to_regclass($1) AND b.m IS NOT NULL"
+)
+
+
+async def time_children(
+    conn: asyncpg.Connection, table: str
+) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """A time-partitioned table's partitions, default aside: relation name → (from, to), the
+    bounds read from the catalog (names differ: ours ``t…``, pg_partman's ``p…``)."""
+    rows = await conn.fetch(_TIME_CHILDREN, table)
+    return {r[0]: (r[1], r[2]) for r in rows}
+
+
 async def partition_clauses(
     conn: asyncpg.Connection, key: PartKey, now: dt.datetime
 ) -> list[tuple[str, str]]:
@@ -267,9 +284,16 @@ async def partition_clauses(
 
 
 async def create_partitioned(
-    conn: asyncpg.Connection, table: str, collection: str, key: PartKey, now: dt.datetime
+    conn: asyncpg.Connection,
+    table: str,
+    collection: str,
+    key: PartKey,
+    now: dt.datetime,
+    *,
+    partitions: bool = True,
 ) -> None:
-    """The partitioned table, its partitions, indexes and (global _id) registry triggers."""
+    """The partitioned table, its partitions (``partitions=False``: none, pg_partman makes
+    them), indexes and (global _id) registry triggers."""
     s = key.spec
     method = {"hash": "HASH", "list": "LIST", "range": "RANGE", "time": "RANGE"}[s.strategy]
     await conn.execute(
@@ -284,7 +308,7 @@ async def create_partitioned(
         f") PARTITION BY {method} (_pkey)"
     )
     ident = key.schema_ident
-    for name, clause in await partition_clauses(conn, key, now):
+    for name, clause in await partition_clauses(conn, key, now) if partitions else ():
         await conn.execute(
             f"CREATE TABLE {partition_table(ident, collection, name)} PARTITION OF {table} {clause}"
         )

@@ -5,27 +5,26 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 from dataclasses import dataclass, field
 from typing import Final
 
 import asyncpg
 
+from proxy.backends.postgres import partman
 from proxy.backends.postgres.partitions import (
     PartKey,
     name_child_indexes,
     next_period,
-    parent_name,
     partition_table,
     period_start,
     time_bounds,
+    time_children,
     time_partition_name,
 )
 
 log = logging.getLogger(__name__)
 # the advisory lock's first key (the second: the schema): one upkeep at a time, fleet-wide
 UPKEEP_LOCK: Final = 0x64627074  # 'dbpt'
-_TIME_NAME: Final = re.compile(r"t(\d{8})")
 
 
 @dataclass
@@ -47,20 +46,11 @@ class UpkeepCounts:
         }
 
 
-async def existing(conn: asyncpg.Connection, table: str, collection: str) -> dict[str, str]:
-    """The time partitions of ``table``: their start day (``YYYYMMDD``) → relation name."""
-    prefix = parent_name(collection) + "_"
-    rows = await conn.fetch(
-        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "WHERE i.inhparent = to_regclass($1)",
-        table,
-    )
-    out = {}
-    for (name,) in rows:
-        m = _TIME_NAME.fullmatch(name.removeprefix(prefix))
-        if name.startswith(prefix) and m:
-            out[m.group(1)] = name
-    return out
+async def existing(conn: asyncpg.Connection, table: str) -> dict[str, str]:
+    """The time partitions of ``table``: their start day (``YYYYMMDD``, from the bounds in
+    the catalog, whoever named them) → relation name."""
+    found = await time_children(conn, table)
+    return {lo.astimezone(dt.UTC).strftime("%Y%m%d"): name for name, (lo, _) in found.items()}
 
 
 async def upkeep(
@@ -74,7 +64,7 @@ async def upkeep(
     """One collection: the intervals from now to ``premake`` ahead made, those wholly before
     the ``retention`` intervals kept (the current one counts) dropped, with their _ids."""
     s = key.spec
-    have = await existing(conn, table, collection)
+    have = await existing(conn, table)
     start = period_start(now, s.interval)
     for i in range(s.premake + 1):
         p = next_period(start, s.interval, i)
@@ -140,15 +130,27 @@ async def run_upkeep(
     counts: UpkeepCounts,
 ) -> bool:
     """Every time-partitioned collection of ``tables`` (name → table, key), if this process
-    takes the fleet-wide lock (False: another one holds it, nothing done)."""
+    takes the fleet-wide lock (False: another one holds it, nothing done): pg_partman's
+    ``run_maintenance`` for those registered with it (the database's clock), else our own."""
     got = await conn.fetchval(
         "SELECT pg_try_advisory_lock($1, hashtext($2) & 2147483647)", UPKEEP_LOCK, schema
     )
     if not got:
         return False
     try:
+        ps = await partman.installed(conn)
         for collection, (table, key) in sorted(tables.items()):
-            await upkeep(conn, table, collection, key, now, counts)
+            parent = f"{schema}.{collection}"  # pg_partman's name of the table
+            if ps is not None and await partman.managed(conn, ps, parent):
+                made, dropped = await partman.maintain(conn, ps, parent, table, collection, key)
+                counts.created += made
+                counts.dropped += dropped
+                if dropped:
+                    counts.by_collection[collection] = (
+                        counts.by_collection.get(collection, 0) + dropped
+                    )
+            else:  # the fallback: the sidecar's own create and drop, at ``now``
+                await upkeep(conn, table, collection, key, now, counts)
         counts.runs += 1
     finally:
         await conn.execute(
