@@ -256,15 +256,7 @@ async def test_warn_action_writes_and_counts(core: Core) -> None:
 # ---- batches and transactions --------------------------------------------------------------
 
 
-def _no_tx_preview(core: Core) -> None:
-    """MongoDB cannot preview an update inside an open transaction (a transaction cannot
-    hold another one to abort): MongoTransaction refuses it, so these cases skip there."""
-    if hasattr(core.backend(), "database"):
-        pytest.skip("MongoTransaction has no preview of an update inside a transaction")
-
-
 async def test_batch_with_an_invalid_operation_writes_nothing(core: Core) -> None:
-    _no_tx_preview(core)
     ops = [
         {"op": "create", "collection": "users", "document": {"_id": "b1", "email": "b1@x"}},
         {"op": "update", "collection": "users", "id": "b1", "update": {"$set": {"age": -5}}},
@@ -275,7 +267,6 @@ async def test_batch_with_an_invalid_operation_writes_nothing(core: Core) -> Non
 
 
 async def test_interactive_transaction_checks_each_write(core: Core) -> None:
-    _no_tx_preview(core)
     backend: Backend = core.backend()
     tx = await backend.begin()
     try:

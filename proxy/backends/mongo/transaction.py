@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pymongo import ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
@@ -19,9 +21,12 @@ from proxy.backends.mongo.documents import IDEMPOTENCY, MongoDocuments, Op, T
 from proxy.backends.mongo.errors import translate, write_conflict
 from proxy.backends.mongo.routing import note_write
 from proxy.config import Limits
-from proxy.errors import CommitOutcomeUnknown, Conflict, ProxyError
+from proxy.errors import CommitOutcomeUnknown, Conflict, NotFound, ProxyError
 from proxy.ids import IdGenerator
+from proxy.query import mongo as mq
 from proxy.query.spec import StoredReply, check_fingerprint
+
+PREVIEW = "_preview"  # the scratch collection an update inside a transaction is tried in
 
 
 def _from_driver(exc: BaseException) -> bool:
@@ -89,9 +94,39 @@ class MongoTransaction(MongoDocuments):
         return await self._call(op)
 
     async def _preview_update(self, collection: str, doc_id: str, change: Any, insert: bool) -> Any:
-        from proxy.backends.base import Unsupported
-
-        raise Unsupported.refusal("previewing an update inside a transaction")
+        """The document an update makes, as this transaction sees it. A session holds one
+        transaction, so the update cannot be tried here and undone: the document as this
+        transaction reads it is copied into a scratch collection inside a second
+        transaction, the server applies the update there, and that one is aborted (nothing
+        of it is ever stored, and this transaction's own writes are what the copy holds)."""
+        found = await self._read(lambda s: self.db[collection].find_one({"_id": doc_id}, session=s))
+        if found is None and not insert:
+            raise NotFound("no document with this _id", details={"_id": doc_id})
+        key = f"{doc_id}:{uuid.uuid4().hex}"
+        scratch = self.db[PREVIEW]
+        try:
+            async with self.db.client.start_session() as session:
+                await session.start_transaction()
+                try:
+                    if found is not None:
+                        await scratch.insert_one({**found, "_id": key}, session=session)
+                    new = await scratch.find_one_and_update(
+                        {"_id": key},
+                        mq.compile_update(change.update),
+                        upsert=insert,
+                        return_document=ReturnDocument.AFTER,
+                        session=session,
+                    )
+                finally:
+                    with contextlib.suppress(PyMongoError):
+                        await asyncio.shield(session.abort_transaction())
+        except PyMongoError as exc:
+            raise translate(exc, updating=True) from None
+        if new is None:  # the copy was made in this very transaction: not seen only if gone
+            raise NotFound("no document with this _id", details={"_id": doc_id})
+        new["_id"] = doc_id
+        new.pop("_version", None)
+        return new
 
     async def idem_claim(self, key: str, fingerprint: str, ttl: float) -> StoredReply | None:
         """Claim an idempotency key in this transaction, or return the reply stored for it.
