@@ -103,11 +103,15 @@ class MongoMigrations:
     async def session(self, runner: str, *, lock: bool = True) -> AsyncIterator[MongoSession]:
         token = f"{runner}/{uuid.uuid4().hex}" if lock else None
         beat = None
+        # the heartbeat and the fence inside each migration transaction both write the lock
+        # document: taken in turn, a renewal never lands inside a transaction's snapshot
+        # (which the server would answer with a write conflict on the fence)
+        lease = asyncio.Lock()
         if token is not None:
             await self._acquire(token, runner)
-            beat = asyncio.create_task(self._heartbeat(token))
+            beat = asyncio.create_task(self._heartbeat(token, lease))
         try:
-            yield MongoSession(self, token)
+            yield MongoSession(self, token, lease)
         finally:
             if beat is not None:
                 beat.cancel()
@@ -135,14 +139,15 @@ class MongoMigrations:
             except DuplicateKeyError:
                 await asyncio.sleep(0.1)  # held by a live runner
 
-    async def _heartbeat(self, token: str) -> None:
+    async def _heartbeat(self, token: str, lease: asyncio.Lock) -> None:
         while True:
             await asyncio.sleep(LEASE_SECONDS / 4)
-            with contextlib.suppress(PyMongoError):
-                await self.db[LOCK].update_one(
-                    {"_id": "lock", "holder": token},
-                    {"$set": {"expires_at": time.time() + LEASE_SECONDS}},
-                )
+            async with lease:
+                with contextlib.suppress(PyMongoError):
+                    await self.db[LOCK].update_one(
+                        {"_id": "lock", "holder": token},
+                        {"$set": {"expires_at": time.time() + LEASE_SECONDS}},
+                    )
 
 
 def _fields(record: dict[str, Any]) -> dict[str, Any]:
@@ -156,9 +161,12 @@ def _fields(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class MongoSession:
-    def __init__(self, store: MongoMigrations, token: str | None) -> None:
+    def __init__(
+        self, store: MongoMigrations, token: str | None, lease: asyncio.Lock | None = None
+    ) -> None:
         self.store = store
         self.token = token
+        self.lease = lease or asyncio.Lock()
 
     async def save(self, record: dict[str, Any]) -> None:
         await self.store.db[MIGRATIONS].update_one(
@@ -169,7 +177,7 @@ class MongoSession:
     async def transaction(self) -> AsyncIterator[MongoTx]:
         """A server transaction for the data; DDL runs at once, undone if it fails."""
         client = self.store.host.client
-        async with client.start_session() as s:
+        async with self.lease, client.start_session() as s:
             await s.start_transaction()
             tx = MongoTx(self, s)
             try:
