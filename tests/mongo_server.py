@@ -4,11 +4,15 @@ in-process SecantusDB server per test process, started on first use and stopped 
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 _lock = threading.Lock()
@@ -48,3 +52,16 @@ def _stop(server: Any, path: str) -> None:
         server.stop()
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def driver_sockets_collected() -> Iterator[None]:
+    """The driver's sockets to a stopped or refusing server are closed by the garbage
+    collector (a ``ResourceWarning``, and the selector losing their fd): collect them when
+    the block ends, not in whichever test runs next, where pytest reports them."""
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()

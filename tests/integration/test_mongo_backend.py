@@ -83,7 +83,8 @@ def private_server() -> Iterator[Any]:
     )
     server.start()
     try:
-        yield server
+        with mongo_server.driver_sockets_collected():  # the driver's, to the stopped server
+            yield server
     finally:
         server.stop()
         shutil.rmtree(path, ignore_errors=True)

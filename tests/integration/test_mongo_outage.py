@@ -5,13 +5,11 @@ recovers when the server is back."""
 
 from __future__ import annotations
 
-import gc
 import os
 import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from proxy.backends.mongo import MongoBackend
 from proxy.config import DatabaseConfig, Limits, PoolSettings
 from proxy.errors import ProxyError, Unavailable
 from proxy.resilience.breaker import BreakerState
+from tests import mongo_server
 
 pytestmark = pytest.mark.integration
 PORT = 23010  # this helper's private range
@@ -80,10 +79,8 @@ class Server:
 def _finalize_driver_sockets() -> Iterator[None]:
     """The driver's sockets to a stopped server are closed by the garbage collector:
     collect them here, not in whichever test runs next."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    with mongo_server.driver_sockets_collected():
+        yield
 
 
 @pytest.fixture

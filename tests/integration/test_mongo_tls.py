@@ -5,11 +5,9 @@ plaintext are refused as ``503 database_unavailable`` naming the cause, nothing 
 
 from __future__ import annotations
 
-import gc
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from proxy.backends.mongo import MongoBackend
 from proxy.config import DatabaseConfig, Limits, PoolSettings
 from proxy.errors import Unavailable
+from tests import mongo_server
 from tests.tls_ca import TestCA
 
 pytestmark = pytest.mark.integration
@@ -64,10 +63,8 @@ def tls_mongo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestCA
 def _finalize_driver_sockets() -> Iterator[None]:
     """The driver's monitor sockets to a refusing server are closed by the garbage
     collector: collect them here, not in whichever test runs next."""
-    yield
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()
+    with mongo_server.driver_sockets_collected():
+        yield
 
 
 def backend(url: str, pool: PoolSettings = POOL) -> MongoBackend:
