@@ -1,5 +1,6 @@
-"""The agg_group statement alone (issue 16): the compiled PostgreSQL statement of
-workload.AGG_GROUP_PIPELINE against the hand-written workload.AGG_GROUP_SQL, through asyncpg,
+"""The agg_group statement alone (issue 16): the compiled PostgreSQL statements of
+workload.AGG_GROUP_PIPELINE (as written, over the declared schema, and the speculative one
+the sidecar runs first) against the hand-written workload.AGG_GROUP_SQL, through asyncpg,
 interleaved, best of N, on a scratch database of its own (no sidecar, no HTTP).
 
     .venv/bin/python -m benchmarks.aggstmt --db dbproxy_aggstmt_x [--rounds 12] [--explain]
@@ -25,7 +26,7 @@ from proxy.backends.postgres.ddl import create_schema, create_table
 from proxy.config import Limits
 from proxy.query.aggregate.ast import View
 from proxy.query.aggregate.parse import parse_pipeline
-from proxy.query.aggregate.pg import compile_pipeline
+from proxy.query.aggregate.pg import compile_pipeline, compile_speculative
 
 ADMIN = os.environ.get("DBPROXY_BENCH_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 SCHEMA = "dbproxy"
@@ -62,6 +63,17 @@ def statements() -> dict[str, tuple[str, list[Any]]]:
         out[name] = compile_pipeline(
             p, view, {}, schema=SCHEMA, tables={view.collection: table}, cap=1000
         )
+    # what the sidecar runs first over the undeclared collection (its values are numbers)
+    speculative = compile_speculative(
+        p,
+        View("bench_agg"),
+        {},
+        schema=SCHEMA,
+        tables={"bench_agg": f'{SCHEMA}."bench_agg"'},
+        cap=1000,
+    )
+    assert speculative is not None
+    out["speculative"] = speculative
     return out
 
 

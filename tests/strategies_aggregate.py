@@ -286,3 +286,41 @@ def pipelines(lookup_collection: str | None = None) -> Strategy[list[Json]]:
     return st.lists(stages(lookup_collection), min_size=1, max_size=5).filter(
         lambda p: _lookups(p) <= 3
     )
+
+
+@st.composite
+def numeric_documents(draw: st.DrawFn) -> list[dict[str, Json]]:
+    """``documents()``, half the time with every ``a`` and ``c.x`` a number or missing
+    (the values a speculative statement, proxy.query.aggregate.pg.compile_speculative,
+    takes without a type test)."""
+    docs = draw(documents())
+    if draw(st.booleans()):
+        for d in docs:
+            if not _is_number(d.get("a", 0)):
+                del d["a"]
+            c = d.get("c")
+            if isinstance(c, dict) and not _is_number(c.get("x", 0)):
+                del c["x"]
+    return docs
+
+
+def _is_number(v: Json) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+@st.composite
+def accumulating_pipelines(draw: st.DrawFn) -> list[Json]:
+    """A few random stages, a ``$group`` whose numeric accumulators read field paths (what
+    a speculative statement assumes numbers), maybe a stage after it."""
+    field = st.sampled_from(("$a", "$a", "$c.x", "$b", "$tags"))
+    numeric = st.builds(
+        lambda op, f: {op: f}, st.sampled_from(("$sum", "$avg", "$min", "$max")), field
+    )
+    other = st.builds(lambda op, f: {op: f}, st.sampled_from(("$push", "$first")), field)
+    spec: dict[str, Json] = {"_id": draw(st.sampled_from(("$b", "$c.y", None, "$a")))}
+    names = draw(st.lists(st.sampled_from(OUTPUT_FIELDS), min_size=1, max_size=3, unique=True))
+    for i, name in enumerate(names):
+        spec[name] = draw(numeric if i == 0 else st.one_of(numeric, other))
+    before = draw(st.lists(stages(facet=False), max_size=2))
+    after = draw(st.lists(stages(facet=False), max_size=1))
+    return [*before, {"$group": spec}, *after]

@@ -140,6 +140,40 @@ async def test_one_statement_per_pipeline(pg_server: Server) -> None:
         assert facet["by_item"][0] == {"_id": "abc", "count": 2}
 
 
+async def test_speculative_statement_and_its_fallback(pg_server: Server) -> None:
+    """Numeric accumulators over fields are first run taking those fields for numbers (no
+    type test per value): over numbers that is the one statement; over a collection where
+    one value is not a number the cast fails, the pipeline runs as written in the same
+    request (the right answer, two statements), and the next request runs it as written at
+    once (remembered: one statement)."""
+    group = {"$group": {"_id": "$cat", "total": {"$sum": "$n"}, "max": {"$max": "$n"}}}
+    body = {"pipeline": [group]}  # groups in the order of their first documents
+    numbers = [{"_id": "a", "cat": "x", "n": 1}, {"_id": "b", "cat": "x", "n": 2.5}]
+    mixed = [*numbers, {"_id": "c", "cat": "x", "n": "str"}, {"_id": "d", "cat": "y"}]
+    async with aiohttp.ClientSession() as s:
+        for docs in (numbers, mixed):
+            base = f"{pg_server.url}/api/db/agg_{uuid.uuid4().hex[:8]}"
+            await seed(s, base, docs)
+            st, data, _ = await call(s, "POST", f"{base}/aggregate", json={**body, "explain": True})
+            assert st == 200, data
+            assert ("jsonb_typeof" in data["sql"]) is False  # the speculative statement
+            want = [{"_id": "x", "total": 3.5, "max": 2.5}]
+            if docs is mixed:  # strings sort after numbers; the missing n is no number
+                want = [
+                    {"_id": "x", "total": 3.5, "max": "str"},
+                    {"_id": "y", "total": 0, "max": None},
+                ]
+            for expected_statements in (1, 1) if docs is numbers else (2, 1):
+                before = await statements(s, pg_server)
+                st, data, _ = await call(s, "POST", f"{base}/aggregate", json=body)
+                assert st == 200, data
+                assert data["items"] == want
+                assert await statements(s, pg_server) - before == expected_statements
+            st, data, _ = await call(s, "POST", f"{base}/aggregate", json={**body, "explain": True})
+            assert st == 200, data
+            assert ("jsonb_typeof" in data["sql"]) is (docs is mixed)  # as written now
+
+
 async def statements(s: aiohttp.ClientSession, server: Server) -> int:
     st, data, _ = await call(s, "GET", f"{server.url}/api/db/connections")
     assert st == 200, data

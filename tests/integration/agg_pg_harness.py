@@ -23,7 +23,7 @@ from proxy.query.aggregate.ast import (
     Stage,
     View,
 )
-from proxy.query.aggregate.pg import compile_pipeline
+from proxy.query.aggregate.pg import compile_pipeline, compile_speculative
 
 
 class AggDb:
@@ -60,7 +60,9 @@ class AggDb:
         collection: str,
         views: Mapping[str, View] | None = None,
         cap: int = 1000,
+        speculative: bool = False,
     ) -> tuple[str, list[Any]]:
+        """The statement (``speculative``: compile_speculative's, which must exist)."""
         if isinstance(stages, Pipeline):
             pipeline = stages
         else:
@@ -71,6 +73,12 @@ class AggDb:
         for n in names:
             views.setdefault(n, View(n))
         tables = {n: (self.table(n) if n in self.loaded else None) for n in names}
+        if speculative:
+            out = compile_speculative(
+                pipeline, base, views, schema=self.schema, tables=tables, cap=cap
+            )
+            assert out is not None, "no speculative statement for this pipeline"
+            return out
         return compile_pipeline(pipeline, base, views, schema=self.schema, tables=tables, cap=cap)
 
     async def run(
@@ -80,8 +88,9 @@ class AggDb:
         views: Mapping[str, View] | None = None,
         cap: int = 1000,
         strip: bool = True,
+        speculative: bool = False,
     ) -> list[Any]:
-        sql, args = self.compile(stages, collection, views, cap)
+        sql, args = self.compile(stages, collection, views, cap, speculative)
         try:
             rows = await self.conn.fetch(sql, *args)
         except asyncpg.PostgresError as exc:

@@ -18,6 +18,7 @@ import orjson
 
 from proxy import context
 from proxy.backends.base import Capabilities, TransactionShare, TxKind
+from proxy.backends.postgres.aggregate import Speculation
 from proxy.backends.postgres.coalesced import CoalescingDocuments
 from proxy.backends.postgres.ddl import create_schema
 from proxy.backends.postgres.describe import add_partitions
@@ -118,6 +119,7 @@ class PostgresBackend(CoalescingDocuments):
         self._last_error: str | None = None
         self.upkeep_counts = UpkeepCounts()  # time-partition upkeep, for /metrics
         self.partman = partman  # False: the sidecar keeps time partitions even with pg_partman
+        self._speculation = Speculation()  # aggregate: speculative statements that failed
 
     @property
     def pool(self) -> asyncpg.Pool | None:

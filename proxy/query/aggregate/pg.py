@@ -34,7 +34,7 @@ from proxy.query.aggregate.ast import (
 )
 from proxy.query.aggregate.pg_accum import Order, accumulator_sql, order_sql
 from proxy.query.aggregate.pg_expr import NULL, ExprCompiler, is_type
-from proxy.query.aggregate.pg_group import group_input
+from proxy.query.aggregate.pg_group import NUMERIC, group_input
 from proxy.query.aggregate.pg_stages import Rel, StageSql, raw_is_view
 from proxy.query.ast import Filter, Path
 from proxy.query.pg import FilterCompiler, Params, jsonb
@@ -56,6 +56,46 @@ def compile_pipeline(
     the contract's order, at most ``cap + 1`` of them, and its bound values. An output
     document over ``max_bytes`` (as JSON text) fails the statement (result_too_large)."""
     c = PipelineCompiler(schema, tables, {base.collection: base, **views})
+    return _statement(c, pipeline, base, cap, max_bytes)
+
+
+def compile_speculative(
+    pipeline: Pipeline,
+    base: View,
+    views: Mapping[str, View],
+    *,
+    schema: str,
+    tables: Mapping[str, str | None],
+    cap: int,
+    max_bytes: int = 16 * 1024 * 1024,
+) -> tuple[str, list[Any]] | None:
+    """``compile_pipeline``'s statement, but one whose numeric accumulators (``$sum $avg
+    $min $max``) over a field path assume that field holds a number wherever it is present:
+    its values are cast without a type test each, and ``$min``/``$max`` are their number
+    bracket alone. A value that is not a number (null, a string, ...) makes the cast fail
+    the statement (``update_type_mismatch``), never its answer wrong: the caller then runs
+    ``compile_pipeline``'s. None when the pipeline has no such accumulator (or an enforced
+    schema declares each of them a number already): the statement would be the same."""
+    if not _speculable(pipeline.stages):
+        return None
+    c = PipelineCompiler(schema, tables, {base.collection: base, **views}, speculative=True)
+    out = _statement(c, pipeline, base, cap, max_bytes)
+    return out if c.assumed else None
+
+
+def _speculable(stages: Sequence[Stage]) -> bool:
+    for s in stages:
+        accs = s.accumulators if isinstance(s, Group) else s.output if isinstance(s, Bucket) else ()
+        if any(a.op in NUMERIC and isinstance(a.arg, Field) for _, a in accs):
+            return True
+        if isinstance(s, Facet) and any(_speculable(sub) for _, sub in s.facets):
+            return True
+    return False
+
+
+def _statement(
+    c: PipelineCompiler, pipeline: Pipeline, base: View, cap: int, max_bytes: int
+) -> tuple[str, list[Any]]:
     stages = list(pipeline.stages)
     early: list[Filter] = []
     while stages and isinstance(stages[0], Match):
@@ -79,7 +119,11 @@ def compile_pipeline(
 
 class PipelineCompiler(StageSql):
     def __init__(
-        self, schema: str, tables: Mapping[str, str | None], views: Mapping[str, View]
+        self,
+        schema: str,
+        tables: Mapping[str, str | None],
+        views: Mapping[str, View],
+        speculative: bool = False,
     ) -> None:
         self.p = Params()
         self.schema = schema
@@ -93,6 +137,8 @@ class PipelineCompiler(StageSql):
         # declared never-null number paths of the documents as stored (View.numbers), while
         # the stages so far have not reshaped them
         self.numbers: frozenset[tuple[str, ...]] = frozenset()
+        self.speculative = speculative  # compile_speculative: every numeric field a number
+        self.assumed = False  # ... and some accumulator's argument taken for one so
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -285,7 +331,14 @@ class PipelineCompiler(StageSql):
         return self.grouped(r, key, s.accumulators, None)
 
     def _declared_number(self, a: Accumulator) -> bool:
-        return isinstance(a.arg, Field) and a.arg.path in self.numbers
+        if not isinstance(a.arg, Field):
+            return False
+        if a.arg.path in self.numbers:
+            return True
+        if self.speculative:  # whatever reads it: one argument, one kind (group_input)
+            self.assumed = self.assumed or a.op in NUMERIC
+            return True
+        return False
 
     def grouped(
         self,
