@@ -9,7 +9,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from proxy.backends.postgres import partman
+import proxy.backends.postgres.partman as partman
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, create_partitioned, name_child_indexes
 from proxy.errors import BadRequest

@@ -13,8 +13,8 @@ from typing import Any, Final, Protocol
 import asyncpg
 import orjson
 
+import proxy.backends.postgres.partman as partman
 from proxy.backends.migrations import Batch, declared_index_name, physical_index_name
-from proxy.backends.postgres import partman
 from proxy.backends.postgres.convert import PgConvert
 from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.partitions import PartKey, name_child_indexes

@@ -13,7 +13,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from proxy.backends.postgres import translate
+from proxy.backends.postgres.errors import translate
 from proxy.backends.postgres.pool import CONNECTION_ERRORS
 from proxy.collector.store import FleetRows
 from proxy.config.redact import redact_dsn

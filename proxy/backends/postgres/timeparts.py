@@ -10,7 +10,7 @@ from typing import Final
 
 import asyncpg
 
-from proxy.backends.postgres import partman
+import proxy.backends.postgres.partman as partman
 from proxy.backends.postgres.partitions import (
     PartKey,
     name_child_indexes,
