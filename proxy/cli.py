@@ -141,6 +141,18 @@ def _parser(
 ) -> argparse.ArgumentParser:
     p = cls(prog="dbproxy", description="Database access sidecar")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    pc = sub.add_parser("policy", help="policy tools")
+    pc_sub = pc.add_subparsers(dest="policy_command", required=True)
+    chk = pc_sub.add_parser("check", help="validate a policy directory")
+    chk.add_argument("directory")
+    _add_collector(sub)
+    _add_migrate(sub)
+    _add_injector(sub)
+    return p
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("serve", help="run the sidecar")
     s.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="listen port (default 8700)")
@@ -204,10 +216,9 @@ def _parser(
         help="parse every request with aiohttp, the shortcuts' too (to measure the fast lane)",
     )
     _add_log_level(s)
-    pc = sub.add_parser("policy", help="policy tools")
-    pc_sub = pc.add_subparsers(dest="policy_command", required=True)
-    chk = pc_sub.add_parser("check", help="validate a policy directory")
-    chk.add_argument("directory")
+
+
+def _add_collector(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c = sub.add_parser("collector", help="run the central stats collector")
     c.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     c.add_argument("--port", type=int, default=8710, help="listen port (default 8710)")
@@ -224,6 +235,9 @@ def _parser(
     )
     _add_server_flags(c)
     _add_log_level(c)
+
+
+def _add_migrate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("migrate", help="apply a directory of migration files")
     m.add_argument("directory", help="migration files (*.yaml, *.yml, *.json)")
     m.add_argument("--config", default=None, help="YAML configuration file")
@@ -231,8 +245,6 @@ def _parser(
     m.add_argument("--data-dir", default=None, help="embedded store directory")
     m.add_argument("--dry-run", action="store_true", help="print the plans, change nothing")
     _add_log_level(m)
-    _add_injector(sub)
-    return p
 
 
 def _add_injector(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -94,8 +94,11 @@ _DATABASE: Final = _query("database", "Which configured database.", {"type": "st
 
 
 def _collection_paths() -> dict[str, Json]:
+    return {**_create_list_paths(), **_document_paths(), **_collection_op_paths()}
+
+
+def _create_list_paths() -> dict[str, Json]:
     c = ref("parameters", "collection")
-    i = ref("parameters", "id")
     return {
         "/api/db/{collection}": {
             "post": _op(
@@ -129,6 +132,13 @@ def _collection_paths() -> dict[str, Json]:
                 params=[c, *_FIND_PARAMS, *_params(*_READ_HEADERS)],
             ),
         },
+    }
+
+
+def _document_paths() -> dict[str, Json]:
+    c = ref("parameters", "collection")
+    i = ref("parameters", "id")
+    return {
         "/api/db/{collection}/{id}": {
             "get": _op(
                 "get",
@@ -179,6 +189,12 @@ def _collection_paths() -> dict[str, Json]:
                 params=[c, i, *_params(*_CONDITIONAL, *_WRITE_HEADERS)],
             ),
         },
+    }
+
+
+def _collection_op_paths() -> dict[str, Json]:
+    c = ref("parameters", "collection")
+    return {
         "/api/db/{collection}/query": {
             "post": _op(
                 "query",
@@ -222,6 +238,10 @@ def _collection_paths() -> dict[str, Json]:
 
 
 def _api_paths() -> dict[str, Json]:
+    return {**_search_transaction_paths(), **_migration_paths()}
+
+
+def _search_transaction_paths() -> dict[str, Json]:
     return {
         "/api/db/search": {
             "post": _op(
@@ -251,6 +271,11 @@ def _api_paths() -> dict[str, Json]:
                 body=json_body(schema("TransactionRequest")),
             )
         },
+    }
+
+
+def _migration_paths() -> dict[str, Json]:
+    return {
         "/api/db/migrations": {
             "post": _op(
                 "submit_migration",

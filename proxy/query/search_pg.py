@@ -15,8 +15,10 @@ from proxy.query.search import (
     FRAGMENT_WORDS,
     MARK_START,
     MARK_STOP,
+    Keyset,
     SearchQuery,
     SearchRequest,
+    SearchTarget,
     Term,
     has_mark,
     marked,
@@ -182,30 +184,7 @@ def compile_search(
         language = declared.language if declared is not None else UNDECLARED_LANGUAGE
         cfg = _language_literal(language)
         q = tsquery(language)
-        prefilter = ""
-        if searched is None:
-            names = None if target.readable is None else p.add(sorted(target.readable), "text[]")
-            strings = _all_strings(schema, names)
-
-            vector = f"jsonb_to_tsvector({cfg}, {strings('t.doc')}, '[\"string\"]')"
-        else:
-            # the highlighter's field names: bound only when used (an unused parameter has
-            # no type PostgreSQL can infer)
-            keys = [
-                (p.add(".".join(path), "text") if request.highlight else "", _path_literal(path))
-                for path, _ in searched
-            ]
-            strings = _fields(keys)
-
-            assert declared is not None
-            if len(searched) == len(declared.fields):
-                vector = f"t.{SEARCH_COLUMN}"
-            else:
-                vector = declared_vector(searched, language, "t.doc")
-                # the stored vector holds more fields, so a match here is one there too,
-                # unless the query excludes something: then it is no prefilter
-                if not request.query.excluded:
-                    prefilter = f"t.{SEARCH_COLUMN} @@ {q} AND "
+        vector, strings, prefilter = _target_vector(request, target, searched, schema, q, p)
         conds = [f"{prefilter}{vector} @@ {q}"]
         if target.guard is not None:
             conds.append(FilterCompiler(p).where(target.guard, "t.doc"))
@@ -219,14 +198,7 @@ def compile_search(
             headlines.append(f"WHEN {name} THEN {hl}")
     if not branches:
         return None
-    keyset = ""
-    if request.after is not None:
-        s, c, i = request.after
-        ps, pc, pi = p.add(s, "float8"), p.add(c, "text"), p.add(i, "text")
-        keyset = (
-            f' WHERE (s < {ps} OR (s = {ps} AND (c COLLATE "C" > {pc} OR '
-            f'(c = {pc} AND _id COLLATE "C" > {pi}))))'
-        )
+    keyset = _keyset(request.after, p)
     limit = p.add(request.limit + 1, "bigint")
     headline = f"(CASE r.c {' '.join(headlines)} END)::text" if headlines else "NULL::text"
     total = "(SELECT count(*) FROM m)" if request.total else "NULL::bigint"
@@ -238,6 +210,52 @@ def compile_search(
         'ORDER BY r.s DESC, r.c COLLATE "C", r._id COLLATE "C"'
     )
     return sql, p.values
+
+
+def _target_vector(
+    request: SearchRequest,
+    target: SearchTarget,
+    searched: tuple[tuple[tuple[str, ...], str], ...] | None,
+    schema: str,
+    q: str,
+    p: Params,
+) -> tuple[str, Callable[[str], str], str]:
+    """One target's (vector, searched strings of a row alias, prefilter): the stored vector
+    when every declared field is searched, else one made from the searched fields (the
+    stored one a prefilter), or an undeclared collection's readable strings."""
+    declared = target.declared
+    if searched is None:
+        names = None if target.readable is None else p.add(sorted(target.readable), "text[]")
+        strings = _all_strings(schema, names)
+        cfg = _language_literal(UNDECLARED_LANGUAGE if declared is None else declared.language)
+        return f"jsonb_to_tsvector({cfg}, {strings('t.doc')}, '[\"string\"]')", strings, ""
+    # the highlighter's field names: bound only when used (an unused parameter has no type
+    # PostgreSQL can infer)
+    keys = [
+        (p.add(".".join(path), "text") if request.highlight else "", _path_literal(path))
+        for path, _ in searched
+    ]
+    strings = _fields(keys)
+    assert declared is not None
+    if len(searched) == len(declared.fields):
+        return f"t.{SEARCH_COLUMN}", strings, ""
+    vector = declared_vector(searched, declared.language, "t.doc")
+    # the stored vector holds more fields, so a match here is one there too, unless the
+    # query excludes something: then it is no prefilter
+    prefilter = "" if request.query.excluded else f"t.{SEARCH_COLUMN} @@ {q} AND "
+    return vector, strings, prefilter
+
+
+def _keyset(after: Keyset | None, p: Params) -> str:
+    """The page's keyset condition on (score desc, collection, _id): after the last hit."""
+    if after is None:
+        return ""
+    s, c, i = after
+    ps, pc, pi = p.add(s, "float8"), p.add(c, "text"), p.add(i, "text")
+    return (
+        f' WHERE (s < {ps} OR (s = {ps} AND (c COLLATE "C" > {pc} OR '
+        f'(c = {pc} AND _id COLLATE "C" > {pi}))))'
+    )
 
 
 def _all_strings(schema: str, names: str | None) -> Callable[[str], str]:
