@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry  # not redis.retry: redis-py >= 8.2 warns of a sync one
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
 from proxy.backends.redis.resp import Pipe, ReplyError
 
