@@ -92,8 +92,16 @@ def _problems(rows: list[Any]) -> list[str]:
     return workload.agg_group_problems(items, workload.agg_group_answer(workload.AGG_DOCS))
 
 
-async def _time(url: str, stmts: dict[str, tuple[str, list[Any]]], rounds: int) -> None:
-    conn = await asyncpg.connect(url, server_settings={"jit": "off"})
+def _settings(plan_cache_mode: str) -> dict[str, str]:
+    # asyncpg runs each statement as a named prepared statement: after five runs
+    # PostgreSQL may switch it to a generic plan (``auto``); the option forces either
+    return {"jit": "off", "plan_cache_mode": plan_cache_mode}
+
+
+async def _time(
+    url: str, stmts: dict[str, tuple[str, list[Any]]], rounds: int, plan_cache_mode: str
+) -> None:
+    conn = await asyncpg.connect(url, server_settings=_settings(plan_cache_mode))
     try:
         for name, (sql, args) in stmts.items():
             wrong = _problems(await conn.fetch(sql, *args))
@@ -120,8 +128,8 @@ async def _time(url: str, stmts: dict[str, tuple[str, list[Any]]], rounds: int) 
         await conn.close()
 
 
-async def _explain(url: str, stmts: dict[str, tuple[str, list[Any]]]) -> None:
-    conn = await asyncpg.connect(url, server_settings={"jit": "off"})
+async def _explain(url: str, stmts: dict[str, tuple[str, list[Any]]], plan_cache_mode: str) -> None:
+    conn = await asyncpg.connect(url, server_settings=_settings(plan_cache_mode))
     try:
         for name, (sql, args) in stmts.items():
             rows = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", *args)
@@ -137,6 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--explain", action="store_true")
     ap.add_argument("--sql-file", action="append", default=[])
     ap.add_argument("--print-sql", action="store_true")
+    ap.add_argument(
+        "--plan-cache-mode",
+        choices=("auto", "force_custom_plan", "force_generic_plan"),
+        default="auto",
+        help="PostgreSQL's plan_cache_mode for the timing connection",
+    )
     ap.add_argument("--keep", action="store_true", help="leave the database afterwards")
     a = ap.parse_args(argv)
     url = pgsetup.with_db(ADMIN, a.db)
@@ -153,8 +167,8 @@ def main(argv: list[str] | None = None) -> None:
             for name, (sql, args) in stmts.items():
                 print(f"--- {name}\n{sql}\n{args}")
         if a.explain:
-            asyncio.run(_explain(url, stmts))
-        asyncio.run(_time(url, stmts, a.rounds))
+            asyncio.run(_explain(url, stmts, a.plan_cache_mode))
+        asyncio.run(_time(url, stmts, a.rounds, a.plan_cache_mode))
     finally:
         if not a.keep:
             pgsetup.drop_database(ADMIN, a.db)

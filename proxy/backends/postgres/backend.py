@@ -305,7 +305,7 @@ class PostgresBackend(CoalescingDocuments):
             for attempt in (0, 1, 2):  # the pool may hold several dead ones
                 ep = self.endpoints.choose(kind, ctx.read_preference, ctx.min_lsn)
                 try:
-                    return await self._exec.run_on(ep, sql, args)
+                    return await self._exec.run_on(ep, sql, args, analytic=kind == "aggregate")
                 except asyncpg.exceptions.UndefinedTableError:
                     return None
                 except TimeoutError:  # an OSError, but never retried: it may run again
